@@ -1,0 +1,84 @@
+// Argument checks shared by every launcher. They raise the Python exception classes of the op
+// contract (docs/OPS.md): ValueError for shapes/options, TypeError for dtypes, IndexError for
+// index values, so a direct torch.ops.molora call fails as clearly as the Python wrapper.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+
+namespace molora {
+
+#define MOLORA_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE(cond, "molora.", __VA_ARGS__)
+#define MOLORA_CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE(cond, "molora.", __VA_ARGS__)
+#define MOLORA_CHECK_INDEX(cond, ...) TORCH_CHECK_INDEX(cond, "molora.", __VA_ARGS__)
+
+inline void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
+  MOLORA_CHECK_VALUE(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
+}
+
+inline void check_size(const char* op, const char* name, const at::Tensor& t, int64_t d,
+                       int64_t expected) {
+  MOLORA_CHECK_VALUE(t.size(d) == expected, op, ": ", name, ".shape[", d, "] must be ", expected,
+                     ", got shape ", t.sizes());
+}
+
+inline void check_float(const char* op, const char* name, const at::Tensor& t) {
+  MOLORA_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name,
+                    " must be a floating tensor, got ", t.scalar_type());
+}
+
+inline void check_index(const char* op, const char* name, const at::Tensor& t) {
+  MOLORA_CHECK_TYPE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": ", name,
+                    " must be int32 or int64, got ", t.scalar_type());
+}
+
+inline void check_same_dtype(const char* op, const char* name, const at::Tensor& t,
+                             const char* ref_name, const at::Tensor& ref) {
+  MOLORA_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " dtype ",
+                    t.scalar_type(), " must match ", ref_name, " dtype ", ref.scalar_type());
+}
+
+inline void check_device(const char* op, const char* name, const at::Tensor& t,
+                         const at::Tensor& ref) {
+  MOLORA_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(),
+                     " but the first input is on ", ref.device());
+}
+
+// Index values must lie in [lo, hi). Reads the data, so launchers call it before any kernel.
+void check_index_range(const char* op, const char* name, const at::Tensor& t, int64_t lo,
+                       int64_t hi);
+
+// rank_offsets [E+1]: starts at 0, non-decreasing (no negative rank). Returns the largest rank.
+int64_t check_rank_offsets(const char* op, const at::Tensor& rank_offsets, int64_t num_experts,
+                           int64_t total_rank);
+
+// Dispatch metadata (order [P], pos [T,k], expert_offsets [E+1]) as produced by molora.dispatch.
+void check_dispatch_meta(const char* op, const at::Tensor& order, const at::Tensor& pos,
+                         const at::Tensor& expert_offsets, int64_t num_tokens);
+
+// An optional per-pair routing-weight tensor [T, k]: float, same device, right shape.
+void check_pair_weights(const char* op, const std::optional<at::Tensor>& weights,
+                        const at::Tensor& pos, const at::Tensor& ref);
+
+// Optional per-expert scales [E].
+void check_scales(const char* op, const std::optional<at::Tensor>& scales, int64_t num_experts,
+                  const at::Tensor& ref);
+
+// Optional base output [T, n] with the data dtype.
+void check_base(const char* op, const std::optional<at::Tensor>& base, int64_t rows,
+                int64_t cols, const at::Tensor& ref);
+
+// The accumulation ("opmath") dtype: double for double inputs, float otherwise.
+inline at::ScalarType opmath_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// An optional float tensor, contiguous and converted to opmath, or an undefined tensor.
+inline at::Tensor opmath_or_undefined(const std::optional<at::Tensor>& t, at::ScalarType dtype) {
+  if (!t.has_value()) return at::Tensor();
+  return t->to(dtype).contiguous();
+}
+
+}  // namespace molora

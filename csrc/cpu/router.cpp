@@ -1,0 +1,185 @@
+// CPU launchers of the router ops: argument checks, dtype dispatch, one token row per iteration.
+#include <vector>
+
+#include "../kernels/router_cpu.h"
+#include "../ops.h"
+#include "cpu_utils.h"
+
+namespace molora {
+namespace {
+
+int64_t check_logits(const char* op, const at::Tensor& logits) {
+  check_float(op, "logits", logits);
+  check_dim(op, "logits", logits, 2);
+  MOLORA_CHECK_VALUE(logits.size(1) >= 1, op, ": logits must have at least one expert column");
+  return logits.size(1);
+}
+
+void check_k(const char* op, int64_t k, int64_t E) {
+  MOLORA_CHECK_VALUE(k >= 1 && k <= E, op, ": k must be in [1, E] = [1, ", E, "], got ", k);
+}
+
+// Runs row_fn(logits_row, key_scratch, scratch_ids, weights_row, ids_row) for every token and
+// returns (weights [T, width] opmath, ids [T, width] int32). key_scratch holds 2*E values.
+template <typename RowFn>
+std::tuple<at::Tensor, at::Tensor> route_rows(const at::Tensor& logits_in, int64_t width,
+                                              RowFn row_fn) {
+  const at::Tensor logits = logits_in.contiguous();
+  const int64_t T = logits.size(0), E = logits.size(1);
+  at::Tensor weights = at::empty({T, width}, logits.options().dtype(opmath_dtype(logits.scalar_type())));
+  at::Tensor ids = at::empty({T, width}, logits.options().dtype(at::kInt));
+  MOLORA_DISPATCH_FLOATING(logits.scalar_type(), "molora_router", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* src = logits.data_ptr<scalar_t>();
+    acc_t* w = weights.data_ptr<acc_t>();
+    int32_t* id = ids.data_ptr<int32_t>();
+    at::parallel_for(0, T, cpu::grain_for(E * 8), [&](int64_t t0, int64_t t1) {
+      std::vector<acc_t> key(2 * E);
+      std::vector<int32_t> scratch(E);
+      for (int64_t t = t0; t < t1; ++t)
+        row_fn(src + t * E, key.data(), scratch.data(), w + t * width, id + t * width);
+    });
+  });
+  return {weights, ids};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> softmax_topk_cpu(const at::Tensor& logits, int64_t k,
+                                                    bool renormalize) {
+  const int64_t E = check_logits("softmax_topk", logits);
+  check_k("softmax_topk", k, E);
+  return route_rows(logits, k, [&](const auto* row, auto* key, int32_t* scratch, auto* w, int32_t* id) {
+    kernels::softmax_topk_row(row, E, k, renormalize, key, scratch, w, id);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_softmax_cpu(const at::Tensor& logits, int64_t k,
+                                                    double temperature) {
+  const int64_t E = check_logits("topk_softmax", logits);
+  check_k("topk_softmax", k, E);
+  MOLORA_CHECK_VALUE(temperature > 0, "topk_softmax: temperature must be > 0, got ", temperature);
+  return route_rows(logits, k, [&](const auto* row, auto* key, int32_t* scratch, auto* w, int32_t* id) {
+    using acc_t = std::remove_pointer_t<decltype(key)>;
+    kernels::topk_softmax_row(row, E, k, static_cast<acc_t>(1.0 / temperature), key, scratch, w, id);
+  });
+}
+
+namespace {
+// The optional selection bias [E] as a contiguous opmath tensor (undefined when absent).
+at::Tensor check_bias(const char* op, const std::optional<at::Tensor>& bias, int64_t n,
+                      const at::Tensor& ref) {
+  if (!bias.has_value()) return at::Tensor();
+  check_float(op, "bias", *bias);
+  check_device(op, "bias", *bias, ref);
+  MOLORA_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n, op, ": bias must have shape (", n,
+                     "), got ", bias->sizes());
+  return bias->to(opmath_dtype(ref.scalar_type())).contiguous();
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> sigmoid_topk_cpu(const at::Tensor& logits, int64_t k,
+                                                    const std::optional<at::Tensor>& bias,
+                                                    bool normalize, bool bias_in_weights,
+                                                    double scale) {
+  const int64_t E = check_logits("sigmoid_topk", logits);
+  check_k("sigmoid_topk", k, E);
+  const at::Tensor b = check_bias("sigmoid_topk", bias, E, logits);
+  return route_rows(logits, k, [&](const auto* row, auto* key, int32_t* scratch, auto* w, int32_t* id) {
+    using acc_t = std::remove_pointer_t<decltype(key)>;
+    kernels::sigmoid_topk_row(row, cpu::ptr_or_null<acc_t>(b), E, k, normalize, bias_in_weights,
+                              static_cast<acc_t>(scale), key, scratch, w, id);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_topp_cpu(const at::Tensor& logits, double top_p,
+                                                    int64_t min_k, double entropy_threshold,
+                                                    double q, double eps) {
+  const int64_t E = check_logits("softmax_topp", logits);
+  MOLORA_CHECK_VALUE(top_p > 0 && top_p <= 1, "softmax_topp: top_p must be in (0, 1], got ", top_p);
+  MOLORA_CHECK_VALUE(min_k >= 1 && min_k <= E, "softmax_topp: min_k must be in [1, E] = [1, ", E,
+                     "], got ", min_k);
+  MOLORA_CHECK_VALUE(eps >= 0, "softmax_topp: eps must be >= 0, got ", eps);
+  return route_rows(logits, E, [&](const auto* row, auto* key, int32_t* scratch, auto* w, int32_t* id) {
+    using acc_t = std::remove_pointer_t<decltype(key)>;
+    kernels::softmax_topp_row(row, E, static_cast<acc_t>(top_p), min_k,
+                              static_cast<acc_t>(entropy_threshold), static_cast<acc_t>(q),
+                              static_cast<acc_t>(eps), key, key + E, scratch, w, id);
+  });
+}
+
+namespace {
+// Shared checks of the two router backward ops; returns E.
+int64_t check_route_grad(const char* op, const at::Tensor& grad_weights, const at::Tensor& weights,
+                         const at::Tensor& ids, const at::Tensor& logits) {
+  const int64_t E = check_logits(op, logits);
+  check_float(op, "grad_weights", grad_weights);
+  check_float(op, "weights", weights);
+  check_index(op, "ids", ids);
+  check_dim(op, "ids", ids, 2);
+  check_size(op, "ids", ids, 0, logits.size(0));
+  MOLORA_CHECK_VALUE(weights.sizes() == ids.sizes() && grad_weights.sizes() == ids.sizes(), op,
+                     ": grad_weights, weights and ids must share one shape (T, k); got ",
+                     grad_weights.sizes(), ", ", weights.sizes(), ", ", ids.sizes());
+  check_device(op, "grad_weights", grad_weights, logits);
+  check_device(op, "weights", weights, logits);
+  check_device(op, "ids", ids, logits);
+  check_index_range(op, "ids", ids, -1, E);
+  return E;
+}
+
+// Runs row_fn(grad_w_row, w_row, ids_row, logits_row, scratch, dlogits_row) per token.
+template <typename RowFn>
+at::Tensor route_backward_rows(const at::Tensor& grad_weights, const at::Tensor& weights,
+                               const at::Tensor& ids, const at::Tensor& logits_in, RowFn row_fn) {
+  const at::Tensor logits = logits_in.contiguous();
+  const int64_t T = logits.size(0), E = logits.size(1), k = ids.size(1);
+  const auto acc_dtype = opmath_dtype(logits.scalar_type());
+  const at::Tensor g = grad_weights.to(acc_dtype).contiguous();
+  const at::Tensor w = weights.to(acc_dtype).contiguous();
+  const at::Tensor id = cpu::as_i32(ids);
+  at::Tensor dlogits = at::empty({T, E}, logits.options().dtype(acc_dtype));
+  MOLORA_DISPATCH_FLOATING(logits.scalar_type(), "molora_router_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::parallel_for(0, T, cpu::grain_for(E * 8), [&](int64_t t0, int64_t t1) {
+      std::vector<acc_t> scratch(std::max(E, k));
+      for (int64_t t = t0; t < t1; ++t)
+        row_fn(g.data_ptr<acc_t>() + t * k, w.data_ptr<acc_t>() + t * k,
+               id.data_ptr<int32_t>() + t * k, logits.data_ptr<scalar_t>() + t * E,
+               scratch.data(), dlogits.data_ptr<acc_t>() + t * E);
+    });
+  });
+  return dlogits.to(logits.scalar_type());
+}
+}  // namespace
+
+at::Tensor softmax_route_backward_cpu(const at::Tensor& grad_weights, const at::Tensor& weights,
+                                      const at::Tensor& ids, const at::Tensor& logits,
+                                      bool renormalized, double scale) {
+  const int64_t E = check_route_grad("softmax_route_backward", grad_weights, weights, ids, logits);
+  const int64_t k = ids.size(1);
+  return route_backward_rows(grad_weights, weights, ids, logits,
+      [&](const auto* g, const auto* w, const int32_t* id, const auto* row, auto* key, auto* out) {
+        using acc_t = std::remove_pointer_t<decltype(key)>;
+        kernels::softmax_route_backward_row(g, w, id, row, E, k, renormalized,
+                                            static_cast<acc_t>(scale), key, out);
+      });
+}
+
+at::Tensor sigmoid_topk_backward_cpu(const at::Tensor& grad_weights, const at::Tensor& weights,
+                                     const at::Tensor& ids, const at::Tensor& logits,
+                                     const std::optional<at::Tensor>& bias, bool normalize,
+                                     bool bias_in_weights, double scale) {
+  const int64_t E = check_route_grad("sigmoid_topk_backward", grad_weights, weights, ids, logits);
+  check_index_range("sigmoid_topk_backward", "ids", ids, 0, E);
+  const at::Tensor b = check_bias("sigmoid_topk_backward", bias, E, logits);
+  const int64_t k = ids.size(1);
+  return route_backward_rows(grad_weights, weights, ids, logits,
+      [&](const auto* g, const auto*, const int32_t* id, const auto* row, auto* v, auto* out) {
+        using acc_t = std::remove_pointer_t<decltype(v)>;
+        kernels::sigmoid_topk_backward_row(g, id, row, cpu::ptr_or_null<acc_t>(b), E, k, normalize,
+                                           bias_in_weights, static_cast<acc_t>(scale), v, out);
+      });
+}
+
+}  // namespace molora

@@ -1,0 +1,268 @@
+// CPU launchers of the grouped low-rank matmuls (sgmv_*) and the dense stacked gated form.
+#include <vector>
+
+#include "../kernels/sgmv_cpu.h"
+#include "../ops.h"
+#include "cpu_utils.h"
+
+namespace molora {
+namespace {
+
+struct GroupedArgs {
+  at::Tensor rank_offsets, order, pos, expert_offsets, weights, scales;
+  int64_t num_experts, max_rank;
+
+  kernels::GroupedMeta meta() const {
+    return {order.data_ptr<int32_t>(), expert_offsets.data_ptr<int32_t>(),
+            rank_offsets.data_ptr<int32_t>(), num_experts, pos.size(1), order.size(0)};
+  }
+};
+
+// Validates the bank / dispatch / routing-weight arguments every grouped op shares and returns
+// them as contiguous int32 / opmath tensors. `data` is the token-major input ([T, *]), `bank_rows`
+// the bank's total rank R. Returns the largest expert rank in max_rank.
+GroupedArgs check_grouped(const char* op, const at::Tensor& data, int64_t num_tokens,
+                          const at::Tensor& rank_offsets, int64_t bank_rows,
+                          const at::Tensor& order, const at::Tensor& pos,
+                          const at::Tensor& expert_offsets,
+                          const std::optional<at::Tensor>& weights,
+                          const std::optional<at::Tensor>& scales) {
+  check_dispatch_meta(op, order, pos, expert_offsets, num_tokens);
+  check_device(op, "order", order, data);
+  check_device(op, "rank_offsets", rank_offsets, data);
+  const int64_t E = expert_offsets.size(0) - 1;
+  const int64_t max_rank = check_rank_offsets(op, rank_offsets, E, bank_rows);
+  check_pair_weights(op, weights, pos, data);
+  check_scales(op, scales, E, data);
+  const auto acc = opmath_dtype(data.scalar_type());
+  return {cpu::as_i32(rank_offsets), cpu::as_i32(order), cpu::as_i32(pos),
+          cpu::as_i32(expert_offsets), opmath_or_undefined(weights, acc),
+          opmath_or_undefined(scales, acc), E, max_rank};
+}
+
+void check_bank(const char* op, const char* name, const at::Tensor& bank, const char* data_name,
+                const at::Tensor& data) {
+  check_dim(op, name, bank, 2);
+  check_same_dtype(op, name, bank, data_name, data);
+  check_device(op, name, bank, data);
+}
+
+}  // namespace
+
+at::Tensor sgmv_shrink_cpu(const at::Tensor& x_in, const at::Tensor& A_in,
+                           const at::Tensor& rank_offsets, const at::Tensor& order,
+                           const at::Tensor& pos, const at::Tensor& expert_offsets,
+                           const std::optional<at::Tensor>& weights,
+                           const std::optional<at::Tensor>& scales, int64_t max_rank) {
+  const char* op = "sgmv_shrink";
+  check_float(op, "x", x_in);
+  check_dim(op, "x", x_in, 2);
+  check_bank(op, "A", A_in, "x", x_in);
+  check_size(op, "A", A_in, 1, x_in.size(1));
+  const GroupedArgs g = check_grouped(op, x_in, x_in.size(0), rank_offsets, A_in.size(0), order,
+                                      pos, expert_offsets, weights, scales);
+  MOLORA_CHECK_VALUE(max_rank >= g.max_rank, op, ": max_rank = ", max_rank,
+                     " is smaller than the largest expert rank ", g.max_rank);
+  const at::Tensor x = x_in.contiguous(), A = A_in.contiguous();
+  const int64_t P = g.order.size(0), d = x.size(1);
+  at::Tensor h = at::empty({P, max_rank}, x.options());
+  MOLORA_DISPATCH_FLOATING(x.scalar_type(), "molora_sgmv_shrink", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto meta = g.meta();
+    at::parallel_for(0, P, cpu::grain_for(d * std::max<int64_t>(1, g.max_rank)), [&](int64_t i0, int64_t i1) {
+      kernels::sgmv_shrink_range(x.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(), meta,
+                                 cpu::ptr_or_null<acc_t>(g.weights), cpu::ptr_or_null<acc_t>(g.scales),
+                                 d, max_rank, i0, i1, h.data_ptr<scalar_t>());
+    });
+  });
+  return h;
+}
+
+at::Tensor sgmv_expand_cpu(const at::Tensor& h_in, const at::Tensor& B_in,
+                           const at::Tensor& rank_offsets, const at::Tensor& order,
+                           const at::Tensor& pos, const at::Tensor& expert_offsets,
+                           const std::optional<at::Tensor>& weights,
+                           const std::optional<at::Tensor>& scales,
+                           const std::optional<at::Tensor>& base) {
+  const char* op = "sgmv_expand";
+  check_float(op, "h", h_in);
+  check_dim(op, "h", h_in, 2);
+  check_bank(op, "B", B_in, "h", h_in);
+  const GroupedArgs g = check_grouped(op, h_in, -1, rank_offsets, B_in.size(1), order, pos,
+                                      expert_offsets, weights, scales);
+  MOLORA_CHECK_VALUE(h_in.size(0) == g.order.size(0), op, ": h must have one row per row of order (",
+                     g.order.size(0), "), got shape ", h_in.sizes());
+  MOLORA_CHECK_VALUE(h_in.size(1) >= g.max_rank, op, ": h has ", h_in.size(1),
+                     " columns, fewer than the largest expert rank ", g.max_rank);
+  const int64_t T = g.pos.size(0), n = B_in.size(0), max_rank = h_in.size(1);
+  check_base(op, base, T, n, h_in);
+  const at::Tensor h = h_in.contiguous(), Bt = B_in.t().contiguous();
+  const at::Tensor base_c = base.has_value() ? base->contiguous() : at::Tensor();
+  at::Tensor y = at::empty({T, n}, h.options());
+  MOLORA_DISPATCH_FLOATING(h.scalar_type(), "molora_sgmv_expand", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto meta = g.meta();
+    at::parallel_for(0, T, cpu::grain_for(n * meta.top_k * std::max<int64_t>(1, g.max_rank)), [&](int64_t t0, int64_t t1) {
+      std::vector<acc_t> acc(n);
+      kernels::sgmv_expand_range(h.data_ptr<scalar_t>(), Bt.data_ptr<scalar_t>(), meta,
+                                 g.pos.data_ptr<int32_t>(), cpu::ptr_or_null<acc_t>(g.weights),
+                                 cpu::ptr_or_null<acc_t>(g.scales), cpu::ptr_or_null<scalar_t>(base_c),
+                                 n, max_rank, t0, t1, acc.data(), y.data_ptr<scalar_t>());
+    });
+  });
+  return y;
+}
+
+at::Tensor sgmv_weight_grad_cpu(const at::Tensor& x_in, const at::Tensor& h_in,
+                                const at::Tensor& rank_offsets, const at::Tensor& order,
+                                const at::Tensor& pos, const at::Tensor& expert_offsets,
+                                const std::optional<at::Tensor>& weights,
+                                const std::optional<at::Tensor>& scales, int64_t total_rank) {
+  const char* op = "sgmv_weight_grad";
+  check_float(op, "x", x_in);
+  check_dim(op, "x", x_in, 2);
+  check_dim(op, "h", h_in, 2);
+  check_same_dtype(op, "h", h_in, "x", x_in);
+  check_device(op, "h", h_in, x_in);
+  MOLORA_CHECK_VALUE(total_rank >= 0, op, ": total_rank must be >= 0, got ", total_rank);
+  const GroupedArgs g = check_grouped(op, x_in, x_in.size(0), rank_offsets, total_rank, order, pos,
+                                      expert_offsets, weights, scales);
+  MOLORA_CHECK_VALUE(h_in.size(0) == g.order.size(0) && h_in.size(1) >= g.max_rank, op,
+                     ": h must have shape (P=", g.order.size(0), ", >= ", g.max_rank, "), got ",
+                     h_in.sizes());
+  const at::Tensor x = x_in.contiguous(), h = h_in.contiguous();
+  const int64_t d = x.size(1), max_rank = h.size(1);
+  at::Tensor G = at::empty({total_rank, d}, x.options());
+  MOLORA_DISPATCH_FLOATING(x.scalar_type(), "molora_sgmv_weight_grad", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto meta = g.meta();
+    at::parallel_for(0, total_rank, 1, [&](int64_t g0, int64_t g1) {
+      std::vector<acc_t> acc(d);
+      kernels::sgmv_weight_grad_range(x.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), meta,
+                                      cpu::ptr_or_null<acc_t>(g.weights), cpu::ptr_or_null<acc_t>(g.scales),
+                                      d, max_rank, g0, g1, acc.data(), G.data_ptr<scalar_t>());
+    });
+  });
+  return G;
+}
+
+namespace {
+
+// Checks of the dense stacked gated form; returns rank_offsets as int32 and the per-column expert.
+std::pair<at::Tensor, at::Tensor> check_gated(const char* op, const at::Tensor& x,
+                                              const at::Tensor& A, const at::Tensor& B,
+                                              const at::Tensor& gate,
+                                              const at::Tensor& rank_offsets,
+                                              const std::optional<at::Tensor>& scales,
+                                              bool shared_a) {
+  check_float(op, "x", x);
+  check_dim(op, "x", x, 2);
+  check_bank(op, "A", A, "x", x);
+  check_bank(op, "B", B, "x", x);
+  check_float(op, "gate", gate);
+  check_dim(op, "gate", gate, 2);
+  check_device(op, "gate", gate, x);
+  check_device(op, "rank_offsets", rank_offsets, x);
+  check_size(op, "A", A, 1, x.size(1));
+  check_size(op, "gate", gate, 0, x.size(0));
+  const int64_t E = gate.size(1), R = B.size(1);
+  MOLORA_CHECK_VALUE(E >= 1, op, ": gate must have at least one expert column");
+  check_rank_offsets(op, rank_offsets, E, R);
+  check_scales(op, scales, E, x);
+  const at::Tensor ro = cpu::as_i32(rank_offsets);
+  if (shared_a) {
+    const int64_t r = A.size(0);
+    MOLORA_CHECK_VALUE(R == E * r, op, ": with shared_a, B must have E * r = ", E * r,
+                       " columns (r = A.shape[0]), got ", R);
+    const at::Tensor uniform = at::arange(E + 1, ro.options()) * r;
+    MOLORA_CHECK_VALUE(at::equal(ro, uniform), op,
+                       ": with shared_a, rank_offsets must be arange(E + 1) * r");
+  } else {
+    check_size(op, "A", A, 0, R);
+  }
+  at::Tensor col_expert = at::empty({R}, ro.options());
+  const int32_t* rp = ro.data_ptr<int32_t>();
+  int32_t* cp = col_expert.data_ptr<int32_t>();
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t c = rp[e]; c < rp[e + 1]; ++c) cp[c] = static_cast<int32_t>(e);
+  return {ro, col_expert};
+}
+
+// out[t, c] = gate[t, e(c)] * s_e * h[t, c] (all opmath, contiguous).
+at::Tensor gate_rank_blocks(const at::Tensor& h, const at::Tensor& gate, const at::Tensor& scales,
+                            const at::Tensor& col_expert) {
+  const int64_t T = h.size(0), R = h.size(1), E = gate.size(1);
+  at::Tensor out = at::empty_like(h);
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "molora_gate_rank_blocks", [&] {
+    at::parallel_for(0, T, cpu::grain_for(R), [&](int64_t t0, int64_t t1) {
+      kernels::gate_rank_blocks_range(h.data_ptr<scalar_t>(), gate.data_ptr<scalar_t>(),
+                                      cpu::ptr_or_null<scalar_t>(scales),
+                                      col_expert.data_ptr<int32_t>(), E, R, t0, t1,
+                                      out.data_ptr<scalar_t>());
+    });
+  });
+  return out;
+}
+
+// The bank-column activations h = x A_e^T for every expert ([T, R], opmath), A shared or not.
+at::Tensor gated_rank_activations(const at::Tensor& xa, const at::Tensor& Aa, int64_t E,
+                                  bool shared_a) {
+  at::Tensor h = xa.mm(Aa.t());
+  return shared_a ? h.repeat({1, E}).contiguous() : h.contiguous();
+}
+
+}  // namespace
+
+at::Tensor stacked_gated_lora_cpu(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                                  const at::Tensor& gate, const at::Tensor& rank_offsets,
+                                  const std::optional<at::Tensor>& scales,
+                                  const std::optional<at::Tensor>& base, bool shared_a) {
+  const char* op = "stacked_gated_lora";
+  const at::Tensor col_expert =
+      check_gated(op, x, A, B, gate, rank_offsets, scales, shared_a).second;
+  check_base(op, base, x.size(0), B.size(0), x);
+  // NOTE: the two GEMMs run in opmath through ATen's BLAS so bf16/fp16 inputs see one rounding
+  // (at the output), like the reference; a CPU bf16 GEMM would round h as well.
+  const auto acc = opmath_dtype(x.scalar_type());
+  const at::Tensor h = gated_rank_activations(x.to(acc), A.to(acc), gate.size(1), shared_a);
+  const at::Tensor hg = gate_rank_blocks(h, gate.to(acc).contiguous(),
+                                         opmath_or_undefined(scales, acc), col_expert);
+  at::Tensor y = hg.mm(B.to(acc).t());
+  if (base.has_value()) y.add_(*base);
+  return y.to(x.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stacked_gated_lora_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& gate, const at::Tensor& rank_offsets,
+    const std::optional<at::Tensor>& scales, bool shared_a) {
+  const char* op = "stacked_gated_lora_backward";
+  const auto checked = check_gated(op, x, A, B, gate, rank_offsets, scales, shared_a);
+  const at::Tensor &ro = checked.first, &col_expert = checked.second;
+  check_float(op, "grad_y", grad_y);
+  check_device(op, "grad_y", grad_y, x);
+  MOLORA_CHECK_VALUE(grad_y.dim() == 2 && grad_y.size(0) == x.size(0) && grad_y.size(1) == B.size(0),
+                     op, ": grad_y must have shape (", x.size(0), ", ", B.size(0), "), got ",
+                     grad_y.sizes());
+  const auto acc = opmath_dtype(x.scalar_type());
+  const int64_t T = x.size(0), E = gate.size(1), R = B.size(1);
+  const at::Tensor xa = x.to(acc), Aa = A.to(acc), Ba = B.to(acc), dy = grad_y.to(acc);
+  const at::Tensor ga = gate.to(acc).contiguous(), sa = opmath_or_undefined(scales, acc);
+  const at::Tensor h = gated_rank_activations(xa, Aa, E, shared_a);
+  const at::Tensor dhg = dy.mm(Ba).contiguous();                 // d(gated activations) [T, R]
+  const at::Tensor grad_B = dy.t().mm(gate_rank_blocks(h, ga, sa, col_expert));
+  at::Tensor dh = gate_rank_blocks(dhg, ga, sa, col_expert);     // d(raw activations)  [T, R]
+  at::Tensor grad_gate = at::empty({T, E}, ga.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "molora_gate_grad", [&] {
+    at::parallel_for(0, T, cpu::grain_for(R), [&](int64_t t0, int64_t t1) {
+      kernels::gate_grad_range(dhg.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
+                               cpu::ptr_or_null<scalar_t>(sa), ro.data_ptr<int32_t>(), E, R, t0,
+                               t1, grad_gate.data_ptr<scalar_t>());
+    });
+  });
+  if (shared_a) dh = dh.view({T, E, A.size(0)}).sum(1);
+  return {dh.mm(Aa).to(x.scalar_type()), dh.t().mm(xa).to(A.scalar_type()),
+          grad_B.to(B.scalar_type()), grad_gate.to(gate.scalar_type())};
+}
+
+}  // namespace molora

@@ -1,0 +1,133 @@
+// Grouped (segmented) low-rank matmuls on the CPU, SGMV-style: expert e's rows of the dispatched
+// layout use the slice rank_offsets[e]:rank_offsets[e+1] of a stacked bank. Ragged ranks need no
+// padded weights. Framework-free; each function owns a range of output rows (no races).
+#pragma once
+
+#include <cstdint>
+
+#include "dispatch_cpu.h"
+
+namespace molora::kernels {
+
+// Segment metadata shared by the grouped kernels.
+struct GroupedMeta {
+  const int32_t* order;           // [P] pair index per row, -1 = padding
+  const int32_t* expert_offsets;  // [E+1]
+  const int32_t* rank_offsets;    // [E+1]
+  int64_t num_experts;
+  int64_t top_k;
+  int64_t num_rows;  // P
+};
+
+// The row's coefficient c_i = w[p] * s_e (either factor may be absent).
+template <typename acc_t>
+inline acc_t row_coef(const acc_t* w, const acc_t* scales, int32_t p, int64_t e) {
+  acc_t c = w != nullptr ? w[p] : acc_t(1);
+  return scales != nullptr ? c * scales[e] : c;
+}
+
+// h[i, a] = c_i * dot(A[ro_e + a], x[t_i]) for rows [i0, i1); zero beyond r_e and on padding.
+// A is [R, d] row-major (rank-major), x is [T, d].
+template <typename scalar_t, typename acc_t>
+void sgmv_shrink_range(const scalar_t* x, const scalar_t* A, const GroupedMeta& m, const acc_t* w,
+                       const acc_t* scales, int64_t d, int64_t max_rank, int64_t i0, int64_t i1,
+                       scalar_t* h) {
+  const int64_t covered = m.expert_offsets[m.num_experts];
+  for (int64_t i = i0; i < i1; ++i) {
+    scalar_t* out = h + i * max_rank;
+    for (int64_t a = 0; a < max_rank; ++a) out[a] = scalar_t(0);
+    const int32_t p = i < covered ? m.order[i] : -1;
+    if (p < 0) continue;
+    const int64_t e = expert_of_row(m.expert_offsets, m.num_experts, i);
+    const int64_t r0 = m.rank_offsets[e], r = m.rank_offsets[e + 1] - r0;
+    const acc_t c = row_coef(w, scales, p, e);
+    const scalar_t* xr = x + (p / m.top_k) * d;
+    for (int64_t a = 0; a < r; ++a) {
+      const scalar_t* ar = A + (r0 + a) * d;
+      acc_t s = 0;
+      for (int64_t c2 = 0; c2 < d; ++c2) s += static_cast<acc_t>(ar[c2]) * static_cast<acc_t>(xr[c2]);
+      out[a] = static_cast<scalar_t>(c * s);
+    }
+  }
+}
+
+// y[t] = base[t] + sum_j c_i * sum_{a < r_e} h[i, a] * Bt[ro_e + a]  (i = pos[t, j]) for tokens
+// [t0, t1). Bt is the bank transposed to [R, n] so the inner loop is contiguous. Token-owned, so
+// several experts adding into one token need no atomics and the result is deterministic.
+template <typename scalar_t, typename acc_t>
+void sgmv_expand_range(const scalar_t* h, const scalar_t* Bt, const GroupedMeta& m,
+                       const int32_t* pos, const acc_t* w, const acc_t* scales,
+                       const scalar_t* base, int64_t n, int64_t max_rank, int64_t t0, int64_t t1,
+                       acc_t* acc, scalar_t* y) {
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t o = 0; o < n; ++o) acc[o] = base != nullptr ? static_cast<acc_t>(base[t * n + o]) : acc_t(0);
+    for (int64_t j = 0; j < m.top_k; ++j) {
+      const int64_t p = t * m.top_k + j;
+      const int32_t i = pos[p];
+      if (i < 0) continue;
+      const int64_t e = expert_of_row(m.expert_offsets, m.num_experts, i);
+      const int64_t r0 = m.rank_offsets[e], r = m.rank_offsets[e + 1] - r0;
+      const acc_t c = row_coef(w, scales, static_cast<int32_t>(p), e);
+      for (int64_t a = 0; a < r; ++a) {
+        const acc_t coef = c * static_cast<acc_t>(h[static_cast<int64_t>(i) * max_rank + a]);
+        const scalar_t* br = Bt + (r0 + a) * n;
+        for (int64_t o = 0; o < n; ++o) acc[o] += coef * static_cast<acc_t>(br[o]);
+      }
+    }
+    for (int64_t o = 0; o < n; ++o) y[t * n + o] = static_cast<scalar_t>(acc[o]);
+  }
+}
+
+// Grouped X^T Y: G[ro_e + a] = sum_{rows i of e} c_i * h[i, a] * x[t_i] for bank rows [g0, g1).
+// Each bank row is owned by one thread, so accumulation order is fixed (deterministic). Gives dA
+// (x = input, h = grad of the shrink output) and dB^T (x = grad of the output, h = shrink output).
+template <typename scalar_t, typename acc_t>
+void sgmv_weight_grad_range(const scalar_t* x, const scalar_t* h, const GroupedMeta& m,
+                            const acc_t* w, const acc_t* scales, int64_t d, int64_t max_rank,
+                            int64_t g0, int64_t g1, acc_t* acc, scalar_t* G) {
+  for (int64_t g = g0; g < g1; ++g) {
+    for (int64_t c2 = 0; c2 < d; ++c2) acc[c2] = 0;
+    // The expert owning bank row g (ranks of zero width are skipped by the search).
+    const int64_t e = expert_of_row(m.rank_offsets, m.num_experts, g);
+    const int64_t a = g - m.rank_offsets[e];
+    for (int64_t i = m.expert_offsets[e]; i < m.expert_offsets[e + 1]; ++i) {
+      const int32_t p = m.order[i];
+      if (p < 0) continue;
+      const acc_t coef = row_coef(w, scales, p, e) * static_cast<acc_t>(h[i * max_rank + a]);
+      const scalar_t* xr = x + (p / m.top_k) * d;
+      for (int64_t c2 = 0; c2 < d; ++c2) acc[c2] += coef * static_cast<acc_t>(xr[c2]);
+    }
+    for (int64_t c2 = 0; c2 < d; ++c2) G[g * d + c2] = static_cast<scalar_t>(acc[c2]);
+  }
+}
+
+// Dense stacked gating: out[t, c] = gate[t, e(c)] * s_e * h[t, c] over the R bank columns, with
+// col_expert[c] = e(c). Shared by the gated forward (h = x A^T) and its backward (h = dy B).
+template <typename acc_t>
+void gate_rank_blocks_range(const acc_t* h, const acc_t* gate, const acc_t* scales,
+                            const int32_t* col_expert, int64_t E, int64_t R, int64_t t0,
+                            int64_t t1, acc_t* out) {
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t c = 0; c < R; ++c) {
+      const int32_t e = col_expert[c];
+      const acc_t s = scales != nullptr ? scales[e] : acc_t(1);
+      out[t * R + c] = gate[t * E + e] * s * h[t * R + c];
+    }
+  }
+}
+
+// dgate[t, e] = s_e * sum_{c in e} dhg[t, c] * h[t, c].
+template <typename acc_t>
+void gate_grad_range(const acc_t* dhg, const acc_t* h, const acc_t* scales,
+                     const int32_t* rank_offsets, int64_t E, int64_t R, int64_t t0, int64_t t1,
+                     acc_t* dgate) {
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t e = 0; e < E; ++e) {
+      acc_t s = 0;
+      for (int64_t c = rank_offsets[e]; c < rank_offsets[e + 1]; ++c) s += dhg[t * R + c] * h[t * R + c];
+      dgate[t * E + e] = scales != nullptr ? s * scales[e] : s;
+    }
+  }
+}
+
+}  // namespace molora::kernels

@@ -1,0 +1,41 @@
+"""Loading of the native extension ``molora_ops._C``.
+
+Importing ``_C`` runs the static ``TORCH_LIBRARY(molora, ...)`` registrations, which create
+``torch.ops.molora.*``. When it is missing or fails to load (or ``MOLORA_DISABLE_EXT=1``), the
+package still imports and every wrapper runs the pure-PyTorch reference instead; a single warning
+says so.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+_EXT_ERROR: str | None = None
+
+if os.environ.get("MOLORA_DISABLE_EXT", "0") not in ("", "0"):
+    _EXT_ERROR = "disabled by MOLORA_DISABLE_EXT"
+else:
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.molora)
+    except Exception as exc:  # ImportError, or an OSError from a broken build
+        _EXT_ERROR = f"{type(exc).__name__}: {exc}"
+
+if _EXT_ERROR is not None:
+    warnings.warn(
+        f"molora_ops: native extension not loaded ({_EXT_ERROR}); every op runs the pure-PyTorch "
+        "reference path (slow, no torch.ops.molora). Build it with "
+        "`pip install --no-build-isolation -e .`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def has_extension() -> bool:
+    """True when ``molora_ops._C`` is loaded and ``torch.ops.molora`` exists."""
+    return _EXT_ERROR is None
+
+
+def extension_error() -> str | None:
+    """Why the extension is not loaded (None when it is)."""
+    return _EXT_ERROR

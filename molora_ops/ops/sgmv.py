@@ -1,0 +1,230 @@
+"""Family 3, grouped low-rank matmuls (SGMV-style) over a stacked LoRA bank, and the dense
+stacked gated form for soft routing.
+
+Bank layout: ``A [R, d_in]`` (expert e's rows ``rank_offsets[e]:rank_offsets[e+1]``, PEFT's
+``lora_A.weight`` stacked), ``B [d_out, R]`` (the same columns, PEFT's ``lora_B.weight``),
+``rank_offsets [E+1]`` int32 (ragged ranks need no padded weights), ``scales [E]`` per-expert
+LoRA scaling (constant). Row i of the dispatched layout holds pair ``p = order[i]`` of token
+``p // k`` for expert e, with coefficient ``c_i = weights.flatten()[p] * scales[e]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _checks, reference
+from ._registry import call, native, register
+
+# --- checks + fakes ------------------------------------------------------------------------------
+
+
+def _check_sgmv_shrink(x, A, rank_offsets, order, pos, expert_offsets, weights, scales, max_rank):
+    op = "sgmv_shrink"
+    _checks.floating(op, "x", x)
+    _checks.dim(op, "x", x, 2)
+    _checks.bank(op, "A", A, "x", x)
+    _checks.size(op, "A", A, 1, x.shape[1])
+    _checks.grouped(op, x, x.shape[0], rank_offsets, order, pos, expert_offsets, weights, scales)
+    _checks.value(op, max_rank >= 0, f"max_rank must be >= 0, got {max_rank}")
+
+
+def _check_sgmv_expand(h, B, rank_offsets, order, pos, expert_offsets, weights, scales, base):
+    op = "sgmv_expand"
+    _checks.floating(op, "h", h)
+    _checks.dim(op, "h", h, 2)
+    _checks.bank(op, "B", B, "h", h)
+    _checks.grouped(op, h, None, rank_offsets, order, pos, expert_offsets, weights, scales)
+    _checks.size(op, "h", h, 0, order.shape[0])
+    _checks.base(op, base, pos.shape[0], B.shape[0], h)
+
+
+def _check_sgmv_weight_grad(x, h, rank_offsets, order, pos, expert_offsets, weights, scales,
+                            total_rank):
+    op = "sgmv_weight_grad"
+    _checks.floating(op, "x", x)
+    _checks.dim(op, "x", x, 2)
+    _checks.dim(op, "h", h, 2)
+    _checks.same_dtype(op, "h", h, "x", x)
+    _checks.device(op, "h", h, x)
+    _checks.value(op, total_rank >= 0, f"total_rank must be >= 0, got {total_rank}")
+    _checks.grouped(op, x, x.shape[0], rank_offsets, order, pos, expert_offsets, weights, scales)
+    _checks.size(op, "h", h, 0, order.shape[0])
+
+
+def _check_stacked_gated_lora(x, A, B, gate, rank_offsets, scales, base, shared_a):
+    _checks.gated("stacked_gated_lora", x, A, B, gate, rank_offsets, scales, shared_a)
+    _checks.base("stacked_gated_lora", base, x.shape[0], B.shape[0], x)
+
+
+def _check_stacked_gated_lora_backward(grad_y, x, A, B, gate, rank_offsets, scales, shared_a):
+    op = "stacked_gated_lora_backward"
+    _checks.gated(op, x, A, B, gate, rank_offsets, scales, shared_a)
+    _checks.floating(op, "grad_y", grad_y)
+    _checks.device(op, "grad_y", grad_y, x)
+    _checks.value(op, tuple(grad_y.shape) == (x.shape[0], B.shape[0]),
+                  f"grad_y must have shape ({x.shape[0]}, {B.shape[0]}), got {tuple(grad_y.shape)}")
+
+
+def _fake_sgmv_shrink(x, A, rank_offsets, order, pos, expert_offsets, weights, scales, max_rank):
+    _check_sgmv_shrink(x, A, rank_offsets, order, pos, expert_offsets, weights, scales, max_rank)
+    return x.new_empty((order.shape[0], max_rank))
+
+
+def _fake_sgmv_expand(h, B, rank_offsets, order, pos, expert_offsets, weights, scales, base):
+    _check_sgmv_expand(h, B, rank_offsets, order, pos, expert_offsets, weights, scales, base)
+    return h.new_empty((pos.shape[0], B.shape[0]))
+
+
+def _fake_sgmv_weight_grad(x, h, rank_offsets, order, pos, expert_offsets, weights, scales,
+                           total_rank):
+    _check_sgmv_weight_grad(x, h, rank_offsets, order, pos, expert_offsets, weights, scales,
+                            total_rank)
+    return x.new_empty((total_rank, x.shape[1]))
+
+
+def _fake_stacked_gated_lora(x, A, B, gate, rank_offsets, scales, base, shared_a):
+    _check_stacked_gated_lora(x, A, B, gate, rank_offsets, scales, base, shared_a)
+    return x.new_empty((x.shape[0], B.shape[0]))
+
+
+def _fake_stacked_gated_lora_backward(grad_y, x, A, B, gate, rank_offsets, scales, shared_a):
+    _check_stacked_gated_lora_backward(grad_y, x, A, B, gate, rank_offsets, scales, shared_a)
+    return (x.new_empty(x.shape), A.new_empty(A.shape), B.new_empty(B.shape),
+            gate.new_empty(gate.shape))
+
+
+# --- autograd ------------------------------------------------------------------------------------
+# shrink and expand are each other's transpose over the same dispatch metadata:
+#   shrink  h = c * A_e x      ->  dx = expand(dh, A^T),  dA = weight_grad(x, dh)
+#   expand  y += c * B_e h     ->  dh = shrink(dy, B^T),  dB = weight_grad(dy, h)^T
+# and the routing-weight gradient is a per-row dot with the unweighted counterpart.
+
+
+def _save_grouped(ctx, inputs, output):
+    data, bank, rank_offsets, order, pos, expert_offsets, weights, scales, _last = inputs
+    ctx.save_for_backward(data, bank, rank_offsets, order, pos, expert_offsets, weights, scales)
+
+
+def _sgmv_shrink_backward(ctx, grad_h):
+    x, A, ro, order, pos, eo, weights, scales = ctx.saved_tensors
+    meta = (ro, order, pos, eo)
+    grad_x = grad_A = grad_w = None
+    if ctx.needs_input_grad[0]:
+        grad_x = native("sgmv_expand")(grad_h, A.t(), *meta, weights, scales, None)
+    if ctx.needs_input_grad[1]:
+        grad_A = native("sgmv_weight_grad")(x, grad_h, *meta, weights, scales, A.shape[0])
+    if weights is not None and ctx.needs_input_grad[6]:
+        h_unweighted = native("sgmv_shrink")(x, A, *meta, None, scales, grad_h.shape[1])
+        grad_w = native("pair_dot")(grad_h, h_unweighted, pos, False).to(weights.dtype)
+    return grad_x, grad_A, None, None, None, None, grad_w, None, None
+
+
+def _sgmv_expand_backward(ctx, grad_y):
+    h, B, ro, order, pos, eo, weights, scales = ctx.saved_tensors
+    meta = (ro, order, pos, eo)
+    max_rank = h.shape[1]
+    grad_h = grad_B = grad_w = None
+    need_w = weights is not None and ctx.needs_input_grad[6]
+    # u = B^T dy per row, unweighted: the routing-weight gradient is dot(h_i, u_i).
+    u = native("sgmv_shrink")(grad_y, B.t(), *meta, None, scales, max_rank) if need_w else None
+    if ctx.needs_input_grad[0]:
+        grad_h = native("sgmv_shrink")(grad_y, B.t(), *meta, weights, scales, max_rank)
+    if ctx.needs_input_grad[1]:
+        grad_B = native("sgmv_weight_grad")(grad_y, h, *meta, weights, scales, B.shape[1]).t()
+    if need_w:
+        grad_w = native("pair_dot")(h, u, pos, False).to(weights.dtype)
+    grad_base = grad_y if ctx.needs_input_grad[8] else None
+    return grad_h, grad_B, None, None, None, None, grad_w, None, grad_base
+
+
+def _save_gated(ctx, inputs, output):
+    x, A, B, gate, rank_offsets, scales, _base, shared_a = inputs
+    ctx.save_for_backward(x, A, B, gate, rank_offsets, scales)
+    ctx.shared_a = shared_a
+
+
+def _stacked_gated_lora_backward(ctx, grad_y):
+    x, A, B, gate, ro, scales = ctx.saved_tensors
+    grad_x, grad_A, grad_B, grad_gate = native("stacked_gated_lora_backward")(
+        grad_y, x, A, B, gate, ro, scales, ctx.shared_a)
+    grad_base = grad_y if ctx.needs_input_grad[6] else None
+    return grad_x, grad_A, grad_B, grad_gate, None, None, grad_base, None
+
+
+register("sgmv_shrink", _fake_sgmv_shrink, _sgmv_shrink_backward, _save_grouped)
+register("sgmv_expand", _fake_sgmv_expand, _sgmv_expand_backward, _save_grouped)
+register("sgmv_weight_grad", _fake_sgmv_weight_grad)
+register("stacked_gated_lora", _fake_stacked_gated_lora, _stacked_gated_lora_backward, _save_gated)
+register("stacked_gated_lora_backward", _fake_stacked_gated_lora_backward)
+
+
+# --- wrappers ------------------------------------------------------------------------------------
+
+
+def uniform_rank_offsets(num_experts: int, rank: int, device=None) -> torch.Tensor:
+    """``rank_offsets`` [E+1] int32 of a bank where every expert has rank ``rank``."""
+    return torch.arange(num_experts + 1, dtype=torch.int32, device=device) * rank
+
+
+def sgmv_shrink(x, A, rank_offsets, order, pos, expert_offsets, weights=None, scales=None, *,
+                max_rank: int):
+    """Grouped shrink ``h[i, :r_e] = c_i * A_e @ x[t_i]`` (x read through ``order``, no permuted copy).
+
+    Args:
+        x: [T, d_in] float. A: [R, d_in], x's dtype. rank_offsets: [E+1] int.
+        order, pos, expert_offsets: from ``dispatch``. weights: [T, k] float or None.
+        scales: [E] float or None. max_rank: columns of h, >= every expert rank.
+    Returns:
+        h [P, max_rank] with x's dtype (fp32 accumulation); columns >= r_e and padding rows are 0.
+        Differentiable w.r.t. x, A and weights.
+    """
+    args = (x, A, rank_offsets, order, pos, expert_offsets, weights, scales, max_rank)
+    return call("sgmv_shrink", _check_sgmv_shrink,
+                lambda *a: reference.sgmv_shrink(*a[:-1], max_rank=a[-1]), *args)
+
+
+def sgmv_expand(h, B, rank_offsets, order, pos, expert_offsets, weights=None, scales=None,
+                base=None):
+    """Grouped expand ``y[t] = base[t] + sum_j c_i * B_e @ h[i, :r_e]`` with ``i = pos[t, j]``.
+
+    Args:
+        h: [P, max_rank] float. B: [d_out, R], h's dtype. rank_offsets, order, pos,
+        expert_offsets, weights, scales: as in ``sgmv_shrink``. base: [T, d_out] or None.
+    Returns:
+        y [T, d_out] with h's dtype: a new tensor ``base + delta`` (token-owned accumulation, so
+        several experts writing one token are summed deterministically). Differentiable w.r.t.
+        h, B, weights and base.
+    """
+    return call("sgmv_expand", _check_sgmv_expand, reference.sgmv_expand, h, B, rank_offsets,
+                order, pos, expert_offsets, weights, scales, base)
+
+
+def sgmv_weight_grad(x, h, rank_offsets, order, pos, expert_offsets, weights, scales,
+                     total_rank: int):
+    """Grouped ``X^T Y``: ``G[ro_e + a] = sum_{rows i of e} c_i * h[i, a] * x[t_i]``, G [R, d].
+
+    dA of ``sgmv_shrink`` (x = input, h = grad of h) and dB^T of ``sgmv_expand`` (x = grad of y).
+    """
+    return call("sgmv_weight_grad", _check_sgmv_weight_grad, reference.sgmv_weight_grad, x, h,
+                rank_offsets, order, pos, expert_offsets, weights, scales, total_rank)
+
+
+def stacked_gated_lora(x, A, B, gate, rank_offsets, scales=None, base=None, shared_a=False):
+    """Dense soft-routed LoRA: ``y[t] = base[t] + sum_e gate[t, e] * s_e * B_e @ (A_e @ x[t])``.
+
+    X-LoRA, LoRAMoE, MoLE, LoRA Soups (gate [T, E] from any router); ``shared_a=True`` is
+    HydraLoRA (one ``A [r, d_in]`` for every expert, ``rank_offsets = arange(E+1) * r``).
+
+    Args: x [T, d_in]; A [R, d_in] (or [r, d_in]); B [d_out, R]; gate [T, E] float;
+        rank_offsets [E+1]; scales [E] or None; base [T, d_out] or None.
+    Returns: y [T, d_out] with x's dtype. Differentiable w.r.t. x, A, B, gate and base.
+    """
+    return call("stacked_gated_lora", _check_stacked_gated_lora, reference.stacked_gated_lora, x,
+                A, B, gate, rank_offsets, scales, base, shared_a)
+
+
+def stacked_gated_lora_backward(grad_y, x, A, B, gate, rank_offsets, scales, shared_a: bool):
+    """(dx, dA, dB, dgate) of ``stacked_gated_lora``, each with its input's dtype."""
+    return call("stacked_gated_lora_backward", _check_stacked_gated_lora_backward,
+                reference.stacked_gated_lora_backward, grad_y, x, A, B, gate, rank_offsets,
+                scales, shared_a)

@@ -1,0 +1,271 @@
+"""Reference grouped low-rank matmuls (docs/OPS.md, Family 3) and their weight-gradient ops.
+
+Expert e's factors are ``A[ro_e : ro_e + r_e]`` ([r_e, d_in]) and ``B[:, ro_e : ro_e + r_e]``
+([d_out, r_e]) with ``ro = rank_offsets``.  Row i of the dispatched layout belongs to the expert e with
+``expert_offsets[e] <= i < expert_offsets[e+1]``, holds pair ``p = order[i]`` of token ``t = p // k``
+(k = pos.shape[1]) and has coefficient ``c_i = w[p] * s_e`` (each factor 1 when None).
+Accumulation in opmath; data outputs in the data dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ._common import (
+    check_expert_offsets,
+    check_ids_in_range,
+    check_max_rank,
+    check_rank_offsets,
+    opmath_dtype,
+)
+from .dispatch import _combine, _gather
+
+__all__ = [
+    "sgmv_shrink",
+    "sgmv_expand",
+    "sgmv_weight_grad",
+    "stacked_gated_lora",
+    "stacked_gated_lora_backward",
+]
+
+
+def _check_dispatched(
+    op: str,
+    total_rank: int,
+    rank_offsets: torch.Tensor,
+    order: torch.Tensor,
+    pos: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    max_rank: int,
+) -> None:
+    T, k = pos.shape
+    P = order.numel()
+    check_rank_offsets(op, rank_offsets, total_rank)
+    check_max_rank(op, rank_offsets, max_rank)
+    check_expert_offsets(op, expert_offsets, P)
+    check_ids_in_range("order", op, order, -1, T * k)
+    check_ids_in_range("pos", op, pos, -1, P)
+
+
+def _scales(scales: Optional[torch.Tensor], E: int, op: torch.dtype) -> list:
+    """Per-expert s_e as opmath 0-d tensors (None = 1 when scales is None); never differentiated."""
+    if scales is None:
+        return [None] * E
+    s = scales.detach().to(op)
+    return [s[e] for e in range(E)]
+
+
+def sgmv_shrink(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    rank_offsets: torch.Tensor,
+    order: torch.Tensor,
+    pos: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
+    scales: Optional[torch.Tensor] = None,
+    *,
+    max_rank: int,
+) -> torch.Tensor:
+    """x [T,d_in], A [R,d_in] -> h [P, max_rank] (dtype x).
+
+    h[i, a] = c_i * dot(A[ro_e + a], x[t]) for a < r_e; 0 for a >= r_e and for padding rows.
+    Gradient: x, A, weights.
+    """
+    op_name = "sgmv_shrink"
+    _check_dispatched(op_name, A.shape[0], rank_offsets, order, pos, expert_offsets, max_rank)
+    k = pos.shape[1]
+    P = order.numel()
+    op = opmath_dtype(x.dtype)
+    ro = rank_offsets.tolist()
+    eo = expert_offsets.tolist()
+    E = len(ro) - 1
+    s = _scales(scales, E, op)
+    w = None if weights is None else weights.to(op)
+
+    # xw[i] = w[p] * x[p // k] (0 on padding rows); then h[i, :r_e] = s_e * A_e @ xw[i].
+    xw = _gather(x.to(op), order, k, w)
+    Af = A.to(op)
+    h = torch.zeros(P, max_rank, dtype=op, device=x.device)
+    for e in range(E):
+        lo, hi, r0, r1 = eo[e], eo[e + 1], ro[e], ro[e + 1]
+        he = xw[lo:hi] @ Af[r0:r1].T  # [n_e, r_e]
+        if s[e] is not None:
+            he = he * s[e]
+        h[lo:hi, : r1 - r0] = he
+    return h.to(x.dtype)
+
+
+def sgmv_expand(
+    h: torch.Tensor,
+    B: torch.Tensor,
+    rank_offsets: torch.Tensor,
+    order: torch.Tensor,
+    pos: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
+    scales: Optional[torch.Tensor] = None,
+    base: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """h [P, max_rank], B [d_out,R], base [T,d_out] or None -> y [T,d_out] (dtype h).
+
+    y[t] = base[t] + sum_j c_i * B[:, ro_e : ro_e + r_e] @ h[i, :r_e] with i = pos[t, j].
+    Gradient: h, B, weights, base.
+    """
+    op_name = "sgmv_expand"
+    _check_dispatched(op_name, B.shape[1], rank_offsets, order, pos, expert_offsets, h.shape[1])
+    P = order.numel()
+    op = opmath_dtype(h.dtype)
+    ro = rank_offsets.tolist()
+    eo = expert_offsets.tolist()
+    E = len(ro) - 1
+    s = _scales(scales, E, op)
+    w = None if weights is None else weights.to(op)
+
+    # rows[i] = s_e * B_e @ h[i, :r_e]  (0 past expert_offsets[E]); then y[t] = sum_j w[t,j] * rows[pos[t,j]].
+    hf, Bf = h.to(op), B.to(op)
+    rows = torch.zeros(P, B.shape[0], dtype=op, device=h.device)
+    for e in range(E):
+        lo, hi, r0, r1 = eo[e], eo[e + 1], ro[e], ro[e + 1]
+        re = hf[lo:hi, : r1 - r0] @ Bf[:, r0:r1].T  # [n_e, d_out]
+        if s[e] is not None:
+            re = re * s[e]
+        rows[lo:hi] = re
+    y = _combine(rows, pos, w)
+    if base is not None:
+        y = base.to(op) + y
+    return y.to(h.dtype)
+
+
+def sgmv_weight_grad(
+    x: torch.Tensor,
+    h: torch.Tensor,
+    rank_offsets: torch.Tensor,
+    order: torch.Tensor,
+    pos: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    scales: Optional[torch.Tensor],
+    total_rank: int,
+) -> torch.Tensor:
+    """x [T,d], h [P, max_rank] -> G [R, d] (dtype x).
+
+    G[ro_e + a] = sum_{i in e} c_i * h[i, a] * x[t_i]  (a < r_e; padding rows skipped).
+    dA of sgmv_shrink = sgmv_weight_grad(x, grad_h, ...); dB of sgmv_expand =
+    sgmv_weight_grad(grad_y, h, ...).T.
+    """
+    op_name = "sgmv_weight_grad"
+    _check_dispatched(op_name, total_rank, rank_offsets, order, pos, expert_offsets, h.shape[1])
+    k = pos.shape[1]
+    op = opmath_dtype(x.dtype)
+    ro = rank_offsets.tolist()
+    eo = expert_offsets.tolist()
+    E = len(ro) - 1
+    xf, hf = x.to(op), h.to(op)
+    G = torch.zeros(total_rank, x.shape[1], dtype=op, device=x.device)
+    for e in range(E):
+        lo, hi, r0, r1 = eo[e], eo[e + 1], ro[e], ro[e + 1]
+        i = lo + (order[lo:hi] >= 0).nonzero().flatten()  # non-padding rows of expert e
+        p = order[i].long()
+        t = p // k
+        c = torch.ones(i.numel(), dtype=op, device=x.device)
+        if weights is not None:
+            c = c * weights.reshape(-1)[p].to(op)
+        if scales is not None:
+            c = c * scales[e].to(op)
+        G[r0:r1] = (c[:, None] * hf[i, : r1 - r0]).T @ xf[t]
+    return G.to(x.dtype)
+
+
+def _check_stacked(op: str, A, B, rank_offsets, shared_a: bool) -> None:
+    check_rank_offsets(op, rank_offsets, B.shape[1])
+    if shared_a:
+        E, r = rank_offsets.numel() - 1, A.shape[0]
+        expected = torch.arange(E + 1, device=rank_offsets.device) * r
+        if not torch.equal(rank_offsets.long(), expected):
+            raise ValueError(
+                f"molora.{op}: with shared_a, rank_offsets must be arange(E+1) * r "
+                f"(r = A.shape[0] = {r}), got {rank_offsets.tolist()}"
+            )
+    else:
+        check_rank_offsets(op, rank_offsets, A.shape[0])
+
+
+def stacked_gated_lora(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    gate: torch.Tensor,
+    rank_offsets: torch.Tensor,
+    scales: Optional[torch.Tensor] = None,
+    base: Optional[torch.Tensor] = None,
+    shared_a: bool = False,
+) -> torch.Tensor:
+    """x [T,d_in], A [R,d_in] ([r,d_in] if shared_a), B [d_out,R], gate [T,E] -> y [T,d_out] (dtype x).
+
+    y[t] = base[t] + sum_e gate[t,e] * s_e * B_e @ (A_e @ x[t]); shared_a (HydraLoRA): A_e = A.
+    Dense soft routing (X-LoRA, LoRAMoE, HydraLoRA, MoLE, LoRA Soups).  Gradient: x, A, B, gate, base.
+    """
+    _check_stacked("stacked_gated_lora", A, B, rank_offsets, shared_a)
+    op = opmath_dtype(x.dtype)
+    ro = rank_offsets.tolist()
+    E = len(ro) - 1
+    s = _scales(scales, E, op)
+    xf, Af, Bf, gf = x.to(op), A.to(op), B.to(op), gate.to(op)
+    y = torch.zeros(x.shape[0], B.shape[0], dtype=op, device=x.device)
+    for e in range(E):
+        r0, r1 = ro[e], ro[e + 1]
+        A_e = Af if shared_a else Af[r0:r1]
+        B_e = Bf[:, r0:r1]
+        g_e = gf[:, e] if s[e] is None else gf[:, e] * s[e]
+        y = y + g_e[:, None] * ((xf @ A_e.T) @ B_e.T)
+    if base is not None:
+        y = base.to(op) + y
+    return y.to(x.dtype)
+
+
+def stacked_gated_lora_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    gate: torch.Tensor,
+    rank_offsets: torch.Tensor,
+    scales: Optional[torch.Tensor],
+    shared_a: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx [T,d_in], dA like A, dB [d_out,R], dgate [T,E]), each in its input's dtype.
+
+    With u_e = x @ A_e^T [T,r_e], z_e = grad_y @ B_e [T,r_e], g_e = gate[:, e] * s_e:
+    dx = sum_e (g_e * z_e) @ A_e;  dA_e = (g_e * z_e)^T @ x (summed over e if shared_a);
+    dB_e = grad_y^T @ (g_e * u_e);  dgate[:, e] = s_e * sum(z_e * u_e, -1).
+    (The gradient w.r.t. base is grad_y.)
+    """
+    _check_stacked("stacked_gated_lora_backward", A, B, rank_offsets, shared_a)
+    op = opmath_dtype(x.dtype)
+    ro = rank_offsets.tolist()
+    E = len(ro) - 1
+    s = _scales(scales, E, op)
+    gyf, xf, Af, Bf, gf = grad_y.to(op), x.to(op), A.to(op), B.to(op), gate.to(op)
+    dx = torch.zeros_like(xf)
+    dA = torch.zeros_like(Af)
+    dB = torch.zeros_like(Bf)
+    dgate = torch.zeros_like(gf)
+    for e in range(E):
+        r0, r1 = ro[e], ro[e + 1]
+        A_e = Af if shared_a else Af[r0:r1]
+        B_e = Bf[:, r0:r1]
+        s_e = 1.0 if s[e] is None else s[e]
+        g_e = (gf[:, e] * s_e)[:, None]
+        u_e = xf @ A_e.T
+        z_e = gyf @ B_e
+        dx += (g_e * z_e) @ A_e
+        if shared_a:
+            dA += (g_e * z_e).T @ xf
+        else:
+            dA[r0:r1] = (g_e * z_e).T @ xf
+        dB[:, r0:r1] = gyf.T @ (g_e * u_e)
+        dgate[:, e] = s_e * (z_e * u_e).sum(-1)
+    return dx.to(x.dtype), dA.to(A.dtype), dB.to(B.dtype), dgate.to(gate.dtype)

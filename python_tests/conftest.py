@@ -1,0 +1,58 @@
+import os
+import sys
+import zlib
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # `import utils` regardless of pytest's import mode
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--require-ext", action="store_true", default=False,
+        help="fail (instead of skip) tests that need the native molora_ops extension when it is not "
+             "loaded; same as MOLORA_REQUIRE_EXT=1",
+    )
+
+
+def pytest_configure(config):
+    if config.getoption("--require-ext", default=False):
+        os.environ["MOLORA_REQUIRE_EXT"] = "1"
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "needs_ext: needs the native extension (torch.ops.molora)")
+    config.addinivalue_line("markers", "slow: slow test (torch.compile with inductor)")
+
+    # deterministic, full-precision numerics
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    # small tensors: a couple of threads is enough and avoids oversubscription under xdist
+    threads = int(os.environ.get("MOLORA_TEST_THREADS", "0")) or min(4, os.cpu_count() or 1)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        threads = 1
+    torch.set_num_threads(threads)
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("needs_ext") is not None:
+        from utils import need_ext
+        need_ext()
+    if item.get_closest_marker("cuda") is not None and not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+
+
+@pytest.fixture(autouse=True)
+def seed(request):
+    """Every test gets its own fixed seed (derived from its id): fresh inputs, reproducible runs."""
+    s = zlib.crc32(request.node.nodeid.encode()) & 0x7FFFFFFF
+    torch.manual_seed(s)
+    return s
+
+
+@pytest.fixture
+def dynamo_reset():
+    import torch._dynamo
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -1,0 +1,415 @@
+"""Shared helpers for the molora_ops test suite.
+
+* ``assert_close_fa``: the one tolerance rule for every float output (flash-attention style).
+* ``compare_with_reference``: runs ``molora_ops.<op>`` and ``molora_ops.reference.<op>`` on the
+  same inputs, forward and backward, and checks index outputs exactly and float outputs / grads
+  with ``assert_close_fa``.
+* Input builders: tie-free logits, routing (``make_routing``), crafted id tensors, ragged
+  ``rank_offsets``, non-contiguous views.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+
+import pytest
+import torch
+
+import molora_ops
+from molora_ops import reference as ref
+
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+DTYPE_IDS = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+FORWARD_OPS = [
+    "softmax_topk", "topk_softmax", "sigmoid_topk", "softmax_topp",
+    "dispatch", "gather_rows", "combine_rows",
+    "sgmv_shrink", "sgmv_expand", "stacked_gated_lora",
+    "rank_topk", "rank_sparse_shrink", "rank_sparse_expand", "id_histogram",
+]
+BACKWARD_OPS = [
+    "softmax_route_backward", "sigmoid_topk_backward", "pair_dot", "sgmv_weight_grad",
+    "stacked_gated_lora_backward", "rank_scatter", "rank_sparse_weight_grad",
+]
+ALL_OPS = FORWARD_OPS + BACKWARD_OPS
+
+
+def dtype_params(dtypes=FLOAT_DTYPES):
+    return pytest.mark.parametrize("dtype", dtypes, ids=[DTYPE_IDS[d] for d in dtypes])
+
+
+def opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def require_ext_enabled() -> bool:
+    return os.environ.get("MOLORA_REQUIRE_EXT", "0") not in ("", "0", "false", "False")
+
+
+def need_ext():
+    """Skip (or fail, under MOLORA_REQUIRE_EXT=1 / --require-ext) when the native extension is absent."""
+    if molora_ops.has_extension():
+        return
+    msg = "molora_ops native extension (_C) is not loaded: torch.ops.molora is unavailable"
+    if require_ext_enabled():
+        pytest.fail(msg + " (MOLORA_REQUIRE_EXT=1)")
+    pytest.skip(msg)
+
+
+def torch_op(name: str):
+    need_ext()
+    return getattr(torch.ops.molora, name).default
+
+
+# --------------------------------------------------------------------------------------------
+# Tolerance rule
+# --------------------------------------------------------------------------------------------
+
+# floor, relative to max(1, max|reference|), keyed by the dtype of the checked output
+_FLOOR = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-6,
+    torch.bfloat16: 1e-3,
+    torch.float16: 1e-3,
+}
+
+
+def assert_close_fa(actual, ref_lowp, ref_hi, name="output", factor=2.0, floor=None):
+    """Flash-attention rule.
+
+    ``ref_hi`` is the reference run in float64 (on the float64 upcast of the very same inputs),
+    ``ref_lowp`` is the reference run in the same precision as ``actual``. Requires
+    ``max|actual - ref_hi| <= factor * max|ref_lowp - ref_hi| + floor * max(1, max|ref_hi|)``.
+    Also checks shape, dtype (vs ref_lowp) and that ``actual`` is finite where ``ref_hi`` is.
+    """
+    assert isinstance(actual, torch.Tensor), f"{name}: expected a tensor, got {type(actual)}"
+    assert actual.shape == ref_lowp.shape == ref_hi.shape, (
+        f"{name}: shape {tuple(actual.shape)} vs reference {tuple(ref_lowp.shape)} / {tuple(ref_hi.shape)}")
+    assert actual.dtype == ref_lowp.dtype, f"{name}: dtype {actual.dtype} vs reference {ref_lowp.dtype}"
+    assert actual.device == ref_lowp.device, f"{name}: device {actual.device} vs {ref_lowp.device}"
+    if actual.numel() == 0:
+        return
+    a = actual.detach().to("cpu", torch.float64)
+    lo = ref_lowp.detach().to("cpu", torch.float64)
+    hi = ref_hi.detach().to("cpu", torch.float64)
+    finite = torch.isfinite(hi)
+    assert torch.equal(torch.isfinite(a), finite), f"{name}: non-finite values where the reference is finite"
+    a, lo, hi = a[finite], lo[finite], hi[finite]
+    if a.numel() == 0:
+        return
+    scale = max(1.0, hi.abs().max().item())
+    if floor is None:
+        floor = _FLOOR[actual.dtype]
+    err = (a - hi).abs()
+    ref_err = (lo - hi).abs().max().item()
+    tol = factor * ref_err + floor * scale
+    worst = err.max().item()
+    assert worst <= tol, (
+        f"{name} ({actual.dtype}): max|ours - ref_f64| = {worst:.3e} > tol {tol:.3e} "
+        f"(= {factor} * max|ref_lowp - ref_f64| {ref_err:.3e} + {floor:g} * {scale:.3g}); "
+        f"{int((err > tol).sum())} of {err.numel()} elements off; worst at flat index {int(err.argmax())}: "
+        f"ours {a[err.argmax()].item():.6g}, ref {hi[err.argmax()].item():.6g}")
+
+
+def assert_index_equal(actual, expected, name="index output"):
+    assert actual.dtype == torch.int32, f"{name}: dtype {actual.dtype}, expected torch.int32"
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    assert torch.equal(actual.cpu(), expected.to(torch.int32).cpu()), (
+        f"{name} differs from the reference:\nours={actual}\nref ={expected}")
+
+
+# --------------------------------------------------------------------------------------------
+# Generic op-vs-reference comparison (forward + backward)
+# --------------------------------------------------------------------------------------------
+
+def _as_tuple(out):
+    if isinstance(out, torch.Tensor):
+        return (out,)
+    return tuple(out)
+
+
+def _prep(args, kwargs, diff, cast_float=None):
+    """Detach inputs (keeping strides), optionally upcast floats, mark ``diff`` ones as leaves."""
+    leaves = []
+
+    def one(key, a):
+        if not isinstance(a, torch.Tensor):
+            return a
+        b = a.detach()
+        if cast_float is not None and b.is_floating_point():
+            b = b.to(cast_float)
+        if key in diff:
+            b = b.detach().requires_grad_(True)
+            leaves.append((key, b))
+        return b
+
+    new_args = [one(i, a) for i, a in enumerate(args)]
+    new_kwargs = {k: one(k, v) for k, v in kwargs.items()}
+    order = {k: n for n, k in enumerate(list(range(len(args))) + list(kwargs))}
+    leaves.sort(key=lambda kv: order[kv[0]])
+    return new_args, new_kwargs, leaves
+
+
+def _grads(outs, leaves, gouts):
+    pairs = [(o, g) for o, g in zip(outs, gouts) if g is not None]
+    if not leaves or not pairs:
+        return []
+    gs = torch.autograd.grad([o for o, _ in pairs], [l for _, l in leaves], [g for _, g in pairs],
+                             allow_unused=True)
+    return [torch.zeros_like(l) if g is None else g for g, (_, l) in zip(gs, leaves)]
+
+
+def compare_with_reference(name, args, kwargs=None, diff=(), ours_fn=None, ref_fn=None,
+                           check_hi_index=True, factor=2.0):
+    """Run ``molora_ops.<name>`` (or ``ours_fn``) and the reference on ``args``/``kwargs``.
+
+    ``diff`` holds positional indices / kwarg names of inputs to differentiate. Index outputs must
+    match the reference exactly, float outputs and all gradients follow ``assert_close_fa``.
+    A random upstream gradient is used for every float output of the reference that requires grad.
+    Inputs must not be modified. Returns (ours_outputs, ref_lowp_outputs).
+    """
+    kwargs = dict(kwargs or {})
+    diff = set(diff)
+    ours_fn = ours_fn or getattr(molora_ops, name)
+    ref_fn = ref_fn or getattr(ref, name)
+
+    snapshot = [a.clone() for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+
+    o_args, o_kwargs, o_leaves = _prep(args, kwargs, diff)
+    l_args, l_kwargs, l_leaves = _prep(args, kwargs, diff)
+    h_args, h_kwargs, h_leaves = _prep(args, kwargs, diff, cast_float=torch.float64)
+
+    ours = _as_tuple(ours_fn(*o_args, **o_kwargs))
+    lo = _as_tuple(ref_fn(*l_args, **l_kwargs))
+    hi = _as_tuple(ref_fn(*h_args, **h_kwargs))
+
+    after = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+    for before, now in zip(snapshot, after):
+        assert torch.equal(before, now), f"{name} modified one of its inputs"
+
+    assert len(ours) == len(lo), f"{name}: {len(ours)} outputs, reference has {len(lo)}"
+    for i, (o, l, h) in enumerate(zip(ours, lo, hi)):
+        if l.is_floating_point():
+            assert_close_fa(o, l, h, name=f"{name} output {i}", factor=factor)
+        else:
+            if check_hi_index:
+                # test-data sanity: the float64 reference must route identically (tie margins)
+                assert torch.equal(l, h), f"{name} output {i}: test inputs too close to a tie (f64 vs low-precision reference)"
+            assert_index_equal(o, l, name=f"{name} output {i}")
+
+    if diff:
+        gouts = []
+        for o, l in zip(ours, lo):
+            if l.is_floating_point() and l.requires_grad:
+                assert o.requires_grad, f"{name}: output does not require grad although its inputs do"
+                gouts.append(torch.randn(l.shape, dtype=l.dtype))
+            else:
+                gouts.append(None)
+        g_o = _grads(ours, o_leaves, gouts)
+        g_l = _grads(lo, l_leaves, gouts)
+        g_h = _grads(hi, h_leaves, [None if g is None else g.double() for g in gouts])
+        for (key, _), a, l, h in zip(o_leaves, g_o, g_l, g_h):
+            assert_close_fa(a, l, h, name=f"{name} grad[{key}]", factor=factor)
+    return ours, lo
+
+
+def compare_fn_with_reference_hi(name, ours, fn_lowp, fn_hi, factor=2.0):
+    """Compare a tensor/tuple ``ours`` against ``fn_lowp()`` / ``fn_hi()`` outputs (any callables)."""
+    ours, lo, hi = _as_tuple(ours), _as_tuple(fn_lowp()), _as_tuple(fn_hi())
+    assert len(ours) == len(lo) == len(hi)
+    for i, (o, l, h) in enumerate(zip(ours, lo, hi)):
+        if l.is_floating_point():
+            assert_close_fa(o, l, h, name=f"{name}[{i}]", factor=factor)
+        else:
+            assert_index_equal(o, l, name=f"{name}[{i}]")
+
+
+# --------------------------------------------------------------------------------------------
+# Input builders
+# --------------------------------------------------------------------------------------------
+
+def randn(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype)
+
+
+def tie_free_logits(T, E, dtype=torch.float32, scale=2.0, row_scale=None):
+    """[T, E] logits whose entries in every row are pairwise well separated (also after rounding to
+    bf16/fp16): a random permutation of an evenly spaced grid plus < 0.4 grid-step of noise, so
+    there is no exact or near tie. ``row_scale=(lo, hi)`` multiplies every row by a random factor
+    (rows of very different entropy)."""
+    perm = torch.argsort(torch.rand(T, E), dim=1).double()
+    noise = torch.rand(T, E, dtype=torch.float64) * 0.4
+    v = (perm + noise - (E - 1) / 2) / max(E - 1, 1) * 2 * scale
+    if row_scale is not None:
+        v = v * torch.empty(T, 1, dtype=torch.float64).uniform_(*row_scale)
+    return v.to(dtype)
+
+
+def well_separated(key, k, margin):
+    """Bool [T]: in each row, the k+1 largest values of ``key`` are pairwise > margin apart."""
+    if key.shape[-1] <= 1 or key.shape[0] == 0:
+        return torch.ones(key.shape[0], dtype=torch.bool)
+    s = key.double().sort(dim=-1, descending=True).values
+    gaps = s[:, :-1] - s[:, 1:]
+    return (gaps[:, :k] > margin).all(dim=-1)
+
+
+def resample_rows(make, ok, T, tries=500):
+    """``make(n)`` -> [n, ...] tensor; resample rows until ``ok(x)`` (bool [T]) holds everywhere."""
+    x = make(T)
+    for _ in range(tries):
+        good = ok(x)
+        if bool(good.all()):
+            return x
+        bad = (~good).nonzero().flatten()
+        x[bad] = make(bad.numel())
+    raise RuntimeError("could not build well-separated test inputs")
+
+
+def make_routing(T, E, k, dtype=torch.float32, renormalize=True):
+    """Realistic top-k routing: (logits, weights [T,k] opmath, ids [T,k] int32) from the reference
+    softmax_topk on tie-free random logits."""
+    logits = tie_free_logits(T, E, dtype)
+    weights, ids = ref.softmax_topk(logits, k, renormalize)
+    return logits, weights.detach(), ids
+
+
+def distinct_ids(T, E, k, exclude=()):
+    """[T, k] int32, each row k distinct random experts in [0, E) avoiding ``exclude``."""
+    key = torch.rand(T, E)
+    for e in exclude:
+        key[:, e] += 10.0
+    ids = torch.argsort(key, dim=1)[:, :k]
+    return ids.to(torch.int32)
+
+
+def drop_ids(ids, prob=0.3, suffix=False):
+    """Set random entries to -1 (anywhere, or as a ragged suffix per row)."""
+    ids = ids.clone()
+    T, k = ids.shape
+    if suffix:
+        keep = torch.randint(0, k + 1, (T, 1))
+        mask = torch.arange(k)[None, :] >= keep
+    else:
+        mask = torch.rand(T, k) < prob
+    ids[mask] = -1
+    return ids
+
+
+def topp_routing(T, E, dtype=torch.float32, top_p=0.6):
+    """ids/weights [T, E] with -1 / 0 padding, from the reference softmax_topp."""
+    logits = tie_free_logits(T, E, dtype, row_scale=(0.3, 2.0))
+    weights, ids = ref.softmax_topp(logits, top_p)
+    return logits, weights.detach(), ids
+
+
+def make_ids(kind, T, E, k):
+    """Crafted routing ids [T, k] int32 for the edge cases."""
+    if kind == "router":
+        return make_routing(T, E, k)[2]
+    if kind == "exclude":  # experts 0 and E//2 get no tokens
+        return distinct_ids(T, E, k, exclude=(0, E // 2))
+    if kind == "one":  # every token's first slot on one expert, other slots dropped
+        ids = torch.full((T, k), -1, dtype=torch.int32)
+        ids[:, 0] = E // 2 if E > 1 else 0
+        return ids
+    if kind == "drop":
+        return drop_ids(distinct_ids(T, E, k), prob=0.35)
+    if kind == "topp":
+        assert k == E
+        return topp_routing(T, E)[2]
+    raise ValueError(kind)
+
+
+def routing_weights(ids, dtype=torch.float32):
+    """Random positive routing weights [T,k]; nonzero also at -1 slots (they must be ignored)."""
+    return (torch.rand(ids.shape, dtype=torch.float64) + 0.25).to(dtype)
+
+
+def ragged_rank_offsets(E, max_r, zeros=1):
+    """[E+1] int32 rank offsets with ranks in [1, max_r], ``zeros`` rank-0 experts, max == max_r."""
+    ranks = torch.randint(1, max_r + 1, (E,))
+    perm = torch.randperm(E)
+    ranks[perm[0]] = max_r
+    for i in range(1, min(zeros + 1, E)):
+        ranks[perm[i]] = 0
+    return rank_offsets_from_ranks(ranks)
+
+
+def rank_offsets_from_ranks(ranks):
+    ro = torch.zeros(len(ranks) + 1, dtype=torch.int64)
+    ro[1:] = torch.cumsum(torch.as_tensor(ranks, dtype=torch.int64), 0)
+    return ro.to(torch.int32)
+
+
+def uniform_rank_offsets(E, r):
+    return (torch.arange(E + 1, dtype=torch.int64) * r).to(torch.int32)
+
+
+def max_rank_of(ro):
+    return int((ro[1:] - ro[:-1]).max()) if ro.numel() > 1 else 0
+
+
+def noncontig(t, kind="slice"):
+    """A non-contiguous view holding the same values as ``t`` (other storage slots are garbage).
+
+    kind "slice": every other element of the last dim of a wider buffer; "transpose": a transposed
+    view of a buffer laid out the other way (2-D only)."""
+    t = t.detach()
+    if kind == "transpose" and t.dim() == 2:
+        buf = torch.randn(t.shape[1], t.shape[0], dtype=torch.float64).to(t.dtype) if t.is_floating_point() \
+            else torch.randint(-5, 5, (t.shape[1], t.shape[0]), dtype=t.dtype)
+        buf.copy_(t.t())
+        out = buf.t()
+    else:
+        shape = list(t.shape)
+        shape[-1] = shape[-1] * 2 if t.dim() else 1
+        if t.is_floating_point():
+            buf = torch.randn(shape, dtype=torch.float64).to(t.dtype)
+        else:
+            buf = torch.randint(-100, 100, shape, dtype=t.dtype)
+        out = buf[..., ::2]
+        out.copy_(t)
+    assert torch.equal(out, t)
+    if t.numel() > 1 and t.dim() >= 1 and max(t.shape) > 1:
+        assert not out.is_contiguous() or kind == "transpose"
+    return out
+
+
+def as_index_dtype(t, dtype):
+    return t.to(dtype)
+
+
+def check_dispatch_invariants(ids, E, block_size, order, pos, eo):
+    """Independent check of the dispatch contract (does not use the reference)."""
+    ids = ids.to(torch.int64)
+    T, k = ids.shape
+    P = T * k if block_size == 1 else T * k + E * (block_size - 1)
+    assert order.shape == (P,) and pos.shape == (T, k) and eo.shape == (E + 1,)
+    assert order.dtype == pos.dtype == eo.dtype == torch.int32
+    order, pos, eo = order.long(), pos.long(), eo.long()
+    assert eo[0] == 0
+    flat = ids.flatten()
+    for e in range(E):
+        seg = order[eo[e]:eo[e + 1]]
+        pairs = (flat == e).nonzero().flatten()
+        n = pairs.numel()
+        assert int(eo[e + 1] - eo[e]) == (-(-n // block_size)) * block_size
+        assert torch.equal(seg[:n], pairs), f"expert {e}: pairs not stable-ascending"
+        assert (seg[n:] == -1).all()
+    assert (order[eo[E]:] == -1).all()
+    valid = flat >= 0
+    pflat = pos.flatten()
+    assert (pflat[~valid] == -1).all()
+    if valid.any():
+        assert torch.equal(order[pflat[valid]], valid.nonzero().flatten())
+
+
+def message_matches(op, *args):
+    """Regex for pytest.raises(match=...): the message names the op and (one of) the argument(s)."""
+    op_re = re.escape(op)
+    if not args:
+        return op_re
+    arg_re = "|".join(r"\b" + re.escape(a) + r"\b" for a in args)
+    return rf"(?s)(?=.*{op_re})(?=.*(?:{arg_re}))"

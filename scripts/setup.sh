@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Create (if missing) the project's virtualenv .venv, install the build and test requirements, and
+# build molora_ops in editable mode (molora_ops/_C*.so next to the Python sources).
+# Idempotent: a second run installs nothing new and only rebuilds what changed.
+#   PYTHON=python3.12 bash scripts/setup.sh    # choose the interpreter for a new .venv
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PYTHON="${PYTHON:-python3}"
+VENV=.venv
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating $VENV with $(command -v "$PYTHON") ($("$PYTHON" -V 2>&1))"
+  "$PYTHON" -m venv "$VENV"
+else
+  echo "setup: using existing $VENV ($("$VENV/bin/python" -V 2>&1))"
+fi
+PY="$VENV/bin/python"
+
+# torch is installed first and the build then sees it (--no-build-isolation); pip does not
+# upgrade requirements that are already satisfied.
+echo "setup: pip install torch==2.13.0 'numpy<2.4' pytest expecttest tqdm ninja 'cmake>=3.26,<4' setuptools wheel"
+"$PY" -m pip install -q --disable-pip-version-check \
+  torch==2.13.0 "numpy<2.4" pytest expecttest tqdm ninja "cmake>=3.26,<4" "setuptools>=64" wheel
+
+echo "setup: pip install --no-build-isolation -e .  (CMake + Ninja build of molora_ops._C)"
+start=$SECONDS
+"$PY" -m pip install -q --disable-pip-version-check --no-build-isolation -e .
+echo "setup: molora_ops built in $((SECONDS - start)) s"

@@ -167,7 +167,13 @@ def _topp_logits(T, E, dtype, top_p, thr, q, eps=1e-5):
             good &= (_normalised_entropy(l, q, eps) - thr).abs() > 1e-3
         return good
 
-    return resample_rows(lambda n: tie_free_logits(n, E, dtype, scale=2.5, row_scale=(0.1, 2.0)), ok, T)
+    def make(n):  # half flat rows (high entropy), half peaked ones
+        v = tie_free_logits(n, E, torch.float64, scale=2.5)
+        flat = torch.rand(n, 1) < 0.5
+        f = torch.where(flat, torch.empty(n, 1).uniform_(0.02, 0.2), torch.empty(n, 1).uniform_(0.6, 2.0))
+        return (v * f.double()).to(dtype)
+
+    return resample_rows(make, ok, T)
 
 
 @dtype_params()

@@ -129,8 +129,9 @@ def _as_tuple(out):
     return tuple(out)
 
 
-def _prep(args, kwargs, diff, cast_float=None):
-    """Detach inputs (keeping strides), optionally upcast floats, mark ``diff`` ones as leaves."""
+def _prep(args, kwargs, diff, cast_float=None, device=None):
+    """Detach inputs (keeping strides), optionally upcast floats / move to ``device``, mark ``diff``
+    ones as leaves."""
     leaves = []
 
     def one(key, a):
@@ -139,6 +140,8 @@ def _prep(args, kwargs, diff, cast_float=None):
         b = a.detach()
         if cast_float is not None and b.is_floating_point():
             b = b.to(cast_float)
+        if device is not None:
+            b = b.to(device)
         if key in diff:
             b = b.detach().requires_grad_(True)
             leaves.append((key, b))
@@ -161,13 +164,15 @@ def _grads(outs, leaves, gouts):
 
 
 def compare_with_reference(name, args, kwargs=None, diff=(), ours_fn=None, ref_fn=None,
-                           check_hi_index=True, factor=2.0):
+                           check_hi_index=True, factor=2.0, device=None):
     """Run ``molora_ops.<name>`` (or ``ours_fn``) and the reference on ``args``/``kwargs``.
 
     ``diff`` holds positional indices / kwarg names of inputs to differentiate. Index outputs must
     match the reference exactly, float outputs and all gradients follow ``assert_close_fa``.
     A random upstream gradient is used for every float output of the reference that requires grad.
-    Inputs must not be modified. Returns (ours_outputs, ref_lowp_outputs).
+    Inputs must not be modified. With ``device`` (e.g. "cuda") our op runs on copies of the inputs
+    on that device (outputs must live there), the reference on CPU.
+    Returns (ours_outputs, ref_lowp_outputs), all on CPU.
     """
     kwargs = dict(kwargs or {})
     diff = set(diff)
@@ -176,11 +181,16 @@ def compare_with_reference(name, args, kwargs=None, diff=(), ours_fn=None, ref_f
 
     snapshot = [a.clone() for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
 
-    o_args, o_kwargs, o_leaves = _prep(args, kwargs, diff)
+    o_args, o_kwargs, o_leaves = _prep(args, kwargs, diff, device=device)
     l_args, l_kwargs, l_leaves = _prep(args, kwargs, diff)
     h_args, h_kwargs, h_leaves = _prep(args, kwargs, diff, cast_float=torch.float64)
 
     ours = _as_tuple(ours_fn(*o_args, **o_kwargs))
+    if device is not None:
+        for o in ours:
+            assert o.device.type == torch.device(device).type, f"{name}: output on {o.device}, expected {device}"
+    ours_dev = ours
+    ours = tuple(o.cpu() for o in ours)
     lo = _as_tuple(ref_fn(*l_args, **l_kwargs))
     hi = _as_tuple(ref_fn(*h_args, **h_kwargs))
 
@@ -206,23 +216,13 @@ def compare_with_reference(name, args, kwargs=None, diff=(), ours_fn=None, ref_f
                 gouts.append(torch.randn(l.shape, dtype=l.dtype))
             else:
                 gouts.append(None)
-        g_o = _grads(ours, o_leaves, gouts)
+        g_o = _grads(ours_dev, o_leaves, [None if g is None else g.to(ours_dev[0].device) for g in gouts])
+        g_o = [g.cpu() for g in g_o]
         g_l = _grads(lo, l_leaves, gouts)
         g_h = _grads(hi, h_leaves, [None if g is None else g.double() for g in gouts])
         for (key, _), a, l, h in zip(o_leaves, g_o, g_l, g_h):
             assert_close_fa(a, l, h, name=f"{name} grad[{key}]", factor=factor)
     return ours, lo
-
-
-def compare_fn_with_reference_hi(name, ours, fn_lowp, fn_hi, factor=2.0):
-    """Compare a tensor/tuple ``ours`` against ``fn_lowp()`` / ``fn_hi()`` outputs (any callables)."""
-    ours, lo, hi = _as_tuple(ours), _as_tuple(fn_lowp()), _as_tuple(fn_hi())
-    assert len(ours) == len(lo) == len(hi)
-    for i, (o, l, h) in enumerate(zip(ours, lo, hi)):
-        if l.is_floating_point():
-            assert_close_fa(o, l, h, name=f"{name}[{i}]", factor=factor)
-        else:
-            assert_index_equal(o, l, name=f"{name}[{i}]")
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,10 +406,127 @@ def check_dispatch_invariants(ids, E, block_size, order, pos, eo):
         assert torch.equal(order[pflat[valid]], valid.nonzero().flatten())
 
 
-def message_matches(op, *args):
-    """Regex for pytest.raises(match=...): the message names the op and (one of) the argument(s)."""
-    op_re = re.escape(op)
-    if not args:
-        return op_re
-    arg_re = "|".join(r"\b" + re.escape(a) + r"\b" for a in args)
-    return rf"(?s)(?=.*{op_re})(?=.*(?:{arg_re}))"
+# --------------------------------------------------------------------------------------------
+# Small per-op samples (opcheck, CUDA): list of (sample id, positional args, kwargs)
+# --------------------------------------------------------------------------------------------
+
+def _rg(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+def _routing(T=6, E=5, k=2, bs=2, kind="drop"):
+    ids = make_ids(kind, T, E, k)
+    order, pos, eo = ref.dispatch(ids, E, bs)
+    return ids, order, pos, eo
+
+
+def _ragged_bank(E=5, r=3):
+    ro = ragged_rank_offsets(E, r, zeros=1)
+    return ro, int(ro[-1]), max_rank_of(ro)
+
+
+def op_samples(name):
+    """List of (sample id, args, kwargs)."""
+    T, E, k, d = 6, 5, 2, 4
+    out = []
+    if name == "softmax_topk":
+        out.append(("basic", (_rg(tie_free_logits(T, E)), k, True), {}))
+        out.append(("plain-bf16", (_rg(tie_free_logits(T, E, torch.bfloat16)), 3, False), {}))
+        out.append(("T0-k=E", (_rg(tie_free_logits(0, E)), E, True), {}))
+    elif name == "topk_softmax":
+        out.append(("basic", (_rg(tie_free_logits(T, E)), k, 0.7), {}))
+        out.append(("T0-k=E", (_rg(tie_free_logits(0, E)), E, 1.0), {}))
+    elif name == "sigmoid_topk":
+        out.append(("nobias", (_rg(tie_free_logits(T, E)), k, None, True, False, 1.0), {}))
+        out.append(("bias-biw", (_rg(tie_free_logits(T, E)), k, torch.rand(E) * 0.1, True, True, 2.0), {}))
+        out.append(("T0", (_rg(tie_free_logits(0, E)), k, torch.rand(E), False, False, 1.0), {}))
+    elif name == "softmax_topp":
+        out.append(("ragged", (_rg(tie_free_logits(T, E, row_scale=(0.2, 2.0))), 0.55, 1, 1.0, 1.1, 1e-5), {}))
+        out.append(("entropy", (_rg(tie_free_logits(T, E, row_scale=(0.1, 2.0))), 0.55, 2, 0.8, 1.0, 1e-5), {}))
+    elif name == "dispatch":
+        ids = make_ids("exclude", T, E, k)
+        ids[0, 1] = -1
+        out.append(("drop-empty-bs1", (ids, E, 1), {}))
+        out.append(("drop-empty-bs4", (ids, E, 4), {}))
+        out.append(("int64", (make_ids("router", T, E, k).long(), E, 2), {}))
+    elif name in ("gather_rows", "combine_rows"):
+        ids, order, pos, eo = _routing()
+        rows = T if name == "gather_rows" else order.numel()
+        out.append(("weighted-drop", (_rg(torch.randn(rows, d)), order, pos, _rg(routing_weights(ids))), {}))
+        out.append(("noweights", (_rg(torch.randn(rows, d)), order, pos, None), {}))
+    elif name == "sgmv_shrink":
+        ids, order, pos, eo = _routing()
+        ro, R, mr = _ragged_bank(E)
+        out.append(("ragged", (_rg(torch.randn(T, d)), _rg(torch.randn(R, d)), ro, order, pos, eo,
+                               _rg(routing_weights(ids)), torch.rand(E) + 0.5), {"max_rank": mr + 1}))
+        out.append(("plain", (_rg(torch.randn(T, d)), _rg(torch.randn(R, d)), ro, order, pos, eo, None, None),
+                    {"max_rank": mr}))
+    elif name == "sgmv_expand":
+        ids, order, pos, eo = _routing()
+        ro, R, mr = _ragged_bank(E)
+        out.append(("ragged-base", (_rg(torch.randn(order.numel(), mr)), _rg(torch.randn(d, R)), ro, order, pos,
+                                    eo, _rg(routing_weights(ids)), torch.rand(E) + 0.5, _rg(torch.randn(T, d))), {}))
+        out.append(("plain", (_rg(torch.randn(order.numel(), mr + 1)), _rg(torch.randn(d, R)), ro, order, pos, eo,
+                              None, None, None), {}))
+    elif name == "stacked_gated_lora":
+        ro, R, _ = _ragged_bank(E)
+        out.append(("ragged-base", (_rg(torch.randn(T, d)), _rg(torch.randn(R, d)), _rg(torch.randn(d, R)),
+                                    _rg(torch.randn(T, E)), ro, torch.rand(E) + 0.5, _rg(torch.randn(T, d)), False), {}))
+        ro_s = uniform_rank_offsets(E, 2)
+        out.append(("shared-a", (_rg(torch.randn(T, d)), _rg(torch.randn(2, d)), _rg(torch.randn(d, 2 * E)),
+                                 _rg(torch.randn(T, E)), ro_s, None, None, True), {}))
+    elif name == "rank_topk":
+        R = 9
+        out.append(("scores-bias", (_rg(torch.randn(T, R)), 3, tie_free_logits(T, R), torch.rand(R) * 0.01, False), {}))
+        out.append(("abs", (_rg(tie_free_logits(T, R)), 4, None, None, True), {}))
+    elif name == "rank_sparse_shrink":
+        R = 9
+        ids = drop_ids(distinct_ids(T, R, 3), 0.4)
+        out.append(("drop", (_rg(torch.randn(T, d)), _rg(torch.randn(R, d)), ids), {}))
+    elif name == "rank_sparse_expand":
+        R = 9
+        ids = drop_ids(distinct_ids(T, R, 3), 0.4)
+        out.append(("drop-w-base", (_rg(torch.randn(T, 3)), ids, _rg(torch.randn(d, R)), _rg(torch.rand(T, 3)), 1.5,
+                                    _rg(torch.randn(T, d))), {}))
+        out.append(("plain", (_rg(torch.randn(T, 3)), ids, _rg(torch.randn(d, R)), None, 1.0, None), {}))
+    elif name == "id_histogram":
+        ids = torch.randint(-1, 7, (T, 3), dtype=torch.int32)
+        out.append(("drop", (ids, 7), {}))
+        out.append(("3d-int64", (torch.randint(-1, 4, (2, 3, 4)), 4), {}))
+    elif name == "softmax_route_backward":
+        logits = tie_free_logits(T, E)
+        w, ids = ref.softmax_topk(logits, k, True)
+        out.append(("renorm", (torch.randn(T, k), w.detach(), ids, logits, True, 1.0), {}))
+        w, ids = ref.softmax_topp(logits, 0.55)
+        out.append(("topp-drop", (torch.randn(T, E), w.detach(), ids, logits, False, 1.0), {}))
+    elif name == "sigmoid_topk_backward":
+        logits, bias = tie_free_logits(T, E), torch.rand(E) * 0.1
+        w, ids = ref.sigmoid_topk(logits, k, bias, True, True, 2.0)
+        out.append(("bias", (torch.randn(T, k), w.detach(), ids, logits, bias, True, True, 2.0), {}))
+        w, ids = ref.sigmoid_topk(logits, k, None, False, False, 1.0)
+        out.append(("nobias", (torch.randn(T, k), w.detach(), ids, logits, None, False, False, 1.0), {}))
+    elif name == "pair_dot":
+        ids, order, pos, eo = _routing()
+        out.append(("by-token-drop", (torch.randn(T, d), torch.randn(order.numel(), d), pos, True), {}))
+        out.append(("by-row-drop", (torch.randn(order.numel(), d), torch.randn(order.numel(), d), pos, False), {}))
+    elif name == "sgmv_weight_grad":
+        ids, order, pos, eo = _routing()
+        ro, R, mr = _ragged_bank(E)
+        out.append(("ragged", (torch.randn(T, d), torch.randn(order.numel(), mr), ro, order, pos, eo,
+                               routing_weights(ids), torch.rand(E) + 0.5, R), {}))
+    elif name == "stacked_gated_lora_backward":
+        ro, R, _ = _ragged_bank(E)
+        out.append(("ragged", (torch.randn(T, d), torch.randn(T, d), torch.randn(R, d), torch.randn(d, R),
+                               torch.randn(T, E), ro, torch.rand(E) + 0.5, False), {}))
+        ro_s = uniform_rank_offsets(E, 2)
+        out.append(("shared-a", (torch.randn(T, d), torch.randn(T, d), torch.randn(2, d), torch.randn(d, 2 * E),
+                                 torch.randn(T, E), ro_s, None, True), {}))
+    elif name == "rank_scatter":
+        ids = drop_ids(distinct_ids(T, 9, 3), 0.4)
+        out.append(("drop", (torch.randn(T, 3), ids, 9), {}))
+    elif name == "rank_sparse_weight_grad":
+        ids = drop_ids(distinct_ids(T, 9, 3), 0.4)
+        out.append(("drop", (torch.randn(T, d), torch.randn(T, 3), ids, 9), {}))
+    else:
+        raise KeyError(name)
+    return out

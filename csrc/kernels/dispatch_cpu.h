@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "simd.h"
+
 namespace molora::kernels {
 
 // Pass 1 (one chunk of pairs [p0, p1)): counts[e] += #pairs with id e. Ids of -1 are dropped.
@@ -68,6 +70,7 @@ void combine_rows_range(const scalar_t* y_perm, const int32_t* pos, const acc_t*
       if (row < 0) continue;
       const acc_t c0 = w != nullptr ? w[t * k + j] : acc_t(1);
       const scalar_t* src = y_perm + static_cast<int64_t>(row) * d;
+      MOLORA_SIMD
       for (int64_t c = 0; c < d; ++c) acc[c] += c0 * static_cast<acc_t>(src[c]);
     }
     for (int64_t c = 0; c < d; ++c) y[t * d + c] = static_cast<scalar_t>(acc[c]);
@@ -85,6 +88,7 @@ void pair_dot_range(const scalar_t* a, const scalar_t* b, const int32_t* pos, in
       if (row >= 0) {
         const scalar_t* ra = a + (a_by_token ? t : static_cast<int64_t>(row)) * d;
         const scalar_t* rb = b + static_cast<int64_t>(row) * d;
+        MOLORA_SIMD_SUM(s)
         for (int64_t c = 0; c < d; ++c) s += static_cast<acc_t>(ra[c]) * static_cast<acc_t>(rb[c]);
       }
       out[t * k + j] = s;

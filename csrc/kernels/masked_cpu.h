@@ -5,6 +5,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "simd.h"
+
 #include "topk_cpu.h"
 
 namespace molora::kernels {
@@ -35,6 +37,7 @@ void rank_sparse_shrink_range(const scalar_t* x, const scalar_t* A, const int32_
       acc_t s = 0;
       if (id >= 0) {
         const scalar_t* ar = A + static_cast<int64_t>(id) * d;
+        MOLORA_SIMD_SUM(s)
         for (int64_t c = 0; c < d; ++c) s += static_cast<acc_t>(ar[c]) * static_cast<acc_t>(xr[c]);
       }
       h[t * k + j] = static_cast<scalar_t>(s);
@@ -56,6 +59,7 @@ void rank_sparse_expand_range(const scalar_t* values, const int32_t* ids, const 
       acc_t coef = scale * static_cast<acc_t>(values[t * k + j]);
       if (w != nullptr) coef *= w[t * k + j];
       const scalar_t* br = Bt + static_cast<int64_t>(id) * n;
+      MOLORA_SIMD
       for (int64_t o = 0; o < n; ++o) acc[o] += coef * static_cast<acc_t>(br[o]);
     }
     for (int64_t o = 0; o < n; ++o) y[t * n + o] = static_cast<scalar_t>(acc[o]);
@@ -86,6 +90,7 @@ void rank_sparse_weight_grad_range(const scalar_t* x, const acc_t* coef, const i
       const int32_t p = order[i];
       const acc_t cf = coef[p];
       const scalar_t* xr = x + (p / k) * d;
+      MOLORA_SIMD
       for (int64_t c = 0; c < d; ++c) acc[c] += cf * static_cast<acc_t>(xr[c]);
     }
     for (int64_t c = 0; c < d; ++c) G[g * d + c] = static_cast<scalar_t>(acc[c]);

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "simd.h"
+
 #include "dispatch_cpu.h"
 
 namespace molora::kernels {
@@ -45,6 +47,7 @@ void sgmv_shrink_range(const scalar_t* x, const scalar_t* A, const GroupedMeta& 
     for (int64_t a = 0; a < r; ++a) {
       const scalar_t* ar = A + (r0 + a) * d;
       acc_t s = 0;
+      MOLORA_SIMD_SUM(s)
       for (int64_t c2 = 0; c2 < d; ++c2) s += static_cast<acc_t>(ar[c2]) * static_cast<acc_t>(xr[c2]);
       out[a] = static_cast<scalar_t>(c * s);
     }
@@ -71,6 +74,7 @@ void sgmv_expand_range(const scalar_t* h, const scalar_t* Bt, const GroupedMeta&
       for (int64_t a = 0; a < r; ++a) {
         const acc_t coef = c * static_cast<acc_t>(h[static_cast<int64_t>(i) * max_rank + a]);
         const scalar_t* br = Bt + (r0 + a) * n;
+        MOLORA_SIMD
         for (int64_t o = 0; o < n; ++o) acc[o] += coef * static_cast<acc_t>(br[o]);
       }
     }
@@ -95,6 +99,7 @@ void sgmv_weight_grad_range(const scalar_t* x, const scalar_t* h, const GroupedM
       if (p < 0) continue;
       const acc_t coef = row_coef(w, scales, p, e) * static_cast<acc_t>(h[i * max_rank + a]);
       const scalar_t* xr = x + (p / m.top_k) * d;
+      MOLORA_SIMD
       for (int64_t c2 = 0; c2 < d; ++c2) acc[c2] += coef * static_cast<acc_t>(xr[c2]);
     }
     for (int64_t c2 = 0; c2 < d; ++c2) G[g * d + c2] = static_cast<scalar_t>(acc[c2]);

@@ -62,12 +62,10 @@ def _gather(x: torch.Tensor, order: torch.Tensor, k: int, w: Optional[torch.Tens
     No casting: x and w are already in the compute dtype."""
     rows = (order >= 0).nonzero().flatten()
     p = order[rows].long()
-    vals = x[p // k]
+    vals = x.index_select(0, p // k)
     if w is not None:
         vals = vals * w.reshape(-1)[p][:, None]
-    out = x.new_zeros(order.numel(), x.shape[1])
-    out[rows] = vals
-    return out
+    return x.new_zeros(order.numel(), x.shape[1]).index_copy(0, rows, vals)
 
 
 def _combine(y_perm: torch.Tensor, pos: torch.Tensor, w: Optional[torch.Tensor]) -> torch.Tensor:
@@ -77,7 +75,7 @@ def _combine(y_perm: torch.Tensor, pos: torch.Tensor, w: Optional[torch.Tensor])
     y = y_perm.new_zeros(T, y_perm.shape[1])
     for j in range(k):
         t = (pos[:, j] >= 0).nonzero().flatten()
-        vals = y_perm[pos[t, j].long()]
+        vals = y_perm.index_select(0, pos[t, j].long())
         if w is not None:
             vals = vals * w[t, j][:, None]
         y = y.index_add(0, t, vals)

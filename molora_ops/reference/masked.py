@@ -83,7 +83,7 @@ def rank_sparse_expand(
         coef = vf[t, j]
         if weights is not None:
             coef = coef * weights[t, j].to(op)
-        y = y.index_add(0, t, coef[:, None] * Bf[:, ids[t, j].long()].T)
+        y = y.index_add(0, t, coef[:, None] * Bf.index_select(1, ids[t, j].long()).T)
     y = scale * y
     if base is not None:
         y = base.to(op) + y

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from ._common import (
     check_expert_offsets,
@@ -47,6 +48,12 @@ def _check_dispatched(
     check_expert_offsets(op, expert_offsets, P)
     check_ids_in_range("order", op, order, -1, T * k)
     check_ids_in_range("pos", op, pos, -1, P)
+
+
+def _seg_sizes(offsets: list, end: Optional[int] = None) -> list:
+    """Segment lengths offsets[e+1] - offsets[e], plus the tail end - offsets[-1] if end is given."""
+    sizes = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+    return sizes if end is None else sizes + [end - offsets[-1]]
 
 
 def _scales(scales: Optional[torch.Tensor], E: int, op: torch.dtype) -> list:
@@ -87,14 +94,16 @@ def sgmv_shrink(
 
     # xw[i] = w[p] * x[p // k] (0 on padding rows); then h[i, :r_e] = s_e * A_e @ xw[i].
     xw = _gather(x.to(op), order, k, w)
-    Af = A.to(op)
-    h = torch.zeros(P, max_rank, dtype=op, device=x.device)
+    x_seg = xw.split(_seg_sizes(eo, P))  # rows of expert 0..E-1, then the rows past eo[E]
+    A_e = A.to(op).split(_seg_sizes(ro))
+    blocks = []
     for e in range(E):
-        lo, hi, r0, r1 = eo[e], eo[e + 1], ro[e], ro[e + 1]
-        he = xw[lo:hi] @ Af[r0:r1].T  # [n_e, r_e]
+        he = x_seg[e] @ A_e[e].T  # [n_e, r_e]
         if s[e] is not None:
             he = he * s[e]
-        h[lo:hi, : r1 - r0] = he
+        blocks.append(F.pad(he, (0, max_rank - he.shape[1])))  # zero rank columns >= r_e
+    blocks.append(xw.new_zeros(P - eo[E], max_rank))  # rows past expert_offsets[E]
+    h = torch.cat(blocks)
     return h.to(x.dtype)
 
 
@@ -124,15 +133,17 @@ def sgmv_expand(
     s = _scales(scales, E, op)
     w = None if weights is None else weights.to(op)
 
-    # rows[i] = s_e * B_e @ h[i, :r_e]  (0 past expert_offsets[E]); then y[t] = sum_j w[t,j] * rows[pos[t,j]].
-    hf, Bf = h.to(op), B.to(op)
-    rows = torch.zeros(P, B.shape[0], dtype=op, device=h.device)
+    # rows[i] = s_e * B_e @ h[i, :r_e] (0 past expert_offsets[E]); y[t] = sum_j w[t,j] * rows[pos[t,j]].
+    h_seg = h.to(op).split(_seg_sizes(eo, P))  # rows of expert 0..E-1, then the rows past eo[E]
+    B_e = B.to(op).split(_seg_sizes(ro), dim=1)
+    blocks = []
     for e in range(E):
-        lo, hi, r0, r1 = eo[e], eo[e + 1], ro[e], ro[e + 1]
-        re = hf[lo:hi, : r1 - r0] @ Bf[:, r0:r1].T  # [n_e, d_out]
+        re = h_seg[e][:, : B_e[e].shape[1]] @ B_e[e].T  # [n_e, d_out]
         if s[e] is not None:
             re = re * s[e]
-        rows[lo:hi] = re
+        blocks.append(re)
+    blocks.append(h_seg[E].new_zeros(P - eo[E], B.shape[0]))  # rows past expert_offsets[E]
+    rows = torch.cat(blocks)
     y = _combine(rows, pos, w)
     if base is not None:
         y = base.to(op) + y
@@ -213,14 +224,14 @@ def stacked_gated_lora(
     ro = rank_offsets.tolist()
     E = len(ro) - 1
     s = _scales(scales, E, op)
-    xf, Af, Bf, gf = x.to(op), A.to(op), B.to(op), gate.to(op)
+    xf = x.to(op)
+    A_e = [A.to(op)] * E if shared_a else A.to(op).split(_seg_sizes(ro))
+    B_e = B.to(op).split(_seg_sizes(ro), dim=1)
+    gate_e = gate.to(op).unbind(1)
     y = torch.zeros(x.shape[0], B.shape[0], dtype=op, device=x.device)
     for e in range(E):
-        r0, r1 = ro[e], ro[e + 1]
-        A_e = Af if shared_a else Af[r0:r1]
-        B_e = Bf[:, r0:r1]
-        g_e = gf[:, e] if s[e] is None else gf[:, e] * s[e]
-        y = y + g_e[:, None] * ((xf @ A_e.T) @ B_e.T)
+        g_e = gate_e[e] if s[e] is None else gate_e[e] * s[e]
+        y = y + g_e[:, None] * ((xf @ A_e[e].T) @ B_e[e].T)
     if base is not None:
         y = base.to(op) + y
     return y.to(x.dtype)

@@ -1,0 +1,60 @@
+"""``python -m molora_ops.info``: versions, and which backend serves each op on each device."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from . import __version__
+from ._extension import extension_error, has_extension
+from .ops import ALL_OPS, BACKWARD_OPS
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except Exception:  # not installed, or broken without a GPU driver
+        return "not installed"
+    return triton.__version__
+
+
+def op_backends() -> dict[str, dict[str, str]]:
+    """For every op: the implementation that runs for CPU and for CUDA tensors."""
+    table = {}
+    for name in ALL_OPS:
+        row = {}
+        for key in ("CPU", "CUDA"):
+            if not has_extension():
+                row[key] = "reference (PyTorch)"
+                continue
+            has = torch._C._dispatch_has_kernel_for_dispatch_key(f"molora::{name}", key)
+            row[key] = ("C++" if key == "CPU" else "CUDA C++") if has else "-"
+        table[name] = row
+    return table
+
+
+def main() -> None:
+    print(f"molora_ops {__version__}")
+    print(f"python     {platform.python_version()} ({platform.machine()})")
+    print(f"torch      {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")
+    print(f"triton     {_triton_version()}")
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name(0) if cuda else "none"
+    print(f"CUDA       available: {cuda}; device: {device}")
+    print(f"extension  {'molora_ops._C loaded' if has_extension() else 'NOT loaded: ' + str(extension_error())}")
+    backend = [ln.strip() for ln in torch.__config__.parallel_info().splitlines()
+               if "parallel backend" in ln]
+    print(f"threads    {torch.get_num_threads()} ({backend[0] if backend else 'unknown backend'})")
+    print()
+    print(f"{'op':40s} {'CPU':22s} {'CUDA':22s}")
+    for name, row in op_backends().items():
+        kind = " (backward)" if name in BACKWARD_OPS else ""
+        print(f"{name + kind:40s} {row['CPU']:22s} {row['CUDA']:22s}")
+    if has_extension():
+        print("\n'-': no native kernel for that device yet; calling the op there raises "
+              "NotImplementedError (it never falls back silently).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,8 @@
 """Reference dispatch / gather / combine (docs/OPS.md, Family 2) and ``pair_dot``.
 
-Dispatch metadata ``(order, pos, expert_offsets)``: row i of the expert-ordered layout holds the flat
-pair ``p = order[i] = t*k + j`` (-1 = padding row); ``pos[t, j]`` is the row of pair (t, j) (-1 =
-dropped).  Data is computed in opmath and returned in the data dtype.
+Dispatch metadata ``(order, pos, expert_offsets)``: row i of the expert-ordered layout holds the
+flat pair ``p = order[i] = t*k + j`` (-1 = padding row); ``pos[t, j]`` is the row of pair (t, j)
+(-1 = dropped).  Data is computed in opmath and returned in the data dtype.
 """
 
 from __future__ import annotations
@@ -57,7 +57,9 @@ def _check_order_pos(op: str, order: torch.Tensor, pos: torch.Tensor, num_rows: 
     check_ids_in_range("pos", op, pos, -1, num_rows)
 
 
-def _gather(x: torch.Tensor, order: torch.Tensor, k: int, w: Optional[torch.Tensor]) -> torch.Tensor:
+def _gather(
+    x: torch.Tensor, order: torch.Tensor, k: int, w: Optional[torch.Tensor]
+) -> torch.Tensor:
     """x_perm[i] = w[p] * x[p // k] with p = order[i] (w = 1 if None), 0 where p == -1.
     No casting: x and w are already in the compute dtype."""
     rows = (order >= 0).nonzero().flatten()

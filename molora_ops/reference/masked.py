@@ -91,7 +91,8 @@ def rank_sparse_expand(
 
 
 def id_histogram(ids: torch.Tensor, num_bins: int) -> torch.Tensor:
-    """ids [...] int in [-1, num_bins) -> counts [num_bins] int32, counts[b] = #(ids == b), -1 ignored.
+    """ids [...] int in [-1, num_bins) -> counts [num_bins] int32: counts[b] = #(ids == b),
+    -1 ignored.
 
     Rank usage for aux-free bias updates, or tokens per expert.
     """

@@ -28,11 +28,12 @@ def softmax_topk(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """logits [T,E] -> weights [T,k] opmath, ids [T,k] int32.
 
-    p = softmax(logits); ids = top-k of p; weights = p[ids] (/ their sum if renormalize).
+    p = softmax(logits); ids = top-k of p (selected on the logits); weights = p[ids] (/ their sum if renormalize).
     MixLoRA / MoLA / Mixtral routing.
     """
-    p = torch.softmax(logits.to(opmath_dtype(logits.dtype)), dim=-1)
-    ids = topk_ids(p, k)
+    lf = logits.to(opmath_dtype(logits.dtype))
+    p = torch.softmax(lf, dim=-1)
+    ids = topk_ids(lf, k)  # softmax is monotone: select on the logits, exact ties only
     weights = p.gather(-1, ids)
     if renormalize:
         weights = weights / weights.sum(-1, keepdim=True)
@@ -69,7 +70,8 @@ def sigmoid_topk(
     op = opmath_dtype(logits.dtype)
     s = torch.sigmoid(logits.to(op))
     b = s.new_zeros(s.shape[-1]) if bias is None else bias.detach().to(op)
-    ids = topk_ids(s + b, k)
+    # Without a bias select on the logits (sigmoid is monotone), so ids never hinge on rounding.
+    ids = topk_ids(s + b if bias is not None else logits.to(op), k)
     v = (s + b).gather(-1, ids) if bias_in_weights else s.gather(-1, ids)
     weights = scale * v / v.sum(-1, keepdim=True) if normalize else scale * v
     return weights, ids.to(torch.int32)
@@ -89,9 +91,10 @@ def softmax_topp(
     always kept; every expert kept when q > 0, entropy_threshold < 1 and the normalised Tsallis
     entropy of p + eps exceeds entropy_threshold.  Weights are not renormalised.
     """
-    p = torch.softmax(logits.to(opmath_dtype(logits.dtype)), dim=-1)
+    lf = logits.to(opmath_dtype(logits.dtype))
+    p = torch.softmax(lf, dim=-1)
     E = p.shape[-1]
-    ids = topk_ids(p, E)  # all experts, descending p, ties -> lower id
+    ids = topk_ids(lf, E)  # all experts, descending p (by logit), ties -> lower id
     sorted_p = p.gather(-1, ids)
 
     pd = sorted_p.detach()

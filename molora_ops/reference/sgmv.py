@@ -1,9 +1,10 @@
 """Reference grouped low-rank matmuls (docs/OPS.md, Family 3) and their weight-gradient ops.
 
 Expert e's factors are ``A[ro_e : ro_e + r_e]`` ([r_e, d_in]) and ``B[:, ro_e : ro_e + r_e]``
-([d_out, r_e]) with ``ro = rank_offsets``.  Row i of the dispatched layout belongs to the expert e with
-``expert_offsets[e] <= i < expert_offsets[e+1]``, holds pair ``p = order[i]`` of token ``t = p // k``
-(k = pos.shape[1]) and has coefficient ``c_i = w[p] * s_e`` (each factor 1 when None).
+([d_out, r_e]) with ``ro = rank_offsets``.  Row i of the dispatched layout belongs to the expert e
+with ``expert_offsets[e] <= i < expert_offsets[e+1]``, holds pair ``p = order[i]`` of token
+``t = p // k`` (k = pos.shape[1]) and has coefficient ``c_i = w[p] * s_e`` (each factor 1 when
+None).
 Accumulation in opmath; data outputs in the data dtype.
 """
 
@@ -51,7 +52,7 @@ def _check_dispatched(
 
 
 def _seg_sizes(offsets: list, end: Optional[int] = None) -> list:
-    """Segment lengths offsets[e+1] - offsets[e], plus the tail end - offsets[-1] if end is given."""
+    """Lengths offsets[e+1] - offsets[e], plus the tail end - offsets[-1] if end is given."""
     sizes = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
     return sizes if end is None else sizes + [end - offsets[-1]]
 
@@ -133,7 +134,8 @@ def sgmv_expand(
     s = _scales(scales, E, op)
     w = None if weights is None else weights.to(op)
 
-    # rows[i] = s_e * B_e @ h[i, :r_e] (0 past expert_offsets[E]); y[t] = sum_j w[t,j] * rows[pos[t,j]].
+    # rows[i] = s_e * B_e @ h[i, :r_e] (0 past expert_offsets[E]);
+    # then y[t] = sum_j w[t,j] * rows[pos[t,j]].
     h_seg = h.to(op).split(_seg_sizes(eo, P))  # rows of expert 0..E-1, then the rows past eo[E]
     B_e = B.to(op).split(_seg_sizes(ro), dim=1)
     blocks = []
@@ -214,10 +216,12 @@ def stacked_gated_lora(
     base: Optional[torch.Tensor] = None,
     shared_a: bool = False,
 ) -> torch.Tensor:
-    """x [T,d_in], A [R,d_in] ([r,d_in] if shared_a), B [d_out,R], gate [T,E] -> y [T,d_out] (dtype x).
+    """x [T,d_in], A [R,d_in] ([r,d_in] if shared_a), B [d_out,R], gate [T,E]
+    -> y [T,d_out] (dtype x).
 
     y[t] = base[t] + sum_e gate[t,e] * s_e * B_e @ (A_e @ x[t]); shared_a (HydraLoRA): A_e = A.
-    Dense soft routing (X-LoRA, LoRAMoE, HydraLoRA, MoLE, LoRA Soups).  Gradient: x, A, B, gate, base.
+    Dense soft routing (X-LoRA, LoRAMoE, HydraLoRA, MoLE, LoRA Soups).
+    Gradient: x, A, B, gate, base.
     """
     _check_stacked("stacked_gated_lora", A, B, rank_offsets, shared_a)
     op = opmath_dtype(x.dtype)

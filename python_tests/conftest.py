@@ -8,17 +8,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))  # `import utils` regardless of pytest's import mode
 
 
-def pytest_addoption(parser):
-    parser.addoption(
-        "--require-ext", action="store_true", default=False,
-        help="fail (instead of skip) tests that need the native molora_ops extension when it is not "
-             "loaded; same as MOLORA_REQUIRE_EXT=1",
-    )
-
-
 def pytest_configure(config):
-    if config.getoption("--require-ext", default=False):
-        os.environ["MOLORA_REQUIRE_EXT"] = "1"
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "needs_ext: needs the native extension (torch.ops.molora)")
     config.addinivalue_line("markers", "slow: slow test (torch.compile with inductor)")

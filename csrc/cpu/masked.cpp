@@ -32,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor> rank_topk_cpu(const at::Tensor& h_in, int64_t
   const int64_t T = h_in.size(0), R = h_in.size(1);
   MOLORA_CHECK_VALUE(k >= 1 && k <= R, op, ": k must be in [1, R] = [1, ", R, "], got ", k);
   if (scores.has_value()) {
-    check_same_dtype(op, "scores", *scores, "h", h_in);
+    check_float(op, "scores", *scores);
     check_device(op, "scores", *scores, h_in);
     MOLORA_CHECK_VALUE(scores->sizes() == h_in.sizes(), op, ": scores must have the shape of h ",
                        h_in.sizes(), ", got ", scores->sizes());
@@ -44,13 +44,13 @@ std::tuple<at::Tensor, at::Tensor> rank_topk_cpu(const at::Tensor& h_in, int64_t
                        "), got ", bias->sizes());
   }
   const at::Tensor h = h_in.contiguous();
-  const at::Tensor sc = scores.has_value() ? scores->contiguous() : at::Tensor();
+  const at::Tensor sc = opmath_or_undefined(scores, opmath_dtype(h.scalar_type()));
   const at::Tensor b = opmath_or_undefined(bias, opmath_dtype(h.scalar_type()));
   at::Tensor values = at::empty({T, k}, h.options());
   at::Tensor ids = at::empty({T, k}, h.options().dtype(at::kInt));
   MOLORA_DISPATCH_FLOATING(h.scalar_type(), "molora_rank_topk", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* scp = cpu::ptr_or_null<scalar_t>(sc);
+    const acc_t* scp = cpu::ptr_or_null<acc_t>(sc);
     at::parallel_for(0, T, cpu::grain_for(R * 8), [&](int64_t t0, int64_t t1) {
       std::vector<acc_t> key(R);
       std::vector<int32_t> scratch(R);

@@ -12,13 +12,13 @@
 namespace molora::kernels {
 
 // Top-k ranks of one token by key = (score or h) + bias, |key| if use_abs; values = h[ids].
+// `scores` (any float dtype upstream) arrives in opmath.
 template <typename scalar_t, typename acc_t>
-void rank_topk_row(const scalar_t* h, const scalar_t* scores, const acc_t* bias, int64_t R,
+void rank_topk_row(const scalar_t* h, const acc_t* scores, const acc_t* bias, int64_t R,
                    int64_t k, bool use_abs, acc_t* key, int32_t* scratch, scalar_t* values,
                    int32_t* ids) {
-  const scalar_t* src = scores != nullptr ? scores : h;
   for (int64_t c = 0; c < R; ++c) {
-    acc_t v = static_cast<acc_t>(src[c]);
+    acc_t v = scores != nullptr ? scores[c] : static_cast<acc_t>(h[c]);
     if (bias != nullptr) v += bias[c];
     key[c] = use_abs ? std::abs(v) : v;
   }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import opmath_dtype
 from .._extension import has_extension
 
 
@@ -34,5 +35,6 @@ def call(name: str, check, reference_fn, *args):
     return reference_fn(*args)
 
 
-def to_dtype(t, dtype):
-    return None if t is None else t.to(dtype)
+def opmath(*tensors):
+    """The tensors in their opmath dtype (fp32 for fp16/bf16; no copy for fp32/fp64)."""
+    return tuple(t.to(opmath_dtype(t.dtype)) for t in tensors)

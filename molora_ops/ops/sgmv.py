@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks, reference
-from ._registry import call, native, register
+from ._registry import call, native, opmath, register
 
 # --- checks + fakes ------------------------------------------------------------------------------
 
@@ -114,8 +114,10 @@ def _sgmv_shrink_backward(ctx, grad_h):
     if ctx.needs_input_grad[1]:
         grad_A = native("sgmv_weight_grad")(x, grad_h, *meta, weights, scales, A.shape[0])
     if weights is not None and ctx.needs_input_grad[6]:
-        h_unweighted = native("sgmv_shrink")(x, A, *meta, None, scales, grad_h.shape[1])
-        grad_w = native("pair_dot")(grad_h, h_unweighted, pos, False).to(weights.dtype)
+        # In opmath: a bf16 h_unweighted would round before the dot (~1e-2 error on dw).
+        x_acc, A_acc, grad_h_acc = opmath(x, A, grad_h)
+        h_unweighted = native("sgmv_shrink")(x_acc, A_acc, *meta, None, scales, grad_h.shape[1])
+        grad_w = native("pair_dot")(grad_h_acc, h_unweighted, pos, False).to(weights.dtype)
     return grad_x, grad_A, None, None, None, None, grad_w, None, None
 
 
@@ -125,14 +127,16 @@ def _sgmv_expand_backward(ctx, grad_y):
     max_rank = h.shape[1]
     grad_h = grad_B = grad_w = None
     need_w = weights is not None and ctx.needs_input_grad[6]
-    # u = B^T dy per row, unweighted: the routing-weight gradient is dot(h_i, u_i).
-    u = native("sgmv_shrink")(grad_y, B.t(), *meta, None, scales, max_rank) if need_w else None
+    # u = B^T dy per row, unweighted, in opmath: the routing-weight gradient is dot(h_i, u_i).
+    if need_w:
+        grad_y_acc, B_acc, h_acc = opmath(grad_y, B, h)
+        u = native("sgmv_shrink")(grad_y_acc, B_acc.t(), *meta, None, scales, max_rank)
     if ctx.needs_input_grad[0]:
         grad_h = native("sgmv_shrink")(grad_y, B.t(), *meta, weights, scales, max_rank)
     if ctx.needs_input_grad[1]:
         grad_B = native("sgmv_weight_grad")(grad_y, h, *meta, weights, scales, B.shape[1]).t()
     if need_w:
-        grad_w = native("pair_dot")(h, u, pos, False).to(weights.dtype)
+        grad_w = native("pair_dot")(h_acc, u, pos, False).to(weights.dtype)
     grad_base = grad_y if ctx.needs_input_grad[8] else None
     return grad_h, grad_B, None, None, None, None, grad_w, None, grad_base
 

@@ -1,0 +1,45 @@
+"""The package works without its native extension: the wrappers run the reference, and a single
+warning says so. Run in a subprocess so the extension state of this process is untouched."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent("""
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import molora_ops
+        import molora_ops.ops  # a second import must not warn again
+    import torch
+    assert not molora_ops.has_extension()
+    assert "MOLORA_DISABLE_EXT" in molora_ops.extension_error()
+    notes = [w for w in caught if "native extension not loaded" in str(w.message)]
+    assert len(notes) == 1, [str(w.message) for w in caught]
+    torch.manual_seed(0)
+    logits = torch.randn(9, 5)
+    w, ids = molora_ops.softmax_topk(logits, 2)
+    w_ref, ids_ref = molora_ops.reference.softmax_topk(logits, 2)
+    assert torch.equal(ids, ids_ref) and torch.equal(w, w_ref)
+    order, pos, offsets = molora_ops.dispatch(ids, 5)
+    x = torch.randn(9, 4, requires_grad=True)
+    y = molora_ops.combine_rows(molora_ops.gather_rows(x, order, pos), order, pos, w)
+    y.sum().backward()
+    assert torch.allclose(x.grad, torch.ones(9, 4) * w.sum(1, keepdim=True))
+    try:
+        molora_ops.dispatch(ids, 1)
+    except IndexError as exc:
+        assert "molora.dispatch" in str(exc)
+    else:
+        raise AssertionError("out-of-range ids were accepted on the reference path")
+    print("reference path ok")
+""")
+
+
+def test_reference_path_without_extension():
+    env = dict(os.environ, MOLORA_DISABLE_EXT="1")
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "reference path ok" in out.stdout

@@ -182,6 +182,7 @@ case("dispatch", "ids>=E", IndexError, {"ids": set_at(E)}, ["ids"])
 case("dispatch", "ids<-1", IndexError, {"ids": set_at(-2)}, ["ids"])
 case("dispatch", "block_size0", ValueError, {"block_size": 0}, ["block_size"])
 case("dispatch", "num_experts0", ValueError, {"num_experts": 0}, ["num_experts"])
+case("dispatch", "rows>int32", ValueError, {"block_size": 2 ** 30}, ["block_size"])
 
 for op, data in (("gather_rows", "x"), ("combine_rows", "y_perm")):
     case(op, f"{data}-1d", ValueError, {data: shape1d}, [data])

@@ -1,4 +1,5 @@
 // CPU launchers of dispatch, gather_rows, combine_rows and pair_dot.
+#include <climits>
 #include <vector>
 
 #include "../kernels/dispatch_cpu.h"
@@ -19,6 +20,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_cpu(const at::Tensor& id
   const at::Tensor id = cpu::as_i32(ids);
   const int64_t n_pairs = id.numel(), E = num_experts;
   const int64_t P = block_size == 1 ? n_pairs : n_pairs + E * (block_size - 1);
+  MOLORA_CHECK_VALUE(P <= INT32_MAX, op, ": T*k + E*(block_size-1) = ", P,
+                     " dispatched rows do not fit the int32 layout");
   const auto opts = id.options();
   at::Tensor order = at::full({P}, -1, opts);
   at::Tensor pos = at::empty_like(id);

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <climits>
 
 #include "../common/check.h"
 #include "../kernels/histogram.cuh"

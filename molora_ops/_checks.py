@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from .reference._common import opmath_dtype  # noqa: F401  (one definition)
+
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulation / routing dtype: float64 for float64 data, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _fail(exc, op, msg):

@@ -376,3 +376,23 @@ def test_base_untouched_on_late_error(op, via):
     with pytest.raises((IndexError, ValueError)):
         fn(*pos_args, **kw)
     assert torch.equal(base, before)
+
+
+@pytest.mark.parametrize("via", ["wrapper", "torch.ops"])
+@pytest.mark.parametrize("bad,exc", [([1, 3, 8], IndexError), ([0, 3, 7], ValueError),
+                                     ([0, 5, 3], ValueError)])
+def test_rank_offsets_values(bad, exc, via):
+    """rank_offsets must start at 0 (IndexError), not decrease (ValueError) and end at the bank's R
+    (ValueError), the same on the native path and in the reference."""
+    ids = torch.tensor([[0, 1], [1, 0]], dtype=torch.int32)
+    order, pos, eo = molora_ops.dispatch(ids, 2)
+    x, A = torch.randn(2, 4), torch.randn(8, 4)
+    ro = torch.tensor(bad, dtype=torch.int32)
+    fn = molora_ops.sgmv_shrink if via == "wrapper" else None
+    with pytest.raises(exc, match="molora.sgmv_shrink: rank_offsets"):
+        if fn is not None:
+            fn(x, A, ro, order, pos, eo, max_rank=8)
+        else:
+            torch_op("sgmv_shrink")(x, A, ro, order, pos, eo, None, None, 8)
+    with pytest.raises(exc, match="molora.sgmv_shrink: rank_offsets"):
+        ref.sgmv_shrink(x, A, ro, order, pos, eo, max_rank=8)

@@ -19,16 +19,19 @@ int64_t check_rank_offsets(const char* op, const at::Tensor& rank_offsets, int64
                      num_experts + 1, " entries, got ", rank_offsets.size(0));
   const auto ro = rank_offsets.to(at::kCPU, at::kLong).contiguous();
   const int64_t* p = ro.data_ptr<int64_t>();
-  MOLORA_CHECK_VALUE(p[0] == 0, op, ": rank_offsets[0] must be 0, got ", p[0]);
   int64_t max_rank = 0;
   for (int64_t e = 0; e < num_experts; ++e) {
     MOLORA_CHECK_VALUE(p[e + 1] >= p[e], op, ": rank_offsets must be non-decreasing (expert ", e,
                        " has negative rank ", p[e + 1] - p[e], ")");
     max_rank = std::max(max_rank, p[e + 1] - p[e]);
   }
+  // Order as in the reference: a negative rank (ValueError) is reported before bad end points.
+  MOLORA_CHECK_INDEX(p[0] == 0, op, ": rank_offsets has values outside [0, R]: rank_offsets[0] ",
+                     "must be 0, got ", p[0]);
   if (total_rank >= 0) {
     MOLORA_CHECK_VALUE(p[num_experts] == total_rank, op, ": rank_offsets[-1] = ", p[num_experts],
-                       " must equal the bank's total rank ", total_rank);
+                       " must equal the bank's total rank R = ", total_rank,
+                       " (A.shape[0] / B.shape[1])");
   }
   return max_rank;
 }

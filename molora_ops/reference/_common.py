@@ -51,17 +51,23 @@ def check_ids_in_range(name: str, op: str, ids: torch.Tensor, lo: int, hi: int) 
 def check_rank_offsets(
     op: str, rank_offsets: torch.Tensor, total_rank: int, name: str = "rank_offsets"
 ) -> None:
-    """``rank_offsets [E+1]`` must be non-decreasing (else ValueError: negative rank) and run from 0
-    to ``total_rank`` (else IndexError: offsets out of range)."""
+    """``rank_offsets [E+1]`` must be non-decreasing (else ValueError: negative rank), start at 0
+    (else IndexError: offsets out of range) and end at the bank's ``total_rank`` (else ValueError:
+    the bank's shape disagrees)."""
     ro = rank_offsets.long()
     if ro.numel() > 1 and bool((ro[1:] < ro[:-1]).any()):
         raise ValueError(
             f"{_op_name(op)}: {name} must be non-decreasing (negative rank): {ro.tolist()}"
         )
-    if ro.numel() > 0 and (int(ro[0]) != 0 or int(ro[-1]) != total_rank):
+    if ro.numel() > 0 and int(ro[0]) != 0:
         raise IndexError(
-            f"{_op_name(op)}: {name} has values outside [0, {total_rank}]: must start at 0 and "
-            f"end at the total rank {total_rank}, got {int(ro[0])} .. {int(ro[-1])}"
+            f"{_op_name(op)}: {name} has values outside [0, R]: {name}[0] must be 0, "
+            f"got {int(ro[0])}"
+        )
+    if ro.numel() > 0 and int(ro[-1]) != total_rank:
+        raise ValueError(
+            f"{_op_name(op)}: {name}[-1] = {int(ro[-1])} must equal the bank's total rank "
+            f"R = {total_rank} (A.shape[0] / B.shape[1])"
         )
 
 

@@ -9,7 +9,7 @@ import torch
 import molora_ops
 from molora_ops import reference as ref
 from utils import (compare_with_reference, dtype_params, make_ids, max_rank_of, noncontig,
-                   ragged_rank_offsets, routing_weights, tie_free_logits, uniform_rank_offsets)
+                   ragged_rank_offsets, rank_offsets_from_ranks, routing_weights, tie_free_logits, uniform_rank_offsets)
 
 # (name, T, E, k, ids kind, block_size, ranks, d_in, d_out, weights kind, scales, extra max_rank)
 SGMV_CASES = [
@@ -263,3 +263,37 @@ def test_moe_lora_end_to_end(dtype, weights_in_shrink, block_size):
 
     compare_with_reference("moe_lora", [logits, x, A, B, base], diff=[0, 1, 2, 3, 4],
                            ours_fn=run(molora_ops), ref_fn=run(ref))
+
+
+@pytest.fixture
+def two_threads():
+    """At least two intra-op threads, so the CPU kernels really run in several tasks."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(2, before))
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("block_size", [1, 3])
+def test_sgmv_many_parallel_chunks(block_size, two_threads):
+    """Large enough that at::parallel_for splits expert segments (and the 4-row / 4-bank-row
+    blocks of the CPU kernels) across tasks: ragged ranks incl. 0 and 17, dropped pairs, padding."""
+    T, d, E, k = 3000, 8, 7, 3
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)]).to(torch.int32)
+    ids[ids == 2] = -1
+    ids[::7, 0] = -1
+    ro = rank_offsets_from_ranks([5, 0, 17, 1, 4, 9, 3])
+    R = int(ro[-1])
+    order, pos, eo = molora_ops.dispatch(ids, E, block_size)
+    x = torch.randn(T, d, dtype=torch.float64)
+    A = torch.randn(R, d, dtype=torch.float64)
+    B = torch.randn(5, R, dtype=torch.float64)
+    w = torch.rand(T, k, dtype=torch.float64)
+    s = torch.rand(E, dtype=torch.float64)
+    meta = (ro, order, pos, eo)
+    h = molora_ops.sgmv_shrink(x, A, *meta, w, s, max_rank=17)
+    torch.testing.assert_close(h, ref.sgmv_shrink(x, A, *meta, w, s, max_rank=17))
+    torch.testing.assert_close(molora_ops.sgmv_expand(h, B, *meta, w, s),
+                               ref.sgmv_expand(h, B, *meta, w, s))
+    torch.testing.assert_close(molora_ops.sgmv_weight_grad(x, h, *meta, w, s, R),
+                               ref.sgmv_weight_grad(x, h, *meta, w, s, R))

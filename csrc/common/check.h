@@ -46,6 +46,14 @@ inline void check_device(const char* op, const char* name, const at::Tensor& t,
                      " but the first input is on ", ref.device());
 }
 
+// A 2-D weight bank (A [R, d_in] or B [d_out, R]) with the data's dtype and device.
+inline void check_bank(const char* op, const char* name, const at::Tensor& bank,
+                       const char* data_name, const at::Tensor& data) {
+  check_dim(op, name, bank, 2);
+  check_same_dtype(op, name, bank, data_name, data);
+  check_device(op, name, bank, data);
+}
+
 // Index values must lie in [lo, hi). Reads the data, so launchers call it before any kernel.
 void check_index_range(const char* op, const char* name, const at::Tensor& t, int64_t lo,
                        int64_t hi);

@@ -69,9 +69,7 @@ at::Tensor rank_sparse_shrink_cpu(const at::Tensor& x_in, const at::Tensor& A_in
   const char* op = "rank_sparse_shrink";
   check_float(op, "x", x_in);
   check_dim(op, "x", x_in, 2);
-  check_dim(op, "A", A_in, 2);
-  check_same_dtype(op, "A", A_in, "x", x_in);
-  check_device(op, "A", A_in, x_in);
+  check_bank(op, "A", A_in, "x", x_in);
   check_size(op, "A", A_in, 1, x_in.size(1));
   const at::Tensor ids = check_rank_ids(op, ids_in, x_in.size(0), A_in.size(0), x_in);
   const at::Tensor x = x_in.contiguous(), A = A_in.contiguous();
@@ -94,9 +92,7 @@ at::Tensor rank_sparse_expand_cpu(const at::Tensor& values_in, const at::Tensor&
   const char* op = "rank_sparse_expand";
   check_float(op, "values", values_in);
   check_dim(op, "values", values_in, 2);
-  check_dim(op, "B", B, 2);
-  check_same_dtype(op, "B", B, "values", values_in);
-  check_device(op, "B", B, values_in);
+  check_bank(op, "B", B, "values", values_in);
   const int64_t T = values_in.size(0), n = B.size(0);
   const at::Tensor ids = check_rank_ids(op, ids_in, T, B.size(1), values_in);
   MOLORA_CHECK_VALUE(ids.sizes() == values_in.sizes(), op, ": ids must have the shape of values ",

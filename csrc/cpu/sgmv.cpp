@@ -40,13 +40,6 @@ GroupedArgs check_grouped(const char* op, const at::Tensor& data, int64_t num_to
           opmath_or_undefined(scales, acc), E, max_rank};
 }
 
-void check_bank(const char* op, const char* name, const at::Tensor& bank, const char* data_name,
-                const at::Tensor& data) {
-  check_dim(op, name, bank, 2);
-  check_same_dtype(op, name, bank, data_name, data);
-  check_device(op, name, bank, data);
-}
-
 }  // namespace
 
 at::Tensor sgmv_shrink_cpu(const at::Tensor& x_in, const at::Tensor& A_in,

@@ -108,9 +108,17 @@ def _softmax_topk_backward(ctx, grad_weights, _grad_ids):
     return grad, None, None
 
 
+def _save_sigmoid_route(ctx, inputs, output):
+    # The bias goes through save_for_backward too: an in-place update of it between forward and
+    # backward (aux-free balancing) then raises autograd's version error instead of silently
+    # differentiating through the updated bias.
+    ctx.save_for_backward(inputs[0], output[0], output[1], inputs[2])
+    ctx.options = inputs[1:2] + inputs[3:]
+
+
 def _sigmoid_topk_backward(ctx, grad_weights, _grad_ids):
-    logits, weights, ids = ctx.saved_tensors
-    _k, bias, normalize, bias_in_weights, scale = ctx.options
+    logits, weights, ids, bias = ctx.saved_tensors
+    _k, normalize, bias_in_weights, scale = ctx.options
     grad = native("sigmoid_topk_backward")(grad_weights, weights, ids, logits, bias, normalize,
                                            bias_in_weights, scale)
     return grad, None, None, None, None, None
@@ -119,7 +127,7 @@ def _sigmoid_topk_backward(ctx, grad_weights, _grad_ids):
 register("softmax_topk", _fake_softmax_topk, _softmax_topk_backward, _save_route)
 register("topk_softmax", _fake_topk_softmax,
          _softmax_route_grad(True, lambda opts: 1.0 / opts[1]), _save_route)
-register("sigmoid_topk", _fake_sigmoid_topk, _sigmoid_topk_backward, _save_route)
+register("sigmoid_topk", _fake_sigmoid_topk, _sigmoid_topk_backward, _save_sigmoid_route)
 register("softmax_topp", _fake_softmax_topp,
          _softmax_route_grad(False, lambda opts: 1.0), _save_route)
 register("softmax_route_backward", _fake_softmax_route_backward)

@@ -1,0 +1,1 @@
+"""molora_ops benchmark suite: ``python -m bench`` from the repository root (bench/README.md)."""

@@ -1,0 +1,84 @@
+"""The registry of molora_ops backends the benchmark times: one entry per backend.
+
+A backend is a namespace of functions with the signatures of the ``molora_ops`` wrappers
+(docs/OPS.md). Adding one (a Triton module, a CUDA C++ build exposed separately) is one
+``Backend(...)`` line below; its rows then appear on every device it lists, for every op whose
+kernels it has. ``load`` raises (ImportError, RuntimeError) when the backend is absent.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    about: str
+    load: Callable[[], Any]
+    devices: Tuple[str, ...]
+    # True: the namespace serves only ops that have a torch.ops.molora kernel for the device
+    # (the wrappers never fall back silently: a missing kernel raises NotImplementedError).
+    needs_kernels: bool = False
+
+
+def _reference():
+    import molora_ops
+    return molora_ops.reference
+
+
+def _native():
+    import molora_ops
+    if not molora_ops.has_extension():
+        raise ImportError(f"native extension not loaded: {molora_ops.extension_error()}")
+    return molora_ops
+
+
+BACKENDS: Tuple[Backend, ...] = (
+    Backend("reference", "pure-PyTorch oracle, molora_ops.reference.<op>", _reference,
+            ("cpu", "cuda")),
+    Backend("native", "molora_ops.<op> wrappers -> torch.ops.molora (C++ CPU / CUDA C++ kernels)",
+            _native, ("cpu", "cuda"), needs_kernels=True),
+    Backend("triton", "Triton kernels, molora_ops.triton.<op>",
+            lambda: importlib.import_module("molora_ops.triton"), ("cuda",)),
+)
+
+
+def kernel_key(device: torch.device) -> str:
+    return "CUDA" if device.type == "cuda" else "CPU"
+
+
+def missing_kernels(ops: Sequence[str], device: torch.device) -> list:
+    """Ops of `ops` with no torch.ops.molora kernel for the device."""
+    key = kernel_key(device)
+    return [op for op in ops
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"molora::{op}", key)]
+
+
+def resolve(backend: Backend, ops: Sequence[str], device: torch.device
+            ) -> Tuple[Optional[Any], str]:
+    """(namespace, "") when `backend` can run every op of `ops` on the device, else (None, why)."""
+    if device.type not in backend.devices:
+        return None, f"not built for {device.type}"
+    try:
+        ns = backend.load()
+    except Exception as exc:  # absent backend: ImportError, or a broken build
+        return None, f"absent ({type(exc).__name__}: {exc})"
+    if backend.needs_kernels:
+        missing = missing_kernels(ops, device)
+        if missing:
+            return None, f"no {kernel_key(device)} kernel for {', '.join(missing)}"
+    return ns, ""
+
+
+def describe(device: torch.device) -> dict:
+    """{backend: {"available": bool, "about": str, "reason": str}} for the JSON header."""
+    out = {}
+    for b in BACKENDS:
+        ns, why = resolve(b, (), device)
+        out[b.name] = {"available": ns is not None, "about": b.about, "reason": why}
+    return out

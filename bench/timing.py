@@ -1,0 +1,194 @@
+"""Timing (CUDA events on a GPU, torch.utils.benchmark on CPU), statistics, and the device's
+measured ceilings (copy bandwidth, matmul rate) that every row is compared against."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+
+def quantile(samples: Sequence[float], q: float) -> float:
+    """The q-quantile (0 <= q <= 1) with linear interpolation between closest ranks (numpy's
+    default): position q*(n-1) in the sorted samples."""
+    if not samples:
+        raise ValueError("quantile of no samples")
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q must be in [0, 1], got {q}")
+    xs = sorted(samples)
+    pos = q * (len(xs) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Seconds per call: median and the 20th / 80th percentiles over n samples."""
+
+    median: float
+    p20: float
+    p80: float
+    n: int
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> "Stats":
+        return cls(quantile(samples, 0.5), quantile(samples, 0.2), quantile(samples, 0.8),
+                   len(samples), min(samples), max(samples))
+
+    def asdict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long to measure one row: seconds of measurement, minimum samples, and (GPU) how many
+    timed calls at most."""
+
+    seconds: float
+    min_samples: int = 5
+    max_reps: int = 1000
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_cpu(fn: Callable[[], object], budget: Budget) -> Stats:
+    """torch.utils.benchmark's blocked_autorange (blocks of calls sized to amortise timer
+    overhead) on all of torch's threads; its per-call block times are the samples. Topped up with
+    more blocks when the budget gave fewer than `budget.min_samples`."""
+    from torch.utils import benchmark
+
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn},
+                            num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=budget.seconds)
+    times = list(m.times)
+    while len(times) < budget.min_samples:
+        times.extend(timer.timeit(m.number_per_run).times)
+    return Stats.of(times)
+
+
+def time_cuda(fns: Sequence[Callable[[], object]], budget: Budget) -> Stats:
+    """CUDA events around every call; call i runs on input set i % len(fns) (sets rotated so their
+    bytes exceed L2: every call reads cold data). Warm-up: each set twice, then as many calls as
+    the estimate says fill a quarter of the budget (at least 3)."""
+    for fn in fns:
+        fn()
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(5):
+        fns[i % len(fns)]()
+    end.record()
+    torch.cuda.synchronize()
+    est = max(start.elapsed_time(end) * 1e-3 / 5, 1e-7)
+    for i in range(max(3, int(0.25 * budget.seconds / est))):
+        fns[i % len(fns)]()
+    reps = int(min(budget.max_reps, max(budget.min_samples, budget.seconds / est)))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        starts[i].record()
+        fns[i % len(fns)]()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return Stats.of([s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends)])
+
+
+def cuda_graph(fn: Callable[[], object]) -> Callable[[], object]:
+    """`fn` captured once into a CUDA graph (after a warm-up on a side stream); returns its
+    replay. Raises when `fn` cannot be captured (host syncs, CPU work)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def time_calls(fns: Sequence[Callable[[], object]], device: torch.device, budget: Budget) -> Stats:
+    """Times the calls on the device: CUDA events (rotating `fns`) or CPU (the first set only:
+    CPU rows are hot-cache)."""
+    if device.type == "cuda":
+        return time_cuda(fns, budget)
+    return time_cpu(fns[0], budget)
+
+
+# --- device facts and ceilings --------------------------------------------------------------
+
+
+def l2_bytes(device: torch.device) -> Optional[int]:
+    """The GPU's L2 size from its properties (None on CPU or when torch does not report it)."""
+    if device.type != "cuda":
+        return None
+    size = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
+    return int(size) or None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                         "")
+    except OSError:
+        pass
+    return f"CPU {model or 'unknown'} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """Measured at the start of a run: a large device copy (bytes read + written per second) and a
+    big square matmul (2*n^3 FLOPs) in the run's dtype. Rates use the fastest sample: a ceiling is
+    what the device reached, and noise (other processes, clocks) only ever slows a sample down."""
+
+    copy_bytes: int
+    copy_gb_per_s: float
+    matmul_n: int
+    matmul_dtype: str
+    matmul_gflop_per_s: float
+    copy_time: Stats
+    matmul_time: Stats
+
+    def asdict(self) -> dict:
+        return asdict(self)
+
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype, quick: bool = False) -> Ceilings:
+    """Copy: dst.copy_(src) of a buffer far larger than the last-level cache (copy_ into a
+    preallocated tensor, i.e. a clone without the allocation: a fresh CPU allocation would time page
+    faults). Matmul: n x n @ n x n. GPU: 1 GiB (at least 8x L2) and n = 8192; CPU: 256 MiB and
+    n = 1536, each about a second; quick: 32 MiB and n = 256."""
+    if device.type == "cuda":
+        nbytes = max(1 << 30, 8 * (l2_bytes(device) or 0))
+        n = 8192
+        budget = Budget(0.5 if quick else 1.0, 10, 200)
+    else:
+        nbytes = (32 << 20) if quick else (256 << 20)
+        n = 256 if quick else 1536
+        budget = Budget(0.1 if quick else 1.0, 3 if quick else 5)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    copy = time_calls([lambda: dst.copy_(src)], device, budget)
+    del src, dst
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    mm = time_calls([lambda: torch.mm(a, b)], device, budget)
+    return Ceilings(copy_bytes=2 * nbytes, copy_gb_per_s=2 * nbytes / copy.min / 1e9,
+                    matmul_n=n, matmul_dtype=str(dtype).replace("torch.", ""),
+                    matmul_gflop_per_s=2 * n ** 3 / mm.min / 1e9, copy_time=copy,
+                    matmul_time=mm)

@@ -1,0 +1,1 @@
+"""Runnable examples of molora_ops.modules (``python -m molora_ops.examples.<name>``)."""

@@ -1,0 +1,229 @@
+"""Tests of the benchmark suite (bench/): the byte / FLOP models against hand-derived counts and
+against the reference's matmuls, the statistics helper, the routing generators, the correctness
+comparison, and a tiny end-to-end run (`python -m bench --quick`) whose JSON and plots are checked.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # import bench
+
+from bench import models  # noqa: E402
+from bench.cases import SPECS  # noqa: E402
+from bench.models import Cost, Dims, cost  # noqa: E402
+from bench.runner import compare  # noqa: E402
+from bench.shapes import (Case, expert_probs, preset_cases, router_bias,  # noqa: E402
+                          routing_ids)
+from bench.timing import Stats, quantile  # noqa: E402
+
+# The shape every hand count below uses: T=4 tokens, d_in=8, d_out=6, E=3 experts, k=2, r=2,
+# fp32 (4-byte) data, 2 of the 3 experts active. So P = T*k = 8 pairs, R = E*r = 6.
+D = Dims(T=4, d_in=8, d_out=6, E=3, k=2, r=2, elem=4, active=2)
+
+
+def test_dims():
+    assert (D.P, D.R, D.E_act) == (8, 6, 2)
+    assert Dims(4, 8, 6, 3, 2, 2).E_act == 3  # active=None: every expert
+
+
+# SMoRA-style rank ops: R = 16 rank-1 experts, k = 2 kept per token, 5 distinct columns used.
+DR = Dims(T=4, d_in=8, d_out=6, E=16, k=2, r=1, elem=4, active=5)
+
+# (op, mode, dims, FLOPs, bytes), each derived by hand in the comment above it.
+HAND_COUNTS = [
+    # sgmv_shrink fwd: FLOPs 2*P*r*d_in = 2*8*2*8 = 256. Bytes: x rows through order P*d_in*4 =
+    # 256 + active A 2*r*d_in*4 = 128 + order P*4 = 32 + rank and expert offsets 2*(E+1)*4 = 32
+    # + h P*r*4 = 64 = 512.
+    ("sgmv_shrink", "fwd", D, 256, 512),
+    # sgmv_shrink bwd: FLOPs 4*P*r*d_in = 512. Bytes: gh 64 + active A 128 + x rows 256 + order 32
+    # + pos T*k*4 = 32 + offsets 32 + dx T*d_in*4 = 128 + dA written whole R*d_in*4 = 192 = 864.
+    ("sgmv_shrink", "bwd", D, 512, 864),
+    ("sgmv_shrink", "fwd+bwd", D, 768, 1376),  # the sum of the two above
+    # sgmv_expand fwd: FLOPs 2*P*r*d_out = 2*8*2*6 = 192. Bytes: h 64 + active B 2*r*d_out*4 = 96
+    # + pos 32 + offsets 32 + weights P*4 = 32 + scales E*4 = 12 + base T*d_out*4 = 96 + y 96 = 460.
+    ("sgmv_expand", "fwd", D, 192, 460),
+    # sgmv_expand bwd: FLOPs 4*P*r*d_out = 384. Bytes: gy rows through pos P*d_out*4 = 192 + h 64
+    # + active B 96 + order 32 + pos 32 + offsets 32 + weights 32 + scales 12 + dh 64
+    # + dB R*d_out*4 = 144 + dw 32 = 732.
+    ("sgmv_expand", "bwd", D, 384, 732),
+    # softmax_topk fwd: FLOPs 4*T*E + 2*T*k = 48 + 16. Bytes: logits T*E*4 = 48 + weights and ids
+    # T*k*(4 + 4) = 64.
+    ("softmax_topk", "fwd", D, 64, 112),
+    # softmax_topk bwd: FLOPs 4*T*k = 32. Bytes: grad_w, w, ids T*k*12 = 96 + dlogits 48.
+    ("softmax_topk", "bwd", D, 32, 144),
+    # dispatch: no FLOPs. Bytes: ids 32 + order 32 + pos 32 + expert_offsets (E+1)*4 = 16.
+    ("dispatch", "fwd", D, 0, 112),
+    # gather_rows fwd: FLOPs P*d_in = 64. Bytes: x rows 256 + order 32 + weights 32 + x_perm 256.
+    ("gather_rows", "fwd", D, 64, 576),
+    # combine_rows fwd: FLOPs 2*P*d_out = 96. Bytes: y_perm 192 + pos 32 + weights 32 + y 96.
+    ("combine_rows", "fwd", D, 96, 352),
+    # stacked_gated_lora fwd: FLOPs 2*T*R*(d_in + d_out) = 2*4*6*14 = 672. Bytes: x 128
+    # + A R*d_in*4 = 192 + B 144 + gate T*E*4 = 48 + rank_offsets 16 + scales 12 + base 96 + y 96.
+    ("stacked_gated_lora", "fwd", D, 672, 732),
+    # linear (the frozen base), either way: FLOPs 2*T*d_in*d_out = 384; (x 32 + W0 48 + y 24)*4.
+    ("linear", "fwd", D, 384, 416),
+    ("linear", "bwd", D, 384, 416),
+    # moe_lora fwd: FLOPs base + router 2*T*d_in*(d_out + E) = 576 + shrink and expand
+    # 2*P*r*(d_in + d_out) = 448. Bytes: x 128 + W0 192 + Wg E*d_in*4 = 96 + bg 12
+    # + active A and B 2*r*(d_in + d_out)*4 = 224 + y 96 = 748.
+    ("moe_lora", "fwd", D, 1024, 748),
+    # rank_topk, both ways: no FLOPs; h (or dh) T*R*4 = 256 + values 32 + ids 32.
+    ("rank_topk", "fwd", DR, 0, 320),
+    ("rank_topk", "bwd", DR, 0, 320),
+    # rank_sparse_expand fwd: FLOPs 2*T*k*d_out = 96. Bytes: values, ids, weights T*k*12 = 96
+    # + the 5 used columns of B 5*d_out*4 = 120 + base 96 + y 96.
+    ("rank_sparse_expand", "fwd", DR, 96, 408),
+]
+
+
+@pytest.mark.parametrize("op, mode, dims, flops, nbytes", HAND_COUNTS,
+                         ids=[f"{c[0]}-{c[1]}" for c in HAND_COUNTS])
+def test_hand_counts(op, mode, dims, flops, nbytes):
+    assert cost(op, dims, mode) == Cost(flops, nbytes)
+
+
+def test_cost_arithmetic_and_coverage():
+    assert Cost(1, 2) + Cost(3, 4) == Cost(4, 6)
+    assert Cost(10, 4).intensity == 2.5 and Cost(0, 0).intensity == 0.0
+    for name in models.MODELS:  # fwd+bwd is the sum, everything non-negative
+        assert cost(name, D, "fwd+bwd") == cost(name, D, "fwd") + cost(name, D, "bwd")
+        assert min(cost(name, D, "fwd").flops, cost(name, D, "fwd").bytes) >= 0
+    assert set(SPECS) <= set(models.MODELS)  # every benchmarked op has a model
+
+
+@pytest.mark.parametrize("op", ["sgmv_shrink", "sgmv_expand", "stacked_gated_lora", "moe_lora"])
+def test_flops_match_reference_matmuls(op):
+    """The model's forward FLOPs are exactly the matmul FLOPs the reference runs (torch's counter,
+    uniform ranks, no padding)."""
+    case = Case(T=16, d_in=32, d_out=24, E=4, k=2, r=4, op=op)
+    problem = SPECS[op].make(case, torch.device("cpu"), torch.float32, 0)
+    import molora_ops.reference as ref
+    with FlopCounterMode(display=False) as counter:
+        SPECS[op].run(ref, problem.inputs)
+    assert counter.get_total_flops() == cost(op, problem.dims, "fwd").flops
+
+
+def test_quantile_and_stats():
+    # sorted [1, 2, 3, 4, 5]: position q*(n-1) -> p20 at 0.8 -> 1.8, median 3, p80 at 3.2 -> 4.2
+    s = Stats.of([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert (s.median, s.n, s.min, s.max) == (3.0, 5, 1.0, 5.0)
+    assert s.p20 == pytest.approx(1.8) and s.p80 == pytest.approx(4.2)
+    # even n: median interpolates (2.5); p20 at 0.6 -> 1.6; p80 at 2.4 -> 3.4
+    assert quantile([1, 2, 3, 4], 0.5) == 2.5
+    assert quantile([4, 3, 2, 1], 0.2) == pytest.approx(1.6)
+    assert quantile([1, 2, 3, 4], 0.8) == pytest.approx(3.4)
+    assert Stats.of([7.0]) == Stats(7.0, 7.0, 7.0, 1, 7.0, 7.0)
+    with pytest.raises(ValueError):
+        quantile([], 0.5)
+
+
+@pytest.mark.parametrize("routing", ["uniform", "zipf"])
+def test_routing_ids(routing):
+    T, E, k = 2000, 8, 2
+    ids = routing_ids(T, E, k, routing, torch.Generator().manual_seed(0))
+    assert ids.shape == (T, k) and ids.dtype == torch.int32
+    assert bool((ids[:, 0] != ids[:, 1]).all())  # k distinct experts per token
+    counts = torch.bincount(ids.flatten().long(), minlength=E)
+    assert int(counts.sum()) == T * k  # exact: every token routes k pairs
+    if routing == "zipf":  # skewed toward expert 0: the most popular, far above the least
+        assert int(counts.argmax()) == 0 and counts[0] > 3 * counts[-1]
+    else:
+        assert counts.max() < 1.25 * counts.min()
+
+
+def test_expert_probs_and_bias():
+    p = expert_probs(8, "zipf")
+    assert float(p.sum()) == pytest.approx(1.0)
+    assert bool((p[1:] < p[:-1]).all())  # decreasing
+    assert float(p[0] / p[1]) == pytest.approx(2 ** 1.2)  # (e+1)^-alpha, alpha = 1.2
+    assert bool((router_bias(8, "uniform") == 0).all())
+    assert bool((router_bias(8, "zipf").diff() < 0).all())
+    with pytest.raises(ValueError):
+        routing_ids(4, 2, 3, "uniform", torch.Generator())
+    with pytest.raises(ValueError):
+        expert_probs(4, "pareto")
+
+
+def test_compare():
+    want = {"out0": torch.tensor([1.0, -2.0]), "out1": torch.tensor([3, 4], dtype=torch.int32)}
+    same = compare(dict(want), want, torch.float32)
+    assert same["ok"] and same["rel_err"] == 0.0 and same["mismatched_indices"] == 0
+    off = compare({"out0": torch.tensor([1.0, -2.01]), "out1": want["out1"]}, want, torch.float32)
+    assert not off["ok"] and off["worst"] == "out0"
+    assert off["rel_err"] == pytest.approx(0.005, rel=1e-3)  # 0.01 / max|want| = 0.01 / 2
+    assert compare({"out0": torch.tensor([1.0, -2.01]), "out1": want["out1"]}, want,
+                   torch.bfloat16)["ok"]  # within bf16's 3e-2
+    ids = compare({"out0": want["out0"], "out1": torch.tensor([3, 5], dtype=torch.int32)}, want,
+                  torch.float32)
+    assert not ids["ok"] and ids["mismatched_indices"] == 1
+
+
+def test_presets():
+    for name in ("tiny", "cpu", "full"):
+        cases = preset_cases(name)
+        assert cases and len(set(cases)) == len(cases)
+        assert all(1 <= c.k <= c.E for c in cases)
+        assert {c.op for c in cases} == set(SPECS)  # every op in every preset
+    full = preset_cases("full")
+    assert {c.T for c in full} >= {1, 64, 512, 16384}
+    assert {c.E for c in full} >= {4, 8, 16, 64} and {c.k for c in full} >= {1, 2, 8}
+    assert {c.r for c in full} >= {8, 16, 64} and {c.routing for c in full} == {"uniform", "zipf"}
+
+
+def test_method_layers_optional():
+    """The method-layer section never breaks the suite: specs for what molora_ops.modules has,
+    a note for each method it lacks."""
+    from bench.bench_layers import METHODS, method_cases, method_specs
+
+    specs, notes = method_specs()
+    assert len(specs) + len(notes) >= len(METHODS) or any("not importable" in n for n in notes)
+    assert {c.op for c in method_cases("cpu")} == {m.name for m in METHODS}
+
+
+def _finite_number(v):
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def test_quick_run_end_to_end(tmp_path):
+    """`python -m bench --quick` on the tiny preset: exit 0, JSON schema, checks, plots."""
+    from bench.run import main
+
+    # the core ops only: the method layers come from molora_ops.modules (tested there)
+    ops = ",".join(SPECS)
+    assert main(["--quick", "--out", str(tmp_path), "--no-progress", "--ops", ops]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["schema"] == "molora_ops.bench/1"
+    for key in ("date", "device", "device_type", "dtype", "torch", "triton", "python",
+                "git_commit", "preset", "threads"):
+        assert key in res["meta"], key
+    assert res["meta"]["preset"] == "tiny"
+    assert res["ceilings"]["copy_gb_per_s"] > 0 and res["ceilings"]["matmul_gflop_per_s"] > 0
+    assert res["backends"]["reference"]["available"]
+    rows = res["rows"]
+    assert {r["op"] for r in rows} == set(SPECS)
+    assert not res["failures"]
+    for r in rows:
+        chk = r["check"]
+        assert chk["ok"] is True, r
+        for key in ("max_abs_err", "rel_err", "tol"):
+            assert _finite_number(chk[key]), (key, r)
+        t = r["time"]
+        assert 0 < t["p20"] <= t["median"] <= t["p80"], r
+        assert _finite_number(r["gb_per_s"]) and r["bytes"] > 0
+        assert r["mode"] in ("fwd", "bwd", "fwd+bwd")
+    layer = [r for r in rows if r["op"] == "moe_lora"]
+    assert {r["impl"] for r in layer} >= {"reference", "loop", "bmm", "base"}
+    assert all(_finite_number(r["speedup_vs_loop"]) and _finite_number(r["x_base"])
+               for r in layer)
+    if importlib.util.find_spec("matplotlib") is not None:  # setup.sh installs it
+        for name in ("speedup.png", "roofline.png"):
+            data = (tmp_path / name).read_bytes()
+            assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert "moe_lora" in (tmp_path / "table.txt").read_text()

@@ -8,7 +8,6 @@ kernels it has. ``load`` raises (ImportError, RuntimeError) when the backend is 
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Tuple
 
@@ -38,13 +37,42 @@ def _native():
     return molora_ops
 
 
+class _Switched:
+    """``molora_ops.<op>`` (torch.ops.molora, autograd included) run under
+    ``molora_ops.use_backend(name)``: the CUDA backends of the backend switch."""
+
+    def __init__(self, ops_ns: Any, name: str):
+        self._ops, self._name = ops_ns, name
+
+    def __getattr__(self, op: str):
+        fn = getattr(self._ops, op)
+
+        def run(*args, **kwargs):
+            with self._ops.use_backend(self._name):
+                return fn(*args, **kwargs)
+        return run
+
+
+def _switched(name: str):
+    def load():
+        ops_ns = _native()
+        if name == "triton" and not ops_ns.backend.has_triton():
+            raise ImportError("triton is not installed")
+        if name == "cuda":  # hand-written CUDA C++ kernels: none of the benchmarked ops has one yet
+            raise ImportError("no CUDA C++ kernels for these ops yet (issue: CUDA C++ kernels)")
+        return _Switched(ops_ns, name)
+    return load
+
+
 BACKENDS: Tuple[Backend, ...] = (
     Backend("reference", "pure-PyTorch oracle, molora_ops.reference.<op>", _reference,
             ("cpu", "cuda")),
-    Backend("native", "molora_ops.<op> wrappers -> torch.ops.molora (C++ CPU / CUDA C++ kernels)",
-            _native, ("cpu", "cuda"), needs_kernels=True),
-    Backend("triton", "Triton kernels, molora_ops.triton.<op>",
-            lambda: importlib.import_module("molora_ops.triton"), ("cuda",)),
+    Backend("native", "molora_ops.<op> wrappers -> torch.ops.molora (C++ CPU kernels)",
+            _native, ("cpu",), needs_kernels=True),
+    Backend("triton", "torch.ops.molora with use_backend('triton'): Triton kernels "
+            "(reference for ops without one)", _switched("triton"), ("cuda",)),
+    Backend("cuda", "torch.ops.molora with use_backend('cuda'): CUDA C++ kernels",
+            _switched("cuda"), ("cuda",)),
 )
 
 

@@ -9,7 +9,10 @@ from . import reference
 from . import ops
 from .ops import *  # noqa: F401,F403
 from .ops import __all__ as _ops_all
+from . import backend
+from .backend import get_backend, set_backend, use_backend
 
 __version__ = "0.1.0"
 
-__all__ = ["has_extension", "extension_error", "reference", "ops", "__version__"] + list(_ops_all)
+__all__ = ["has_extension", "extension_error", "reference", "ops", "backend", "get_backend",
+           "set_backend", "use_backend", "__version__"] + list(_ops_all)

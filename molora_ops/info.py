@@ -7,6 +7,7 @@ import platform
 import torch
 
 from . import __version__
+from . import backend
 from ._extension import extension_error, has_extension
 from .ops import ALL_OPS, BACKWARD_OPS
 
@@ -19,6 +20,14 @@ def _triton_version() -> str:
     return triton.__version__
 
 
+def _switched(name: str) -> str:
+    """What the backend switch runs for op ``name`` on CUDA tensors now."""
+    try:
+        return backend.choose(name).replace("triton", "Triton") + " (switch)"
+    except (NotImplementedError, RuntimeError) as exc:  # the requested backend cannot run it
+        return f"none: {type(exc).__name__}"
+
+
 def op_backends() -> dict[str, dict[str, str]]:
     """For every op: the implementation that runs for CPU and for CUDA tensors."""
     table = {}
@@ -29,7 +38,10 @@ def op_backends() -> dict[str, dict[str, str]]:
                 row[key] = "reference (PyTorch)"
                 continue
             has = torch._C._dispatch_has_kernel_for_dispatch_key(f"molora::{name}", key)
-            row[key] = ("C++" if key == "CPU" else "CUDA C++") if has else "-"
+            if key == "CUDA" and name in backend.SWITCHED_OPS:
+                row[key] = _switched(name)
+            else:
+                row[key] = ("C++" if key == "CPU" else "CUDA C++") if has else "-"
         table[name] = row
     return table
 
@@ -43,9 +55,11 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if cuda else "none"
     print(f"CUDA       available: {cuda}; device: {device}")
     print(f"extension  {'molora_ops._C loaded' if has_extension() else 'NOT loaded: ' + str(extension_error())}")
-    backend = [ln.strip() for ln in torch.__config__.parallel_info().splitlines()
+    print(f"backend    {backend.get_backend()} (MOLORA_BACKEND / molora_ops.set_backend / use_backend; "
+          f"one of {', '.join(backend.BACKENDS)})")
+    par = [ln.strip() for ln in torch.__config__.parallel_info().splitlines()
                if "parallel backend" in ln]
-    print(f"threads    {torch.get_num_threads()} ({backend[0] if backend else 'unknown backend'})")
+    print(f"threads    {torch.get_num_threads()} ({par[0] if par else 'unknown backend'})")
     print()
     print(f"{'op':40s} {'CPU':22s} {'CUDA':22s}")
     for name, row in op_backends().items():
@@ -53,7 +67,8 @@ def main() -> None:
         print(f"{name + kind:40s} {row['CPU']:22s} {row['CUDA']:22s}")
     if has_extension():
         print("\n'-': no native kernel for that device yet; calling the op there raises "
-              "NotImplementedError (it never falls back silently).")
+              "NotImplementedError (it never falls back silently). '(switch)': the backend switch "
+              "picks the implementation at call time.")
 
 
 if __name__ == "__main__":

@@ -7,11 +7,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # `import utils` regardless of pytest's import mode
 
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. The flag is read when
+# a `@triton.jit` function is defined, so it must be set before any kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "needs_ext: needs the native extension (torch.ops.molora)")
     config.addinivalue_line("markers", "slow: slow test (torch.compile with inductor)")
+    config.addinivalue_line("markers", "triton: runs Triton kernels (interpreter without a GPU)")
 
     # deterministic, full-precision numerics
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -18,10 +18,13 @@ PY="$VENV/bin/python"
 
 # torch is installed first and the build then sees it (--no-build-isolation); pip does not
 # upgrade requirements that are already satisfied.
-echo "setup: pip install torch==2.13.0 'numpy<2.4' pytest expecttest tqdm matplotlib pytest-benchmark ninja 'cmake>=3.26,<4' setuptools wheel"
+# triton: the GPU machine's version; without a GPU its interpreter runs the Triton kernels in the
+# tests (it needs numpy < 2.4 there).
+echo "setup: pip install torch==2.13.0 triton==3.6.0 'numpy<2.4' pytest expecttest tqdm matplotlib pytest-benchmark ninja 'cmake>=3.26,<4' setuptools wheel"
 # (-qq: this machine's pip config names index folders that do not exist; pip warns per package.)
 "$PY" -m pip install -qq --disable-pip-version-check \
-  torch==2.13.0 "numpy<2.4" pytest expecttest tqdm matplotlib pytest-benchmark ninja "cmake>=3.26,<4" \
+  torch==2.13.0 triton==3.6.0 "numpy<2.4" pytest expecttest tqdm matplotlib pytest-benchmark ninja \
+  "cmake>=3.26,<4" \
   "setuptools>=64" wheel
 
 echo "setup: pip install --no-build-isolation -e .  (CMake + Ninja build of molora_ops._C)"

@@ -197,11 +197,31 @@ class LoRABank(nn.Module):
         """
         self._check_input(x)
         d = route if isinstance(route, Dispatched) else Dispatched(route, self.num_experts)
+        if not x_by_pair and self._fused_inference(x, weights, base):
+            from ..triton.sgmv import fused_shrink_expand
+            return fused_shrink_expand(x, self._bank_a(), self.B, self.rank_offsets, d.order,
+                                       d.pos, d.expert_offsets, weights, self.scales, base,
+                                       max_rank=self.max_rank)
         pos_in = d.pair_pos if x_by_pair else d.pos
         h = ops.sgmv_shrink(x, self._bank_a(), self.rank_offsets, d.order, pos_in,
                             d.expert_offsets, None, None, max_rank=self.max_rank)
         return ops.sgmv_expand(h, self.B, self.rank_offsets, d.order, d.pos, d.expert_offsets,
                                weights, self.scales, base)
+
+    # NOTE: unmeasured (no GPU this session): the fused Triton shrink->expand keeps h on chip, so
+    # it saves the [P, r] round trip to HBM and one launch; it has no backward, so it serves
+    # inference only, and ranks <= 64 (h lives in registers).
+    FUSED_MAX_RANK = 64
+
+    def _fused_inference(self, x, weights, base) -> bool:
+        if (not x.is_cuda or self.max_rank > self.FUSED_MAX_RANK
+                or torch.compiler.is_compiling()):  # compiled graphs keep the opaque ops
+            return False
+        tensors = [t for t in (x, weights, base, self.A, self.B) if t is not None]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return False
+        from .. import backend
+        return backend.choose("sgmv_shrink", (x,)) == "triton"
 
     def routed_per_slot(self, x: torch.Tensor, route: Union[torch.Tensor, Dispatched],
                         base: Optional[torch.Tensor] = None,

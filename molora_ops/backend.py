@@ -1,0 +1,237 @@
+"""The backend switch: which implementation serves ``torch.ops.molora.*`` on CUDA tensors.
+
+Backends: ``"triton"`` (the kernels in ``molora_ops.triton``), ``"cuda"`` (hand-written CUDA C++ in
+the native extension), ``"reference"`` (the pure-PyTorch oracle of ``molora_ops.reference``, on the
+GPU) and ``"auto"`` (the default: CUDA C++ where the op has a kernel, else Triton, else the
+reference; float64 always goes to the reference, the kernels do not take it).
+
+Choose it with the environment variable ``MOLORA_BACKEND`` (read at import), for the process with
+``set_backend(name)``, or for a block of code with the context manager ``use_backend(name)``
+(a ``ContextVar``: per thread / task). ``python -m molora_ops.info`` reports it per op.
+
+How it is wired: every op whose CUDA C++ kernel does not exist yet gets one Python CUDA
+implementation (``torch.library.impl(..., "CUDA")``) that runs the op's checks and then what the
+switch picks at call time: the Triton launcher where ``TRITON_OPS`` has one, else the reference
+(so a whole MoE-LoRA layer runs on the GPU; ``info`` shows which op runs what). The ``cuda``
+backend raises for ops that have no CUDA C++ kernel instead of falling back. Fake kernels and autograd are registered
+once per op (``ops/``), so every backend is differentiable and compiles the same way. Without a
+GPU, ``cuda_impl(op)`` can be called directly on CPU tensors (Triton runs in its interpreter
+with ``TRITON_INTERPRET=1``): that is how the CPU tests cover this path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import os
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from . import reference
+from ._extension import has_extension
+from .reference import _common
+from .ops import ALL_OPS
+
+__all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "choose", "resolve", "cuda_impl",
+           "has_triton", "triton_ops", "TRITON_OPS", "SWITCHED_OPS"]
+
+BACKENDS = ("auto", "triton", "cuda", "reference")
+
+# op -> Triton module (launcher of the same name inside it)
+TRITON_OPS: Dict[str, str] = {
+    "sgmv_shrink": "sgmv", "sgmv_expand": "sgmv", "sgmv_weight_grad": "sgmv", "pair_dot": "sgmv",
+    "stacked_gated_lora": "gated", "stacked_gated_lora_backward": "gated",
+    "rank_sparse_shrink": "masked", "rank_sparse_expand": "masked", "rank_scatter": "masked",
+    "rank_sparse_weight_grad": "masked",
+}
+
+
+def _ro_check(op: str, total_rank: int):
+    return lambda ro: _common.check_rank_offsets(op, ro, total_rank)
+
+
+def _dispatched_check(op: str, rank_of, rows_of) -> Callable:
+    """Value checks of the grouped ops: rank_offsets, expert_offsets, order and pos in range."""
+    def check(*a):
+        data, bank, ro, order, pos, eo = a[:6]
+        T, k = pos.shape
+        _common.check_rank_offsets(op, ro, rank_of(a))
+        _common.check_expert_offsets(op, eo, order.numel())
+        _common.check_ids_in_range("order", op, order, -1, T * k)
+        _common.check_ids_in_range("pos", op, pos, -1, order.numel())
+        _common.check_max_rank(op, ro, rows_of(a))
+    return check
+
+
+def _ids_check(op: str, ids_at: int, bound: Callable) -> Callable:
+    return lambda *a: _common.check_ids_in_range("ids", op, a[ids_at], -1, bound(a))
+
+
+def _gated_check(op: str, a_at: int, b_at: int, ro_at: int, shared_at: int) -> Callable:
+    def check(*a):
+        A, B, ro, shared = a[a_at], a[b_at], a[ro_at], a[shared_at]
+        _common.check_rank_offsets(op, ro, B.shape[1])
+        if shared:
+            E, r = ro.numel() - 1, A.shape[0]
+            if not torch.equal(ro.long().cpu(), torch.arange(E + 1) * r):
+                raise ValueError(f"molora.{op}: with shared_a, rank_offsets must be "
+                                 f"arange(E+1) * r (r = A.shape[0] = {r})")
+        else:
+            _common.check_rank_offsets(op, ro, A.shape[0])
+    return check
+
+
+def _pair_dot_check(a, b, pos, a_by_token):
+    _common.check_ids_in_range("pos", "pair_dot", pos, -1, b.shape[0])
+    if not a_by_token:
+        _common.check_ids_in_range("pos", "pair_dot", pos, -1, a.shape[0])
+
+
+# Value-range checks that read the data, run before a Triton kernel (no kernel may index out of
+# bounds); the reference functions run their own. The C++ launchers do the same for the CPU.
+_VALUE_CHECKS: Dict[str, Callable] = {
+    "sgmv_shrink": _dispatched_check("sgmv_shrink", lambda a: a[1].shape[0], lambda a: a[8]),
+    "sgmv_expand": _dispatched_check("sgmv_expand", lambda a: a[1].shape[1],
+                                     lambda a: a[0].shape[1]),
+    "sgmv_weight_grad": _dispatched_check("sgmv_weight_grad", lambda a: a[8],
+                                          lambda a: a[1].shape[1]),
+    "pair_dot": _pair_dot_check,
+    "stacked_gated_lora": _gated_check("stacked_gated_lora", 1, 2, 4, 7),
+    "stacked_gated_lora_backward": _gated_check("stacked_gated_lora_backward", 2, 3, 5, 7),
+    "rank_sparse_shrink": _ids_check("rank_sparse_shrink", 2, lambda a: a[1].shape[0]),
+    "rank_sparse_expand": _ids_check("rank_sparse_expand", 1, lambda a: a[2].shape[1]),
+    "rank_scatter": _ids_check("rank_scatter", 1, lambda a: a[2]),
+    "rank_sparse_weight_grad": _ids_check("rank_sparse_weight_grad", 2, lambda a: a[3]),
+}
+
+
+def _meta_check(name: str) -> Callable:
+    """The op layer's metadata check ``ops/<family>.py :: _check_<name>``."""
+    for module in ("router", "dispatch", "sgmv", "masked"):
+        fn = getattr(importlib.import_module(f"molora_ops.ops.{module}"), f"_check_{name}", None)
+        if fn is not None:
+            return fn
+    raise KeyError(name)
+
+
+def _validate(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"molora_ops backend must be one of {BACKENDS}, got {name!r} "
+                         "(from MOLORA_BACKEND, set_backend or use_backend)")
+    return name
+
+
+_DEFAULT = [os.environ.get("MOLORA_BACKEND", "auto").strip().lower() or "auto"]
+_CURRENT: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("molora_backend",
+                                                                          default=None)
+
+
+def get_backend() -> str:
+    """The backend in force here: the innermost ``use_backend``, else ``set_backend`` / the env."""
+    return _validate(_CURRENT.get() or _DEFAULT[0])
+
+
+def set_backend(name: str) -> None:
+    """Sets the process-wide default backend (``use_backend`` blocks still take precedence)."""
+    _DEFAULT[0] = _validate(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """``with molora_ops.use_backend("triton"): ...`` runs the block's ops on that backend."""
+    token = _CURRENT.set(_validate(name))
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def has_triton() -> bool:
+    """True when triton imports (a GPU, or ``TRITON_INTERPRET=1`` for CPU tensors, runs it)."""
+    try:
+        importlib.import_module("triton")
+    except Exception:  # not installed, or broken without a GPU driver
+        return False
+    return True
+
+
+def triton_ops() -> Tuple[str, ...]:
+    return tuple(TRITON_OPS)
+
+
+def _triton_launcher(name: str) -> Callable:
+    module = importlib.import_module(f"molora_ops.triton.{TRITON_OPS[name]}")
+    return getattr(module, name)
+
+
+def _reference_fn(name: str) -> Callable:
+    fn = getattr(reference, name)
+    if name == "sgmv_shrink":  # max_rank is keyword-only in the reference
+        return lambda *a: fn(*a[:-1], max_rank=a[-1])
+    return fn
+
+
+def _has_float64(args) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args)
+
+
+def choose(name: str, args=(), backend: Optional[str] = None) -> str:
+    """The backend ("triton" or "reference") that runs op ``name`` on ``args`` under ``backend``
+    (default: ``get_backend()``); raises when the requested one cannot."""
+    backend = _validate(backend or get_backend())
+    if name not in ALL_OPS:
+        raise ValueError(f"molora_ops.backend: unknown op {name!r}")
+    if backend == "cuda":
+        raise NotImplementedError(f"molora.{name}: no CUDA C++ kernel yet; use the 'triton' or "
+                                  "'reference' backend (MOLORA_BACKEND / use_backend)")
+    if name not in TRITON_OPS:  # no kernel at all yet: the pure-PyTorch reference, on the GPU
+        return "reference"
+    if backend == "reference" or (backend == "auto" and (_has_float64(args) or not has_triton())):
+        return "reference"
+    if not has_triton():
+        raise RuntimeError(f"molora.{name}: the 'triton' backend needs the triton package")
+    if _has_float64(args):
+        raise TypeError(f"molora.{name}: the Triton kernels take fp16/bf16/fp32, not float64; "
+                        "use the 'reference' (or 'auto') backend")
+    return "triton"
+
+
+def resolve(name: str, args=(), backend: Optional[str] = None) -> Tuple[str, Callable]:
+    """(backend name, function) that runs op ``name`` on ``args`` (CUDA tensors, or CPU tensors
+    under the Triton interpreter)."""
+    chosen = choose(name, args, backend)
+    return chosen, (_triton_launcher(name) if chosen == "triton" else _reference_fn(name))
+
+
+def cuda_impl(name: str) -> Callable:
+    """The function registered as ``molora::<name>``'s CUDA kernel: checks, then the backend."""
+    meta_check = _meta_check(name)
+
+    def impl(*args):
+        meta_check(*args)
+        chosen, fn = resolve(name, args)
+        if chosen == "triton":
+            _VALUE_CHECKS[name](*args)
+        return fn(*args)
+
+    impl.__name__ = f"{name}_cuda_switch"
+    return impl
+
+
+SWITCHED_OPS: List[str] = []  # the ops whose CUDA kernel is the switch (filled at import)
+
+
+def _register() -> None:
+    if not has_extension():
+        return
+    for name in ALL_OPS:
+        qualname = f"molora::{name}"
+        if torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CUDA"):
+            continue  # a CUDA C++ kernel serves this op: the C++ registration owns the key
+        torch.library.impl(qualname, "CUDA")(cuda_impl(name))
+        SWITCHED_OPS.append(name)
+
+
+_register()

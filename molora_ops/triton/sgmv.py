@@ -1,0 +1,555 @@
+"""Triton kernels of the grouped low-rank matmuls (docs/OPS.md, Family 3) and their backward ops.
+
+Launchers (positional arguments as in the op schemas; outputs allocated here):
+
+* ``sgmv_shrink(x, A, rank_offsets, order, pos, expert_offsets, weights, scales, max_rank)``
+  -> ``h [P, max_rank]``
+* ``sgmv_expand(h, B, rank_offsets, order, pos, expert_offsets, weights, scales, base)``
+  -> ``y [T, d_out]``
+* ``fused_shrink_expand(x, A, B, rank_offsets, order, pos, expert_offsets, weights, scales, base)``
+  -> ``y [T, d_out]`` (small ranks, max_rank <= 64: ``h`` never leaves the chip)
+* ``sgmv_weight_grad(x, h, rank_offsets, order, pos, expert_offsets, weights, scales, total_rank)``
+  -> ``G [R, d]``
+* ``pair_dot(a, b, pos, a_by_token)`` -> ``out [T, k]`` (fp32)
+
+Schedule (shrink, expand, fused): the dispatched rows ``[0, expert_offsets[E])`` are cut into tiles
+of BLOCK_M rows that never straddle two experts (expert e owns ``cdiv(n_e, BLOCK_M)`` tiles). The
+launcher never reads the counts (no host sync, CUDA-graph friendly): it launches
+``cdiv(P, BLOCK_M) + E`` programs on grid axis 0, an upper bound on the number of tiles
+(``sum_e cdiv(n_e, BLOCK_M) <= P / BLOCK_M + E``), and each program loads ``expert_offsets`` as one
+power-of-two vector, forms ``tile_ends = cumsum(cdiv(counts, BLOCK_M))`` in registers, finds its
+expert by counting the ends <= its id, and exits when it lies past the last tile. (Computing the
+tile offsets in-kernel instead of with torch ops in the launcher saves ~5 tiny launches per op.)
+x rows are read through ``order`` (token ``order[i] // k``), never through a permuted copy.
+
+Numerics: every product accumulates in fp32 (``tl.dot`` with an fp32 accumulator); for fp32 inputs
+the dot runs with ``input_precision="ieee"`` (no TF32: results must match the fp32 reference).
+The row coefficient ``c_i = w[p] * s_e`` is applied in fp32 to the fp32 result. float64 is not
+supported (the backend switch routes it to the reference). The interpreter cannot run bf16 dots,
+so the CPU tests use fp32/fp16; bf16 is covered by the GPU tests.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import dot_block, index32, reject_float64
+
+__all__ = ["sgmv_shrink", "sgmv_expand", "fused_shrink_expand", "sgmv_weight_grad", "pair_dot"]
+
+FUSED_MAX_RANK = 64  # the fused path keeps a [BLOCK_M, next_pow2(max_rank)] h tile in registers
+
+
+# --------------------------------------------------------------------------------------------
+# Shared jit helpers
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gather_rows(order, rows, row_end, K):
+    """(p, tok, valid) of dispatched rows below row_end: pair p = order[i] of token p // K;
+    padding rows (p == -1) and rows at or past row_end are invalid (tok 0, loads through them
+    masked)."""
+    p = tl.load(order + rows, mask=rows < row_end, other=-1)
+    valid = p >= 0
+    tok = tl.where(valid, p // K, 0)
+    return p, tok, valid
+
+
+@triton.jit
+def _expert_rows(expert_offsets, rank_offsets, order, E, K, E_POW2: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
+    """This program's row tile: (e, rows, p, tok, valid, r_lo, r_e); e >= E means "no tile, exit".
+
+    Expert e owns cdiv(n_e, BLOCK_M) tiles, i.e. the program ids [ends[e] - tiles[e], ends[e])
+    with ends = cumsum(tiles); so e = #{e' : ends[e'] <= pid}. The counts and their prefix sum
+    come from one power-of-two vector load of expert_offsets (no launcher-side torch ops, no host
+    sync); lanes >= E hold 0 tiles, so they only count once pid is past the last tile.
+    An exiting program gets an empty row range: all its rows are invalid."""
+    pid = tl.program_id(0)
+    offs = tl.arange(0, E_POW2)
+    lo = tl.load(expert_offsets + offs, mask=offs < E, other=0)
+    hi = tl.load(expert_offsets + 1 + offs, mask=offs < E, other=0)
+    tiles = (hi - lo + (BLOCK_M - 1)) // BLOCK_M
+    ends = tl.cumsum(tiles, axis=0)
+    e = tl.sum((ends <= pid).to(tl.int32), axis=0)
+    mine = offs == e  # all False when e >= E: an exiting program gets an empty row range
+    first_tile = tl.sum(tl.where(mine, ends - tiles, 0), axis=0)
+    row_start = tl.sum(tl.where(mine, lo, 0), axis=0)
+    row_end = tl.sum(tl.where(mine, hi, 0), axis=0)
+    rows = row_start + (pid - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+    p, tok, valid = _gather_rows(order, rows, row_end, K)
+    r_lo = tl.load(rank_offsets + e, mask=e < E, other=0)
+    r_e = tl.load(rank_offsets + e + 1, mask=e < E, other=0) - r_lo
+    return e, rows, p, tok, valid, r_lo, r_e
+
+
+@triton.jit
+def _row_coef(w, scales, p, valid, e, HAS_W: tl.constexpr, HAS_S: tl.constexpr):
+    """c_i = w[p] * s_e in fp32 (each factor 1 when absent), 0 on invalid rows."""
+    c = tl.where(valid, 1.0, 0.0)
+    if HAS_W:
+        c = c * tl.load(w + p, mask=valid, other=0.0)
+    if HAS_S:
+        c = c * tl.load(scales + e)
+    return c
+
+
+@triton.jit
+def _shrink_acc(x, A, tok, valid, r_lo, a, a_ok, k_lo, k_hi, sxm, sxk, sam, sak,
+                DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                BLOCK_R: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_R] = x[tok, k_lo:k_hi] @ A[r_lo + a, k_lo:k_hi]^T (masked)."""
+    x_rows = x + tok.to(tl.int64)[:, None] * sxm
+    a_rows = A + (r_lo + a).to(tl.int64)[None, :] * sam
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < k_hi
+        xt = tl.load(x_rows + kk[None, :] * sxk, mask=valid[:, None] & k_ok[None, :], other=0.0)
+        at = tl.load(a_rows + kk[:, None] * sak, mask=k_ok[:, None] & a_ok[None, :], other=0.0)
+        acc = tl.dot(xt, at, acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _expand_store(out, delta, rows, tok, valid, n, n_ok, som, son, DIRECT: tl.constexpr):
+    """Write an expand tile delta [BLOCK_M, BLOCK_N] (fp32, c_i applied).
+
+    DIRECT (k == 1): a token owns at most one row, so the program owns y[tok] and adds in place
+    (y already holds base, or 0). Otherwise: rows go to the fp32 per-row buffer [P, d_out] that
+    _combine_kernel sums per token."""
+    if DIRECT:
+        ptrs = out + tok.to(tl.int64)[:, None] * som + n[None, :] * son
+        m = valid[:, None] & n_ok[None, :]
+        y = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
+        tl.store(ptrs, (y + delta).to(out.dtype.element_ty), mask=m)
+    else:
+        ptrs = out + rows.to(tl.int64)[:, None] * som + n[None, :] * son
+        tl.store(ptrs, delta, mask=valid[:, None] & n_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _shrink_kernel(x, A, h, rank_offsets, order, expert_offsets, w, scales,
+                   E, K, k_chunk, d_in,
+                   sxm, sxk, sam, sak, shm, shr,
+                   HAS_W: tl.constexpr, HAS_S: tl.constexpr, ATOMIC: tl.constexpr,
+                   DOT_PREC: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """grid (row tiles, rank tiles, K splits). h was zero-filled by the launcher, so programs
+    with nothing to add (past the last tile, rank tile >= r_e) just exit. ATOMIC (split-K):
+    each program reduces one chunk of d_in and atomically adds into the fp32 h."""
+    e, rows, p, tok, valid, r_lo, r_e = _expert_rows(expert_offsets, rank_offsets, order, E, K,
+                                                     E_POW2, BLOCK_M)
+    if e >= E:
+        return
+    a = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    if tl.program_id(1) * BLOCK_R >= r_e:
+        return
+    k_lo = tl.program_id(2) * k_chunk
+    k_hi = tl.minimum(k_lo + k_chunk, d_in)
+    acc = _shrink_acc(x, A, tok, valid, r_lo, a, a < r_e, k_lo, k_hi, sxm, sxk, sam, sak,
+                      DOT_PREC, BLOCK_M, BLOCK_K, BLOCK_R)
+    acc = acc * _row_coef(w, scales, p, valid, e, HAS_W, HAS_S)[:, None]
+    ptrs = h + rows.to(tl.int64)[:, None] * shm + a[None, :] * shr
+    m = valid[:, None] & (a < r_e)[None, :]
+    if ATOMIC:
+        tl.atomic_add(ptrs, acc, mask=m)
+    else:
+        tl.store(ptrs, acc.to(h.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _expand_kernel(h, B, out, rank_offsets, order, expert_offsets, w, scales,
+                   d_out, E, K,
+                   shm, shr, sbn, sbr, som, son,
+                   HAS_W: tl.constexpr, HAS_S: tl.constexpr, DIRECT: tl.constexpr,
+                   DOT_PREC: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """grid (row tiles, d_out tiles): delta = c_i * h[i, :r_e] @ B[n, r_lo:r_lo + r_e]^T, the
+    rank dimension reduced in BLOCK_R chunks (any rank)."""
+    e, rows, p, tok, valid, r_lo, r_e = _expert_rows(expert_offsets, rank_offsets, order, E, K,
+                                                     E_POW2, BLOCK_M)
+    if e >= E:
+        return
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < d_out
+    h_rows = h + rows.to(tl.int64)[:, None] * shm
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for a0 in range(0, r_e, BLOCK_R):
+        a = a0 + tl.arange(0, BLOCK_R)
+        a_ok = a < r_e
+        ht = tl.load(h_rows + a[None, :] * shr, mask=valid[:, None] & a_ok[None, :], other=0.0)
+        bt = tl.load(B + n[None, :] * sbn + (r_lo + a)[:, None] * sbr,
+                     mask=a_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(ht, bt, acc, input_precision=DOT_PREC)
+    acc = acc * _row_coef(w, scales, p, valid, e, HAS_W, HAS_S)[:, None]
+    _expand_store(out, acc, rows, tok, valid, n, n_ok, som, son, DIRECT)
+
+
+@triton.jit
+def _fused_kernel(x, A, B, out, rank_offsets, order, expert_offsets, w, scales,
+                  d_in, d_out, E, K,
+                  sxm, sxk, sam, sak, sbn, sbr, som, son,
+                  HAS_W: tl.constexpr, HAS_S: tl.constexpr, DIRECT: tl.constexpr,
+                  DOT_PREC: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """grid (row tiles,): shrink the tile over all of d_in into registers, round h to the data
+    dtype (exactly what the unfused sgmv_shrink stores), then loop over the d_out tiles."""
+    e, rows, p, tok, valid, r_lo, r_e = _expert_rows(expert_offsets, rank_offsets, order, E, K,
+                                                     E_POW2, BLOCK_M)
+    if e >= E:
+        return
+    a = tl.arange(0, BLOCK_R)
+    a_ok = a < r_e
+    hq = _shrink_acc(x, A, tok, valid, r_lo, a, a_ok, 0, d_in, sxm, sxk, sam, sak,
+                     DOT_PREC, BLOCK_M, BLOCK_K, BLOCK_R).to(x.dtype.element_ty)
+    c = _row_coef(w, scales, p, valid, e, HAS_W, HAS_S)
+    b_cols = B + (r_lo + a)[:, None] * sbr
+    for n0 in range(0, d_out, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < d_out
+        bt = tl.load(b_cols + n[None, :] * sbn, mask=a_ok[:, None] & n_ok[None, :], other=0.0)
+        delta = tl.dot(hq, bt, input_precision=DOT_PREC) * c[:, None]
+        _expand_store(out, delta, rows, tok, valid, n, n_ok, som, son, DIRECT)
+
+
+@triton.jit
+def _combine_kernel(buf, base, y, pos, T, d_out, K,
+                    sbm, sbn, sym, syn,
+                    HAS_BASE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """grid (token tiles, d_out tiles), token-owned: y[t] = base[t] + sum_j buf[pos[t, j]] with
+    the slots summed in the fixed order j = 0..k-1 (deterministic, no atomics)."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < T
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < d_out
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for j in range(0, K):
+        i = tl.load(pos + t.to(tl.int64) * K + j, mask=t_ok, other=-1)
+        m = (i >= 0)[:, None] & n_ok[None, :]
+        acc += tl.load(buf + i.to(tl.int64)[:, None] * d_out + n[None, :], mask=m, other=0.0)
+    m = t_ok[:, None] & n_ok[None, :]
+    if HAS_BASE:
+        acc = tl.load(base + t.to(tl.int64)[:, None] * sbm + n[None, :] * sbn, mask=m,
+                      other=0.0).to(tl.float32) + acc
+    tl.store(y + t.to(tl.int64)[:, None] * sym + n[None, :] * syn, acc.to(y.dtype.element_ty),
+             mask=m)
+
+
+@triton.jit
+def _weight_grad_kernel(x, h, G, rank_offsets, order, expert_offsets, w, scales, d, K,
+                        sxm, sxd, shm, shr, sgr, sgd,
+                        HAS_W: tl.constexpr, HAS_S: tl.constexpr, SPLIT_LO: tl.constexpr,
+                        DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
+    """grid (E, rank tiles, d tiles): G[r_lo + a, dcol] = sum_{i in e} c_i h[i, a] x[t_i, dcol],
+    looping over the expert's rows in BLOCK_M chunks (each program owns its output tile: no
+    atomics, deterministic; an expert with no rows writes zeros).
+
+    c_i varies along the reduced dimension, so it scales h before the dot. For 16-bit inputs
+    c * h is split into hi + lo halves in the data dtype and both are dotted with x (SPLIT_LO):
+    twice the (tiny, rank-sized) tensor-core work, but no rounding of c * h beyond fp32 level."""
+    e = tl.program_id(0)
+    r_lo = tl.load(rank_offsets + e)
+    r_e = tl.load(rank_offsets + e + 1) - r_lo
+    a = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    if tl.program_id(1) * BLOCK_R >= r_e:
+        return
+    a_ok = a < r_e
+    dcol = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = dcol < d
+    row_lo = tl.load(expert_offsets + e)
+    row_hi = tl.load(expert_offsets + e + 1)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    for i0 in range(row_lo, row_hi, BLOCK_M):
+        rows = i0 + tl.arange(0, BLOCK_M)
+        p, tok, valid = _gather_rows(order, rows, row_hi, K)
+        c = _row_coef(w, scales, p, valid, e, HAS_W, HAS_S)
+        xt = tl.load(x + tok.to(tl.int64)[:, None] * sxm + dcol[None, :] * sxd,
+                     mask=valid[:, None] & d_ok[None, :], other=0.0)
+        ht = tl.load(h + rows.to(tl.int64)[:, None] * shm + a[None, :] * shr,
+                     mask=valid[:, None] & a_ok[None, :], other=0.0)
+        hc = ht.to(tl.float32) * c[:, None]
+        hi = hc.to(xt.dtype)
+        acc = tl.dot(tl.trans(hi), xt, acc, input_precision=DOT_PREC)
+        if SPLIT_LO:
+            lo = (hc - hi.to(tl.float32)).to(xt.dtype)
+            acc = tl.dot(tl.trans(lo), xt, acc, input_precision=DOT_PREC)
+    tl.store(G + (r_lo + a).to(tl.int64)[:, None] * sgr + dcol[None, :] * sgd,
+             acc.to(G.dtype.element_ty), mask=a_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _pair_dot_kernel(a, b, out, pos, n_pairs, K, d,
+                     sam, sad, sbm, sbd,
+                     A_BY_TOKEN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """grid (pair tiles,): out[q] = dot(a[q // K if A_BY_TOKEN else pos[q]], b[pos[q]]) in fp32
+    for flat pairs q = t*K + j; 0 where pos == -1."""
+    q = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    q_ok = q < n_pairs
+    i = tl.load(pos + q, mask=q_ok, other=-1)
+    ok = i >= 0
+    a_row = (q // K) if A_BY_TOKEN else i
+    a_rows = a + a_row.to(tl.int64)[:, None] * sam
+    b_rows = b + i.to(tl.int64)[:, None] * sbm
+    acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for d0 in range(0, d, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        m = ok[:, None] & (dd < d)[None, :]
+        av = tl.load(a_rows + dd[None, :] * sad, mask=m, other=0.0).to(tl.float32)
+        bv = tl.load(b_rows + dd[None, :] * sbd, mask=m, other=0.0).to(tl.float32)
+        acc += tl.sum(av * bv, axis=1)
+    tl.store(out + q, acc, mask=q_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact fp32 products (no TF32, results must match the fp32 reference);
+    # for fp16/bf16 "tf32" is Triton's default and means the plain tensor-core dot.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+BLOCK_T = 16  # tokens per program of the combine pass, (token, slot) pairs per pair_dot program
+
+
+class _Blocks(NamedTuple):
+    M: int  # dispatched rows per tile (rows of one expert)
+    K: int  # reduction chunk over d_in (shrink)
+    N: int  # d_out tile (expand, combine) or d tile (weight grad, pair_dot)
+    R: int  # rank tile
+
+
+def _blocks(P: int, E: int, d_in: int, d_out: int, max_rank: int, rank_cap: int = 128) -> _Blocks:
+    """The one place that picks block sizes (simple shape heuristics, no autotuning; every tl.dot
+    dim >= 16). BLOCK_M follows the average rows per expert so small batches do not pad every
+    expert's tile to 64 rows; rank tiles cover max_rank up to rank_cap in one tile.
+    NOTE: unmeasured on GPU (no device this session)."""
+    return _Blocks(
+        M=dot_block(triton.cdiv(max(P, 1), max(E, 1)), 64),
+        K=dot_block(d_in, 64),
+        N=dot_block(d_out, 64),
+        R=dot_block(max_rank, rank_cap),
+    )
+
+
+def _coef(weights: Optional[torch.Tensor], scales: Optional[torch.Tensor], dummy: torch.Tensor):
+    """(w [T*k] fp32, scales [E] fp32, HAS_W, HAS_S); absent ones are replaced by a dummy pointer
+    that the kernels never dereference."""
+    w = dummy if weights is None else weights.detach().reshape(-1).to(torch.float32).contiguous()
+    s = dummy if scales is None else scales.detach().to(torch.float32).contiguous()
+    return w, s, weights is not None, scales is not None
+
+
+class _Grouped(NamedTuple):
+    """Launch context shared by shrink / expand / fused."""
+    ro: torch.Tensor
+    order: torch.Tensor
+    pos: torch.Tensor
+    eo: torch.Tensor
+    n_programs: int
+    w: torch.Tensor
+    s: torch.Tensor
+    has_w: bool
+    has_s: bool
+    T: int
+    K: int
+    P: int
+    E: int
+    e_pow2: int
+
+
+def _grouped(rank_offsets, order, pos, expert_offsets, weights, scales, block_m) -> _Grouped:
+    order, pos, eo, ro = map(index32, (order, pos, expert_offsets, rank_offsets))
+    T, K = pos.shape
+    P, E = order.numel(), eo.numel() - 1
+    # an upper bound on the row tiles: sum_e cdiv(n_e, BLOCK_M) <= P / BLOCK_M + E
+    n_programs = triton.cdiv(P, block_m) + E
+    w, s, has_w, has_s = _coef(weights, scales, eo)
+    return _Grouped(ro, order, pos, eo, n_programs, w, s, has_w, has_s, T, K, P, E,
+                    triton.next_power_of_2(E))
+
+
+def _split_k(n_tiles: int, d_in: int, block_k: int) -> int:
+    """Split-K factor for shrink: only when there are too few row/rank tiles to fill the GPU
+    (an H100 has 132 SMs) and d_in is long (tall-skinny x^T A); each split reduces >= 512
+    columns of d_in."""
+    # NOTE: threshold unmeasured on GPU (no device this session)
+    if n_tiles >= 128 or d_in < 1024:
+        return 1
+    return min(8, d_in // 512, triton.cdiv(d_in, block_k))
+
+
+def _output_y(base: Optional[torch.Tensor], T: int, d_out: int, like: torch.Tensor):
+    """y initialised for the direct (k == 1) path: a copy of base, or zeros."""
+    if base is None:
+        return torch.zeros(T, d_out, dtype=like.dtype, device=like.device)
+    return base.to(like.dtype, copy=True, memory_format=torch.contiguous_format)
+
+
+def _combine(buf: torch.Tensor, base: Optional[torch.Tensor], pos: torch.Tensor,
+             dtype: torch.dtype) -> torch.Tensor:
+    """y [T, d_out] (dtype) = base + per-token sum of the fp32 row buffer [P, d_out]."""
+    T, K = pos.shape
+    d_out = buf.shape[1]
+    y = torch.empty(T, d_out, dtype=dtype, device=buf.device)
+    if T == 0 or d_out == 0:
+        return y
+    bn = _blocks(0, 1, 0, d_out, 0).N
+    b = buf if base is None else base  # dummy pointer when there is no base
+    _combine_kernel[(triton.cdiv(T, BLOCK_T), triton.cdiv(d_out, bn))](
+        buf, b, y, pos, T, d_out, K, b.stride(0), b.stride(1), y.stride(0), y.stride(1),
+        HAS_BASE=base is not None, BLOCK_T=BLOCK_T, BLOCK_N=bn)
+    return y
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def sgmv_shrink(x, A, rank_offsets, order, pos, expert_offsets, weights, scales, max_rank, *,
+                split_k: Optional[int] = None):
+    """h [P, max_rank] (dtype x): h[i, a] = c_i * dot(A[ro_e + a], x[t_i]) for a < r_e, else 0.
+
+    ``split_k`` (not in the op schema; tests): number of d_in chunks reduced by separate programs
+    with fp32 atomics; None picks it with ``_split_k``."""
+    reject_float64(x, A)
+    P, d_in = order.numel(), x.shape[1]
+    if P == 0 or max_rank == 0 or A.shape[0] == 0:
+        return torch.zeros(P, max_rank, dtype=x.dtype, device=x.device)
+    blk = _blocks(P, expert_offsets.numel() - 1, d_in, 0, max_rank)
+    g = _grouped(rank_offsets, order, pos, expert_offsets, weights, scales, blk.M)
+    rank_tiles = triton.cdiv(max_rank, blk.R)
+    if split_k is None:
+        split_k = _split_k(g.n_programs * rank_tiles, d_in, blk.K)
+    k_chunk = triton.cdiv(triton.cdiv(max(d_in, 1), split_k), blk.K) * blk.K
+    atomic = split_k > 1
+    # Zero-filled: rows past expert_offsets[E], padding rows and ranks >= r_e are never written.
+    # Split-K partial sums meet in fp32 (the order of the splits' atomic adds is not fixed).
+    out = torch.zeros(P, max_rank, dtype=torch.float32 if atomic else x.dtype, device=x.device)
+    grid = (g.n_programs, rank_tiles, triton.cdiv(max(d_in, 1), k_chunk))
+    _shrink_kernel[grid](
+        x, A, out, g.ro, g.order, g.eo, g.w, g.s,
+        g.E, g.K, k_chunk, d_in,
+        x.stride(0), x.stride(1), A.stride(0), A.stride(1), out.stride(0), out.stride(1),
+        HAS_W=g.has_w, HAS_S=g.has_s, ATOMIC=atomic, DOT_PREC=_dot_precision(x.dtype),
+        E_POW2=g.e_pow2, BLOCK_M=blk.M, BLOCK_K=blk.K, BLOCK_R=blk.R)
+    return out.to(x.dtype)
+
+
+def _expand_out(g: _Grouped, base, d_out: int, like: torch.Tensor):
+    """(out, DIRECT): y itself when k == 1 (token-owned rows), else an fp32 per-row buffer.
+
+    Why a buffer + combine pass for k > 1 rather than atomics into y: the result is deterministic
+    (a token's k rows are summed in slot order), and atomic adds on bf16/fp16 outputs would round
+    at every add in an arbitrary order. The price is the extra [P, d_out] fp32 write + read
+    (unmeasured on GPU this session)."""
+    if g.K == 1:
+        return _output_y(base, g.T, d_out, like), True
+    return torch.empty(g.P, d_out, dtype=torch.float32, device=like.device), False
+
+
+def sgmv_expand(h, B, rank_offsets, order, pos, expert_offsets, weights, scales, base):
+    """y [T, d_out] (dtype h) = base + sum_j c_i * B[:, ro_e : ro_e + r_e] @ h[i, :r_e]."""
+    reject_float64(h, B, base)
+    P, d_out, max_rank = order.numel(), B.shape[0], h.shape[1]
+    T = pos.shape[0]
+    if P == 0 or d_out == 0 or B.shape[1] == 0 or max_rank == 0:
+        return _output_y(base, T, d_out, h)
+    blk = _blocks(P, expert_offsets.numel() - 1, 0, d_out, max_rank, rank_cap=64)
+    g = _grouped(rank_offsets, order, pos, expert_offsets, weights, scales, blk.M)
+    out, direct = _expand_out(g, base, d_out, h)
+    _expand_kernel[(g.n_programs, triton.cdiv(d_out, blk.N))](
+        h, B, out, g.ro, g.order, g.eo, g.w, g.s,
+        d_out, g.E, g.K,
+        h.stride(0), h.stride(1), B.stride(0), B.stride(1), out.stride(0), out.stride(1),
+        HAS_W=g.has_w, HAS_S=g.has_s, DIRECT=direct, DOT_PREC=_dot_precision(h.dtype),
+        E_POW2=g.e_pow2, BLOCK_M=blk.M, BLOCK_N=blk.N, BLOCK_R=blk.R)
+    return out if direct else _combine(out, base, g.pos, h.dtype)
+
+
+def fused_shrink_expand(x, A, B, rank_offsets, order, pos, expert_offsets, weights, scales, base,
+                        *, max_rank: Optional[int] = None):
+    """y [T, d_out] = sgmv_expand(sgmv_shrink(x, A, ..., None, None, max_rank), B, ..., weights,
+    scales, base) with h kept on chip (one program per expert row tile: shrink over d_in into a
+    [BLOCK_M, BLOCK_R] register tile, then expand over every d_out tile).
+
+    Small ranks only: every r_e <= ``max_rank`` <= 64 (FUSED_MAX_RANK). ``max_rank`` may be left
+    out when the bank's total rank R <= 64 (then R bounds every r_e); it cannot be read from
+    rank_offsets without a host sync."""
+    reject_float64(x, A, B, base)
+    R, d_in, d_out = A.shape[0], x.shape[1], B.shape[0]
+    if max_rank is None:
+        max_rank = R
+    if max_rank > FUSED_MAX_RANK:
+        raise ValueError(f"molora triton: fused_shrink_expand needs max_rank <= {FUSED_MAX_RANK} "
+                         f"(pass max_rank when the bank's total rank exceeds it), got {max_rank}")
+    P, T = order.numel(), pos.shape[0]
+    if P == 0 or d_out == 0 or R == 0:
+        return _output_y(base, T, d_out, x)
+    blk = _blocks(P, expert_offsets.numel() - 1, d_in, d_out, max_rank, rank_cap=FUSED_MAX_RANK)
+    g = _grouped(rank_offsets, order, pos, expert_offsets, weights, scales, blk.M)
+    out, direct = _expand_out(g, base, d_out, x)
+    _fused_kernel[(g.n_programs,)](
+        x, A, B, out, g.ro, g.order, g.eo, g.w, g.s,
+        d_in, d_out, g.E, g.K,
+        x.stride(0), x.stride(1), A.stride(0), A.stride(1), B.stride(0), B.stride(1),
+        out.stride(0), out.stride(1),
+        HAS_W=g.has_w, HAS_S=g.has_s, DIRECT=direct, DOT_PREC=_dot_precision(x.dtype),
+        E_POW2=g.e_pow2, BLOCK_M=blk.M, BLOCK_K=blk.K, BLOCK_N=blk.N, BLOCK_R=blk.R)
+    return out if direct else _combine(out, base, g.pos, x.dtype)
+
+
+def sgmv_weight_grad(x, h, rank_offsets, order, pos, expert_offsets, weights, scales,
+                     total_rank):
+    """G [R, d] (dtype x): G[ro_e + a] = sum_{i in e} c_i h[i, a] x[t_i] (grouped X^T Y)."""
+    reject_float64(x, h)
+    d, max_rank = x.shape[1], h.shape[1]
+    E = expert_offsets.numel() - 1
+    # every row ro_e + a (a < r_e) is written by exactly one program: no zero fill needed
+    G = torch.empty(total_rank, d, dtype=x.dtype, device=x.device)
+    if total_rank == 0 or d == 0:
+        return G
+    if order.numel() == 0 or max_rank == 0:
+        return G.zero_()
+    blk = _blocks(order.numel(), E, 0, d, max_rank)
+    order, pos, eo, ro = map(index32, (order, pos, expert_offsets, rank_offsets))
+    w, s, has_w, has_s = _coef(weights, scales, eo)
+    grid = (E, triton.cdiv(max_rank, blk.R), triton.cdiv(d, blk.N))
+    _weight_grad_kernel[grid](
+        x, h, G, ro, order, eo, w, s, d, pos.shape[1],
+        x.stride(0), x.stride(1), h.stride(0), h.stride(1), G.stride(0), G.stride(1),
+        HAS_W=has_w, HAS_S=has_s, SPLIT_LO=(has_w or has_s) and x.dtype != torch.float32,
+        DOT_PREC=_dot_precision(x.dtype), BLOCK_M=blk.M, BLOCK_R=blk.R, BLOCK_D=blk.N)
+    return G
+
+
+def pair_dot(a, b, pos, a_by_token):
+    """out [T, k] fp32: out[t, j] = dot(a[t if a_by_token else pos[t, j]], b[pos[t, j]]), 0 where
+    pos == -1 (routing-weight gradients)."""
+    reject_float64(a, b)
+    T, K = pos.shape
+    out = torch.empty(T, K, dtype=torch.float32, device=b.device)
+    d = b.shape[1]
+    if T * K == 0:
+        return out
+    pos = index32(pos)
+    bd = _blocks(0, 1, 0, d, 0).N
+    _pair_dot_kernel[(triton.cdiv(T * K, BLOCK_T),)](
+        a, b, out, pos, T * K, K, d, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        A_BY_TOKEN=bool(a_by_token), BLOCK_P=BLOCK_T, BLOCK_D=bd)
+    return out

@@ -8,7 +8,14 @@ TypeError) is skipped with a printed note, and the rest of the suite runs as usu
 A module is called through ``torch.func.functional_call`` with its trainable parameters passed as
 inputs (``p.<name>``), so the suite's leaves / gradients / rotation machinery applies unchanged.
 Its oracle is a float64 copy of the same module (the modules call the ops themselves, so there is
-no backend to swap); its only implementation row is ``module``.
+no backend to swap). Rows per method (the ``moe_lora`` layer's structure):
+
+* ``module``: the ``molora_ops.modules`` nn.Module;
+* ``loop``: the per-expert Python loop of the reference code users run today (MoE-PEFT /
+  PEFT / srmole, each spelled out below), on the module's own parameters, so it is checked
+  against the same float64 module and differentiates the same inputs;
+* ``base``: the frozen layer alone (FFN or linear), d/dx only, against its float64 self: the
+  ``x base`` column is the method's overhead over the model without adapters.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .cases import Impl, OpSpec, Problem, _dims
@@ -43,6 +51,15 @@ def mixlora_ffn(d: Dims) -> Dict[str, Cost]:
                T * d_ * b + T * d_ * b + base + E * d_ * b + lora + T * d_ * b + E * d_ * b
                + 3 * E * r * (d_ + f) * b)
     return {"fwd": fwd, "bwd": bwd}
+
+
+@model
+def gated_ffn(d: Dims) -> Dict[str, Cost]:
+    """The frozen FFN alone, W2 (silu(W1 x) * W3 x), d = d_in, d_ff = d_out: 6*T*d*d_ff each way
+    (bwd: dx only); reads x (bwd: and gy), W1, W3, W2; writes y (bwd: dx)."""
+    T, d_, f, b = d.T, d.d_in, d.d_out, d.elem
+    return {"fwd": Cost(6 * T * d_ * f, (2 * T * d_ + 3 * d_ * f) * b),
+            "bwd": Cost(6 * T * d_ * f, (3 * T * d_ + 3 * d_ * f) * b)}
 
 
 @model
@@ -73,7 +90,7 @@ def smora(d: Dims) -> Dict[str, Cost]:
     return {"fwd": fwd, "bwd": bwd}
 
 
-# --- the methods --------------------------------------------------------------------------------
+# --- building the modules -----------------------------------------------------------------------
 
 
 def _linear(d_in, d_out, device, dtype):
@@ -101,34 +118,126 @@ def _build_smora(mods, case, device, dtype):
     return m, {}
 
 
+# --- the baselines: what the reference code runs, on the module's own weights -----------------
+# Each takes (module, weights, x, **extra): the module for its sizes, ``weights`` every parameter
+# and buffer by name, the trainable ones being the harness's inputs ``p.<name>`` (see on_module).
+
+
+def _expert_lora(m: nn.Module, W, bank: str, e: int, x: torch.Tensor) -> torch.Tensor:
+    """s_e B_e (A_e x) of expert e of the LoRABank ``bank`` (PEFT's lora_B(lora_A(x)) * scaling)."""
+    r0, r1 = m.get_submodule(bank).ranks_slice(e)
+    h = F.linear(x, W[f"{bank}.A"][r0:r1])
+    return F.linear(h, W[f"{bank}.B"][:, r0:r1]) * W[f"{bank}.scales"][e]
+
+
+def _router_logits(W, x: torch.Tensor) -> torch.Tensor:
+    """The fp32 router of the modules (fp64 stays fp64): x Wg^T."""
+    op = torch.promote_types(x.dtype, torch.float32)
+    return F.linear(x.to(op), W["router.linear.weight"].to(op))
+
+
+def mixlora_loop(m, W, x):
+    """MoE-PEFT ``MixtralSparseMoe.forward`` with MixLoRA experts (``_mixlora_forward``, its
+    efficient operator): softmax -> top-k -> renormalise; W1 x and W3 x once for all tokens; per
+    expert, its pairs ``tok, slot = nonzero(ids == e)`` run the expert's FFN
+    ``W2 a + s B2 A2 a``, ``a = silu(W1 x + s B1 A1 x) * (W3 x + s B3 A3 x)`` (W2 once per pair),
+    ``index_add_`` weighted by the routing weight."""
+    w, ids = torch.softmax(_router_logits(W, x), -1).topk(m.gating.k, dim=-1)
+    w = w / w.sum(-1, keepdim=True)
+    g0, u0 = F.linear(x, W["gate_proj.weight"]), F.linear(x, W["up_proj.weight"])
+    y = torch.zeros_like(x)
+    for e in range(m.num_experts):
+        tok, slot = torch.nonzero(ids == e, as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        xe = x[tok]
+        a = (F.silu(g0[tok] + _expert_lora(m, W, "gate_lora", e, xe))
+             * (u0[tok] + _expert_lora(m, W, "up_lora", e, xe)))
+        ye = F.linear(a, W["down_proj.weight"]) + _expert_lora(m, W, "down_lora", e, a)
+        y.index_add_(0, tok, (ye * w[tok, slot, None]).to(y.dtype))
+    return y
+
+
+def ffn_base(m, W, x):
+    """The frozen FFN alone: W2 (silu(W1 x) * W3 x)."""
+    a = F.silu(F.linear(x, W["gate_proj.weight"])) * F.linear(x, W["up_proj.weight"])
+    return F.linear(a, W["down_proj.weight"])
+
+
+def xlora_loop(m, W, x, scalings):
+    """PEFT ``XLoraLinearLayer.forward``: ``y = W0 x + sum_n s_n B_n A_n (x * scalings[:, n])``,
+    one adapter at a time (global scaling weight 1, no top-k: the module's defaults)."""
+    y = F.linear(x, W["base.weight"])
+    for n in range(m.num_experts):
+        y = y + _expert_lora(m, W, "bank", n, x * scalings[:, n:n + 1])
+    return y
+
+
+def linear_base(m, W, x, **_):
+    """The frozen linear alone: W0 x."""
+    return F.linear(x, W["base.weight"])
+
+
+def smora_loop(m, W, x):
+    """srmole ``SRMoLELinear.forward`` with ``dense_compute``: ``g = sigmoid(x Wg^T)``, top-k of
+    ``g + b``, gate ``v / sum v * k`` scattered into a dense [T, r] mask,
+    ``y = W0 x + alpha/k ((x A^T) * gate) B^T``."""
+    g = torch.sigmoid(_router_logits(W, x))
+    v, idx = (g + W["rank_bias"]).topk(m.k, dim=-1)
+    gate = torch.zeros_like(g).scatter(1, idx, v / v.sum(-1, keepdim=True) * m.k)
+    h = F.linear(x, W["lora.A"]) * gate
+    return F.linear(x, W["base.weight"]) + F.linear(h.to(x.dtype), W["lora.B"]) * m.scaling
+
+
+def module_forward(m, W, x, **extra):
+    """The module itself, its weights (trainable ones from the inputs) through functional_call."""
+    return torch.func.functional_call(m, W, (x,), extra)
+
+
+# --- the methods --------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
     build: Callable  # (molora_ops.modules, case, device, dtype) -> (module, extra inputs)
     extra_grads: Tuple[str, ...]  # inputs besides x that get gradients
+    loop: Callable  # (module, weights, x, **extra) -> y: the reference code's per-expert loop
+    base: Callable  # (module, weights, x, **extra) -> y: the frozen layer alone
+    base_model: str  # the byte / FLOP model of `base`
 
 
 METHODS = (
-    Method("mixlora_ffn", _build_mixlora, ()),
-    Method("xlora_dense", _build_xlora, ("scalings",)),
-    Method("smora", _build_smora, ()),
+    Method("mixlora_ffn", _build_mixlora, (), mixlora_loop, ffn_base, "gated_ffn"),
+    Method("xlora_dense", _build_xlora, ("scalings",), xlora_loop, linear_base, "linear"),
+    Method("smora", _build_smora, (), smora_loop, linear_base, "linear"),
 )
+
+_EXTRA = ("scalings",)  # inputs passed to the module's forward besides x
 
 
 def _params(inputs: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     return {n[2:]: v for n, v in inputs.items() if n.startswith("p.")}
 
 
-def _call(module: nn.Module, inputs: Dict[str, Any], params=None):
-    extra = {k: v for k, v in inputs.items() if k in ("scalings",)}
-    return torch.func.functional_call(module, params or _params(inputs), (inputs["x"],), extra)
+def on_module(fn: Callable) -> Callable[[Dict[str, Any]], Any]:
+    """inputs -> fn(module, its parameters and buffers with the trainable ones taken from the
+    inputs' ``p.<name>``, x, **extra inputs)."""
+    def run(inputs: Dict[str, Any]):
+        m = inputs["module"]
+        weights = {**dict(m.named_parameters()), **dict(m.named_buffers()), **_params(inputs)}
+        extra = {k: v for k, v in inputs.items() if k in _EXTRA}
+        return fn(m, weights, inputs["x"], **extra)
+    return run
 
 
-def _fp64_oracle(inputs: Dict[str, Any]):
-    """The same module in float64 (inputs and trainable parameters upcast)."""
-    up = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
-          for k, v in inputs.items()}
-    return _call(inputs["module64"], up, _params(up))
+def fp64(run: Callable) -> Callable[[Dict[str, Any]], Any]:
+    """`run` in float64: on the module's float64 copy, floating inputs upcast."""
+    def oracle(inputs: Dict[str, Any]):
+        up = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
+              for k, v in inputs.items()}
+        return run({**up, "module": inputs["module64"]})
+    return oracle
 
 
 def _spec(method: Method, mods) -> OpSpec:
@@ -147,11 +256,18 @@ def _spec(method: Method, mods) -> OpSpec:
         return Problem(inputs, _dims(case, dtype),
                        grads=("x",) + method.extra_grads + tuple(params))
 
-    def impls(device, dtype) -> List[Impl]:
-        return [Impl("module", "module", lambda i: _call(i["module"], i), oracle=_fp64_oracle)]
+    module = on_module(module_forward)
+    oracle = fp64(module)
 
-    return OpSpec(method.name, make, lambda ns, i: _call(i["module"], i), ("x",),
-                  baselines=impls, use_backends=False)
+    def impls(device, dtype) -> List[Impl]:
+        base = on_module(method.base)
+        return [Impl("module", "module", module, oracle=oracle),
+                Impl("loop", "baseline", on_module(method.loop), oracle=oracle),
+                Impl("base", "baseline", base, model=method.base_model, grads=("x",),
+                     oracle=fp64(base))]
+
+    return OpSpec(method.name, make, lambda ns, i: module(i), ("x",), baselines=impls,
+                  use_backends=False)
 
 
 def method_cases(preset: str) -> List[Case]:

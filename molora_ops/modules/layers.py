@@ -109,7 +109,9 @@ class MoLoRALinear(nn.Module):
         xd = self.lora_dropout(x2).to(bank_dtype)
         if routing is None:
             routing = self.route(x2, xd)
-        base = None if self.base is None else self.base(x2.to(self.base.weight.dtype)).to(bank_dtype)
+        base = None
+        if self.base is not None:  # the frozen base runs in its own dtype (bf16, say)
+            base = self.base(x2.to(self.base.weight.dtype)).to(bank_dtype)
         y = self.adapters(xd, routing, base).to(x.dtype).reshape(*lead, self.out_features)
         return (y, routing) if return_routing else y
 

@@ -22,6 +22,7 @@ with ``TRITON_INTERPRET=1``): that is how the CPU tests cover this path.
 from __future__ import annotations
 
 import contextlib
+import functools
 import contextvars
 import importlib
 import os
@@ -35,7 +36,7 @@ from .reference import _common
 from .ops import ALL_OPS
 
 __all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "choose", "resolve", "cuda_impl",
-           "has_triton", "triton_ops", "TRITON_OPS", "SWITCHED_OPS"]
+           "has_triton", "TRITON_OPS", "SWITCHED_OPS"]
 
 BACKENDS = ("auto", "triton", "cuda", "reference")
 
@@ -48,58 +49,29 @@ TRITON_OPS: Dict[str, str] = {
 }
 
 
-def _ro_check(op: str, total_rank: int):
-    return lambda ro: _common.check_rank_offsets(op, ro, total_rank)
-
-
-def _dispatched_check(op: str, rank_of, rows_of) -> Callable:
-    """Value checks of the grouped ops: rank_offsets, expert_offsets, order and pos in range."""
-    def check(*a):
-        data, bank, ro, order, pos, eo = a[:6]
-        T, k = pos.shape
-        _common.check_rank_offsets(op, ro, rank_of(a))
-        _common.check_expert_offsets(op, eo, order.numel())
-        _common.check_ids_in_range("order", op, order, -1, T * k)
-        _common.check_ids_in_range("pos", op, pos, -1, order.numel())
-        _common.check_max_rank(op, ro, rows_of(a))
-    return check
+# (``reference.dispatch`` is the re-exported function, so the family modules are imported by path)
+_ref_dispatch = importlib.import_module("molora_ops.reference.dispatch")
+_ref_sgmv = importlib.import_module("molora_ops.reference.sgmv")
 
 
 def _ids_check(op: str, ids_at: int, bound: Callable) -> Callable:
     return lambda *a: _common.check_ids_in_range("ids", op, a[ids_at], -1, bound(a))
 
 
-def _gated_check(op: str, a_at: int, b_at: int, ro_at: int, shared_at: int) -> Callable:
-    def check(*a):
-        A, B, ro, shared = a[a_at], a[b_at], a[ro_at], a[shared_at]
-        _common.check_rank_offsets(op, ro, B.shape[1])
-        if shared:
-            E, r = ro.numel() - 1, A.shape[0]
-            if not torch.equal(ro.long().cpu(), torch.arange(E + 1) * r):
-                raise ValueError(f"molora.{op}: with shared_a, rank_offsets must be "
-                                 f"arange(E+1) * r (r = A.shape[0] = {r})")
-        else:
-            _common.check_rank_offsets(op, ro, A.shape[0])
-    return check
-
-
-def _pair_dot_check(a, b, pos, a_by_token):
-    _common.check_ids_in_range("pos", "pair_dot", pos, -1, b.shape[0])
-    if not a_by_token:
-        _common.check_ids_in_range("pos", "pair_dot", pos, -1, a.shape[0])
-
-
 # Value-range checks that read the data, run before a Triton kernel (no kernel may index out of
-# bounds); the reference functions run their own. The C++ launchers do the same for the CPU.
+# bounds): the reference's own checks, which the C++ launchers mirror for the CPU.
 _VALUE_CHECKS: Dict[str, Callable] = {
-    "sgmv_shrink": _dispatched_check("sgmv_shrink", lambda a: a[1].shape[0], lambda a: a[8]),
-    "sgmv_expand": _dispatched_check("sgmv_expand", lambda a: a[1].shape[1],
-                                     lambda a: a[0].shape[1]),
-    "sgmv_weight_grad": _dispatched_check("sgmv_weight_grad", lambda a: a[8],
-                                          lambda a: a[1].shape[1]),
-    "pair_dot": _pair_dot_check,
-    "stacked_gated_lora": _gated_check("stacked_gated_lora", 1, 2, 4, 7),
-    "stacked_gated_lora_backward": _gated_check("stacked_gated_lora_backward", 2, 3, 5, 7),
+    "sgmv_shrink": lambda *a: _ref_sgmv._check_dispatched("sgmv_shrink", a[1].shape[0], *a[2:6],
+                                                          a[8]),
+    "sgmv_expand": lambda *a: _ref_sgmv._check_dispatched("sgmv_expand", a[1].shape[1], *a[2:6],
+                                                          a[0].shape[1]),
+    "sgmv_weight_grad": lambda *a: _ref_sgmv._check_dispatched("sgmv_weight_grad", a[8], *a[2:6],
+                                                               a[1].shape[1]),
+    "pair_dot": _ref_dispatch._check_pair_dot,
+    "stacked_gated_lora": lambda *a: _ref_sgmv._check_stacked("stacked_gated_lora", a[1], a[2],
+                                                              a[4], a[7]),
+    "stacked_gated_lora_backward": lambda *a: _ref_sgmv._check_stacked(
+        "stacked_gated_lora_backward", a[2], a[3], a[5], a[7]),
     "rank_sparse_shrink": _ids_check("rank_sparse_shrink", 2, lambda a: a[1].shape[0]),
     "rank_sparse_expand": _ids_check("rank_sparse_expand", 1, lambda a: a[2].shape[1]),
     "rank_scatter": _ids_check("rank_scatter", 1, lambda a: a[2]),
@@ -148,17 +120,15 @@ def use_backend(name: str):
         _CURRENT.reset(token)
 
 
+@functools.lru_cache(maxsize=None)
 def has_triton() -> bool:
-    """True when triton imports (a GPU, or ``TRITON_INTERPRET=1`` for CPU tensors, runs it)."""
+    """True when triton imports (a GPU, or ``TRITON_INTERPRET=1`` for CPU tensors, runs it).
+    Cached: ``choose`` asks on every op call, and a failed import is not cached by Python."""
     try:
         importlib.import_module("triton")
     except Exception:  # not installed, or broken without a GPU driver
         return False
     return True
-
-
-def triton_ops() -> Tuple[str, ...]:
-    return tuple(TRITON_OPS)
 
 
 def _triton_launcher(name: str) -> Callable:

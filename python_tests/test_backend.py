@@ -137,10 +137,12 @@ def triton_as_cpu_kernels():
         lib._destroy()
 
 
-def _layer_outputs(module, x):
+def _layer_outputs(module, x, call=None):
+    """(y, x.grad, parameter grads) of ``call`` (default: the module itself, e.g. its compiled
+    wrapper) with the module's parameters."""
     module.zero_grad(set_to_none=True)
     xi = x.clone().requires_grad_()
-    y = module(xi)
+    y = (module if call is None else call)(xi)
     y.backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape))
     grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
     return y.detach(), xi.grad, grads
@@ -175,3 +177,39 @@ def test_methods_forward_backward_through_triton(method, request):
     assert gp_t.keys() == gp_c.keys() and gp_c
     for n in gp_c:
         torch.testing.assert_close(gp_t[n], gp_c[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.triton
+@triton_only
+@pytest.mark.parametrize("name", sorted(backend.TRITON_OPS))
+def test_opcheck_with_triton_kernels(name, triton_as_cpu_kernels):
+    """torch.library.opcheck (schema, autograd registration, fake tensor, aot_dispatch_dynamic)
+    with the Triton kernels serving the op (the op_samples include the ragged cases)."""
+    op = getattr(torch.ops.molora, name).default
+    for _sid, args, kwargs in op_samples(name):
+        torch.library.opcheck(op, args, kwargs)
+
+
+@pytest.mark.triton
+@triton_only
+@pytest.mark.parametrize("method", ["MoLA", "HydraLoRA", "SMoRA"])
+def test_compiled_method_with_triton_kernels(method, triton_as_cpu_kernels, dynamo_reset):
+    """torch.compile(fullgraph=True) of a method layer whose ops run the Triton kernels: output
+    and every gradient equal eager."""
+    from molora_ops.modules import methods as M
+    d = 24
+    make = {"MoLA": lambda: M.MoLA(nn.Linear(d, d, bias=False), 5, r=6, dropout=0.0,
+                                   init="gaussian"),
+            "HydraLoRA": lambda: M.HydraLoRA(nn.Linear(d, d, bias=False), 3, r=5, dropout=0.0,
+                                             init="gaussian"),
+            "SMoRA": lambda: M.SMoRA(nn.Linear(d, d, bias=False), r=16, k=4, dropout=0.0,
+                                     init="gaussian")}[method]
+    module = make().eval()
+    x = torch.randn(2, 5, d)
+    y_e, gx_e, gp_e = _layer_outputs(module, x)
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    y_c, gx_c, gp_c = _layer_outputs(module, x, compiled)
+    torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx_c, gx_e, rtol=1e-5, atol=1e-6)
+    for n in gp_e:
+        torch.testing.assert_close(gp_c[n], gp_e[n], rtol=1e-5, atol=1e-6, msg=n)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bank import Dispatched, LoRABank
-from .layers import frozen_linear
+from .layers import check_last_dim, frozen_linear
 from .routing import Router, Routing, SwitchTop1, TopK
 
 __all__ = ["MoELoRAFFN", "ACTIVATIONS"]
@@ -90,8 +90,7 @@ class MoELoRAFFN(nn.Module):
     def forward(self, x: torch.Tensor, routing: Optional[Routing] = None,
                 return_routing: bool = False):
         d = self.gate_proj.in_features
-        if x.shape[-1] != d:
-            raise ValueError(f"MoELoRAFFN: x must have last dim {d}, got {tuple(x.shape)}")
+        check_last_dim(self, x, d)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, d)
         if routing is None:

@@ -24,7 +24,14 @@ from torch import nn
 from .bank import LoRABank
 from .routing import Routing
 
-__all__ = ["MoLoRALinear", "LoRALinear", "frozen_linear"]
+__all__ = ["MoLoRALinear", "LoRALinear", "frozen_linear", "check_last_dim"]
+
+
+def check_last_dim(module: nn.Module, x: torch.Tensor, in_features: int) -> None:
+    """x [..., d_in] or ValueError (a bare reshape would silently regroup a wrong last dim)."""
+    if tuple(x.shape[-1:]) != (in_features,):
+        raise ValueError(f"{type(module).__name__}: x must have last dim {in_features}, got shape "
+                         f"{tuple(x.shape)}")
 
 
 def frozen_linear(base: Union[nn.Linear, int, Sequence[int]], bias: bool = False, dtype=None,
@@ -100,9 +107,7 @@ class MoLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, routing: Optional[Routing] = None,
                 return_routing: bool = False):
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"{type(self).__name__}: x must have last dim {self.in_features}, "
-                             f"got shape {tuple(x.shape)}")
+        check_last_dim(self, x, self.in_features)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         bank_dtype = self.bank.B.dtype

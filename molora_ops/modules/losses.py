@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..reference._common import check_ids_in_range
+from ..reference._common import check_ids_in_range, tsallis_entropy_parts
 
 __all__ = [
     "mixtral_load_balancing_loss",
@@ -243,15 +243,6 @@ def _balance(f: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
 def _mixtral_form(p: torch.Tensor, ids: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
     f = _fraction_per_expert(ids, p.shape[1], keep, 0, p.dtype)  # [k, E]
     return _balance(f, _masked_mean(p, keep, 0))
-
-
-def _entropy_base(probs: torch.Tensor, q: float, eps: float) -> Tuple[torch.Tensor, float]:
-    """(un-normalised Tsallis_q / Shannon entropy of ``probs + eps`` along the last dim, its maximum)."""
-    pe = probs + eps
-    E = pe.shape[-1]
-    if q == 1:
-        return -(pe * pe.log()).sum(-1), math.log(E)
-    return (1.0 - (pe ** q).sum(-1)) / (q - 1), (1.0 - E ** (1.0 - q)) / (q - 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -547,7 +538,7 @@ def tsallis_entropy(probs: torch.Tensor, q: float = 1.1, normalize: bool = True,
         _fail(ValueError, fn, f"q must be > 0, got {q}")
     if not eps >= 0:
         _fail(ValueError, fn, f"eps must be >= 0, got {eps}")
-    H, H_max = _entropy_base(p, q, eps)
+    H, H_max = tsallis_entropy_parts(p, q, eps)
     if p.shape[-1] == 1:
         return H * 0
     return H / H_max if normalize else H

@@ -23,7 +23,7 @@ from .. import ops
 from . import losses
 from .bank import Dispatched, LoRABank
 from .ffn import MoELoRAFFN
-from .layers import MoLoRALinear, frozen_linear
+from .layers import MoLoRALinear, check_last_dim, frozen_linear
 from .routing import (DenseSoftmax, EqualWeightTopK, Router, Routing, StaticGate,
                       StraightThroughTopK, SwitchTop1, TopK, TopKSoftmax, TopP)
 
@@ -32,13 +32,6 @@ __all__ = [
     "MeteoRA", "FlexMoRE", "MoELoRA", "LoRAMixer", "ReMix", "LoRASoupsCAT", "MoLE", "CoMoL",
     "RankwiseLoRALinear", "SMoRA", "FlyLoRA", "MoRA",
 ]
-
-
-def _check_last_dim(module: nn.Module, x: torch.Tensor, in_features: int) -> None:
-    """x [..., d_in] or ValueError (a bare reshape would silently regroup a wrong last dim)."""
-    if tuple(x.shape[-1:]) != (in_features,):
-        raise ValueError(f"{type(module).__name__}: x must have last dim {in_features}, got shape "
-                         f"{tuple(x.shape)}")
 
 
 def _bank(base: nn.Linear, ranks, num_experts, alpha, **kw) -> LoRABank:
@@ -389,7 +382,7 @@ class LoRASoupsCAT(MoLoRALinear):
 
     def forward(self, x, routing=None, return_routing=False):
         if self.merged:
-            _check_last_dim(self, x, self.in_features)
+            check_last_dim(self, x, self.in_features)
             y = self.base(x)
             return (y, None) if return_routing else y
         return super().forward(x, routing, return_routing)
@@ -430,7 +423,7 @@ class MoLE(MoLoRALinear):
         self.temperature, self.balance_coef = temperature, balance_coef
 
     def forward(self, x, routing=None, return_routing=False):
-        _check_last_dim(self, x, self.in_features)
+        check_last_dim(self, x, self.in_features)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         outs = self.bank.per_expert(x2.to(self.bank.B.dtype))                   # [T, N, d_out]
@@ -477,7 +470,7 @@ class CoMoL(nn.Module):
         return self.core_offsets.numel() - 1
 
     def forward(self, x: torch.Tensor, return_routing: bool = False):
-        _check_last_dim(self, x, self.base.in_features)
+        check_last_dim(self, x, self.base.in_features)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.base.in_features)
         A, B = self.lora.expert(0)
@@ -536,7 +529,7 @@ class RankwiseLoRALinear(nn.Module):
             losses.aux_free_bias_update_(self.rank_bias, ids, self.r, self.bias_rate)
 
     def forward(self, x: torch.Tensor, return_routing: bool = False):
-        _check_last_dim(self, x, self.base.in_features)
+        check_last_dim(self, x, self.base.in_features)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.base.in_features)
         xd = self.lora_dropout(x2).to(self.B.dtype)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .bank import LoRABank, lora_scaling
-from .layers import MoLoRALinear
+from .layers import MoLoRALinear, check_last_dim
 from .routing import Routing
 
 __all__ = ["XLoRAClassifier", "XLoRALinear", "XLoRAModel", "xlora_topk_scalings"]
@@ -245,9 +245,7 @@ class XLoRALinear(MoLoRALinear):
     def forward(self, x: torch.Tensor, scalings: Optional[torch.Tensor] = None,
                 return_routing: bool = False):
         if self.adapters_off:
-            if x.shape[-1] != self.in_features:
-                raise ValueError(f"XLoRALinear: x must have last dim {self.in_features}, got "
-                                 f"shape {tuple(x.shape)}")
+            check_last_dim(self, x, self.in_features)
             y = self.base(x.to(self.base.weight.dtype)).to(x.dtype)
             return (y, None) if return_routing else y
         if scalings is None:

@@ -6,6 +6,8 @@ The ``check_*`` functions raise the op contract's errors for *data-dependent* pr
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
@@ -97,3 +99,14 @@ def check_expert_offsets(
             f"non-decreasing sequence starting at 0: {eo.tolist()}"
         )
 
+
+def tsallis_entropy_parts(probs: torch.Tensor, q: float, eps: float):
+    """(Tsallis_q entropy of ``probs + eps`` along the last dim, its maximum over E experts):
+    ``(1 - sum pe^q) / (q - 1)`` and ``(1 - E^(1-q)) / (q - 1)``; Shannon ``-sum pe log pe`` and
+    ``log E`` when q == 1 (DynMoLE ``moe_utils.tsallis_entropy``). Shared by ``softmax_topp``'s
+    entropy gate and ``modules.losses.tsallis_entropy`` so the two can never disagree."""
+    pe = probs + eps
+    E = pe.shape[-1]
+    if q == 1:
+        return -(pe * pe.log()).sum(-1), math.log(E)
+    return (1.0 - (pe**q).sum(-1)) / (q - 1), (1.0 - E ** (1.0 - q)) / (q - 1)

@@ -118,6 +118,12 @@ def combine_rows(
     return _combine(y_perm.to(op), pos, w).to(y_perm.dtype)
 
 
+def _check_pair_dot(a: torch.Tensor, b: torch.Tensor, pos: torch.Tensor, a_by_token: bool) -> None:
+    check_ids_in_range("pos", "pair_dot", pos, -1, b.shape[0])
+    if not a_by_token:
+        check_ids_in_range("pos", "pair_dot", pos, -1, a.shape[0])
+
+
 def pair_dot(
     a: torch.Tensor, b: torch.Tensor, pos: torch.Tensor, a_by_token: bool
 ) -> torch.Tensor:
@@ -126,9 +132,7 @@ def pair_dot(
     out[t,j] = dot(a[t if a_by_token else pos[t,j]], b[pos[t,j]]), 0 where pos == -1.
     Routing-weight gradients of gather_rows / combine_rows / sgmv_shrink / sgmv_expand.
     """
-    check_ids_in_range("pos", "pair_dot", pos, -1, b.shape[0])
-    if not a_by_token:
-        check_ids_in_range("pos", "pair_dot", pos, -1, a.shape[0])
+    _check_pair_dot(a, b, pos, a_by_token)
     op = opmath_dtype(torch.promote_types(a.dtype, b.dtype))
     T, k = pos.shape
     out = torch.zeros(T, k, dtype=op, device=b.device)

@@ -6,12 +6,11 @@ All routing math is in opmath (float32, float64 for float64 logits); ``weights``
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 
-from ._common import check_ids_in_range, opmath_dtype, topk_ids
+from ._common import check_ids_in_range, opmath_dtype, topk_ids, tsallis_entropy_parts
 
 __all__ = [
     "softmax_topk",
@@ -102,13 +101,11 @@ def softmax_topp(
     keep[:, :min_k] = True
 
     # Normalised Tsallis_q entropy of p + eps (Shannon / log E when q == 1; 0 when E == 1).
-    pe = p.detach() + eps
     if E == 1:
-        H = torch.zeros_like(pe[:, 0])
-    elif q == 1:
-        H = -(pe * pe.log()).sum(-1) / math.log(E)
+        H = torch.zeros_like(p[:, 0])
     else:
-        H = ((1.0 - (pe**q).sum(-1)) / (q - 1)) / ((1.0 - E ** (1.0 - q)) / (q - 1))
+        H, H_max = tsallis_entropy_parts(p.detach(), q, eps)
+        H = H / H_max
     if q > 0 and entropy_threshold < 1:
         keep = keep | (H > entropy_threshold)[:, None]
 

@@ -1,0 +1,884 @@
+"""Drop-in MoE-LoRA for Hugging Face ``transformers`` causal LMs.
+
+One call turns a (frozen) causal LM into a MoE-LoRA model by method name::
+
+    from molora_ops.integrations.hf_transformers import MoLoRAConfig, apply_molora
+
+    model = apply_molora(model, MoLoRAConfig("mixlora", num_experts=8, top_k=2, rank=16))
+    out = model(input_ids, attention_mask=mask, labels=labels)   # out.loss includes the aux loss
+    out.loss.backward()                                           # grads: adapters + routers only
+
+What is replaced (found by module name, so any Llama / Mistral / Qwen2-style decoder works):
+
+* decoder layers are the elements of an ``nn.ModuleList`` whose elements have an ``mlp`` or a
+  ``self_attn`` child (``model.model.layers`` in Llama, Mistral, Qwen2, ...);
+* ``"mixlora"``: each decoder layer's ``mlp`` (an ``nn.Linear`` ``gate_proj`` / ``up_proj`` /
+  ``down_proj`` and an ``act_fn``, computing ``down(act(gate(x)) * up(x))``) becomes a
+  ``molora_ops.modules.MixLoRA`` (router + LoRA experts on the frozen projections), and the
+  attention linears named in ``target_modules`` (default q/k/v/o_proj) a plain ``LoRALinear``;
+* the linear methods (``"mola"``, ``"smora"``, ``"hydralora"``, ``"loramoe"``, ``"lora_soups"``,
+  ``"lora"``): every ``nn.Linear`` of a decoder layer whose attribute name is in
+  ``target_modules`` becomes the method's layer around it.
+
+Each replaced module is a ``MoLoRALayer`` holding the method's module (``.molora``); it is called
+exactly as the module it replaced (``x [..., d_in] -> y [..., d_out]``). Everything else is frozen
+(``requires_grad=False``); only the LoRA A/B's, routers and static gates train.
+
+Aux losses (MixLoRA's Mixtral load balance, MoLA's balance loss): a forward pre-hook and an
+always-called forward hook on the top-level model collect the routing of every MoE-LoRA layer
+during one top-level forward and reduce them to ONE 0-d fp32 tensor ``aux`` (see
+``MoLoRAConfig.aux_loss_reduction``). The hook then sets ``outputs["aux_loss"] = aux``
+(differentiable) and, when the model computed a loss (labels given), ``outputs["loss"] = loss +
+aux``. ``molora_aux_loss(model)`` returns a DETACHED copy of the last forward's ``aux`` (for
+logging). The routings are dropped when the top-level forward returns, so no graph outlives the
+step; a layer called outside a top-level forward (e.g. ``model.model(...)`` directly, or the
+recomputation of gradient checkpointing) records nothing.
+
+Merging (``merge_molora`` / ``unmerge_molora``) folds static adapters (``LoRALinear``,
+``LoRASoupsCAT``) into the base weights; routed layers depend on the input and cannot be merged.
+``save_molora`` / ``load_molora`` write and read the config JSON plus the adapter / router tensors
+only (safetensors), never the base weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..modules import (HydraLoRA, LoRALinear, LoRAMoE, LoRASoupsCAT, MixLoRA, MoLA, SMoRA,
+                       mola_experts_per_layer)
+from ..modules.ffn import ACTIVATIONS
+from ..modules.routing import Routing
+
+__all__ = [
+    "MoLoRAConfig", "MoLoRALayer", "apply_molora", "molora_aux_loss", "merge_molora",
+    "unmerge_molora", "save_molora", "load_molora", "METHOD_NAMES", "CONFIG_NAME",
+    "WEIGHTS_NAME",
+]
+
+CONFIG_NAME = "molora_config.json"
+WEIGHTS_NAME = "molora_adapter.safetensors"
+_FORMAT_VERSION = 1
+
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_ALL_LINEARS = _ATTENTION + ("gate_proj", "up_proj", "down_proj")
+_FFN = ("gate_proj", "up_proj", "down_proj")
+
+
+# --- the methods --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Method:
+    """How one method name maps onto modules of ``molora_ops.modules``.
+
+    kind: ``"mlp"`` (the MLP becomes an MoE-FFN; ``target_modules`` get plain LoRA) or
+    ``"linear"`` (each targeted linear becomes ``cls(base, **kw)``). fields: config field ->
+    constructor argument. defaults: constructor arguments the class itself has no default for.
+    aux: whether the layers have a router aux loss the integration collects.
+    """
+
+    cls: type
+    kind: str
+    targets: Tuple[str, ...]
+    fields: Dict[str, str]
+    defaults: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    required: Tuple[str, ...] = ()
+    aux: bool = False
+    reserved: Tuple[str, ...] = ("base",)
+
+
+_METHODS: Dict[str, _Method] = {
+    # MoE-FFN + plain LoRA on attention (Li et al. 2404.15159; MoE-PEFT insertion)
+    "mixlora": _Method(MixLoRA, "mlp", _ATTENTION,
+                       dict(num_experts="num_experts", top_k="k", rank="r", alpha="alpha",
+                            dropout="dropout", aux_loss_coef="aux_coef"),
+                       aux=True, reserved=("gate_proj", "up_proj", "down_proj", "act")),
+    # routed LoRA experts on all 7 linears, experts per layer 2/4/6/8 by default (MoLA-triangle)
+    "mola": _Method(MoLA, "linear", _ALL_LINEARS,
+                    dict(num_experts="num_experts", top_k="k", rank="r", alpha="alpha",
+                         dropout="dropout", aux_loss_coef="balance_coef"), aux=True),
+    # each rank an expert, all linears (the multidomain config's `lora_target: all`)
+    "smora": _Method(SMoRA, "linear", _ALL_LINEARS,
+                     dict(rank="r", top_k="k", alpha="alpha", dropout="dropout")),
+    # shared A, N dense heads on the FFN projections (HydraLoRA fine-tuning.sh)
+    "hydralora": _Method(HydraLoRA, "linear", _FFN,
+                         dict(num_experts="num_heads", rank="r", alpha="alpha",
+                              dropout="dropout")),
+    # dense soft routing on the FFN projections; its LBC needs task labels (off, as released)
+    "loramoe": _Method(LoRAMoE, "linear", _FFN,
+                       dict(num_experts="num_experts", rank="r", alpha="alpha",
+                            dropout="dropout")),
+    # static learned weight per adapter; mergeable
+    "lora_soups": _Method(LoRASoupsCAT, "linear", _ALL_LINEARS,
+                          dict(num_experts="num_adapters", rank="ranks", alpha="alpha",
+                               dropout="dropout"), required=("num_experts", "rank")),
+    # plain LoRA (one expert); PEFT's LoraConfig defaults r=8, lora_alpha=8, dropout 0
+    "lora": _Method(LoRALinear, "linear", _ALL_LINEARS,
+                    dict(rank="r", alpha="alpha", dropout="dropout"),
+                    defaults=dict(r=8, alpha=8.0, dropout=0.0)),
+}
+
+METHOD_NAMES = tuple(_METHODS)
+_AUX_REDUCTIONS = ("pooled", "sum")
+
+
+def _class_default(cls: type, name: str) -> Any:
+    return inspect.signature(cls).parameters[name].default
+
+
+# --- the config ---------------------------------------------------------------------------------
+
+
+@dataclass
+class MoLoRAConfig:
+    """What ``apply_molora`` builds. ``None`` means the method's published default (the
+    defaults of its class in ``molora_ops.modules``; ``docs/MODULES.md``).
+
+    Args:
+        method: one of ``METHOD_NAMES``: ``"mixlora"``, ``"mola"``, ``"smora"``,
+            ``"hydralora"``, ``"loramoe"``, ``"lora_soups"``, ``"lora"``.
+        num_experts: E (HydraLoRA: heads; LoRA Soups: adapters; required for ``lora_soups``).
+            Not for ``smora`` (every rank is an expert) or ``lora``.
+        top_k: experts per token (mixlora, mola) or ranks per token (smora).
+        rank: LoRA rank per expert (smora: the total rank, i.e. the number of rank experts).
+        alpha: LoRA alpha (scale alpha / rank; smora: alpha / top_k).
+        dropout: LoRA dropout on the adapter input.
+        target_modules: attribute names of the ``nn.Linear`` s to adapt inside each decoder
+            layer (every name must match at least one). mixlora: the linears that get PLAIN LoRA
+            (default q/k/v/o_proj; ``()`` for none), the ``mlp`` is always replaced. Defaults:
+            mola / smora / lora_soups / lora all 7 projections, hydralora / loramoe
+            gate/up/down_proj.
+        attention_rank, attention_alpha: mixlora only, rank / alpha of the plain LoRA on
+            ``target_modules`` (default: ``rank`` / ``alpha``, else MixLoRA's 16 / 32).
+        experts_per_layer: mola only, E of each decoder layer (length = number of layers);
+            default when ``num_experts`` is also None: MoLA-triangle
+            ``mola_experts_per_layer(num_layers)`` (2/4/6/8 over four blocks of layers).
+        aux_loss_coef: the router aux-loss coefficient (mixlora: Mixtral load balance, default
+            0.01; mola: balance loss, default 0.001). Only for methods with an aux loss.
+        aux_loss_reduction: how the layers' aux losses become one number. ``"pooled"`` (mixlora
+            default, as HF Mixtral / MoE-PEFT): the routings of ALL layers concatenated along the
+            tokens, then one loss. ``"sum"`` (mola default, as MoLA; allowed for mixlora): the
+            sum over layers / modules of each one's loss.
+        method_kwargs: further keyword arguments of the method's class (JSON-serialisable), e.g.
+            ``{"routing": "dynamic", "top_p": 0.8}`` for MixLoRA or ``{"rank_partition": 2}``
+            for SMoRA. Names the fields above already set are refused.
+    """
+
+    method: str
+    num_experts: Optional[int] = None
+    top_k: Optional[int] = None
+    rank: Optional[int] = None
+    alpha: Optional[float] = None
+    dropout: Optional[float] = None
+    target_modules: Optional[Sequence[str]] = None
+    attention_rank: Optional[int] = None
+    attention_alpha: Optional[float] = None
+    experts_per_layer: Optional[Sequence[int]] = None
+    aux_loss_coef: Optional[float] = None
+    aux_loss_reduction: Optional[str] = None
+    method_kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.method, str) or self.method not in _METHODS:
+            raise ValueError(f"MoLoRAConfig: unknown method {self.method!r}; choose one of "
+                             f"{list(METHOD_NAMES)}")
+        spec = _METHODS[self.method]
+        for name in ("num_experts", "top_k", "rank", "attention_rank"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"MoLoRAConfig: {name} must be an int >= 1, got {v!r}")
+        for name in ("alpha", "attention_alpha"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or not v > 0):
+                raise ValueError(f"MoLoRAConfig: {name} must be a number > 0, got {v!r}")
+        if self.dropout is not None and not (isinstance(self.dropout, (int, float))
+                                             and 0 <= self.dropout < 1):
+            raise ValueError(f"MoLoRAConfig: dropout must be in [0, 1), got {self.dropout!r}")
+        if self.aux_loss_coef is not None and not (
+                isinstance(self.aux_loss_coef, (int, float)) and self.aux_loss_coef >= 0):
+            raise ValueError(f"MoLoRAConfig: aux_loss_coef must be a number >= 0, got "
+                             f"{self.aux_loss_coef!r}")
+        if self.target_modules is not None:
+            if isinstance(self.target_modules, str) or not all(
+                    isinstance(t, str) and t for t in self.target_modules):
+                raise TypeError(f"MoLoRAConfig: target_modules must be a list of module names, "
+                                f"got {self.target_modules!r}")
+            self.target_modules = tuple(self.target_modules)
+            if not self.target_modules and spec.kind == "linear":
+                raise ValueError(f"MoLoRAConfig: method {self.method!r} needs at least one "
+                                 f"target module")
+        if self.experts_per_layer is not None:
+            if isinstance(self.experts_per_layer, (str, int)) or not all(
+                    isinstance(e, int) and not isinstance(e, bool) and e >= 1
+                    for e in self.experts_per_layer) or not self.experts_per_layer:
+                raise ValueError(f"MoLoRAConfig: experts_per_layer must be a non-empty list of "
+                                 f"ints >= 1, got {self.experts_per_layer!r}")
+            self.experts_per_layer = tuple(self.experts_per_layer)
+        if not isinstance(self.method_kwargs, dict):
+            raise TypeError(f"MoLoRAConfig: method_kwargs must be a dict, got "
+                            f"{type(self.method_kwargs).__name__}")
+        try:
+            json.dumps(self.method_kwargs)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"MoLoRAConfig: method_kwargs must be JSON-serialisable "
+                            f"({e})") from None
+
+        # fields that do not apply to the method are refused rather than silently ignored
+        applicable = set(spec.fields) | {"target_modules", "method_kwargs"}
+        if self.method == "mixlora":
+            applicable |= {"attention_rank", "attention_alpha", "aux_loss_reduction"}
+        if self.method == "mola":
+            applicable |= {"experts_per_layer", "aux_loss_reduction"}
+        for f in dataclasses.fields(self):
+            if f.name != "method" and f.name not in applicable and \
+                    getattr(self, f.name) not in (None, {}):
+                raise ValueError(f"MoLoRAConfig: {f.name} does not apply to method "
+                                 f"{self.method!r}")
+        for name in spec.required:
+            if getattr(self, name) is None:
+                raise ValueError(f"MoLoRAConfig: method {self.method!r} needs {name}")
+        if self.num_experts is not None and self.experts_per_layer is not None:
+            raise ValueError("MoLoRAConfig: give num_experts or experts_per_layer, not both")
+        smallest_e = self.num_experts or (min(self.experts_per_layer)
+                                          if self.experts_per_layer else None)
+        if self.method in ("mixlora", "mola") and None not in (self.top_k, smallest_e) and \
+                self.top_k > smallest_e:
+            raise ValueError(f"MoLoRAConfig: top_k={self.top_k} > num_experts={smallest_e}")
+        if self.method == "smora" and self.top_k is not None and self.rank is not None and \
+                self.top_k > self.rank:
+            raise ValueError(f"MoLoRAConfig: smora needs top_k <= rank, got top_k={self.top_k}, "
+                             f"rank={self.rank}")
+        if self.aux_loss_reduction is not None:
+            if self.aux_loss_reduction not in _AUX_REDUCTIONS:
+                raise ValueError(f"MoLoRAConfig: aux_loss_reduction must be one of "
+                                 f"{list(_AUX_REDUCTIONS)}, got {self.aux_loss_reduction!r}")
+            if self.aux_loss_reduction == "pooled" and self.method != "mixlora":
+                raise ValueError("MoLoRAConfig: aux_loss_reduction='pooled' needs equal expert "
+                                 "counts and one loss form across layers: mixlora only")
+        reserved = set(spec.fields.values()) | set(spec.reserved)
+        clash = sorted(reserved & set(self.method_kwargs))
+        if clash:
+            raise ValueError(f"MoLoRAConfig: method_kwargs {clash} are set by the config "
+                             f"fields or by apply_molora itself")
+
+    @property
+    def resolved_aux_loss_reduction(self) -> Optional[str]:
+        """The reduction in effect (None for a method without an aux loss)."""
+        if not _METHODS[self.method].aux:
+            return None
+        return self.aux_loss_reduction or ("pooled" if self.method == "mixlora" else "sum")
+
+    @property
+    def resolved_target_modules(self) -> Tuple[str, ...]:
+        return (self.target_modules if self.target_modules is not None
+                else _METHODS[self.method].targets)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-serialisable dict (tuples as lists); ``from_dict`` inverts it."""
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "MoLoRAConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"MoLoRAConfig.from_dict: expected a dict, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"MoLoRAConfig.from_dict: unknown keys {unknown}")
+        return cls(**d)
+
+
+# --- the replaced modules -----------------------------------------------------------------------
+
+
+class MoLoRALayer(nn.Module):
+    """One module of the converted model: the method's module (``.molora``) standing where the
+    original HF module was, called the same way (``x [..., d_in] -> y [..., d_out]``, x's dtype).
+
+    Attributes: ``molora`` (e.g. ``MixLoRA``, ``MoLA``, ``LoRALinear``), ``kind`` (``"mlp"`` or
+    ``"linear"``), ``layer_index`` (index of its decoder layer), ``merged``. During a top-level
+    forward of the converted model, a layer with an aux loss records its ``Routing`` for the
+    model's hook (and nothing outside one).
+    """
+
+    def __init__(self, molora: nn.Module, kind: str, layer_index: int, base_keys: Sequence[str],
+                 with_aux_loss: bool):
+        super().__init__()
+        self.molora = molora
+        self.kind = kind
+        self.layer_index = layer_index
+        self.with_aux_loss = with_aux_loss
+        self.merged = False
+        # state-dict keys (relative to ``molora``) of the ORIGINAL module's tensors: never saved
+        self._base_keys = frozenset(base_keys)
+        self._collector: Optional[_AuxLossCollector] = None
+
+    # Read-only views of the frozen base linear: HF code of some versions reads
+    # ``self.q_proj.weight.dtype`` (e.g. flash-attention's input cast).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._base_linear().weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self._base_linear().bias
+
+    @property
+    def in_features(self) -> int:
+        return self._base_linear().in_features
+
+    @property
+    def out_features(self) -> int:
+        return self._base_linear().out_features
+
+    def _base_linear(self) -> nn.Linear:
+        base = getattr(self.molora, "base", None)
+        if self.kind != "linear" or not isinstance(base, nn.Linear):
+            raise AttributeError(f"{type(self.molora).__name__} (kind {self.kind!r}) has no "
+                                 f"single base linear")
+        return base
+
+    @property
+    def mergeable(self) -> bool:
+        return isinstance(self.molora, (LoRALinear, LoRASoupsCAT))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged and isinstance(self.molora, LoRALinear):
+            return self.molora.base(x)      # W0 + s B A already in the weight
+        collector = self._collector
+        if self.with_aux_loss and collector is not None and collector.records is not None:
+            y, routing = self.molora(x, return_routing=True)
+            collector.records.append((self.molora, routing))
+            return y
+        return self.molora(x)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into the base weight (LoRALinear, LoRASoupsCAT only)."""
+        if not self.mergeable:
+            raise ValueError(f"{type(self.molora).__name__} is input-dependent (routed) and "
+                             f"cannot be merged into the base weight")
+        if self.merged:
+            return
+        if isinstance(self.molora, LoRASoupsCAT):
+            self.molora.merge()
+        else:
+            base = self.molora.base
+            base.weight += self.molora.bank.delta_weight().to(base.weight)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo ``merge`` (subtracts the same update; exact up to rounding in the base dtype)."""
+        if not self.merged:
+            return
+        if isinstance(self.molora, LoRASoupsCAT):
+            self.molora.unmerge()
+        else:
+            base = self.molora.base
+            base.weight -= self.molora.bank.delta_weight().to(base.weight)
+        self.merged = False
+
+    def adapter_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The adapter / router / gate tensors (keys relative to ``molora``), base excluded."""
+        return {k: v for k, v in self.molora.state_dict().items() if k not in self._base_keys}
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, layer_index={self.layer_index}, merged={self.merged}"
+
+
+# --- aux losses -----------------------------------------------------------------------------------
+
+
+class _AuxLossCollector:
+    """Routings of the MoE-LoRA layers during one top-level forward (``records`` is None outside
+    one), plus the reduction and the last forward's detached aux loss."""
+
+    def __init__(self, reduction: Optional[str]):
+        self.reduction = reduction
+        self.records: Optional[List[Tuple[nn.Module, Routing]]] = None
+        self.attention_mask: Optional[torch.Tensor] = None
+        self.labels_given = False
+        self.last_aux_loss: Optional[torch.Tensor] = None
+
+
+_SIGNATURES: Dict[type, inspect.Signature] = {}
+
+
+def _bound_argument(model: nn.Module, args: tuple, kwargs: dict, name: str) -> Any:
+    """The value of forward argument ``name`` in this call (None when absent)."""
+    if name in kwargs:
+        return kwargs[name]
+    sig = _SIGNATURES.get(type(model))
+    if sig is None:
+        sig = _SIGNATURES[type(model)] = inspect.signature(model.forward)
+    try:
+        return sig.bind_partial(*args).arguments.get(name)
+    except TypeError:
+        return None
+
+
+def _open_forward(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    collector: _AuxLossCollector = model._molora_collector
+    collector.records = []
+    mask = _bound_argument(model, args, kwargs, "attention_mask")
+    collector.attention_mask = mask if isinstance(mask, torch.Tensor) else None
+    collector.labels_given = _bound_argument(model, args, kwargs, "labels") is not None
+
+
+def _close_forward(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    collector: _AuxLossCollector = model._molora_collector
+    records, collector.records = collector.records, None
+    mask, collector.attention_mask = collector.attention_mask, None
+    collector.last_aux_loss = None
+    if output is None or not records:   # the forward raised, or no layer with an aux loss ran
+        return None
+    aux = _reduce_aux_losses(records, collector.reduction, mask)
+    collector.last_aux_loss = aux.detach()
+    return _attach_aux_loss(output, aux, collector.labels_given)
+
+
+def _token_mask(attention_mask: Optional[torch.Tensor], num_tokens: int
+                ) -> Optional[torch.Tensor]:
+    """The [B, S] padding mask of the tokens one layer saw (T = B * S rows), or None.
+
+    With a KV cache the mask covers the cached positions too; the current tokens are its LAST S
+    columns (HF convention). A mask of another form (4-D, custom) is ignored."""
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[0] == 0:
+        return None
+    B = attention_mask.shape[0]
+    if num_tokens % B or num_tokens // B > attention_mask.shape[1]:
+        return None
+    return attention_mask[:, attention_mask.shape[1] - num_tokens // B:]
+
+
+def _reduce_aux_losses(records: List[Tuple[nn.Module, Routing]], reduction: str,
+                       attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """One 0-d fp32 tensor from every recorded (layer, Routing); coefficients included."""
+    if reduction == "pooled":
+        # HF Mixtral / MoE-PEFT: all layers' tokens concatenated, then one load-balance loss (the
+        # mask is repeated per layer by the loss). Every layer is a MixLoRA of the same config.
+        layer = records[0][0]
+        routings = [r for _, r in records]
+
+        def cat(name):
+            parts = [getattr(r, name) for r in routings]
+            return None if parts[0] is None else torch.cat(parts)
+
+        pooled = Routing(cat("weights"), cat("ids"), cat("logits"), cat("probs"))
+        return layer.aux_loss(pooled, attention_mask=_token_mask(
+            attention_mask, routings[0].weights.shape[0]))
+    total = None
+    for layer, routing in records:
+        loss = layer.aux_loss(routing, attention_mask=_token_mask(attention_mask,
+                                                                  routing.weights.shape[0]))
+        total = loss if total is None else total + loss
+    return total
+
+
+def _attach_aux_loss(output: Any, aux: torch.Tensor, labels_given: bool) -> Any:
+    """outputs["aux_loss"] = aux (+ an aux_loss the base model already returned) and
+    outputs["loss"] += aux when a loss was computed. Tuples (return_dict=False): the loss (first
+    element when labels were given) gets aux added; aux itself is only in the getter."""
+    if hasattr(output, "keys") and hasattr(output, "__setitem__"):     # transformers ModelOutput
+        loss = getattr(output, "loss", None)
+        if loss is not None:
+            output["loss"] = loss + aux.to(loss.dtype)
+        previous = getattr(output, "aux_loss", None)
+        output["aux_loss"] = aux if previous is None else previous + aux.to(previous.dtype)
+        return output
+    if isinstance(output, tuple) and labels_given and output and \
+            isinstance(output[0], torch.Tensor) and output[0].dim() == 0:
+        return (output[0] + aux.to(output[0].dtype),) + output[1:]
+    return output
+
+
+def molora_aux_loss(model: nn.Module) -> Optional[torch.Tensor]:
+    """The aux loss of the model's last top-level forward, DETACHED (0-d fp32), or None (no
+    forward yet, or a method without an aux loss). Backpropagate ``outputs.aux_loss`` instead."""
+    collector = _collector_of(model)
+    return collector.last_aux_loss
+
+
+# --- conversion ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Target:
+    name: str                 # qualified name in the model ("model.layers.0.mlp")
+    parent: nn.Module
+    attr: str
+    module: nn.Module
+    layer_index: int
+    kind: str                 # "mlp" (MoE-FFN) or "linear"
+    in_features: int
+    out_features: int
+
+
+def _decoder_layer_lists(model: nn.Module) -> List[Tuple[str, nn.ModuleList]]:
+    """Every ``nn.ModuleList`` whose elements all have an ``mlp`` or ``self_attn`` child."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and all(
+                hasattr(layer, "mlp") or hasattr(layer, "self_attn") for layer in module):
+            found.append((name, module))
+    return found
+
+
+def _is_gated_mlp(mlp: nn.Module) -> bool:
+    return all(isinstance(getattr(mlp, p, None), nn.Linear) for p in _FFN) and \
+        callable(getattr(mlp, "act_fn", None))
+
+
+def _plan(model: nn.Module, config: MoLoRAConfig) -> Tuple[List[_Target], int]:
+    """The modules to replace (in model order) and the number of decoder layers. Touches
+    nothing; raises ValueError when the model does not fit the config."""
+    spec = _METHODS[config.method]
+    if any(isinstance(m, MoLoRALayer) for m in model.modules()):
+        raise ValueError("apply_molora: the model already has MoE-LoRA layers")
+    lists = _decoder_layer_lists(model)
+    if not lists:
+        raise ValueError(f"apply_molora: found no decoder layers in {type(model).__name__} (an "
+                         f"nn.ModuleList of layers with an `mlp` or `self_attn` child)")
+    targets_wanted = set(config.resolved_target_modules)
+    targets: List[_Target] = []
+    matched, seen = set(), set()
+    num_layers = 0
+    for list_name, layers in lists:
+        num_layers = max(num_layers, len(layers))
+        for i, layer in enumerate(layers):
+            prefix = f"{list_name}.{i}" if list_name else str(i)
+            if spec.kind == "mlp":
+                mlp = getattr(layer, "mlp", None)
+                if mlp is None or isinstance(mlp, MoLoRALayer) or id(mlp) in seen:
+                    continue
+                if not _is_gated_mlp(mlp):
+                    raise ValueError(
+                        f"apply_molora: {prefix}.mlp ({type(mlp).__name__}) is not a gated MLP "
+                        f"with nn.Linear gate_proj / up_proj / down_proj and an act_fn, which "
+                        f"{config.method!r} needs")
+                seen.add(id(mlp))
+                targets.append(_Target(f"{prefix}.mlp", layer, "mlp", mlp, i, "mlp",
+                                       mlp.gate_proj.in_features, mlp.gate_proj.out_features))
+            for sub_name, sub in layer.named_modules():
+                attr = sub_name.rsplit(".", 1)[-1]
+                if attr not in targets_wanted or id(sub) in seen or not sub_name:
+                    continue
+                if spec.kind == "mlp" and sub_name.startswith("mlp."):
+                    raise ValueError(f"apply_molora: {config.method!r} replaces the whole mlp; "
+                                     f"target_modules must not name its {attr}")
+                if not isinstance(sub, nn.Linear):
+                    raise ValueError(f"apply_molora: {prefix}.{sub_name} is a "
+                                     f"{type(sub).__name__}; only nn.Linear can be targeted")
+                parent = layer.get_submodule(sub_name.rsplit(".", 1)[0]) if "." in sub_name \
+                    else layer
+                seen.add(id(sub))
+                matched.add(attr)
+                targets.append(_Target(f"{prefix}.{sub_name}", parent, attr, sub, i, "linear",
+                                       sub.in_features, sub.out_features))
+    if not targets:
+        raise ValueError(f"apply_molora: no module of {type(model).__name__} matches method "
+                         f"{config.method!r} (target_modules={sorted(targets_wanted)})")
+    missing = sorted(targets_wanted - matched)
+    if missing:
+        raise ValueError(f"apply_molora: target_modules {missing} match no nn.Linear in the "
+                         f"decoder layers of {type(model).__name__}")
+    if spec.kind == "mlp" and not any(t.kind == "mlp" for t in targets):
+        raise ValueError(f"apply_molora: {config.method!r} found no decoder-layer `mlp`")
+    return targets, num_layers
+
+
+def _activation_name(mlp: nn.Module, where: str) -> str:
+    """The name in ``ACTIVATIONS`` of the function ``mlp.act_fn`` computes, found numerically
+    (no dependence on transformers' activation class names), checked on the whole MLP."""
+    w = mlp.gate_proj.weight
+    if w.device.type == "meta":
+        raise ValueError(f"apply_molora: {where} is on the meta device; load the weights first")
+    grid = torch.linspace(-6.0, 6.0, 241, device=w.device)
+    with torch.no_grad():
+        ref = mlp.act_fn(grid)
+        name = next((n for n, fn in ACTIVATIONS.items()
+                     if torch.allclose(fn(grid), ref, rtol=1e-5, atol=1e-6)), None)
+        if name is None:
+            raise ValueError(f"apply_molora: {where}.act_fn ({type(mlp.act_fn).__name__}) is not "
+                             f"one of {sorted(ACTIVATIONS)}")
+        # the MLP must compute down(act(gate x) * up x): same modules, so equal up to rounding
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(3, mlp.gate_proj.in_features, generator=gen).to(w)
+        got = mlp(x).float()
+        want = mlp.down_proj(ACTIVATIONS[name](mlp.gate_proj(x)) * mlp.up_proj(x)).float()
+        tol = 1e-4 if w.dtype in (torch.float32, torch.float64) else 2e-2
+        if not torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().max()) + 1e-6):
+            raise ValueError(f"apply_molora: {where} ({type(mlp).__name__}) does not compute "
+                             f"down_proj(act_fn(gate_proj(x)) * up_proj(x))")
+    return name
+
+
+def _method_kwargs(config: MoLoRAConfig, layer_index: int,
+                   experts_per_layer: Optional[Sequence[int]]) -> Dict[str, Any]:
+    spec = _METHODS[config.method]
+    kw = dict(spec.defaults)
+    for cfg_name, arg in spec.fields.items():
+        v = getattr(config, cfg_name)
+        if v is not None:
+            kw[arg] = float(v) if cfg_name in ("alpha", "dropout", "aux_loss_coef") else v
+    if experts_per_layer is not None:
+        kw["num_experts"] = experts_per_layer[layer_index]
+    kw.update(config.method_kwargs)
+    return kw
+
+
+def _base_state_keys(new: nn.Module, old: nn.Module) -> List[str]:
+    """Keys of ``new.state_dict()`` that are tensors of the original module ``old``."""
+    old_ids = {id(t) for t in old.parameters()} | {id(t) for t in old.buffers()}
+    return [k for k, t in new.state_dict(keep_vars=True).items() if id(t) in old_ids]
+
+
+def _build(target: _Target, config: MoLoRAConfig,
+           experts_per_layer: Optional[Sequence[int]]) -> MoLoRALayer:
+    spec = _METHODS[config.method]
+    if target.kind == "mlp":
+        mlp = target.module
+        act = _activation_name(mlp, target.name)
+        kw = _method_kwargs(config, target.layer_index, None)
+        molora = spec.cls(mlp.gate_proj, mlp.up_proj, mlp.down_proj, act=act, **kw)
+        return MoLoRALayer(molora, "mlp", target.layer_index, _base_state_keys(molora, mlp),
+                           spec.aux)
+    if spec.kind == "mlp":   # mixlora's plain LoRA on the attention linears
+        r = config.attention_rank or config.rank or _class_default(MixLoRA, "r")
+        alpha = config.attention_alpha or config.alpha or _class_default(MixLoRA, "alpha")
+        dropout = config.dropout if config.dropout is not None else \
+            _class_default(MixLoRA, "dropout")
+        molora = LoRALinear(target.module, r, float(alpha), float(dropout))
+        return MoLoRALayer(molora, "linear", target.layer_index,
+                           _base_state_keys(molora, target.module), False)
+    kw = _method_kwargs(config, target.layer_index, experts_per_layer)
+    molora = spec.cls(target.module, **kw)
+    return MoLoRALayer(molora, "linear", target.layer_index,
+                       _base_state_keys(molora, target.module), spec.aux)
+
+
+def _experts_per_layer(config: MoLoRAConfig, num_layers: int) -> Optional[Tuple[int, ...]]:
+    if config.method != "mola" or config.num_experts is not None:
+        return None
+    epl = config.experts_per_layer
+    if epl is None:
+        epl = tuple(mola_experts_per_layer(num_layers))
+    if len(epl) != num_layers:
+        raise ValueError(f"apply_molora: experts_per_layer has {len(epl)} entries for a model "
+                         f"with {num_layers} decoder layers")
+    k = config.top_k if config.top_k is not None else _class_default(MoLA, "k")
+    if k > min(epl):
+        raise ValueError(f"apply_molora: top_k={k} > the fewest experts per layer ({min(epl)})")
+    return tuple(epl)
+
+
+def apply_molora(model: nn.Module, config: MoLoRAConfig) -> nn.Module:
+    """Converts ``model`` IN PLACE into a MoE-LoRA model and returns it.
+
+    Args:
+        model: a transformers causal LM (or any ``nn.Module`` with Llama-style decoder layers:
+            an ``nn.ModuleList`` of layers with ``mlp`` / ``self_attn`` children).
+        config: a ``MoLoRAConfig`` (or its ``to_dict()``).
+
+    Freezes every existing parameter; the new adapter / router / gate parameters are trainable,
+    created on the base weights' device and dtype (routers fp32). Sets ``model.molora_config``
+    and installs the aux-loss hooks (module docstring). Errors (ValueError / TypeError) are raised
+    before the model is modified: unknown method, no matching module, a non-gated MLP for
+    mixlora, an already converted model, bad ``method_kwargs``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply_molora: model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(config, dict):
+        config = MoLoRAConfig.from_dict(config)
+    if not isinstance(config, MoLoRAConfig):
+        raise TypeError(f"apply_molora: config must be a MoLoRAConfig, got "
+                        f"{type(config).__name__}")
+    if getattr(model, "molora_config", None) is not None:
+        raise ValueError("apply_molora: the model is already converted (model.molora_config "
+                         "is set)")
+    targets, num_layers = _plan(model, config)
+    experts_per_layer = _experts_per_layer(config, num_layers)
+
+    # Build every replacement before installing any, so a failure leaves the model as it was
+    # (the method classes freeze the base linears they wrap: restore those flags on failure).
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    try:
+        replacements = []
+        for target in targets:
+            try:
+                replacements.append(_build(target, config, experts_per_layer))
+            except TypeError as e:
+                raise TypeError(f"apply_molora: building {config.method!r} for {target.name} "
+                                f"failed (check method_kwargs={config.method_kwargs}): {e}") from e
+    except BaseException:
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+        raise
+
+    model.requires_grad_(False)   # the replacements are not in the model yet: they stay trainable
+    collector = _AuxLossCollector(config.resolved_aux_loss_reduction)
+    for target, layer in zip(targets, replacements):
+        layer._collector = collector
+        setattr(target.parent, target.attr, layer)
+    model._molora_collector = collector
+    model._molora_hooks = (
+        model.register_forward_pre_hook(_open_forward, with_kwargs=True),
+        model.register_forward_hook(_close_forward, with_kwargs=True, always_call=True),
+    )
+    model.molora_config = config
+    return model
+
+
+# --- helpers on a converted model ---------------------------------------------------------------
+
+
+def _collector_of(model: nn.Module) -> _AuxLossCollector:
+    collector = getattr(model, "_molora_collector", None)
+    if collector is None:
+        raise ValueError(f"{type(model).__name__} is not a MoE-LoRA model (call apply_molora "
+                         f"first)")
+    return collector
+
+
+def _molora_layers(model: nn.Module) -> List[Tuple[str, MoLoRALayer]]:
+    _collector_of(model)
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MoLoRALayer)]
+
+
+def merge_molora(model: nn.Module, skip_routed: bool = False) -> nn.Module:
+    """Folds every static adapter (plain ``LoRALinear``, ``LoRASoupsCAT``) into its base weight:
+    ``W0 <- W0 + sum_i g_i s_i B_i A_i``; the merged layers then run the base linear only.
+
+    Routed layers (MixLoRA's FFN, MoLA, SMoRA, HydraLoRA, LoRAMoE) depend on the input and cannot
+    be merged: ValueError, unless ``skip_routed=True`` (then only the static ones are merged,
+    e.g. MixLoRA's attention LoRAs). In place; returns the model. Merging twice is a no-op.
+    """
+    layers = _molora_layers(model)
+    routed = [n for n, m in layers if not m.mergeable]
+    if routed and not skip_routed:
+        raise ValueError(f"merge_molora: {len(routed)} layers are routed "
+                         f"({type(dict(layers)[routed[0]].molora).__name__} at {routed[0]}, ...) "
+                         f"and cannot be merged into the base weights; pass skip_routed=True to "
+                         f"merge only the static LoRAs")
+    for _, m in layers:
+        if m.mergeable:
+            m.merge()
+    return model
+
+
+def unmerge_molora(model: nn.Module) -> nn.Module:
+    """Undoes ``merge_molora`` (in place; returns the model)."""
+    for _, m in _molora_layers(model):
+        m.unmerge()
+    return model
+
+
+# --- save / load --------------------------------------------------------------------------------
+
+
+def _fingerprint(targets) -> Dict[str, Dict[str, Any]]:
+    return {t.name: {"kind": t.kind, "in_features": t.in_features,
+                     "out_features": t.out_features} for t in targets}
+
+
+def _layer_fingerprint(name: str, m: MoLoRALayer) -> Dict[str, Any]:
+    if m.kind == "mlp":
+        d_in, d_out = m.molora.gate_proj.in_features, m.molora.gate_proj.out_features
+    else:
+        d_in, d_out = m.in_features, m.out_features
+    return {"kind": m.kind, "in_features": d_in, "out_features": d_out}
+
+
+def save_molora(model: nn.Module, directory: str) -> None:
+    """Writes ``directory/molora_config.json`` (the config, the replaced modules' names and
+    shapes, the base ``model_type``) and ``directory/molora_adapter.safetensors`` (every adapter /
+    router / static-gate tensor and the adapter buffers, keys ``<module name>.<key in the
+    method's module>``; the base weights are NOT saved). Merged layers are saved as their
+    adapters (a loaded model starts unmerged)."""
+    from safetensors.torch import save_file
+
+    layers = _molora_layers(model)
+    tensors: Dict[str, torch.Tensor] = {}
+    for name, m in layers:
+        for key, t in m.adapter_state_dict().items():
+            tensors[f"{name}.{key}"] = t.detach().to("cpu").contiguous().clone()
+    meta = {
+        "format_version": _FORMAT_VERSION,
+        "config": model.molora_config.to_dict(),
+        "model_type": getattr(getattr(model, "config", None), "model_type", None),
+        "modules": {name: _layer_fingerprint(name, m) for name, m in layers},
+    }
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+    save_file(tensors, os.path.join(directory, WEIGHTS_NAME),
+              metadata={"format": "pt", "molora_format_version": str(_FORMAT_VERSION)})
+
+
+def load_molora(model: nn.Module, directory: str) -> nn.Module:
+    """Applies the saved config to ``model`` (a fresh, unconverted base model) and loads the
+    saved adapter tensors; returns the model (in place).
+
+    Raises (before touching the model) FileNotFoundError for a missing file and ValueError when
+    the model does not match what was saved: other module names or shapes (layer count, hidden
+    size, intermediate size, ...), or an already converted model. A different
+    ``config.model_type`` with matching modules only warns."""
+    from safetensors.torch import load_file
+
+    config_path = os.path.join(directory, CONFIG_NAME)
+    weights_path = os.path.join(directory, WEIGHTS_NAME)
+    for path in (config_path, weights_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"load_molora: {path} not found")
+    with open(config_path) as f:
+        meta = json.load(f)
+    if meta.get("format_version") != _FORMAT_VERSION:
+        raise ValueError(f"load_molora: {config_path} has format_version "
+                         f"{meta.get('format_version')!r}, this version reads {_FORMAT_VERSION}")
+    config = MoLoRAConfig.from_dict(meta["config"])
+    if getattr(model, "molora_config", None) is not None:
+        raise ValueError("load_molora: the model is already converted; pass a fresh base model")
+    targets, _ = _plan(model, config)
+    have, saved = _fingerprint(targets), meta["modules"]
+    if have != saved:
+        diff = [f"{n}: saved {saved.get(n)}, model {have.get(n)}"
+                for n in sorted(set(have) | set(saved)) if have.get(n) != saved.get(n)]
+        raise ValueError(f"load_molora: the model does not match the saved adapters "
+                         f"({len(diff)} modules differ): " + "; ".join(diff[:4])
+                         + (" ..." if len(diff) > 4 else ""))
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if meta.get("model_type") not in (None, model_type):
+        warnings.warn(f"load_molora: adapters saved from a {meta['model_type']!r} model, loading "
+                      f"into {model_type!r} (the modules match)")
+    tensors = load_file(weights_path)
+
+    apply_molora(model, config)
+    expected: Dict[str, torch.Tensor] = {}
+    for name, m in _molora_layers(model):
+        state = m.molora.state_dict(keep_vars=True)
+        for key in m.adapter_state_dict():
+            expected[f"{name}.{key}"] = state[key]
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    bad_shape = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
+    if missing or unexpected or bad_shape:
+        raise ValueError(f"load_molora: {weights_path} does not fit the converted model: missing "
+                         f"{missing[:3]}, unexpected {unexpected[:3]}, wrong shape {bad_shape[:3]}")
+    with torch.no_grad():
+        for key, dst in expected.items():
+            dst.copy_(tensors[key])
+    return model

@@ -13,6 +13,8 @@ Environment:
     TORCH_CUDA_ARCH_LIST     with a CUDA torch, target architectures (default "9.0")
     CUDA_HOME                CUDA toolkit root (default: found from the nvcc on PATH)
     MOLORA_BUILD_DIR         CMake build directory (default: build/cmake-<platform>-<python>)
+    MOLORA_BUILD_EMU=0       do not build molora_ops._C_emu (CPU emulation of the CUDA kernels,
+                             test-only; built by default)
 """
 
 import os
@@ -34,6 +36,8 @@ def _env_flag(name: str, default: str = "") -> bool:
 
 
 SKIP_EXT = _env_flag("MOLORA_SKIP_EXT")
+# The second extension module, molora_ops._C_emu (CPU emulation of the CUDA kernels, tests), comes out of the same CMake build (target _C_emu); MOLORA_BUILD_EMU=0 skips it.
+BUILD_EMU = _env_flag("MOLORA_BUILD_EMU", "1")
 
 if not SKIP_EXT:
     try:
@@ -105,6 +109,14 @@ class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         if not isinstance(ext, CMakeExtension):
             return super().build_extension(ext)
+        # The CMake configure + build runs once, for the first CMakeExtension; the
+        # calls for the other modules (molora_ops._C_emu) only copy what it produced.
+        lib_dir = getattr(self, "_molora_lib_dir", None)
+        if lib_dir is None:
+            lib_dir = self._molora_lib_dir = self._cmake_build()
+        self._copy_module(ext, lib_dir)
+
+    def _cmake_build(self) -> Path:
         import torch
 
         cmake = _tool("cmake")
@@ -131,6 +143,7 @@ class CMakeBuild(build_ext):
             f"-DMOLORA_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
             f"-DMOLORA_TORCH_CUDA={'ON' if torch_cuda else 'OFF'}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={lib_dir}",
+            f"-DMOLORA_BUILD_EMU={'ON' if BUILD_EMU else 'OFF'}",  # _C_emu
         ]
         want_cuda = torch_cuda or _env_flag("MOLORA_CUDA_CHECK", "1")
         if want_cuda and not any(a.startswith("-DCMAKE_CUDA_COMPILER") for a in user_args):
@@ -145,13 +158,18 @@ class CMakeBuild(build_ext):
         print("molora_ops: " + shlex.join(args), flush=True)
         subprocess.run(args, check=True, env=env)
         subprocess.run([cmake, "--build", str(build_dir), "-j", jobs], check=True, env=env)
+        return lib_dir
 
+    def _copy_module(self, ext: Extension, lib_dir: Path) -> None:
         # Put the module where setuptools wants it (build_lib for a wheel; for an editable install
         # setuptools then copies it next to molora_ops/__init__.py in the source tree).
         name = ext.name.split(".")[-1] + sysconfig.get_config_var("EXT_SUFFIX")
         built = lib_dir / name
         if not built.is_file():
             found = sorted(p.name for p in lib_dir.glob("_C*")) if lib_dir.is_dir() else []
+            if ext.name == "molora_ops._C_emu":
+                sys.exit(f"molora_ops: CMake did not produce {built} (found: {found}); "
+                         "set MOLORA_BUILD_EMU=0 to build without the CUDA emulation module")
             sys.exit(f"molora_ops: CMake did not produce {built} (found: {found})")
         dest = Path(self.get_ext_fullpath(ext.name))
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -162,7 +180,9 @@ class CMakeBuild(build_ext):
 
 setup(
     packages=find_packages(include=["molora_ops", "molora_ops.*"]),
-    ext_modules=[] if SKIP_EXT else [CMakeExtension("molora_ops._C")],
+    ext_modules=[] if SKIP_EXT else (
+        [CMakeExtension("molora_ops._C")] + ([CMakeExtension("molora_ops._C_emu")] if BUILD_EMU else [])
+    ),
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,
 )

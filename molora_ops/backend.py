@@ -1,22 +1,25 @@
 """The backend switch: which implementation serves ``torch.ops.molora.*`` on CUDA tensors.
 
-Backends: ``"triton"`` (the kernels in ``molora_ops.triton``), ``"cuda"`` (hand-written CUDA C++ in
-the native extension), ``"reference"`` (the pure-PyTorch oracle of ``molora_ops.reference``, on the
-GPU) and ``"auto"`` (the default: CUDA C++ where the op has a kernel, else Triton, else the
-reference; float64 always goes to the reference, the kernels do not take it).
+Backends: ``"cuda"`` (hand-written CUDA C++ in the native extension: ``torch.ops.molora_cuda.*``),
+``"triton"`` (the kernels in ``molora_ops.triton``), ``"reference"`` (the pure-PyTorch oracle of
+``molora_ops.reference``, on the GPU) and ``"auto"`` (the default: CUDA C++ where the op has a
+kernel, else Triton, else the reference; float64 always goes to the reference, the kernels do not
+take it). ``"triton"`` runs the ops that have no Triton kernel as ``"auto"`` would; ``"cuda"``
+raises for an op without a CUDA C++ kernel instead of falling back.
 
 Choose it with the environment variable ``MOLORA_BACKEND`` (read at import), for the process with
 ``set_backend(name)``, or for a block of code with the context manager ``use_backend(name)``
 (a ``ContextVar``: per thread / task). ``python -m molora_ops.info`` reports it per op.
 
-How it is wired: every op whose CUDA C++ kernel does not exist yet gets one Python CUDA
-implementation (``torch.library.impl(..., "CUDA")``) that runs the op's checks and then what the
-switch picks at call time: the Triton launcher where ``TRITON_OPS`` has one, else the reference
-(so a whole MoE-LoRA layer runs on the GPU; ``info`` shows which op runs what). The ``cuda``
-backend raises for ops that have no CUDA C++ kernel instead of falling back. Fake kernels and autograd are registered
-once per op (``ops/``), so every backend is differentiable and compiles the same way. Without a
-GPU, ``cuda_impl(op)`` can be called directly on CPU tensors (Triton runs in its interpreter
-with ``TRITON_INTERPRET=1``): that is how the CPU tests cover this path.
+How it is wired: every op gets one Python CUDA implementation (``torch.library.impl(...,
+"CUDA")``) that picks at call time. The CUDA C++ kernels are registered by the extension under
+their own namespace ``molora_cuda`` (same schemas, ``csrc/schemas.h``), so the public op keeps one
+CUDA kernel and every backend stays selectable; they run their own argument checks (shared with the
+CPU launchers). For Triton and the reference the switch runs the op's checks first. Fake kernels
+and autograd are registered once per op (``ops/``), so every backend is differentiable and compiles
+the same way. Without a GPU, ``cuda_impl(op)`` can be called directly on CPU tensors (Triton runs
+in its interpreter with ``TRITON_INTERPRET=1``; the CUDA C++ kernels run in the emulation module
+``molora_ops._C_emu`` via ``use_cuda_kernels_from``): that is how the CPU tests cover this path.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from .reference import _common
 from .ops import ALL_OPS
 
 __all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "choose", "resolve", "cuda_impl",
-           "has_triton", "TRITON_OPS", "SWITCHED_OPS"]
+           "has_triton", "has_cuda_kernel", "use_cuda_kernels_from", "TRITON_OPS", "SWITCHED_OPS"]
 
 BACKENDS = ("auto", "triton", "cuda", "reference")
 
@@ -131,6 +134,36 @@ def has_triton() -> bool:
     return True
 
 
+# (namespace, dispatch key) of the CUDA C++ kernels: torch.ops.molora_cuda on CUDA tensors. The
+# tests point it at the CPU emulation of the same kernels (torch.ops.molora_emu, "CPU").
+_CUDA_KERNELS = ["molora_cuda", "CUDA"]
+
+
+def has_cuda_kernel(name: str) -> bool:
+    """True when op ``name`` has a hand-written CUDA C++ kernel (``torch.ops.molora_cuda``)."""
+    namespace, key = _CUDA_KERNELS
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"{namespace}::{name}", key)
+    except RuntimeError:  # namespace not registered (CPU build of the extension)
+        return False
+
+
+@contextlib.contextmanager
+def use_cuda_kernels_from(namespace: str, dispatch_key: str):
+    """Test hook: take the "CUDA C++" kernels from ``torch.ops.<namespace>`` registered for
+    ``dispatch_key`` (``("molora_emu", "CPU")``: the CPU emulation module ``molora_ops._C_emu``)."""
+    saved = list(_CUDA_KERNELS)
+    _CUDA_KERNELS[:] = [namespace, dispatch_key]
+    try:
+        yield
+    finally:
+        _CUDA_KERNELS[:] = saved
+
+
+def _cuda_kernel(name: str) -> Callable:
+    return getattr(getattr(torch.ops, _CUDA_KERNELS[0]), name)
+
+
 def _triton_launcher(name: str) -> Callable:
     module = importlib.import_module(f"molora_ops.triton.{TRITON_OPS[name]}")
     return getattr(module, name)
@@ -148,30 +181,42 @@ def _has_float64(args) -> bool:
 
 
 def choose(name: str, args=(), backend: Optional[str] = None) -> str:
-    """The backend ("triton" or "reference") that runs op ``name`` on ``args`` under ``backend``
-    (default: ``get_backend()``); raises when the requested one cannot."""
+    """The backend ("cuda", "triton" or "reference") that runs op ``name`` on ``args`` under
+    ``backend`` (default: ``get_backend()``); raises when the requested one cannot."""
     backend = _validate(backend or get_backend())
     if name not in ALL_OPS:
         raise ValueError(f"molora_ops.backend: unknown op {name!r}")
+    if backend == "reference":
+        return "reference"
     if backend == "cuda":
-        raise NotImplementedError(f"molora.{name}: no CUDA C++ kernel yet; use the 'triton' or "
-                                  "'reference' backend (MOLORA_BACKEND / use_backend)")
-    if name not in TRITON_OPS:  # no kernel at all yet: the pure-PyTorch reference, on the GPU
-        return "reference"
-    if backend == "reference" or (backend == "auto" and (_has_float64(args) or not has_triton())):
-        return "reference"
-    if not has_triton():
-        raise RuntimeError(f"molora.{name}: the 'triton' backend needs the triton package")
+        if not has_cuda_kernel(name):
+            raise NotImplementedError(f"molora.{name}: no CUDA C++ kernel (in this build); use the "
+                                      "'auto', 'triton' or 'reference' backend (MOLORA_BACKEND / "
+                                      "use_backend)")
+        return "cuda"  # float64 raises TypeError in the kernel's launcher
+    if backend == "triton" and name in TRITON_OPS:
+        if not has_triton():
+            raise RuntimeError(f"molora.{name}: the 'triton' backend needs the triton package")
+        if _has_float64(args):
+            raise TypeError(f"molora.{name}: the Triton kernels take fp16/bf16/fp32, not float64; "
+                            "use the 'reference' (or 'auto') backend")
+        return "triton"
+    # "auto", or "triton" for an op without a Triton kernel
     if _has_float64(args):
-        raise TypeError(f"molora.{name}: the Triton kernels take fp16/bf16/fp32, not float64; "
-                        "use the 'reference' (or 'auto') backend")
-    return "triton"
+        return "reference"
+    if has_cuda_kernel(name):
+        return "cuda"
+    if name in TRITON_OPS and has_triton():
+        return "triton"
+    return "reference"
 
 
 def resolve(name: str, args=(), backend: Optional[str] = None) -> Tuple[str, Callable]:
     """(backend name, function) that runs op ``name`` on ``args`` (CUDA tensors, or CPU tensors
     under the Triton interpreter)."""
     chosen = choose(name, args, backend)
+    if chosen == "cuda":
+        return chosen, _cuda_kernel(name)
     return chosen, (_triton_launcher(name) if chosen == "triton" else _reference_fn(name))
 
 
@@ -180,10 +225,11 @@ def cuda_impl(name: str) -> Callable:
     meta_check = _meta_check(name)
 
     def impl(*args):
-        meta_check(*args)
         chosen, fn = resolve(name, args)
-        if chosen == "triton":
-            _VALUE_CHECKS[name](*args)
+        if chosen != "cuda":  # the CUDA C++ launchers run the same checks themselves
+            meta_check(*args)
+            if chosen == "triton":
+                _VALUE_CHECKS[name](*args)
         return fn(*args)
 
     impl.__name__ = f"{name}_cuda_switch"
@@ -199,7 +245,7 @@ def _register() -> None:
     for name in ALL_OPS:
         qualname = f"molora::{name}"
         if torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CUDA"):
-            continue  # a CUDA C++ kernel serves this op: the C++ registration owns the key
+            continue  # not expected: the C++ kernels register under molora_cuda, not here
         torch.library.impl(qualname, "CUDA")(cuda_impl(name))
         SWITCHED_OPS.append(name)
 

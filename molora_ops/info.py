@@ -23,7 +23,8 @@ def _triton_version() -> str:
 def _switched(name: str) -> str:
     """What the backend switch runs for op ``name`` on CUDA tensors now."""
     try:
-        return backend.choose(name).replace("triton", "Triton") + " (switch)"
+        chosen = backend.choose(name)
+        return {"cuda": "CUDA C++", "triton": "Triton"}.get(chosen, chosen) + " (switch)"
     except (NotImplementedError, RuntimeError) as exc:  # the requested backend cannot run it
         return f"none: {type(exc).__name__}"
 

@@ -213,3 +213,118 @@ def test_compiled_method_with_triton_kernels(method, triton_as_cpu_kernels, dyna
     torch.testing.assert_close(gx_c, gx_e, rtol=1e-5, atol=1e-6)
     for n in gp_e:
         torch.testing.assert_close(gp_c[n], gp_e[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA C++ kernels behind the switch, in CPU emulation (torch.ops.molora_emu, csrc/emu/):
+# "auto" on a GPU runs them for the router / dispatch / gather / combine / rank-top-k ops and the
+# Triton kernels for the rest; these tests run exactly that combination on CPU tensors.
+# ---------------------------------------------------------------------------------------------
+
+def _emu_or_skip():
+    from emu_utils import require_emu
+    require_emu()
+
+
+@pytest.fixture
+def gpu_kernels_as_cpu_kernels():
+    """Installs the switch (backend "auto", CUDA C++ kernels taken from the emulation module) as
+    the CPU kernel of every op for one test; the C++ CPU kernels come back afterwards."""
+    need_ext()
+    _emu_or_skip()
+    import warnings
+    lib = torch.library.Library("molora", "IMPL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
+        for name in molora_ops.ops.ALL_OPS:
+            lib.impl(name, backend.cuda_impl(name), "CPU")
+    try:
+        with backend.use_cuda_kernels_from("molora_emu", "CPU"), molora_ops.use_backend("auto"):
+            yield
+    finally:
+        lib._destroy()
+
+
+def _emu_kernel_ops():
+    return [n for n in molora_ops.ops.ALL_OPS if backend.has_cuda_kernel(n)]
+
+
+def test_switch_picks_cuda_kernels():
+    """With CUDA C++ kernels present: auto -> cuda (fp64 -> reference), cuda -> cuda, reference
+    and triton as documented; the switch calls them without its Python checks."""
+    need_ext()
+    _emu_or_skip()
+    x32, x64 = torch.randn(3, 4), torch.randn(3, 4, dtype=torch.float64)
+    with backend.use_cuda_kernels_from("molora_emu", "CPU"):
+        ops = _emu_kernel_ops()
+        assert "softmax_topk" in ops and "dispatch" in ops and "id_histogram" in ops
+        for name in ops:
+            assert backend.choose(name, (x32,), "auto") == "cuda"
+            assert backend.choose(name, (x32,), "cuda") == "cuda"
+            assert backend.choose(name, (x32,), "reference") == "reference"
+            assert backend.choose(name, (x64,), "auto") == "reference"
+            # ops without a Triton kernel run what "auto" picks under the "triton" backend
+            if name not in backend.TRITON_OPS:
+                assert backend.choose(name, (x32,), "triton") == "cuda"
+        assert backend.resolve("softmax_topk", (x32,), "cuda")[1] is torch.ops.molora_emu.softmax_topk
+        with molora_ops.use_backend("cuda"), pytest.raises(TypeError):  # the launcher rejects fp64
+            backend.cuda_impl("softmax_topk")(x64, 2, True)
+        with molora_ops.use_backend("cuda"), pytest.raises(ValueError, match="k must be"):
+            backend.cuda_impl("softmax_topk")(x32, 5, True)  # checked in C++ (k > E)
+    assert not backend.has_cuda_kernel("softmax_topk")  # restored: this build has no CUDA
+
+
+def test_switch_cuda_kernels_match_reference():
+    """Every op with a CUDA C++ kernel, through the switch (backend "cuda"), on its samples."""
+    need_ext()
+    _emu_or_skip()
+    with backend.use_cuda_kernels_from("molora_emu", "CPU"), molora_ops.use_backend("cuda"):
+        for name in _emu_kernel_ops():
+            impl = backend.cuda_impl(name)
+            for sid, args, kwargs in op_samples(name):
+                if any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args):
+                    continue  # fp64 is the reference's (covered above)
+                try:
+                    compare_with_reference(name, args, kwargs, ours_fn=impl)
+                except AssertionError as exc:
+                    raise AssertionError(f"{name} sample {sid!r}: {exc}") from exc
+
+
+@pytest.mark.triton
+@triton_only
+@pytest.mark.parametrize("method", ["MoLA", "DynMoLE", "SMoRA", "MixLoRA", "MeteoRA"])
+def test_methods_forward_backward_through_gpu_kernels(method, request):
+    """A whole method layer, forward and backward, on what "auto" runs on a GPU (CUDA C++ router,
+    dispatch, gather/combine, rank top-k in emulation; Triton for the matmuls) vs the C++ CPU
+    kernels."""
+    from molora_ops.modules import methods as M
+    d, d_ff = 24, 40
+    lin = lambda a, b: nn.Linear(a, b, bias=False)  # noqa: E731
+    make = {
+        "MoLA": lambda: M.MoLA(lin(d, d), 5, r=6, dropout=0.0, init="gaussian"),
+        "DynMoLE": lambda: M.DynMoLE(lin(d, d), dropout=0.0, init="gaussian"),
+        "SMoRA": lambda: M.SMoRA(lin(d, d), r=16, k=4, dropout=0.0, init="gaussian"),
+        "MixLoRA": lambda: M.MixLoRA(lin(d, d_ff), lin(d, d_ff), lin(d_ff, d), num_experts=5, r=6,
+                                     dropout=0.0, init="gaussian"),
+        "MeteoRA": lambda: M.MeteoRA(lin(d, d), 7, dropout=0.0, init="gaussian"),
+    }[method]
+    module = make().eval()
+    x = torch.randn(2, 7, d)
+    y_c, gx_c, gp_c = _layer_outputs(module, x)  # C++ CPU kernels
+    request.getfixturevalue("gpu_kernels_as_cpu_kernels")
+    y_g, gx_g, gp_g = _layer_outputs(module, x)  # CUDA C++ (emulated) + Triton (interpreter)
+    torch.testing.assert_close(y_g, y_c, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gx_g, gx_c, rtol=1e-4, atol=1e-5)
+    assert gp_g.keys() == gp_c.keys() and gp_c
+    for n in gp_c:
+        torch.testing.assert_close(gp_g[n], gp_c[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_opcheck_with_cuda_kernels(gpu_kernels_as_cpu_kernels):
+    """torch.library.opcheck with the (emulated) CUDA C++ kernels serving the ops."""
+    for name in _emu_kernel_ops():
+        op = getattr(torch.ops.molora, name).default
+        for _sid, args, kwargs in op_samples(name):
+            if any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args):
+                continue
+            torch.library.opcheck(op, args, kwargs)

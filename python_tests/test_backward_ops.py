@@ -109,6 +109,27 @@ def test_sigmoid_topk_backward(dtype, T, E, k, setting):
     assert_close_fa(dl, dl_lo, dl_hi, name="sigmoid_topk_backward vs autograd")
 
 
+@pytest.mark.parametrize("setting", SIGMOID_BWD, ids=[s[0] for s in SIGMOID_BWD])
+def test_sigmoid_topk_backward_dropped_slots(setting):
+    """ids of -1 (dropped slots) contribute nothing, as in the reference; the C++ kernel skips
+    them (the CUDA kernel does too: test_cuda_emulated_router.py)."""
+    _, use_bias, normalize, biw, scale = setting
+    T, E, k = 9, 7, 3
+    scale = float(k) if scale is None else scale
+    bias = torch.rand(E) * 0.3 + 0.05 if use_bias else None
+    logits = torch.randn(T, E)
+    w, ids = ref.sigmoid_topk(logits, k, bias, normalize, biw, scale)
+    ids = ids.clone()
+    ids[::2, -1] = -1
+    ids[1, :] = -1  # a row with every slot dropped
+    g = torch.randn(w.shape)
+    ours = molora_ops.sigmoid_topk_backward(g, w, ids, logits, bias, normalize, biw, scale)
+    expect = ref.sigmoid_topk_backward(g, w, ids, logits, bias, normalize, biw, scale)
+    torch.testing.assert_close(ours, expect, rtol=1e-5, atol=1e-6)
+    assert torch.equal(ours[1], torch.zeros(E))
+    assert ours.abs().sum() > 0
+
+
 # ------------------------------------------------------------------ pair_dot
 
 # (name, T, E, k, ids kind, block_size)

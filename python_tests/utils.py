@@ -77,6 +77,15 @@ _FLOOR = {
 }
 
 
+def cuda_kernel(name: str):
+    """``torch.ops.molora_cuda.<name>`` (the CUDA C++ kernel alone, no switch); skips the test when
+    this build has none (a CPU build of the extension)."""
+    import molora_ops  # noqa: F401  (loads the extension)
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"molora_cuda::{name}", "CUDA"):
+        pytest.skip(f"torch.ops.molora_cuda.{name} is not built (CPU build of the extension?)")
+    return getattr(torch.ops.molora_cuda, name)
+
+
 def assert_close_fa(actual, ref_lowp, ref_hi, name="output", factor=2.0, floor=None):
     """Flash-attention rule.
 

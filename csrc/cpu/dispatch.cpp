@@ -2,6 +2,7 @@
 #include <climits>
 #include <vector>
 
+#include "../common/dispatch_checks.h"
 #include "../kernels/dispatch_cpu.h"
 #include "../ops.h"
 #include "cpu_utils.h"
@@ -11,17 +12,9 @@ namespace molora {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_cpu(const at::Tensor& ids,
                                                             int64_t num_experts,
                                                             int64_t block_size) {
-  const char* op = "dispatch";
-  check_index(op, "ids", ids);
-  check_dim(op, "ids", ids, 2);
-  MOLORA_CHECK_VALUE(num_experts >= 1, op, ": num_experts must be >= 1, got ", num_experts);
-  MOLORA_CHECK_VALUE(block_size >= 1, op, ": block_size must be >= 1, got ", block_size);
-  check_index_range(op, "ids", ids, -1, num_experts);
+  const int64_t P = check_dispatch_args("dispatch", ids, num_experts, block_size);
   const at::Tensor id = cpu::as_i32(ids);
   const int64_t n_pairs = id.numel(), E = num_experts;
-  const int64_t P = block_size == 1 ? n_pairs : n_pairs + E * (block_size - 1);
-  MOLORA_CHECK_VALUE(P <= INT32_MAX, op, ": T*k + E*(block_size-1) = ", P,
-                     " dispatched rows do not fit the int32 layout");
   const auto opts = id.options();
   at::Tensor order = at::full({P}, -1, opts);
   at::Tensor pos = at::empty_like(id);
@@ -65,19 +58,7 @@ namespace {
 at::Tensor check_rows_op(const char* op, const at::Tensor& data, const at::Tensor& order,
                          const at::Tensor& pos, const std::optional<at::Tensor>& weights,
                          int64_t data_rows, const char* data_name) {
-  check_float(op, data_name, data);
-  check_dim(op, data_name, data, 2);
-  check_index(op, "order", order);
-  check_index(op, "pos", pos);
-  check_dim(op, "order", order, 1);
-  check_dim(op, "pos", pos, 2);
-  check_device(op, "order", order, data);
-  check_device(op, "pos", pos, data);
-  MOLORA_CHECK_VALUE(data.size(0) == data_rows, op, ": ", data_name, " must have ", data_rows,
-                     " rows, got shape ", data.sizes());
-  check_pair_weights(op, weights, pos, data);
-  check_index_range(op, "order", order, -1, pos.numel());
-  check_index_range(op, "pos", pos, -1, order.size(0));
+  check_rows_args(op, data, order, pos, weights, data_rows, data_name);
   return opmath_or_undefined(weights, opmath_dtype(data.scalar_type()));
 }
 }  // namespace
@@ -118,20 +99,8 @@ at::Tensor combine_rows_cpu(const at::Tensor& y_in, const at::Tensor& order, con
 
 at::Tensor pair_dot_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& pos,
                         bool a_by_token) {
-  const char* op = "pair_dot";
-  check_float(op, "a", a_in);
-  check_same_dtype(op, "b", b_in, "a", a_in);
-  check_dim(op, "a", a_in, 2);
-  check_dim(op, "b", b_in, 2);
-  check_index(op, "pos", pos);
-  check_dim(op, "pos", pos, 2);
-  check_device(op, "b", b_in, a_in);
-  check_device(op, "pos", pos, a_in);
+  check_pair_dot_args("pair_dot", a_in, b_in, pos, a_by_token);
   const int64_t T = pos.size(0), k = pos.size(1), d = a_in.size(1);
-  check_size(op, "b", b_in, 1, d);
-  if (a_by_token) check_size(op, "a", a_in, 0, T);
-  else check_size(op, "a", a_in, 0, b_in.size(0));
-  check_index_range(op, "pos", pos, -1, b_in.size(0));
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous(), ps = cpu::as_i32(pos);
   at::Tensor out = at::empty({T, k}, a.options().dtype(opmath_dtype(a.scalar_type())));
   MOLORA_DISPATCH_FLOATING(a.scalar_type(), "molora_pair_dot", [&] {

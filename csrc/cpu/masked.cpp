@@ -1,6 +1,7 @@
 // CPU launchers of the rank-wise masked activation ops and the id histogram.
 #include <vector>
 
+#include "../common/masked_checks.h"
 #include "../kernels/dispatch_cpu.h"
 #include "../kernels/masked_cpu.h"
 #include "../ops.h"
@@ -10,13 +11,9 @@ namespace molora {
 namespace {
 
 // ids [T, k] of ranks in [-1, num_ranks): checked and returned as contiguous int32.
-at::Tensor check_rank_ids(const char* op, const at::Tensor& ids, int64_t T, int64_t num_ranks,
-                          const at::Tensor& ref) {
-  check_index(op, "ids", ids);
-  check_dim(op, "ids", ids, 2);
-  check_size(op, "ids", ids, 0, T);
-  check_device(op, "ids", ids, ref);
-  check_index_range(op, "ids", ids, -1, num_ranks);
+at::Tensor checked_rank_ids_i32(const char* op, const at::Tensor& ids, int64_t T,
+                                int64_t num_ranks, const at::Tensor& ref) {
+  check_rank_ids(op, ids, T, num_ranks, ref);
   return cpu::as_i32(ids);
 }
 
@@ -27,22 +24,8 @@ std::tuple<at::Tensor, at::Tensor> rank_topk_cpu(const at::Tensor& h_in, int64_t
                                                  const std::optional<at::Tensor>& bias,
                                                  bool use_abs) {
   const char* op = "rank_topk";
-  check_float(op, "h", h_in);
-  check_dim(op, "h", h_in, 2);
+  check_rank_topk_args(op, h_in, k, scores, bias);
   const int64_t T = h_in.size(0), R = h_in.size(1);
-  MOLORA_CHECK_VALUE(k >= 1 && k <= R, op, ": k must be in [1, R] = [1, ", R, "], got ", k);
-  if (scores.has_value()) {
-    check_float(op, "scores", *scores);
-    check_device(op, "scores", *scores, h_in);
-    MOLORA_CHECK_VALUE(scores->sizes() == h_in.sizes(), op, ": scores must have the shape of h ",
-                       h_in.sizes(), ", got ", scores->sizes());
-  }
-  if (bias.has_value()) {
-    check_float(op, "bias", *bias);
-    check_device(op, "bias", *bias, h_in);
-    MOLORA_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == R, op, ": bias must have shape (", R,
-                       "), got ", bias->sizes());
-  }
   const at::Tensor h = h_in.contiguous();
   const at::Tensor sc = opmath_or_undefined(scores, opmath_dtype(h.scalar_type()));
   const at::Tensor b = opmath_or_undefined(bias, opmath_dtype(h.scalar_type()));
@@ -71,7 +54,7 @@ at::Tensor rank_sparse_shrink_cpu(const at::Tensor& x_in, const at::Tensor& A_in
   check_dim(op, "x", x_in, 2);
   check_bank(op, "A", A_in, "x", x_in);
   check_size(op, "A", A_in, 1, x_in.size(1));
-  const at::Tensor ids = check_rank_ids(op, ids_in, x_in.size(0), A_in.size(0), x_in);
+  const at::Tensor ids = checked_rank_ids_i32(op, ids_in, x_in.size(0), A_in.size(0), x_in);
   const at::Tensor x = x_in.contiguous(), A = A_in.contiguous();
   const int64_t T = x.size(0), d = x.size(1), k = ids.size(1);
   at::Tensor h = at::empty({T, k}, x.options());
@@ -94,7 +77,7 @@ at::Tensor rank_sparse_expand_cpu(const at::Tensor& values_in, const at::Tensor&
   check_dim(op, "values", values_in, 2);
   check_bank(op, "B", B, "values", values_in);
   const int64_t T = values_in.size(0), n = B.size(0);
-  const at::Tensor ids = check_rank_ids(op, ids_in, T, B.size(1), values_in);
+  const at::Tensor ids = checked_rank_ids_i32(op, ids_in, T, B.size(1), values_in);
   MOLORA_CHECK_VALUE(ids.sizes() == values_in.sizes(), op, ": ids must have the shape of values ",
                      values_in.sizes(), ", got ", ids.sizes());
   check_pair_weights(op, weights, ids, values_in);
@@ -119,8 +102,7 @@ at::Tensor rank_sparse_expand_cpu(const at::Tensor& values_in, const at::Tensor&
 
 at::Tensor id_histogram_cpu(const at::Tensor& ids_in, int64_t num_bins) {
   const char* op = "id_histogram";
-  check_index(op, "ids", ids_in);
-  MOLORA_CHECK_VALUE(num_bins >= 1, op, ": num_bins must be >= 1, got ", num_bins);
+  check_id_histogram_args(op, ids_in, num_bins);
   check_index_range(op, "ids", ids_in, -1, num_bins);
   const at::Tensor ids = cpu::as_i32(ids_in).view(-1);
   const int64_t n = ids.numel();
@@ -142,12 +124,8 @@ at::Tensor id_histogram_cpu(const at::Tensor& ids_in, int64_t num_bins) {
 
 at::Tensor rank_scatter_cpu(const at::Tensor& src_in, const at::Tensor& ids_in, int64_t num_ranks) {
   const char* op = "rank_scatter";
-  check_float(op, "src", src_in);
-  check_dim(op, "src", src_in, 2);
-  MOLORA_CHECK_VALUE(num_ranks >= 1, op, ": num_ranks must be >= 1, got ", num_ranks);
-  const at::Tensor ids = check_rank_ids(op, ids_in, src_in.size(0), num_ranks, src_in);
-  MOLORA_CHECK_VALUE(ids.sizes() == src_in.sizes(), op, ": ids must have the shape of src ",
-                     src_in.sizes(), ", got ", ids.sizes());
+  check_rank_scatter_args(op, src_in, ids_in, num_ranks);
+  const at::Tensor ids = cpu::as_i32(ids_in);
   const at::Tensor src = src_in.contiguous();
   const int64_t T = src.size(0), k = src.size(1);
   at::Tensor out = at::zeros({T, num_ranks}, src.options());
@@ -170,7 +148,7 @@ at::Tensor rank_sparse_weight_grad_cpu(const at::Tensor& x_in, const at::Tensor&
   check_device(op, "g", g_in, x_in);
   MOLORA_CHECK_VALUE(num_ranks >= 1, op, ": num_ranks must be >= 1, got ", num_ranks);
   check_size(op, "g", g_in, 0, x_in.size(0));
-  const at::Tensor ids = check_rank_ids(op, ids_in, x_in.size(0), num_ranks, x_in);
+  const at::Tensor ids = checked_rank_ids_i32(op, ids_in, x_in.size(0), num_ranks, x_in);
   MOLORA_CHECK_VALUE(ids.sizes() == g_in.sizes(), op, ": ids must have the shape of g ",
                      g_in.sizes(), ", got ", ids.sizes());
   const at::Tensor x = x_in.contiguous();

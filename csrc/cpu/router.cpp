@@ -1,6 +1,7 @@
 // CPU launchers of the router ops: argument checks, dtype dispatch, one token row per iteration.
 #include <vector>
 
+#include "../common/router_checks.h"
 #include "../kernels/router_cpu.h"
 #include "../ops.h"
 #include "cpu_utils.h"
@@ -8,16 +9,12 @@
 namespace molora {
 namespace {
 
+// Argument checks: csrc/common/router_checks.h (shared with the CUDA launchers).
 int64_t check_logits(const char* op, const at::Tensor& logits) {
-  check_float(op, "logits", logits);
-  check_dim(op, "logits", logits, 2);
-  MOLORA_CHECK_VALUE(logits.size(1) >= 1, op, ": logits must have at least one expert column");
-  return logits.size(1);
+  return check_router_logits(op, logits);
 }
 
-void check_k(const char* op, int64_t k, int64_t E) {
-  MOLORA_CHECK_VALUE(k >= 1 && k <= E, op, ": k must be in [1, E] = [1, ", E, "], got ", k);
-}
+void check_k(const char* op, int64_t k, int64_t E) { check_router_k(op, k, E); }
 
 // Runs row_fn(logits_row, key_scratch, scratch_ids, weights_row, ids_row) for every token and
 // returns (weights [T, width] opmath, ids [T, width] int32). key_scratch holds 2*E values.
@@ -58,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor> topk_softmax_cpu(const at::Tensor& logits, in
                                                     double temperature) {
   const int64_t E = check_logits("topk_softmax", logits);
   check_k("topk_softmax", k, E);
-  MOLORA_CHECK_VALUE(temperature > 0, "topk_softmax: temperature must be > 0, got ", temperature);
+  check_topk_softmax_temperature(temperature);
   return route_rows(logits, k, [&](const auto* row, auto* key, int32_t* scratch, auto* w, int32_t* id) {
     using acc_t = std::remove_pointer_t<decltype(key)>;
     kernels::topk_softmax_row(row, E, k, static_cast<acc_t>(1.0 / temperature), key, scratch, w, id);
@@ -66,15 +63,9 @@ std::tuple<at::Tensor, at::Tensor> topk_softmax_cpu(const at::Tensor& logits, in
 }
 
 namespace {
-// The optional selection bias [E] as a contiguous opmath tensor (undefined when absent).
 at::Tensor check_bias(const char* op, const std::optional<at::Tensor>& bias, int64_t n,
                       const at::Tensor& ref) {
-  if (!bias.has_value()) return at::Tensor();
-  check_float(op, "bias", *bias);
-  check_device(op, "bias", *bias, ref);
-  MOLORA_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n, op, ": bias must have shape (", n,
-                     "), got ", bias->sizes());
-  return bias->to(opmath_dtype(ref.scalar_type())).contiguous();
+  return check_router_bias(op, bias, n, ref);
 }
 }  // namespace
 
@@ -96,10 +87,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_topp_cpu(const at::Tensor& logits, do
                                                     int64_t min_k, double entropy_threshold,
                                                     double q, double eps) {
   const int64_t E = check_logits("softmax_topp", logits);
-  MOLORA_CHECK_VALUE(top_p > 0 && top_p <= 1, "softmax_topp: top_p must be in (0, 1], got ", top_p);
-  MOLORA_CHECK_VALUE(min_k >= 1 && min_k <= E, "softmax_topp: min_k must be in [1, E] = [1, ", E,
-                     "], got ", min_k);
-  MOLORA_CHECK_VALUE(eps >= 0, "softmax_topp: eps must be >= 0, got ", eps);
+  check_softmax_topp_args(E, top_p, min_k, eps);
   return route_rows(logits, E, [&](const auto* row, auto* key, int32_t* scratch, auto* w, int32_t* id) {
     using acc_t = std::remove_pointer_t<decltype(key)>;
     kernels::softmax_topp_row(row, E, static_cast<acc_t>(top_p), min_k,
@@ -112,18 +100,7 @@ namespace {
 // Shared checks of the two router backward ops; returns E.
 int64_t check_route_grad(const char* op, const at::Tensor& grad_weights, const at::Tensor& weights,
                          const at::Tensor& ids, const at::Tensor& logits) {
-  const int64_t E = check_logits(op, logits);
-  check_float(op, "grad_weights", grad_weights);
-  check_float(op, "weights", weights);
-  check_index(op, "ids", ids);
-  check_dim(op, "ids", ids, 2);
-  check_size(op, "ids", ids, 0, logits.size(0));
-  MOLORA_CHECK_VALUE(weights.sizes() == ids.sizes() && grad_weights.sizes() == ids.sizes(), op,
-                     ": grad_weights, weights and ids must share one shape (T, k); got ",
-                     grad_weights.sizes(), ", ", weights.sizes(), ", ", ids.sizes());
-  check_device(op, "grad_weights", grad_weights, logits);
-  check_device(op, "weights", weights, logits);
-  check_device(op, "ids", ids, logits);
+  const int64_t E = check_route_grad_args(op, grad_weights, weights, ids, logits);
   check_index_range(op, "ids", ids, -1, E);
   return E;
 }
@@ -171,7 +148,7 @@ at::Tensor sigmoid_topk_backward_cpu(const at::Tensor& grad_weights, const at::T
                                      const std::optional<at::Tensor>& bias, bool normalize,
                                      bool bias_in_weights, double scale) {
   const int64_t E = check_route_grad("sigmoid_topk_backward", grad_weights, weights, ids, logits);
-  check_index_range("sigmoid_topk_backward", "ids", ids, 0, E);
+  check_index_range("sigmoid_topk_backward", "ids", ids, -1, E);  // -1: dropped, as the reference
   const at::Tensor b = check_bias("sigmoid_topk_backward", bias, E, logits);
   const int64_t k = ids.size(1);
   return route_backward_rows(grad_weights, weights, ids, logits,

@@ -152,8 +152,12 @@ void sigmoid_topk_backward_row(const acc_t* grad_w, const int32_t* ids, const sc
                                bool bias_in_weights, acc_t scale, acc_t* v, acc_t* dlogits) {
   for (int64_t e = 0; e < E; ++e) dlogits[e] = 0;
   acc_t total = 0, gv = 0;
-  for (int64_t j = 0; j < k; ++j) {
+  for (int64_t j = 0; j < k; ++j) {  // id -1 (a dropped slot) contributes nothing
     const int32_t e = ids[j];
+    if (e < 0) {
+      v[j] = 0;
+      continue;
+    }
     const acc_t s = sigmoid(static_cast<acc_t>(logits[e]));
     v[j] = (bias != nullptr && bias_in_weights) ? s + bias[e] : s;
     total += v[j];
@@ -161,6 +165,7 @@ void sigmoid_topk_backward_row(const acc_t* grad_w, const int32_t* ids, const sc
   }
   for (int64_t j = 0; j < k; ++j) {
     const int32_t e = ids[j];
+    if (e < 0) continue;
     const acc_t s = sigmoid(static_cast<acc_t>(logits[e]));
     const acc_t dv = normalize ? scale / total * (grad_w[j] - gv / total) : scale * grad_w[j];
     dlogits[e] += dv * s * (acc_t(1) - s);

@@ -1,0 +1,345 @@
+"""Router / dispatch / gather / combine: the CUDA C++ kernels against plain-PyTorch baselines.
+
+    python -m bench.router_dispatch_gpu --out DIR            # GPU: T=16384, E in {8,60,64,256},
+                                                             # k in {2,8}, d=4096, bf16
+    python -m bench.router_dispatch_gpu --quick --out DIR    # smoke run (tiny sizes; CPU works)
+
+Rows (one per bench x E x k x implementation):
+  router   `molora` = torch.ops.molora_cuda.softmax_topk(logits, k, renormalize=True);
+           `torch` = softmax (fp32) + topk + renormalise.
+  dispatch `molora` = torch.ops.molora_cuda.dispatch(ids, E, 1);
+           `torch_sort` = stable argsort of the flattened ids + bincount + cumsum + inverse
+           permutation (the MegaBlocks-style sort dispatch, in PyTorch).
+  gather   `molora` = torch.ops.molora_cuda.gather_rows(x, order, pos, None);
+           `index_select` = x.index_select(0, order // k).
+  combine  `molora` = torch.ops.molora_cuda.combine_rows(y_perm, order, pos, weights);
+           `index_add` = fp32 zeros.index_add_(0, token of each row, w * y_perm) -> bf16.
+On a CPU run (smoke test) `molora` is torch.ops.molora (the C++ CPU kernels).
+
+Timing: bench/timing.py (CUDA events around every call after warm-up, input sets rotated so their
+bytes exceed 2x L2; torch.utils.benchmark on CPU); the median is reported. Achieved GB/s comes
+from a byte model of the compulsory traffic (the *_bytes functions below: every input read once,
+every output written once), the same for every implementation of a bench, so GB/s compares like
+with like and against the measured copy ceiling. Writes DIR/router_dispatch.json and prints a
+short table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from . import report, timing
+
+BENCHES = ("router", "dispatch", "gather", "combine")
+
+
+# --- byte models (compulsory traffic: inputs read once, outputs written once) ------------------
+
+
+def router_bytes(T: int, E: int, k: int, logit_bytes: int = 2) -> int:
+    """logits [T, E] read; weights [T, k] fp32 + ids [T, k] int32 written."""
+    return T * E * logit_bytes + T * k * (4 + 4)
+
+
+def dispatch_bytes(T: int, k: int, E: int) -> int:
+    """ids [T, k] int32 read; order [T*k] + pos [T, k] + expert_offsets [E+1] int32 written
+    (no padding: block_size = 1)."""
+    return T * k * 4 + T * k * 4 * 2 + (E + 1) * 4
+
+
+def gather_bytes(T: int, k: int, d: int, elem_bytes: int = 2) -> int:
+    """x [T, d] read once (a token's k copies come from L2 in the ideal), order [P] + pos [T, k]
+    int32 read, x_perm [P, d] written; P = T * k."""
+    P = T * k
+    return T * d * elem_bytes + P * 4 * 2 + P * d * elem_bytes
+
+
+def combine_bytes(T: int, k: int, d: int, elem_bytes: int = 2, weighted: bool = True) -> int:
+    """y_perm [P, d] read, pos [T, k] int32 (+ weights [T, k] fp32) read, y [T, d] written."""
+    P = T * k
+    return P * d * elem_bytes + P * 4 + (P * 4 if weighted else 0) + T * d * elem_bytes
+
+
+def gb_per_s(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9 if seconds > 0 else float("nan")
+
+
+# --- arguments ---------------------------------------------------------------------------------
+
+
+def _ints(text: str) -> List[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return vals
+
+
+def _benches(text: str) -> List[str]:
+    vals = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in vals if v not in BENCHES]
+    if bad or not vals:
+        raise argparse.ArgumentTypeError(f"unknown bench {bad or text!r}; choose from {BENCHES}")
+    return vals
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench.router_dispatch_gpu",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="output folder (created)")
+    ap.add_argument("--tokens", "-T", type=int, default=None, help="T (default 16384; quick 256)")
+    ap.add_argument("--experts", type=_ints, default=None, help="E list (default 8,60,64,256)")
+    ap.add_argument("--topk", type=_ints, default=None, help="k list (default 2,8)")
+    ap.add_argument("--hidden", type=int, default=None, help="d of gather/combine (default 4096)")
+    ap.add_argument("--benches", type=_benches, default=list(BENCHES),
+                    help=f"subset of {','.join(BENCHES)}")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds of timing per row (default 0.2 GPU, 0.02 quick)")
+    ap.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes and budget (smoke run)")
+    ap.add_argument("--no-ceiling", action="store_true", help="skip the copy-bandwidth ceiling")
+    args = ap.parse_args(argv)
+    q = args.quick
+    args.tokens = args.tokens or (256 if q else 16384)
+    args.experts = args.experts or ([8, 60] if q else [8, 60, 64, 256])
+    args.topk = args.topk or ([2] if q else [2, 8])
+    args.hidden = args.hidden or (64 if q else 4096)
+    args.budget = args.budget if args.budget is not None else (0.02 if q else 0.2)
+    if args.tokens < 1 or args.hidden < 1 or args.budget <= 0:
+        ap.error("--tokens, --hidden and --budget must be positive")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+# --- implementations ---------------------------------------------------------------------------
+
+
+def _ours(name: str, device: torch.device) -> Optional[Callable]:
+    """torch.ops.molora_cuda.<name> on a GPU (None when not built), torch.ops.molora on CPU."""
+    import molora_ops  # noqa: F401  (loads the extension)
+    if device.type == "cuda":
+        try:
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"molora_cuda::{name}", "CUDA"):
+                return None
+        except RuntimeError:
+            return None
+        return getattr(torch.ops.molora_cuda, name)
+    if not molora_ops.has_extension():
+        return None
+    return getattr(torch.ops.molora, name)
+
+
+def torch_router(logits: torch.Tensor, k: int):
+    p = torch.softmax(logits.float(), dim=-1)
+    w, ids = torch.topk(p, k, dim=-1)
+    return w / w.sum(-1, keepdim=True), ids.to(torch.int32)
+
+
+def torch_sort_dispatch(ids: torch.Tensor, E: int):
+    """order [P], pos [T, k], expert_offsets [E+1] (int32) by a stable sort (no -1 ids here)."""
+    flat = ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=E)
+    offsets = torch.zeros(E + 1, dtype=torch.long, device=ids.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(order.numel(), device=ids.device)
+    return order.to(torch.int32), pos.view(ids.shape).to(torch.int32), offsets.to(torch.int32)
+
+
+def torch_combine(y_perm: torch.Tensor, token_of_row: torch.Tensor, w_perm: torch.Tensor, T: int):
+    y = torch.zeros(T, y_perm.shape[1], dtype=torch.float32, device=y_perm.device)
+    y.index_add_(0, token_of_row, y_perm.float() * w_perm[:, None])
+    return y.to(y_perm.dtype)
+
+
+# --- one run -----------------------------------------------------------------------------------
+
+
+def _n_sets(set_bytes: int, device: torch.device, cap: int) -> int:
+    l2 = timing.l2_bytes(device)
+    if device.type != "cuda" or not l2:
+        return 1
+    return max(1, min(cap, math.ceil(2 * l2 / max(set_bytes, 1))))
+
+
+def _routing(T: int, E: int, k: int, device, dtype, seed: int):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    logits = torch.randn(T, E, generator=g).to(device=device, dtype=dtype)
+    w, ids = torch_router(logits, k)
+    return logits, w, ids
+
+
+def _row(bench, impl, T, E, k, d, nbytes, stats, ok, note=""):
+    return {"bench": bench, "impl": impl, "T": T, "E": E, "k": k, "d": d, "bytes": nbytes,
+            "median_s": stats.median if stats else None, "p20_s": stats.p20 if stats else None,
+            "p80_s": stats.p80 if stats else None, "n": stats.n if stats else 0,
+            "gb_per_s": gb_per_s(nbytes, stats.median) if stats else None, "ok": ok,
+            "note": note}
+
+
+def _time(fns, device, budget):
+    return timing.time_calls(fns, device, timing.Budget(budget, 5, 2000))
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    eb = torch.finfo(dtype).bits // 8
+    T, d = args.tokens, args.hidden
+    rows: List[dict] = []
+    skipped: List[dict] = []
+
+    def add(bench, impl, E, k, nbytes, fns, ok, note=""):
+        stats = _time(fns, device, args.budget)
+        rows.append(_row(bench, impl, T, E, k, d if bench in ("gather", "combine") else None,
+                         nbytes, stats, ok, note))
+        print(f"  {bench:8s} E={E:<4d} k={k} {impl:12s} {stats.median * 1e6:9.1f} us",
+              file=sys.stderr, flush=True)
+
+    for E in args.experts:
+        for k in args.topk:
+            if k > E:
+                skipped.append({"E": E, "k": k, "reason": "k > E"})
+                continue
+            if "router" in args.benches:
+                n = _n_sets(router_bytes(T, E, k, eb), device, 256)
+                sets = [_routing(T, E, k, device, dtype, s)[0] for s in range(n)]
+                ours = _ours("softmax_topk", device)
+                ref_w, ref_ids = torch_router(sets[0], k)
+                if ours is None:
+                    skipped.append({"bench": "router", "impl": "molora", "E": E, "k": k,
+                                    "reason": "softmax_topk kernel not built"})
+                else:
+                    w, ids = ours(sets[0], k, True)
+                    ok = bool(torch.equal(ids, ref_ids)) and bool(
+                        torch.allclose(w, ref_w, rtol=1e-5, atol=1e-6))
+                    add("router", "molora", E, k, router_bytes(T, E, k, eb),
+                        [lambda x=x: ours(x, k, True) for x in sets], ok)
+                add("router", "torch", E, k, router_bytes(T, E, k, eb),
+                    [lambda x=x: torch_router(x, k) for x in sets], True)
+            if not set(args.benches) & {"dispatch", "gather", "combine"}:
+                continue
+            n = _n_sets(dispatch_bytes(T, k, E), device, 256)
+            id_sets = [_routing(T, E, k, device, dtype, 100 + s)[2] for s in range(n)]
+            ids = id_sets[0]
+            base_meta = torch_sort_dispatch(ids, E)
+            ours_dispatch = _ours("dispatch", device)
+            meta = base_meta
+            if "dispatch" in args.benches:
+                if ours_dispatch is None:
+                    skipped.append({"bench": "dispatch", "impl": "molora", "E": E, "k": k,
+                                    "reason": "dispatch kernel not built"})
+                else:
+                    got = ours_dispatch(ids, E, 1)
+                    ok = all(bool(torch.equal(a, b)) for a, b in zip(got, base_meta))
+                    add("dispatch", "molora", E, k, dispatch_bytes(T, k, E),
+                        [lambda i=i: ours_dispatch(i, E, 1) for i in id_sets], ok)
+                add("dispatch", "torch_sort", E, k, dispatch_bytes(T, k, E),
+                    [lambda i=i: torch_sort_dispatch(i, E) for i in id_sets], True)
+            order, pos, _ = meta
+            token_of_row = (order.long() // k)
+            if "gather" in args.benches:
+                nb = gather_bytes(T, k, d, eb)
+                n = _n_sets(nb, device, 16)
+                xs = [torch.randn(T, d, device=device, dtype=dtype) for _ in range(n)]
+                want = xs[0].index_select(0, token_of_row)
+                ours = _ours("gather_rows", device)
+                if ours is None:
+                    skipped.append({"bench": "gather", "impl": "molora", "E": E, "k": k,
+                                    "reason": "gather_rows kernel not built"})
+                else:
+                    ok = bool(torch.equal(ours(xs[0], order, pos, None), want))
+                    add("gather", "molora", E, k, nb,
+                        [lambda x=x: ours(x, order, pos, None) for x in xs], ok)
+                add("gather", "index_select", E, k, nb,
+                    [lambda x=x: x.index_select(0, token_of_row) for x in xs], True)
+                del xs, want
+            if "combine" in args.benches:
+                nb = combine_bytes(T, k, d, eb, True)
+                n = _n_sets(nb, device, 16)
+                ys = [torch.randn(T * k, d, device=device, dtype=dtype) for _ in range(n)]
+                weights = _routing(T, E, k, device, dtype, 7)[1]
+                w_perm = weights.reshape(-1)[order.long()]
+                want = torch_combine(ys[0], token_of_row, w_perm, T)
+                ours = _ours("combine_rows", device)
+                if ours is None:
+                    skipped.append({"bench": "combine", "impl": "molora", "E": E, "k": k,
+                                    "reason": "combine_rows kernel not built"})
+                else:
+                    got = ours(ys[0], order, pos, weights)
+                    # both accumulate in fp32: they differ by the summation order and one rounding
+                    ok = bool(torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2))
+                    add("combine", "molora", E, k, nb,
+                        [lambda y=y: ours(y, order, pos, weights) for y in ys], ok)
+                add("combine", "index_add", E, k, nb,
+                    [lambda y=y: torch_combine(y, token_of_row, w_perm, T) for y in ys], True)
+                del ys
+    ceiling = None
+    if not args.no_ceiling:
+        c = timing.measure_ceilings(device, dtype, quick=args.quick or device.type != "cuda")
+        ceiling = c.copy_gb_per_s
+    for r in rows:
+        r["pct_copy"] = (100 * r["gb_per_s"] / ceiling) if ceiling and r["gb_per_s"] else None
+    _speedups(rows)
+    meta = report.metadata(device, timing.device_name(device), dtype, "router_dispatch_gpu",
+                           list(sys.argv))
+    return {"schema": "molora_ops.bench.router_dispatch/1", "meta": meta,
+            "copy_gb_per_s": ceiling, "rows": rows, "skipped": skipped,
+            "failures": [r for r in rows if not r["ok"]]}
+
+
+def _speedups(rows: List[dict]) -> None:
+    """speedup of each row over the torch baseline of its (bench, E, k) (>1: faster)."""
+    base: Dict[tuple, float] = {}
+    for r in rows:
+        if r["impl"] != "molora" and r["median_s"]:
+            base[(r["bench"], r["E"], r["k"])] = r["median_s"]
+    for r in rows:
+        b = base.get((r["bench"], r["E"], r["k"]))
+        r["speedup_vs_torch"] = b / r["median_s"] if b and r["median_s"] else None
+
+
+def table(results: dict) -> str:
+    lines = [f"{'bench':8s} {'E':>4s} {'k':>2s} {'impl':12s} {'median us':>10s} {'GB/s':>8s} "
+             f"{'%copy':>6s} {'x torch':>8s} {'ok':>3s}"]
+    for r in results["rows"]:
+        pct = f"{r['pct_copy']:.0f}" if r.get("pct_copy") else "-"
+        sp = f"{r['speedup_vs_torch']:.2f}" if r.get("speedup_vs_torch") else "-"
+        lines.append(f"{r['bench']:8s} {r['E']:4d} {r['k']:2d} {r['impl']:12s} "
+                     f"{r['median_s'] * 1e6:10.1f} {r['gb_per_s']:8.1f} {pct:>6s} {sp:>8s} "
+                     f"{'yes' if r['ok'] else 'NO':>3s}")
+    for s in results["skipped"]:
+        lines.append(f"skipped: {s}")
+    cp = results.get("copy_gb_per_s")
+    lines.append(f"device: {results['meta']['device']}; T={results['rows'][0]['T'] if results['rows'] else '-'}"
+                 f"; copy ceiling {cp:.0f} GB/s" if cp else f"device: {results['meta']['device']}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import os
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    torch.manual_seed(0)
+    results = run(args)
+    path = os.path.join(args.out, "router_dispatch.json")
+    report.write_json(results, path)
+    text = table(results)
+    with open(os.path.join(args.out, "router_dispatch_table.txt"), "w") as f:
+        f.write(text + "\n")
+    print(f"wrote {path}")
+    print(text)
+    return 1 if results["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -292,7 +292,7 @@ at::Tensor sigmoid_topk_backward_cuda(const at::Tensor& grad_weights, const at::
                                       const std::optional<at::Tensor>& bias, bool normalize,
                                       bool bias_in_weights, double scale) {
   const char* op = "sigmoid_topk_backward";
-  // ids of -1 contribute nothing, as in the reference (the CPU launcher rejects them).
+  // ids of -1 contribute nothing, as in the reference and the CPU kernel.
   const RouteGradInputs in = prepare_route_grad(op, grad_weights, weights, ids, logits, false);
   const at::Tensor b = check_router_bias(op, bias, in.E, logits);
   const int64_t T = logits.size(0), E = in.E, k = ids.size(1);

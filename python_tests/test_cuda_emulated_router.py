@@ -12,7 +12,6 @@ keep every expert) use 1-2 rows. Shapes cover every register bucket of the kerne
 128, 256, 512, 1024 and the E > 1024 fallback), the 16-byte-vector and scalar load paths, k > 32
 (several 32-pick chunks), ragged row counts vs the 4 rows per block and the grid-stride loop.
 """
-import math
 
 import pytest
 import torch
@@ -20,8 +19,8 @@ import torch
 import molora_ops  # noqa: F401  (registers torch.ops.molora for the error-message comparison)
 from molora_ops import reference as ref
 from emu_utils import DT_IDS, KERNEL_DTYPES, require_emu
-from utils import assert_close_fa, assert_index_equal, drop_ids, noncontig, resample_rows, \
-    tie_free_logits, well_separated
+from utils import assert_close_fa, assert_index_equal, drop_ids, noncontig, normalised_entropy, \
+    resample_rows, tie_free_logits, topp_logits, well_separated
 
 
 EMU = require_emu()  # torch.ops.molora_emu (skips the module only when _C_emu is not built)
@@ -241,34 +240,6 @@ TOPP_SETTINGS = [
 ]
 
 
-def _normalised_entropy(logits, q, eps):
-    p = torch.softmax(logits.double(), -1) + eps
-    E = logits.shape[-1]
-    if E == 1:
-        return torch.zeros(logits.shape[0], dtype=torch.float64)
-    if q == 1.0:
-        return -(p * p.log()).sum(-1) / math.log(E)
-    return (1 - (p ** q).sum(-1)) / (q - 1) / ((1 - E ** (1 - q)) / (q - 1))
-
-
-def _topp_logits(T, E, dtype, top_p, thr, q, eps=1e-5, flat_frac=0.5):
-    """Half flat (high-entropy) rows, half peaked ones; away from the top_p / threshold edges."""
-    def ok(l):
-        p = torch.softmax(l.double(), -1).sort(-1, descending=True).values
-        good = ((p.cumsum(-1) - top_p).abs() > 1e-4).all(-1)
-        if q > 0 and thr < 1:
-            good &= (_normalised_entropy(l, q, eps) - thr).abs() > 1e-3
-        return good
-
-    def make(n):
-        v = tie_free_logits(n, E, torch.float64, scale=2.5)
-        flat = torch.rand(n, 1) < flat_frac
-        f = torch.where(flat, torch.empty(n, 1).uniform_(0.02, 0.2), torch.empty(n, 1).uniform_(0.6, 2.0))
-        return (v * f.double()).to(dtype)
-
-    return resample_rows(make, ok, T)
-
-
 def _check_topp(logits, top_p, min_k, thr, q, eps=1e-5):
     w, ids = _check("softmax_topp", [logits, top_p, min_k, thr, q, eps])
     T, E = logits.shape
@@ -289,7 +260,7 @@ TOPP_SHAPES = [(1, 2), (2, 4), (7, 8), (32, 4), (64, 6), (257, 2), (1100, 2)]
 def test_softmax_topp_f32(E, T, setting):
     _, top_p, min_k, thr, q = setting
     flat = 0.0 if E > 1000 else 0.5  # no 1100-round broadcast rows in emulation
-    logits = _topp_logits(T, E, torch.float32, top_p, thr, q, flat_frac=flat)
+    logits = topp_logits(T, E, torch.float32, top_p, thr, q, flat_frac=flat)
     _check_topp(logits, top_p, min(min_k, E), thr, q)
 
 
@@ -299,15 +270,15 @@ def test_softmax_topp_f32(E, T, setting):
                          ids=["p0.8-mink2", "entropy-tsallis", "entropy-shannon"])
 def test_softmax_topp_low_precision(dtype, E, T, setting):
     _, top_p, min_k, thr, q = setting
-    logits = _topp_logits(T, E, dtype, top_p, thr, q)
+    logits = topp_logits(T, E, dtype, top_p, thr, q)
     _check_topp(logits, top_p, min_k, thr, q)
 
 
 def test_softmax_topp_entropy_broadcast():
     # both branches in one batch: high-entropy rows keep every expert (sorted), peaked rows not
     E, T, thr, q = 16, 12, 0.85, 1.1
-    logits = _topp_logits(T, E, torch.float32, 0.5, thr, q)
-    H = _normalised_entropy(logits, q, 1e-5)
+    logits = topp_logits(T, E, torch.float32, 0.5, thr, q)
+    H = normalised_entropy(logits, q, 1e-5)
     high = H > thr
     assert high.any() and (~high).any()
     _, ids, n_kept = _check_topp(logits, 0.5, 1, thr, q)
@@ -323,7 +294,7 @@ def test_softmax_topp_entropy_broadcast():
 
 def test_softmax_topp_large_E_broadcast():
     # E = 1024 (NPL = 32): a flat row broadcasts (1024 selection rounds), a peaked one stops early
-    logits = _topp_logits(2, 1024, torch.float32, 0.5, 0.85, 1.1)
+    logits = topp_logits(2, 1024, torch.float32, 0.5, 0.85, 1.1)
     logits[0] *= 0.01
     logits[1] = tie_free_logits(1, 1024, torch.float32, scale=20.0)
     _, _, n_kept = _check_topp(logits, 0.5, 1, 0.85, 1.1)
@@ -363,14 +334,14 @@ def test_softmax_topp_broadcast_ties_lower_id_first(dtype, E):
 
 @pytest.mark.parametrize("T", [0, 1])
 def test_softmax_topp_tiny_T(T):
-    logits = _topp_logits(T, 8, torch.float32, 0.5, 0.85, 1.1) if T else torch.randn(0, 8)
+    logits = topp_logits(T, 8, torch.float32, 0.5, 0.85, 1.1) if T else torch.randn(0, 8)
     w, ids = _check("softmax_topp", [logits, 0.5, 1, 0.85, 1.1, 1e-5])
     assert w.shape == (T, 8)
 
 
 @pytest.mark.parametrize("layout", ["transpose", "slice"])
 def test_softmax_topp_noncontiguous(layout):
-    base = _topp_logits(7, 16, torch.bfloat16, 0.5, 0.9, 1.1)
+    base = topp_logits(7, 16, torch.bfloat16, 0.5, 0.9, 1.1)
     logits = noncontig(base, layout)
     w, ids, _ = _check_topp(logits, 0.5, 1, 0.9, 1.1)
     w2, ids2 = EMU.softmax_topp(base.contiguous(), 0.5, 1, 0.9, 1.1, 1e-5)
@@ -456,7 +427,7 @@ def test_route_backward_dropped_ids(dtype):
         _run_grad("sigmoid_topk_backward",
                   _route_grad_case("sigmoid_topk_backward", 9, 12, 5, dtype, setting, drop=True))
     # softmax_topp's own output (-1 / 0 padded, width E)
-    logits = _topp_logits(6, 10, dtype, 0.5, 1.0, 1.1)
+    logits = topp_logits(6, 10, dtype, 0.5, 1.0, 1.1)
     w, ids = ref.softmax_topp(logits, 0.5, 1, 1.0, 1.1, 1e-5)
     assert (ids == -1).any()
     g = torch.randn(6, 10)

@@ -1,14 +1,13 @@
 """Family 1 (routers): softmax_topk, topk_softmax, sigmoid_topk, softmax_topp vs the reference,
 forward and backward, every CPU dtype, edge shapes, non-contiguous logits, exact ties."""
-import math
 
 import pytest
 import torch
 
 import molora_ops
 from molora_ops import reference as ref
-from utils import (FLOAT_DTYPES, compare_with_reference, dtype_params, noncontig, opmath,
-                   resample_rows, tie_free_logits, well_separated)
+from utils import (FLOAT_DTYPES, compare_with_reference, dtype_params, noncontig, normalised_entropy,
+                   opmath, resample_rows, tie_free_logits, topp_logits, well_separated)
 
 # (T, E, k): T=0, T=1, odd E, E=64, k=E, E=1, k=1
 SHAPES = [(0, 8, 2), (1, 8, 2), (13, 7, 3), (24, 64, 6), (5, 7, 7), (4, 1, 1), (9, 5, 1)]
@@ -149,33 +148,6 @@ TOPP_SETTINGS = [
 ]
 
 
-def _normalised_entropy(logits, q, eps):
-    p = torch.softmax(logits.double(), -1) + eps
-    E = logits.shape[-1]
-    if E == 1:
-        return torch.zeros(logits.shape[0], dtype=torch.float64)
-    if q == 1.0:
-        return -(p * p.log()).sum(-1) / math.log(E)
-    return (1 - (p ** q).sum(-1)) / (q - 1) / ((1 - E ** (1 - q)) / (q - 1))
-
-
-def _topp_logits(T, E, dtype, top_p, thr, q, eps=1e-5):
-    def ok(l):
-        p = torch.softmax(l.double(), -1).sort(-1, descending=True).values
-        good = ((p.cumsum(-1) - top_p).abs() > 1e-4).all(-1)
-        if q > 0 and thr < 1:
-            good &= (_normalised_entropy(l, q, eps) - thr).abs() > 1e-3
-        return good
-
-    def make(n):  # half flat rows (high entropy), half peaked ones
-        v = tie_free_logits(n, E, torch.float64, scale=2.5)
-        flat = torch.rand(n, 1) < 0.5
-        f = torch.where(flat, torch.empty(n, 1).uniform_(0.02, 0.2), torch.empty(n, 1).uniform_(0.6, 2.0))
-        return (v * f.double()).to(dtype)
-
-    return resample_rows(make, ok, T)
-
-
 @dtype_params()
 @pytest.mark.parametrize("T,E", TOPP_SHAPES, ids=[f"T{T}-E{E}" for T, E in TOPP_SHAPES])
 @pytest.mark.parametrize("setting", TOPP_SETTINGS, ids=[s[0] for s in TOPP_SETTINGS])
@@ -183,7 +155,7 @@ def test_softmax_topp(dtype, T, E, setting):
     _, top_p, min_k, thr, q = setting
     min_k = min(min_k, E)
     eps = 1e-5
-    logits = _topp_logits(T, E, dtype, top_p, thr, q, eps)
+    logits = topp_logits(T, E, dtype, top_p, thr, q, eps)
     (w, ids), (w_ref, _) = compare_with_reference(
         "softmax_topp", [logits, top_p, min_k, thr, q, eps], diff=[0])
     assert w.shape == (T, E) and ids.shape == (T, E)
@@ -200,7 +172,7 @@ def test_softmax_topp(dtype, T, E, setting):
     torch.testing.assert_close(w[kept].double(), p.gather(1, ids.long().clamp(min=0))[kept],
                                atol=2e-3 if dtype in (torch.bfloat16, torch.float16) else 1e-5, rtol=1e-3)
     if q > 0 and thr < 1 and E > 1 and T >= 13:
-        H = _normalised_entropy(logits, q, eps)
+        H = normalised_entropy(logits, q, eps)
         high = H > thr
         assert high.any() and (~high).any(), "test data must exercise both entropy branches"
         assert (n_kept[high] == E).all()
@@ -208,14 +180,14 @@ def test_softmax_topp(dtype, T, E, setting):
 
 
 def test_softmax_topp_defaults():
-    logits = _topp_logits(9, 6, torch.float32, 0.5, 1.0, 1.1)
+    logits = topp_logits(9, 6, torch.float32, 0.5, 1.0, 1.1)
     a = molora_ops.softmax_topp(logits, 0.5)
     b = molora_ops.softmax_topp(logits, 0.5, 1, 1.0, 1.1, 1e-5)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 def test_softmax_topp_feeds_dispatch():
-    logits = _topp_logits(20, 8, torch.float32, 0.6, 1.0, 1.1)
+    logits = topp_logits(20, 8, torch.float32, 0.6, 1.0, 1.1)
     w, ids = molora_ops.softmax_topp(logits, 0.6)
     assert (ids == -1).any(), "need dropped slots"
     order, pos, eo = molora_ops.dispatch(ids, 8)
@@ -244,7 +216,7 @@ def _router_call(name, logits, E):
 def test_router_noncontiguous(name, layout, dtype):
     T, E = 13, 7
     if name == "softmax_topp":
-        base = _topp_logits(T, E, dtype, 0.5, 0.9, 1.1)
+        base = topp_logits(T, E, dtype, 0.5, 0.9, 1.1)
     elif name == "sigmoid_topk":
         base = _sigmoid_inputs(T, E, 3, dtype, None)[0]
     else:

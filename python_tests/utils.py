@@ -278,6 +278,37 @@ def resample_rows(make, ok, T, tries=500):
     raise RuntimeError("could not build well-separated test inputs")
 
 
+
+def normalised_entropy(logits, q, eps):
+    """Normalised Tsallis entropy (Shannon for q == 1) of softmax(logits) + eps, in float64: the
+    quantity softmax_topp compares with entropy_threshold, written independently as an oracle."""
+    p = torch.softmax(logits.double(), -1) + eps
+    E = logits.shape[-1]
+    if E == 1:
+        return torch.zeros(logits.shape[0], dtype=torch.float64)
+    if q == 1.0:
+        return -(p * p.log()).sum(-1) / math.log(E)
+    return (1 - (p ** q).sum(-1)) / (q - 1) / ((1 - E ** (1 - q)) / (q - 1))
+
+
+def topp_logits(T, E, dtype, top_p, thr, q, eps=1e-5, flat_frac=0.5):
+    """[T, E] logits for softmax_topp: a fraction ``flat_frac`` of flat (high-entropy) rows, the
+    rest peaked; resampled away from the top_p cumsum and the entropy-threshold edges."""
+    def ok(l):
+        p = torch.softmax(l.double(), -1).sort(-1, descending=True).values
+        good = ((p.cumsum(-1) - top_p).abs() > 1e-4).all(-1)
+        if q > 0 and thr < 1:
+            good &= (normalised_entropy(l, q, eps) - thr).abs() > 1e-3
+        return good
+
+    def make(n):
+        v = tie_free_logits(n, E, torch.float64, scale=2.5)
+        flat = torch.rand(n, 1) < flat_frac
+        f = torch.where(flat, torch.empty(n, 1).uniform_(0.02, 0.2), torch.empty(n, 1).uniform_(0.6, 2.0))
+        return (v * f.double()).to(dtype)
+
+    return resample_rows(make, ok, T)
+
 def make_routing(T, E, k, dtype=torch.float32, renormalize=True):
     """Realistic top-k routing: (logits, weights [T,k] opmath, ids [T,k] int32) from the reference
     softmax_topk on tie-free random logits."""

@@ -53,8 +53,7 @@ std::tuple<at::Tensor, at::Tensor> rank_topk_cuda(const at::Tensor& h, int64_t k
                                                   bool use_abs) {
   const char* op = "rank_topk";
   check_rank_topk_args(op, h, k, scores, bias);
-  cuda::check_on_device(op, "h", h);
-  cuda::check_kernel_dtype(op, "h", h);
+  cuda::check_kernel_input(op, "h", h);
   const int64_t T = h.size(0), R = h.size(1);
   MOLORA_CHECK_VALUE(R < INT32_MAX, op, ": R must be < 2^31, got ", R);
   const cuda::DeviceGuard guard(h);
@@ -120,8 +119,7 @@ at::Tensor rank_scatter_cuda(const at::Tensor& src, const at::Tensor& ids, int64
   const char* op = "rank_scatter";
   const bool check_values = !cuda::stream_capturing();
   check_rank_scatter_args(op, src, ids, num_ranks, check_values);
-  cuda::check_on_device(op, "src", src);
-  cuda::check_kernel_dtype(op, "src", src);
+  cuda::check_kernel_input(op, "src", src);
   MOLORA_CHECK_VALUE(num_ranks < INT32_MAX && src.size(1) < INT32_MAX, op,
                      ": num_ranks and k must be < 2^31");
   const cuda::DeviceGuard guard(src);

@@ -20,8 +20,7 @@ class Backend:
     about: str
     load: Callable[[], Any]
     devices: Tuple[str, ...]
-    # True: the namespace serves only ops that have a torch.ops.molora kernel for the device
-    # (the wrappers never fall back silently: a missing kernel raises NotImplementedError).
+    # True: the namespace serves only ops that have a native (C++) kernel for the device.
     needs_kernels: bool = False
 
 
@@ -39,7 +38,7 @@ def _native():
 
 class _Switched:
     """``molora_ops.<op>`` (torch.ops.molora, autograd included) run under
-    ``molora_ops.use_backend(name)``: the CUDA backends of the backend switch."""
+    ``molora_ops.use_backend(name)``: the CUDA kernels that backend binds."""
 
     def __init__(self, ops_ns: Any, name: str):
         self._ops, self._name = ops_ns, name
@@ -58,8 +57,8 @@ def _switched(name: str):
         ops_ns = _native()
         if name == "triton" and not ops_ns.backend.has_triton():
             raise ImportError("triton is not installed")
-        if name == "cuda":  # hand-written CUDA C++ kernels: none of the benchmarked ops has one yet
-            raise ImportError("no CUDA C++ kernels for these ops yet (issue: CUDA C++ kernels)")
+        if name == "cuda" and not any(map(ops_ns.backend.has_cuda_kernel, ops_ns.ALL_OPS)):
+            raise ImportError("this build of molora_ops._C has no CUDA C++ kernels")
         return _Switched(ops_ns, name)
     return load
 
@@ -81,10 +80,10 @@ def kernel_key(device: torch.device) -> str:
 
 
 def missing_kernels(ops: Sequence[str], device: torch.device) -> list:
-    """Ops of `ops` with no torch.ops.molora kernel for the device."""
+    """Ops of `ops` with no native (C++) kernel for the device."""
+    from molora_ops.ops import OPS
     key = kernel_key(device)
-    return [op for op in ops
-            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"molora::{op}", key)]
+    return [op for op in ops if key not in OPS[op].native_kernels]
 
 
 def resolve(backend: Backend, ops: Sequence[str], device: torch.device
@@ -96,7 +95,7 @@ def resolve(backend: Backend, ops: Sequence[str], device: torch.device
         ns = backend.load()
     except Exception as exc:  # absent backend: ImportError, or a broken build
         return None, f"absent ({type(exc).__name__}: {exc})"
-    if backend.needs_kernels:
+    if backend.needs_kernels or backend.name == "cuda":
         missing = missing_kernels(ops, device)
         if missing:
             return None, f"no {kernel_key(device)} kernel for {', '.join(missing)}"

@@ -133,6 +133,9 @@ def table(results: dict) -> str:
                 f"{_pct(r['pct_matmul'])} {_times(r.get('speedup_vs_loop'), 8)} "
                 f"{_times(r.get('speedup_vs_reference'), 7)} {_times(r.get('x_base'), 7)} "
                 f"{chk.get('rel_err', 0.0):8.1e} {status}")
+    if results.get("overhead"):  # the per-call overhead section (bench/overhead.py)
+        from .overhead import table as overhead_table
+        lines += ["", overhead_table(results["overhead"])]
     if results["skipped"]:
         lines += ["", "not run:"]
         seen = set()

@@ -2,7 +2,8 @@
 device is present, sized to it (the `full` grid on a GPU, the small `cpu` preset otherwise).
 
 Measures the device's copy bandwidth and matmul rate, then for every case checks each
-implementation against the reference and times it (forward, backward, forward+backward); writes
+implementation against the reference and times it (forward, backward, forward+backward), then the
+ops' per-call overhead at T=1 on CPU (bench/overhead.py); writes
 table.txt, results.json, speedup.png and roofline.png to --out and prints where they went.
 Exit status 1 when any implementation failed its check.
 """
@@ -22,7 +23,7 @@ if __package__ in (None, ""):  # `python bench/run.py`: make `bench` importable 
 
 import torch
 
-from . import report
+from . import overhead, report
 from .backends import describe
 from .bench_layers import method_cases, method_specs
 from .cases import SPECS
@@ -61,6 +62,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="torch CPU threads (default: torch's, but 1 with --quick, whose tiny ops "
                         "only lose to threading overhead, and 1 on a busy machine)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-overhead", action="store_true",
+                   help="skip the per-call overhead section (bench/overhead.py, CPU, T=1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -184,6 +187,13 @@ def _run(args: argparse.Namespace, argv: List[str]) -> int:
                           f"{r['check'].get('error') or r['check']}")
     failures = [{k: r[k] for k in ("op", "label", "impl", "mode", "check")}
                 for r in rows if not r["check"].get("ok")]
+    ov = None
+    if not args.no_overhead:  # per-call overhead at T=1 on CPU, a few seconds (bench/overhead.py)
+        print("per-call overhead (CPU, T=1)...", flush=True)
+        try:
+            ov = overhead.measure(**(overhead.QUICK if args.quick else overhead.SECTION))
+        except Exception as exc:  # a missing op or overload: the rest of the run stands
+            print(f"note: no per-call overhead section ({type(exc).__name__}: {exc})")
 
     results = {
         "schema": report.SCHEMA,
@@ -196,6 +206,7 @@ def _run(args: argparse.Namespace, argv: List[str]) -> int:
         "rows": rows,
         "skipped": skipped,
         "failures": failures,
+        "overhead": ov,
         "elapsed_s": None,
     }
     text = report.table(results)

@@ -1,5 +1,5 @@
-// Every host entry point of molora_ops: the C++ API surface in one screen. Schemas (and what each
-// argument means) are in torch_bindings.cpp and docs/OPS.md.
+// Every host entry point of molora_ops: the C++ API surface in one screen. The schemas (and what
+// each argument means) are declared in molora_ops/ops/<family>.py and documented in docs/OPS.md.
 #pragma once
 
 #include <ATen/ATen.h>

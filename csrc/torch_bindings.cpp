@@ -1,18 +1,11 @@
-// The molora op library: the schemas (schemas.h) and the CPU implementation of each op.
-// Semantics, shapes and dtypes: docs/OPS.md. Fake (meta) kernels and autograd are registered once,
-// from Python (molora_ops/ops/), for every backend.
+// The C++ CPU kernels of the molora ops. The schemas (and fake kernels, autograd, Python-served
+// kernels) are declared once per op in Python, molora_ops/ops/ (``_registry.define``); C++ only
+// registers implementations, as torchao does. The CUDA kernels register themselves from their
+// launcher files (csrc/cuda/*.cu, MOLORA_CUDA_LIBRARY_IMPL). Semantics: docs/OPS.md.
 #include <torch/library.h>
 
 #include "ops.h"
-#include "schemas.h"
 #include "registration.h"
-
-TORCH_LIBRARY(molora, m) { molora::define_schemas(m); }
-
-#if defined(MOLORA_WITH_CUDA)
-// The CUDA C++ kernels (csrc/cuda/*.cu register their impls under this namespace).
-TORCH_LIBRARY(molora_cuda, m) { molora::define_schemas(m); }
-#endif
 
 TORCH_LIBRARY_IMPL(molora, CPU, m) {
   m.impl("softmax_topk", &molora::softmax_topk_cpu);

@@ -1,19 +1,40 @@
-"""Shape, dtype and device checks of every op, on metadata only (they also run on fake tensors).
+"""Every check of every op, in one module.
 
-Used by the fake (meta) kernels, so ``torch.compile`` reports bad input at trace time, and by the
-reference fallback path. The C++ entry points make the same checks (plus value-range checks) with
-the same exception classes: ValueError (shapes, options), TypeError (dtypes), IndexError (values).
+* Metadata checks (shapes, dtypes, devices, options): read no tensor data, so they also run on
+  fake tensors. The fake kernels run them (``torch.compile`` reports bad input at trace time), and
+  so do the Python-served kernels (Triton launchers, the reference).
+* Value checks (index ranges, offsets): they read the data. Where they run is the value-check
+  mode (``set_value_checks``, env ``MOLORA_CHECK_VALUES``; docs/OPS.md "Value checks"):
+
+  - ``"auto"`` (default): on the host for CPU tensors in eager mode (free there, clear errors);
+    on the device for CUDA tensors, as ``torch._assert_async`` (no host synchronisation; a bad
+    value stops the stream with a device-side assert, as PyTorch's own index kernels do) and so
+    also while ``torch.compile`` traces;
+  - ``"host"``: on the host everywhere (each check synchronises; clear ValueError / IndexError
+    messages with the offending values, for debugging);
+  - ``"device"``: as on CUDA, for every device (tests of the GPU path on CPU tensors).
+
+  The C++ CUDA launchers follow the same switch (their kernels assert on the device;
+  ``MOLORA_CHECK_VALUES=1`` adds the host checks); the C++ CPU launchers always check on the host.
+
+The C++ launchers make the same checks with the same exception classes: ValueError (shapes,
+options), TypeError (dtypes), IndexError (values).
 """
 
 from __future__ import annotations
 
-import torch
+import contextlib
+import os
+from typing import Callable
 
-from .reference._common import opmath_dtype  # noqa: F401  (one definition)
+import torch
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation / routing dtype: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _fail(exc, op, msg):
@@ -170,3 +191,177 @@ def rank_ids(op, ids, T, ref):
     dim(op, "ids", ids, 2)
     size(op, "ids", ids, 0, T)
     device(op, "ids", ids, ref)
+
+
+# --- value checks (read tensor data; where they run: the value-check mode) -----------------------
+
+VALUE_CHECK_MODES = ("auto", "host", "device")
+
+
+def _mode_from_env() -> str:
+    v = os.environ.get("MOLORA_CHECK_VALUES", "").strip().lower()
+    if v in ("", "0", "auto", "false", "off", "no"):
+        return "auto"
+    if v in ("1", "host", "true", "on", "yes"):
+        return "host"
+    if v == "device":
+        return "device"
+    raise ValueError(f"MOLORA_CHECK_VALUES must be one of 0/auto, 1/host or device, got {v!r}")
+
+
+_VALUE_MODE = [_mode_from_env()]
+_MODE_LISTENERS: list = []  # native modules that mirror the mode (molora_ops._C, _C_emu)
+
+
+def value_checks() -> str:
+    """The value-check mode in force: "auto", "host" or "device" (module docstring)."""
+    return _VALUE_MODE[0]
+
+
+def set_value_checks(mode) -> None:
+    """Sets the value-check mode for the process: ``True`` / ``"host"`` (host checks with clear
+    errors everywhere, each one a host synchronisation on CUDA), ``False`` / ``"auto"`` (the
+    default: host on CPU, device-side asserts on CUDA) or ``"device"``."""
+    if mode is True:
+        mode = "host"
+    elif mode is False or mode is None:
+        mode = "auto"
+    if mode not in VALUE_CHECK_MODES:
+        raise ValueError(f"molora_ops.set_value_checks: mode must be one of {VALUE_CHECK_MODES} "
+                         f"or a bool, got {mode!r}")
+    _VALUE_MODE[0] = mode
+    for listener in _MODE_LISTENERS:
+        listener(mode == "host")
+
+
+def add_native_module(module) -> None:
+    """Makes ``module.set_value_checks(host: bool)`` (molora_ops._C, _C_emu) follow the mode."""
+    _MODE_LISTENERS.append(module.set_value_checks)
+    module.set_value_checks(_VALUE_MODE[0] == "host")
+
+
+@contextlib.contextmanager
+def use_value_checks(mode):
+    """``with use_value_checks("host"): ...`` (tests, debugging)."""
+    saved = _VALUE_MODE[0]
+    set_value_checks(mode)
+    try:
+        yield
+    finally:
+        set_value_checks(saved)
+
+
+def on_host(ref: torch.Tensor) -> bool:
+    """Whether a value check of data on ``ref``'s device runs on the host now."""
+    mode = _VALUE_MODE[0]
+    if mode != "auto":
+        return mode == "host"
+    return ref.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _verify(op: str, ref: torch.Tensor, exc, ok: Callable[[], torch.Tensor],
+            detail: Callable[[], str], what: str) -> None:
+    """Raises ``exc(detail())`` on the host when ``ok()`` is False (host mode), else asserts
+    ``ok()`` on the device without synchronising (message: ``what``)."""
+    if on_host(ref):
+        if not bool(ok()):
+            _fail(exc, op, detail())
+    else:
+        torch._assert_async(ok(), f"molora.{op}: {what} ({exc.__name__})")
+
+
+def ids_in_range(op: str, name: str, ids: torch.Tensor, lo: int, hi: int) -> None:
+    """IndexError unless every value of ``ids`` lies in ``[lo, hi)``."""
+    if ids.numel() == 0:
+        return
+    if on_host(ids):
+        mn, mx = int(ids.min()), int(ids.max())
+        if mn < lo or mx >= hi:
+            _fail(IndexError, op, f"{name} has values outside [{lo}, {hi}) (min {mn}, max {mx})")
+        return
+    torch._assert_async(((ids >= lo) & (ids < hi)).all(),
+                        f"molora.{op}: {name} has values outside [{lo}, {hi}) (IndexError)")
+
+
+def rank_offsets_values(op: str, rank_offsets: torch.Tensor, total_rank: int,
+                        name: str = "rank_offsets") -> None:
+    """``rank_offsets [E+1]`` must be non-decreasing (else ValueError: negative rank), start at 0
+    (else IndexError) and end at the bank's ``total_rank`` (else ValueError)."""
+    ro = rank_offsets
+    if ro.numel() == 0:
+        return
+    if not on_host(ro):
+        ok = (ro[1:] >= ro[:-1]).all() & (ro[0] == 0) & (ro[-1] == total_rank)
+        torch._assert_async(ok, f"molora.{op}: {name} must be non-decreasing, start at 0 and end "
+                                f"at the bank's total rank R = {total_rank}")
+        return
+    ro = ro.long()
+    if ro.numel() > 1 and bool((ro[1:] < ro[:-1]).any()):
+        _fail(ValueError, op, f"{name} must be non-decreasing (negative rank): {ro.tolist()}")
+    if int(ro[0]) != 0:
+        _fail(IndexError, op, f"{name} has values outside [0, R]: {name}[0] must be 0, "
+                              f"got {int(ro[0])}")
+    if int(ro[-1]) != total_rank:
+        _fail(ValueError, op, f"{name}[-1] = {int(ro[-1])} must equal the bank's total rank "
+                              f"R = {total_rank} (A.shape[0] / B.shape[1])")
+
+
+def max_rank_values(op: str, rank_offsets: torch.Tensor, max_rank: int) -> None:
+    """ValueError if ``max_rank`` is smaller than the largest per-expert rank."""
+    if rank_offsets.numel() < 2:
+        return
+    ranks = lambda: rank_offsets[1:].long() - rank_offsets[:-1].long()  # noqa: E731
+    _verify(op, rank_offsets, ValueError, lambda: ranks().max() <= max_rank,
+            lambda: f"max_rank ({max_rank}) is smaller than the largest expert rank "
+                    f"({int(ranks().max())})",
+            f"max_rank ({max_rank}) is smaller than the largest expert rank")
+
+
+def expert_offsets_values(op: str, expert_offsets: torch.Tensor, num_rows: int,
+                          name: str = "expert_offsets") -> None:
+    """IndexError unless ``expert_offsets [E+1]`` starts at 0, is non-decreasing and ends at or
+    before ``num_rows`` (= P, the dispatched row count)."""
+    eo = expert_offsets
+    if eo.numel() == 0:
+        return
+    _verify(op, eo, IndexError,
+            lambda: (eo[1:] >= eo[:-1]).all() & (eo[0] == 0) & (eo[-1] <= num_rows),
+            lambda: f"{name} has values outside [0, {num_rows}] or is not a non-decreasing "
+                    f"sequence starting at 0: {eo.tolist()}",
+            f"{name} has values outside [0, {num_rows}] or is not a non-decreasing sequence "
+            "starting at 0")
+
+
+def order_pos_values(op: str, order: torch.Tensor, pos: torch.Tensor, num_rows: int) -> None:
+    """order values in [-1, T*k), pos values in [-1, num_rows)."""
+    ids_in_range(op, "order", order, -1, pos.numel())
+    ids_in_range(op, "pos", pos, -1, num_rows)
+
+
+def dispatched_values(op: str, total_rank: int, rank_offsets, order, pos, expert_offsets,
+                      max_rank: int) -> None:
+    """Value checks of the grouped matmuls (sgmv_shrink / sgmv_expand / sgmv_weight_grad)."""
+    rank_offsets_values(op, rank_offsets, total_rank)
+    max_rank_values(op, rank_offsets, max_rank)
+    expert_offsets_values(op, expert_offsets, order.numel())
+    order_pos_values(op, order, pos, order.numel())
+
+
+def pair_dot_values(op: str, a, b, pos, a_by_token: bool) -> None:
+    ids_in_range(op, "pos", pos, -1, b.shape[0])
+    if not a_by_token:
+        ids_in_range(op, "pos", pos, -1, a.shape[0])
+
+
+def stacked_values(op: str, A, B, rank_offsets, shared_a: bool) -> None:
+    """rank_offsets of the stacked bank; with shared_a (HydraLoRA) exactly ``arange(E+1) * r``."""
+    rank_offsets_values(op, rank_offsets, B.shape[1])
+    if not shared_a:
+        rank_offsets_values(op, rank_offsets, A.shape[0])
+        return
+    E, r = rank_offsets.numel() - 1, A.shape[0]
+    expected = lambda: torch.arange(E + 1, device=rank_offsets.device) * r  # noqa: E731
+    _verify(op, rank_offsets, ValueError, lambda: (rank_offsets.long() == expected()).all(),
+            lambda: f"with shared_a, rank_offsets must be arange(E+1) * r (r = A.shape[0] = {r}), "
+                    f"got {rank_offsets.tolist()}",
+            f"with shared_a, rank_offsets must be arange(E+1) * r (r = A.shape[0] = {r})")

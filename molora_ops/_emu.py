@@ -9,7 +9,10 @@ The emulation library compiles the CUDA kernels + launchers (csrc/cuda/*.cu) wit
 * a library built by ``scripts/build_emu.py --source csrc/cuda/<family>.cu --build-dir DIR`` from
   some launcher files only; point ``MOLORA_EMU_LIB`` at the printed path to use it instead.
 
-Only one of them may be loaded into a process (both define the ``molora_emu`` op library).
+Only one of them may be loaded into a process (both register the ``molora_emu`` op library).
+The schemas of ``molora_emu`` are those of ``torch.ops.molora`` (declared in ``molora_ops/ops/``),
+defined here after the library is loaded; the module's host value-check flag follows
+``molora_ops.set_value_checks`` as ``molora_ops._C``'s does.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ import os
 import threading
 
 import torch
+
+from molora_ops import _checks
 
 _lock = threading.Lock()
 _loaded: str | None = None
@@ -38,6 +43,7 @@ def load_emu() -> str:
                 raise ImportError(f"MOLORA_EMU_LIB={lib!r}: no such file (build it with scripts/build_emu.py)")
             torch.ops.load_library(lib)
             _loaded = os.path.abspath(lib)
+            _define_schemas()
             return _loaded
         try:
             import molora_ops._C_emu  # noqa: F401  (static initialisers register torch.ops.molora_emu)
@@ -49,7 +55,21 @@ def load_emu() -> str:
                 f"({exc})"
             ) from exc
         _loaded = "molora_ops._C_emu"
+        _define_schemas()
+        from molora_ops import _C_emu
+        _checks.add_native_module(_C_emu)
         return _loaded
+
+
+_EMU_LIB: list = []
+
+
+def _define_schemas() -> None:
+    from molora_ops.ops import OPS
+    lib = torch.library.Library("molora_emu", "FRAGMENT")
+    for opdef in OPS.values():
+        lib.define(opdef.schema)
+    _EMU_LIB.append(lib)  # kept alive: the definitions go with the Library object
 
 
 def has_emu_kernel(name: str) -> bool:

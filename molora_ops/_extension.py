@@ -1,9 +1,10 @@
 """Loading of the native extension ``molora_ops._C``.
 
-Importing ``_C`` runs the static ``TORCH_LIBRARY(molora, ...)`` registrations, which create
-``torch.ops.molora.*``. When it is missing or fails to load (or ``MOLORA_DISABLE_EXT=1``), the
-package still imports and every wrapper runs the pure-PyTorch reference instead; a single warning
-says so.
+Importing ``_C`` runs the static ``TORCH_LIBRARY_IMPL(molora, ...)`` registrations: the C++ CPU
+kernels, and in a CUDA build the CUDA kernels, of ``torch.ops.molora.*`` (whose schemas are
+declared in Python, ``molora_ops/ops/``). When it is missing or fails to load (or
+``MOLORA_DISABLE_EXT=1``), the package still imports: the reference serves every op on CPU, and
+the Triton kernels (or the reference) on CUDA; a single warning says so.
 """
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ if os.environ.get("MOLORA_DISABLE_EXT", "0") not in ("", "0"):
     _EXT_ERROR = "disabled by MOLORA_DISABLE_EXT"
 else:
     try:
-        from . import _C  # noqa: F401  (registers torch.ops.molora)
+        from . import _C  # registers the C++ kernels of torch.ops.molora
     except Exception as exc:  # ImportError, or an OSError from a broken build
         _EXT_ERROR = f"{type(exc).__name__}: {exc}"
+    else:
+        from ._checks import add_native_module
+        add_native_module(_C)
 
 if _EXT_ERROR is not None:
     warnings.warn(
-        f"molora_ops: native extension not loaded ({_EXT_ERROR}); every op runs the pure-PyTorch "
-        "reference path (slow, no torch.ops.molora). Build it with "
+        f"molora_ops: native extension not loaded ({_EXT_ERROR}); the ops run the pure-PyTorch "
+        "reference on CPU and the Triton kernels (or the reference) on CUDA. Build it with "
         "`pip install --no-build-isolation -e .`.",
         RuntimeWarning,
         stacklevel=2,

@@ -9,7 +9,8 @@ import torch
 from . import __version__
 from . import backend
 from ._extension import extension_error, has_extension
-from .ops import ALL_OPS, BACKWARD_OPS
+from ._checks import value_checks
+from .ops import ALL_OPS, BACKWARD_OPS, OPS
 
 
 def _triton_version() -> str:
@@ -20,31 +21,16 @@ def _triton_version() -> str:
     return triton.__version__
 
 
-def _switched(name: str) -> str:
-    """What the backend switch runs for op ``name`` on CUDA tensors now."""
-    try:
-        chosen = backend.choose(name)
-        return {"cuda": "CUDA C++", "triton": "Triton"}.get(chosen, chosen) + " (switch)"
-    except (NotImplementedError, RuntimeError) as exc:  # the requested backend cannot run it
-        return f"none: {type(exc).__name__}"
+_NAMES = {"cuda": "CUDA C++", "triton": "Triton", "reference": "reference (PyTorch)",
+          "none": "none (raises)"}
 
 
 def op_backends() -> dict[str, dict[str, str]]:
-    """For every op: the implementation that runs for CPU and for CUDA tensors."""
-    table = {}
-    for name in ALL_OPS:
-        row = {}
-        for key in ("CPU", "CUDA"):
-            if not has_extension():
-                row[key] = "reference (PyTorch)"
-                continue
-            has = torch._C._dispatch_has_kernel_for_dispatch_key(f"molora::{name}", key)
-            if key == "CUDA" and name in backend.SWITCHED_OPS:
-                row[key] = _switched(name)
-            else:
-                row[key] = ("C++" if key == "CPU" else "CUDA C++") if has else "-"
-        table[name] = row
-    return table
+    """For every op: the implementation that runs for CPU and for CUDA tensors (bound when
+    molora_ops was imported; ``use_backend`` / ``set_backend`` re-bind the CUDA ones)."""
+    return {name: {"CPU": "C++" if "CPU" in OPS[name].native_kernels else _NAMES["reference"],
+                   "CUDA": _NAMES[backend.serving(name)]}
+            for name in ALL_OPS}
 
 
 def main() -> None:
@@ -58,6 +44,8 @@ def main() -> None:
     print(f"extension  {'molora_ops._C loaded' if has_extension() else 'NOT loaded: ' + str(extension_error())}")
     print(f"backend    {backend.get_backend()} (MOLORA_BACKEND / molora_ops.set_backend / use_backend; "
           f"one of {', '.join(backend.BACKENDS)})")
+    print(f"values     {value_checks()} (MOLORA_CHECK_VALUES / molora_ops.set_value_checks; "
+          "docs/OPS.md \"Value checks\")")
     par = [ln.strip() for ln in torch.__config__.parallel_info().splitlines()
                if "parallel backend" in ln]
     print(f"threads    {torch.get_num_threads()} ({par[0] if par else 'unknown backend'})")
@@ -66,10 +54,7 @@ def main() -> None:
     for name, row in op_backends().items():
         kind = " (backward)" if name in BACKWARD_OPS else ""
         print(f"{name + kind:40s} {row['CPU']:22s} {row['CUDA']:22s}")
-    if has_extension():
-        print("\n'-': no native kernel for that device yet; calling the op there raises "
-              "NotImplementedError (it never falls back silently). '(switch)': the backend switch "
-              "picks the implementation at call time.")
+    print("\nfloat64 runs on the reference on CUDA (the kernels take fp16/bf16/fp32).")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""The backend switch (molora_ops.backend): selection rules, the env variable, the context manager,
-its registration as the CUDA kernel of the ops, and, through Triton's interpreter on CPU tensors,
-the switched implementation against the reference: every sample of every Triton op directly,
-and whole forward + backward passes with the Triton kernels temporarily installed as the ops' CPU
-kernels (so autograd runs the Triton backward kernels too)."""
+"""The backends of torch.ops.molora (molora_ops.backend): bound at registration, re-bound by
+set_backend / use_backend / MOLORA_BACKEND and restored after; and, on CPU tensors, the GPU path
+itself (backend.gpu_path_on_cpu: the CUDA C++ kernels in emulation, the Triton kernels in Triton's
+interpreter) against the reference: every sample of every Triton op, and whole forward + backward
+passes of method layers (so autograd runs the GPU backward kernels too)."""
 import os
 import subprocess
 import sys
@@ -44,46 +44,99 @@ def test_bad_backend_names_raise():
     assert backend.get_backend() == "auto"
 
 
+def _printed_in_fresh_process(expr: str, **env) -> str:
+    """The last line ``print(<expr>)`` writes in a new interpreter with ``env`` set."""
+    out = subprocess.run([sys.executable, "-c", f"import molora_ops; print({expr})"],
+                         env=dict(os.environ, **env), cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("value,expected", [("triton", "triton"), (" Reference ", "reference"),
                                             ("", "auto")])
 def test_env_variable(value, expected):
-    code = "import molora_ops; print(molora_ops.get_backend())"
-    env = dict(os.environ, MOLORA_BACKEND=value)
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
-                         text=True, check=True)
-    assert out.stdout.strip().splitlines()[-1] == expected
+    assert _printed_in_fresh_process("molora_ops.get_backend()", MOLORA_BACKEND=value) == expected
 
 
-def test_choose_rules():
-    x32, x64 = torch.randn(2, 3), torch.randn(2, 3, dtype=torch.float64)
-    assert backend.choose("sgmv_shrink", (x32,), "auto") == "triton"
-    assert backend.choose("sgmv_shrink", (x64,), "auto") == "reference"  # kernels take no fp64
-    assert backend.choose("sgmv_shrink", (x32,), "reference") == "reference"
-    assert backend.choose("softmax_topk", (x32,), "triton") == "reference"  # no kernel yet
-    with pytest.raises(TypeError, match="float64"):
-        backend.choose("sgmv_expand", (x64,), "triton")
-    with pytest.raises(NotImplementedError, match="no CUDA C\\+\\+ kernel"):
-        backend.choose("sgmv_shrink", (x32,), "cuda")
-    with pytest.raises(ValueError, match="unknown op"):
-        backend.choose("not_an_op", (x32,), "auto")
+def test_serving_rules():
+    from molora_ops.ops import OPS
+    for name in molora_ops.ALL_OPS:
+        auto = backend.serving(name)
+        if backend.has_cuda_kernel(name):
+            assert auto == "cuda"
+        else:
+            assert auto == ("triton" if OPS[name].triton and backend.has_triton() else "reference")
+        with molora_ops.use_backend("reference"):
+            assert backend.serving(name) == "reference"
+        with molora_ops.use_backend("cuda"):
+            assert backend.serving(name) == ("cuda" if backend.has_cuda_kernel(name) else "none")
 
 
-def test_registered_as_cuda_kernel_of_every_op():
-    need_ext()
+def test_every_op_has_a_cuda_kernel():
+    """Every op has a CUDA kernel: the C++ one where the build has it, else the Python-registered
+    Triton launcher / reference (bound once; no per-call backend lookup)."""
     for name in molora_ops.ALL_OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"molora::{name}", "CUDA"), name
 
 
-def test_info_reports_the_switch():
-    from molora_ops.info import op_backends
+def _dump(name):
+    return torch._C._dispatch_dump(f"molora::{name}")
+
+
+def test_cpu_kernels_registered_from_cpp():
+    """With the extension, the CPU kernel of every op is the C++ one, registered directly."""
     need_ext()
-    table = op_backends()
-    assert table["sgmv_shrink"]["CUDA"] == "Triton (switch)"
-    assert table["softmax_topk"]["CUDA"] == "reference (switch)"
+    for name in molora_ops.ALL_OPS:
+        line = [ln for ln in _dump(name).splitlines() if ln.startswith("CPU:")]
+        assert line and "torch_bindings.cpp" in line[0], (name, line)
+
+
+@pytest.mark.parametrize("name", ["reference", "triton", "cuda"])
+def test_use_backend_restores_the_registrations(name):
+    before = {op: _dump(op) for op in molora_ops.ALL_OPS}
+    with molora_ops.use_backend(name):
+        during = {op: _dump(op) for op in molora_ops.ALL_OPS}
+    assert {op: _dump(op) for op in molora_ops.ALL_OPS} == before
+    assert during != before  # the block did re-bind kernels
+
+
+def test_use_backend_reference_serves_cpu_unchanged():
+    """The override is the CUDA key's only: CPU tensors keep their kernels under any backend."""
+    x = torch.randn(5, 6)
+    want = molora_ops.softmax_topk(x, 2)
     with molora_ops.use_backend("reference"):
-        assert op_backends()["sgmv_expand"]["CUDA"] == "reference (switch)"
+        got = molora_ops.softmax_topk(x, 2)
+    torch.testing.assert_close(got, want)
+
+
+def test_info_reports_the_backends():
+    from molora_ops.info import op_backends
+    table = op_backends()
+    assert set(table) == set(molora_ops.ALL_OPS)
+    if backend.has_triton() and not backend.has_cuda_kernel("sgmv_shrink"):
+        assert table["sgmv_shrink"]["CUDA"] == "Triton"
+    with molora_ops.use_backend("reference"):
+        assert op_backends()["sgmv_expand"]["CUDA"] == "reference (PyTorch)"
     with molora_ops.use_backend("cuda"):
         assert op_backends()["sgmv_expand"]["CUDA"].startswith("none")
+
+
+def test_value_check_modes():
+    assert molora_ops.value_checks() == "auto"
+    ids = torch.tensor([[0, 5]])
+    with pytest.raises(IndexError, match="outside"):  # CPU eager: host check, clear error
+        molora_ops.reference.id_histogram(ids, 3)
+    with molora_ops.use_value_checks("device"), pytest.raises(RuntimeError, match="outside"):
+        molora_ops.reference.id_histogram(ids, 3)  # the device form (torch._assert_async)
+    with pytest.raises(ValueError, match="mode must be"):
+        molora_ops.set_value_checks("sometimes")
+    assert molora_ops.value_checks() == "auto"
+
+
+@pytest.mark.parametrize("value,expected", [("1", "host"), ("", "auto"), ("device", "device")])
+def test_value_check_env_variable(value, expected):
+    assert _printed_in_fresh_process("molora_ops.value_checks()",
+                                     MOLORA_CHECK_VALUES=value) == expected
 
 
 # --- the switched implementation, run on CPU tensors (Triton in its interpreter) ----------------
@@ -95,46 +148,51 @@ triton_only = pytest.mark.skipif(not backend.has_triton(), reason="triton is not
 @triton_only
 @pytest.mark.parametrize("chosen", ["triton", "reference"])
 @pytest.mark.parametrize("name", sorted(backend.TRITON_OPS))
-def test_switched_impl_matches_reference(name, chosen):
-    impl = backend.cuda_impl(name)
+def test_python_kernels_match_reference(name, chosen):
+    """The Python-served CUDA kernels of an op (Triton entry, reference entry), called directly."""
+    from molora_ops.ops import OPS
+    impl = OPS[name].triton_entry() if chosen == "triton" else OPS[name].reference_entry
     for _sid, args, kwargs in op_samples(name):
         args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
         ours = impl
         if name == "sgmv_shrink":  # the schema passes max_rank positionally
             ours = lambda *a, max_rank: impl(*a, max_rank)  # noqa: E731
-        with molora_ops.use_backend(chosen):
-            compare_with_reference(name, args, kwargs, ours_fn=ours)
+        compare_with_reference(name, args, kwargs, ours_fn=ours)
 
 
 @pytest.mark.triton
 @triton_only
-def test_switched_impl_checks_before_any_kernel():
-    """Bad metadata and out-of-range values raise the op's errors on the Triton path."""
-    impl = backend.cuda_impl("rank_sparse_expand")
+def test_triton_entry_checks_before_any_kernel():
+    """Bad metadata and out-of-range values raise the op's errors on the Triton path: in host
+    mode (and for CPU tensors in auto mode) as IndexError, in the device form (what CUDA tensors
+    get by default) as the device assert's RuntimeError, before the kernel."""
+    from molora_ops.ops import OPS
+    impl = OPS["rank_sparse_expand"].triton_entry()
     values, B = torch.randn(4, 2), torch.randn(5, 6)
     ids = torch.tensor([[0, 1], [2, 3], [4, 5], [1, 6]], dtype=torch.int32)  # 6 >= R = 6
-    with molora_ops.use_backend("triton"), pytest.raises(IndexError, match="rank_sparse_expand"):
+    with molora_ops.use_value_checks("host"), pytest.raises(IndexError, match="rank_sparse_expand"):
         impl(values, ids, B, None, 1.0, None)
-    with molora_ops.use_backend("triton"), pytest.raises(ValueError, match="rank_sparse_expand"):
+    with molora_ops.use_value_checks("device"), pytest.raises(RuntimeError,
+                                                             match="rank_sparse_expand.*outside"):
+        impl(values, ids, B, None, 1.0, None)
+    with pytest.raises(ValueError, match="rank_sparse_expand"):
         impl(values, ids[:3], B, None, 1.0, None)
+
+
+def _emu_or_skip():
+    from emu_utils import require_emu
+    require_emu()
 
 
 @pytest.fixture
 def triton_as_cpu_kernels():
-    """Installs the switch (backend "triton") as the CPU kernel of every Triton op for one test;
-    the C++ CPU kernels come back when the library handle is destroyed."""
+    """CPU tensors take the GPU path of backend "triton" for one test (the Triton kernels for the
+    ops that have one, the emulated CUDA C++ kernels for the others); the C++ CPU kernels come
+    back afterwards."""
     need_ext()
-    import warnings
-    lib = torch.library.Library("molora", "IMPL")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
-        for name in backend.TRITON_OPS:
-            lib.impl(name, backend.cuda_impl(name), "CPU")
-    try:
-        with molora_ops.use_backend("triton"):
-            yield
-    finally:
-        lib._destroy()
+    _emu_or_skip()
+    with backend.gpu_path_on_cpu("triton"):
+        yield
 
 
 def _layer_outputs(module, x, call=None):
@@ -221,71 +279,52 @@ def test_compiled_method_with_triton_kernels(method, triton_as_cpu_kernels, dyna
 # Triton kernels for the rest; these tests run exactly that combination on CPU tensors.
 # ---------------------------------------------------------------------------------------------
 
-def _emu_or_skip():
-    from emu_utils import require_emu
-    require_emu()
-
-
 @pytest.fixture
 def gpu_kernels_as_cpu_kernels():
-    """Installs the switch (backend "auto", CUDA C++ kernels taken from the emulation module) as
-    the CPU kernel of every op for one test; the C++ CPU kernels come back afterwards."""
+    """CPU tensors take exactly the GPU path of backend "auto" for one test (the emulated CUDA C++
+    kernels, the Triton kernels, device-side value checks); the C++ CPU kernels come back after."""
     need_ext()
     _emu_or_skip()
-    import warnings
-    lib = torch.library.Library("molora", "IMPL")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
-        for name in molora_ops.ops.ALL_OPS:
-            lib.impl(name, backend.cuda_impl(name), "CPU")
-    try:
-        with backend.use_cuda_kernels_from("molora_emu", "CPU"), molora_ops.use_backend("auto"):
-            yield
-    finally:
-        lib._destroy()
+    with backend.gpu_path_on_cpu("auto"):
+        yield
 
 
 def _emu_kernel_ops():
-    return [n for n in molora_ops.ops.ALL_OPS if backend.has_cuda_kernel(n)]
+    from molora_ops._emu import has_emu_kernel
+    return [n for n in molora_ops.ops.ALL_OPS if has_emu_kernel(n)]
 
 
-def test_switch_picks_cuda_kernels():
-    """With CUDA C++ kernels present: auto -> cuda (fp64 -> reference), cuda -> cuda, reference
-    and triton as documented; the switch calls them without its Python checks."""
-    need_ext()
-    _emu_or_skip()
+def test_gpu_path_runs_the_cuda_kernels(gpu_kernels_as_cpu_kernels):
+    """On the GPU path: the C++ launcher serves the op (its checks raise in C++); float64 goes
+    from the launcher to the reference (molora_ref); nothing is left overridden afterwards."""
+    ops = _emu_kernel_ops()
+    assert {"softmax_topk", "dispatch", "id_histogram", "rank_topk"} <= set(ops)
     x32, x64 = torch.randn(3, 4), torch.randn(3, 4, dtype=torch.float64)
-    with backend.use_cuda_kernels_from("molora_emu", "CPU"):
-        ops = _emu_kernel_ops()
-        assert "softmax_topk" in ops and "dispatch" in ops and "id_histogram" in ops
-        for name in ops:
-            assert backend.choose(name, (x32,), "auto") == "cuda"
-            assert backend.choose(name, (x32,), "cuda") == "cuda"
-            assert backend.choose(name, (x32,), "reference") == "reference"
-            assert backend.choose(name, (x64,), "auto") == "reference"
-            # ops without a Triton kernel run what "auto" picks under the "triton" backend
-            if name not in backend.TRITON_OPS:
-                assert backend.choose(name, (x32,), "triton") == "cuda"
-        assert backend.resolve("softmax_topk", (x32,), "cuda")[1] is torch.ops.molora_emu.softmax_topk
-        with molora_ops.use_backend("cuda"), pytest.raises(TypeError):  # the launcher rejects fp64
-            backend.cuda_impl("softmax_topk")(x64, 2, True)
-        with molora_ops.use_backend("cuda"), pytest.raises(ValueError, match="k must be"):
-            backend.cuda_impl("softmax_topk")(x32, 5, True)  # checked in C++ (k > E)
-    assert not backend.has_cuda_kernel("softmax_topk")  # restored: this build has no CUDA
+    w, ids = torch.ops.molora.softmax_topk(x32, 2, True)
+    w_e, ids_e = torch.ops.molora_emu.softmax_topk(x32, 2, True)
+    assert torch.equal(w, w_e) and torch.equal(ids, ids_e)
+    w64, ids64 = torch.ops.molora.softmax_topk(x64, 2, True)
+    w_r, ids_r = molora_ops.reference.softmax_topk(x64, 2, True)
+    assert w64.dtype == torch.float64 and torch.equal(w64, w_r) and torch.equal(ids64, ids_r.int())
+    with pytest.raises(ValueError, match="k must be"):
+        torch.ops.molora.softmax_topk(x32, 5, True)  # checked in C++ (k > E)
 
 
-def test_switch_cuda_kernels_match_reference():
-    """Every op with a CUDA C++ kernel, through the switch (backend "cuda"), on its samples."""
+def test_gpu_path_cuda_backend_matches_reference():
+    """Every op with a CUDA C++ kernel, on the GPU path of backend "cuda", on its samples; the
+    ops without one raise NotImplementedError there (no silent fallback)."""
     need_ext()
     _emu_or_skip()
-    with backend.use_cuda_kernels_from("molora_emu", "CPU"), molora_ops.use_backend("cuda"):
-        for name in _emu_kernel_ops():
-            impl = backend.cuda_impl(name)
+    ops = _emu_kernel_ops()
+    with backend.gpu_path_on_cpu("cuda"):
+        for name in molora_ops.ops.ALL_OPS:
             for sid, args, kwargs in op_samples(name):
-                if any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args):
-                    continue  # fp64 is the reference's (covered above)
+                if name not in ops:
+                    with pytest.raises(NotImplementedError, match="no CUDA C"):
+                        getattr(torch.ops.molora, name)(*args, *kwargs.values())
+                    break
                 try:
-                    compare_with_reference(name, args, kwargs, ours_fn=impl)
+                    compare_with_reference(name, args, kwargs)
                 except AssertionError as exc:
                     raise AssertionError(f"{name} sample {sid!r}: {exc}") from exc
 
@@ -355,3 +394,24 @@ def test_compiled_method_with_cuda_kernels(method, gpu_kernels_as_cpu_kernels, d
     assert gp_e
     for n in gp_e:
         torch.testing.assert_close(gp_c[n], gp_e[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_gpu_path_value_checks_device_by_default_host_on_request(gpu_kernels_as_cpu_kernels):
+    """An out-of-range id on the GPU path: the kernel's device assert stops it by default (no host
+    read); the opt-in host mode raises the clear IndexError before any kernel runs. Both for a
+    CUDA C++ op (gather_rows, id_histogram) and a Triton-served one (rank_sparse_expand)."""
+    ids = torch.tensor([[0, 1], [2, 9]])
+    order, pos, _ = molora_ops.dispatch(torch.tensor([[0, 1], [1, 0]]), 2)
+    bad_order = order.clone()
+    bad_order[1] = 7  # >= T*k = 4
+    x = torch.randn(2, 3)
+    cases = [lambda: torch.ops.molora.id_histogram(ids, 4),
+             lambda: torch.ops.molora.gather_rows(x, bad_order, pos, None),
+             lambda: torch.ops.molora.rank_sparse_expand(torch.randn(2, 2), ids, torch.randn(3, 4),
+                                                         None, 1.0, None)]
+    for case in cases:
+        with pytest.raises(RuntimeError) as info:  # device assert (emulated) / _assert_async
+            case()
+        assert not isinstance(info.value, IndexError)
+        with molora_ops.use_value_checks("host"), pytest.raises(IndexError, match="outside"):
+            case()

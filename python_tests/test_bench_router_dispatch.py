@@ -73,3 +73,56 @@ def test_smoke_run_cpu(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.strip().splitlines()[0].startswith("wrote ")
     assert "median us" in out and out.rstrip().splitlines()[-1].startswith("device:")
+
+
+def test_tie_aware_router_check():
+    # bf16 logits on a coarse grid: most rows have ties inside / at the edge of their top k, where
+    # torch.topk's order is unspecified; the stable reference sends ties to the lower id
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randint(-3, 4, (200, 16), generator=g).float() / 2).to(torch.bfloat16)
+    k = 4
+    w_ref, ids_ref = ref.softmax_topk(logits, k, True)
+    ok, note, tie_rows = rd.check_router(w_ref, ids_ref, logits, k)
+    assert ok and note == "" and tie_rows >= 0
+    # a permutation of tied ids matches torch.topk tie-aware, but not the stable reference
+    _, ids_torch = rd.torch_router(logits, k)
+    assert not rd.tie_mismatch(ids_torch, ids_ref, logits).any()
+    swapped = ids_ref.clone()
+    row = int(((logits.float().gather(1, ids_ref.long())[:, 0] ==
+                logits.float().gather(1, ids_ref.long())[:, 1])).nonzero()[0])
+    swapped[row, [0, 1]] = swapped[row, [1, 0]]
+    assert not rd.tie_mismatch(swapped, ids_ref, logits).any()
+    ok, note, _ = rd.check_router(w_ref, swapped, logits, k)
+    assert not ok and note.startswith("1 rows differ from the stable reference, 0 from torch.topk")
+    # a wrong id (a smaller logit) differs beyond ties
+    wrong = ids_ref.clone()
+    wrong[row, k - 1] = int(logits[row].float().argmin())
+    if logits[row, wrong[row, k - 1]] != logits[row, ids_ref[row, k - 1]]:
+        assert rd.tie_mismatch(wrong, ids_ref, logits)[row]
+    dup = ids_ref.clone()
+    dup[row, 1] = dup[row, 0]
+    assert rd.tie_mismatch(dup, ids_ref, logits)[row]
+
+
+def test_emulated_smoke_run_summary_and_plot(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    if importlib.util.find_spec("molora_ops._C_emu") is None and not os.environ.get("MOLORA_EMU_LIB"):
+        pytest.skip("the CUDA emulation module is not built")
+    monkeypatch.setenv("MOLORA_POISON_OUTPUTS", "1")  # recorded and warned about
+    rc = rd.main(["--out", str(tmp_path), "--quick", "--emulate", "--experts", "8", "--topk", "2",
+                  "-T", "16", "--budget", "0.002", "--no-ceiling", "--plot"])
+    assert rc == 0
+    res = json.loads((tmp_path / "router_dispatch.json").read_text())
+    assert res["meta"]["poison_outputs"] is True and "emulation" in res["meta"]["molora_impl"]
+    ours = [r for r in res["rows"] if r["impl"] == "molora"]
+    assert {r["bench"] for r in ours} == set(rd.BENCHES) and all(r["ok"] for r in ours)
+    assert [r["tie_rows"] for r in ours if r["bench"] == "router"][0] is not None
+    out, err = capsys.readouterr()
+    assert "MOLORA_POISON_OUTPUTS is on" in err
+    summary = [ln for ln in out.splitlines() if ln.startswith("summary: ")]
+    assert len(summary) == 1 and "8 rows (4 molora), 0 failures" in summary[0]
+    assert "WARNING: outputs poisoned" in summary[0]
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "router_dispatch.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        rd.parse_args(["--out", "x", "--emulate", "--device", "cuda"])

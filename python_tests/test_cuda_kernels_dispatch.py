@@ -1,6 +1,7 @@
 """GPU tests of the dispatch family's CUDA kernels (csrc/cuda/dispatch.cu) at realistic sizes:
-torch.ops.molora_cuda.{dispatch, gather_rows, combine_rows, pair_dot} against molora_ops.reference,
-outputs poisoned (MOLORA_POISON_OUTPUTS=1: NaN / INT32_MIN, so an element a kernel forgets to write
+the CUDA C++ kernels of {dispatch, gather_rows, combine_rows, pair_dot} (gpu_compare.cuda_kernel)
+against molora_ops.reference (float comparisons on the GPU; the dispatch reference loops over the
+experts, so it and its int32 comparison run on the CPU), outputs poisoned (MOLORA_POISON_OUTPUTS=1: NaN / INT32_MIN, so an element a kernel forgets to write
 cannot pass). Skipped without CUDA. The logic at small sizes (every edge, both vector paths,
 errors) is covered on the CPU by test_cuda_emulated_dispatch.py; these check the real hardware
 (many chunks over many SMs, shared-memory atomics, 16-byte vector accesses, CUDA-graph capture)."""
@@ -13,7 +14,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from molora_ops import reference as ref  # noqa: E402
-from utils import assert_close_fa, cuda_kernel  # noqa: E402
+from gpu_compare import cuda_kernel  # noqa: E402
+from utils import assert_close_fa  # noqa: E402
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")]
@@ -27,7 +29,8 @@ _kernel = cuda_kernel
 
 def _router_ids(T, E, k, gen, drop=0.0, hot=0.0):
     """[T, k] int32 on the GPU: k distinct experts per token from skewed random logits (some
-    experts much more popular), optionally a hot expert and dropped (-1) slots."""
+    experts much more popular), optionally a hot expert and dropped (-1) slots. (torch.topk only
+    makes input data here: any tie order gives valid ids.)"""
     popularity = torch.randn(E, generator=gen, device="cuda") * 2.0
     logits = torch.randn(T, E, generator=gen, device="cuda") + popularity
     ids = logits.topk(k, dim=1).indices.to(torch.int32)

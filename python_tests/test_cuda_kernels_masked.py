@@ -1,7 +1,9 @@
 """GPU tests of the masked family's CUDA kernels (csrc/cuda/masked.cu) at realistic sizes:
-torch.ops.molora_cuda.{rank_topk, id_histogram, rank_scatter} against molora_ops.reference on the
-GPU, outputs poisoned (MOLORA_POISON_OUTPUTS=1: NaN / INT32_MIN, so an element a kernel forgets to
-write cannot pass). Skipped without CUDA. The logic at small sizes (ties, NaN, every mode, errors)
+the CUDA C++ kernels of {rank_topk, id_histogram, rank_scatter} (gpu_compare.cuda_kernel) against
+molora_ops.reference on the GPU (compared there; rank_topk's ids against the stable reference:
+ties go to the lower rank, and a failure says which rows differ only in tie order), outputs
+poisoned (MOLORA_POISON_OUTPUTS=1: NaN / INT32_MIN, so an element a kernel forgets to write cannot
+pass). Skipped without CUDA. The logic at small sizes (ties, NaN, every mode, errors)
 is covered on the CPU by test_cuda_emulated_masked.py; these check the real hardware (warp
 shuffles, grid-stride over many SMs, shared-memory atomics, large T)."""
 import os
@@ -13,7 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from molora_ops import reference as ref  # noqa: E402
-from utils import cuda_kernel  # noqa: E402
+from gpu_compare import assert_topk_ids, cuda_kernel  # noqa: E402
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")]
@@ -34,7 +36,10 @@ def _check_topk(h, k, scores, bias, use_abs):
     torch.cuda.synchronize()
     v_ref, i_ref = ref.rank_topk(h, k, scores, bias, use_abs)
     assert vals.is_cuda and ids.is_cuda and ids.dtype == torch.int32 and vals.dtype == h.dtype
-    assert torch.equal(ids, i_ref), (ids != i_ref).nonzero()[:10]
+    key = (h if scores is None else scores).float()  # the reference's key (tie diagnosis)
+    if bias is not None:
+        key = key + bias.float()
+    assert_topk_ids(ids, i_ref, key.abs() if use_abs else key, name="rank_topk ids")
     assert torch.equal(_bits(vals), _bits(v_ref))
     return vals, ids
 

@@ -1,8 +1,11 @@
 """GPU tests of the router family's CUDA kernels (csrc/cuda/router.cu) at realistic sizes:
-torch.ops.molora_cuda.{softmax_topk, topk_softmax, sigmoid_topk, softmax_topp,
-softmax_route_backward, sigmoid_topk_backward} against molora_ops.reference run on the GPU, outputs
-poisoned (MOLORA_POISON_OUTPUTS=1: NaN / INT32_MIN, so an element a kernel forgets to write cannot
-pass). Skipped without CUDA. The logic at small sizes (every mode, ties, E up to 1100, k > 32, -1
+the CUDA C++ kernels of {softmax_topk, topk_softmax, sigmoid_topk, softmax_topp,
+softmax_route_backward, sigmoid_topk_backward} (gpu_compare.cuda_kernel) against
+molora_ops.reference run on the GPU, outputs poisoned (MOLORA_POISON_OUTPUTS=1: NaN / INT32_MIN, so
+an element a kernel forgets to write cannot pass), every comparison on the GPU. Ids are compared
+with the stable reference (ties go to the lower id, the kernels' contract), never with torch.topk,
+whose order among ties is unspecified; a failure says how many rows differ only in tie order.
+Skipped without CUDA. The logic at small sizes (every mode, ties, E up to 1100, k > 32, -1
 ids, errors) is covered on the CPU by test_cuda_emulated_router.py; these check the real hardware
 (warp shuffles, vector loads, grid-stride over many SMs, T = 16384 and int64 offsets)."""
 import math
@@ -15,7 +18,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from molora_ops import reference as ref  # noqa: E402
-from utils import assert_close_fa, cuda_kernel  # noqa: E402
+from gpu_compare import assert_topk_ids, cuda_kernel  # noqa: E402
+from utils import assert_close_fa  # noqa: E402
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")]
@@ -39,6 +43,15 @@ def _hi(args):
     return [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
 
 
+def _selection_key(name, args):
+    """What the op selects its ids on (fp32), for the tie diagnosis of a failure."""
+    lg = args[0].float()
+    if name == "sigmoid_topk":
+        bias = args[2]
+        return torch.sigmoid(lg) + (bias.float() if bias is not None else 0.0)
+    return lg
+
+
 def _check(name, args, ids_vs_hi=False):
     w, ids = _kernel(name)(*args)
     torch.cuda.synchronize()
@@ -46,9 +59,7 @@ def _check(name, args, ids_vs_hi=False):
     w_hi, ids_hi = getattr(ref, name)(*_hi(args))
     assert w.is_cuda and ids.is_cuda and w.dtype == torch.float32 and ids.dtype == torch.int32
     assert w.shape == w_lo.shape and ids.shape == ids_lo.shape
-    bad = (ids != ids_lo).any(-1)
-    assert not bad.any(), f"{int(bad.sum())} rows differ, e.g. row {int(bad.nonzero()[0])}: " \
-        f"{ids[bad][0].tolist()} vs {ids_lo[bad][0].tolist()}"
+    assert_topk_ids(ids, ids_lo, _selection_key(name, args), name=f"{name} ids")
     if ids_vs_hi:
         # the fp64 reference routes identically (true for selection on the logits: exact compares)
         assert torch.equal(ids_lo, ids_hi)
@@ -230,7 +241,7 @@ def test_router_gpu_int64_offsets():
     torch.cuda.synchronize()
     for sl in (slice(0, 512), slice(T - 4096, T)):
         w_ref, ids_ref = ref.softmax_topk(lg[sl], 2, True)
-        assert torch.equal(ids[sl], ids_ref)
+        assert_topk_ids(ids[sl], ids_ref, lg[sl].float(), name="softmax_topk ids (int64 offsets)")
         torch.testing.assert_close(w[sl], w_ref, atol=1e-6, rtol=1e-5)
     del lg, w, ids
     torch.cuda.empty_cache()
@@ -257,7 +268,7 @@ def test_router_gpu_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     w_ref, ids_ref = ref.softmax_topk(lg, 8, True)
-    assert torch.equal(ids, ids_ref)
+    assert_topk_ids(ids, ids_ref, lg.float(), name="softmax_topk ids (graph replay)")
     torch.testing.assert_close(w, w_ref, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(dl.float(), ref.softmax_route_backward(g, w_ref, ids_ref, lg, True, 1.0).float(),
                                atol=2e-2, rtol=2e-2)

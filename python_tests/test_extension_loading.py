@@ -1,5 +1,7 @@
-"""The package works without its native extension: the wrappers run the reference, and a single
-warning says so. Run in a subprocess so the extension state of this process is untouched."""
+"""The package works without its native extension (a pure-Python install): every op is still
+declared (torch.ops.molora), the reference serves CPU tensors and the Triton launchers / reference
+serve CUDA tensors, and a single warning says so. Run in a subprocess so the extension state of
+this process is untouched."""
 
 import os
 import subprocess
@@ -33,6 +35,17 @@ SCRIPT = textwrap.dedent("""
         assert "molora.dispatch" in str(exc)
     else:
         raise AssertionError("out-of-range ids were accepted on the reference path")
+    for name in molora_ops.ALL_OPS:  # every op declared, with Python kernels for CPU and CUDA
+        dump = torch._C._dispatch_dump(f"molora::{name}")
+        cpu = [ln for ln in dump.splitlines() if ln.startswith("CPU:")][0]
+        cuda = [ln for ln in dump.splitlines() if ln.startswith("CUDA:")][0]
+        assert "_registry.py" in cpu and "_registry.py" in cuda, dump
+        assert not molora_ops.backend.has_cuda_kernel(name)
+    from molora_ops import backend
+    want = "triton" if backend.has_triton() else "reference"
+    assert backend.serving("sgmv_shrink") == want and backend.serving("dispatch") == "reference"
+    x = torch.randn(4, 6, requires_grad=True)
+    torch.library.opcheck(torch.ops.molora.softmax_topk.default, (x, 2, True))
     print("reference path ok")
 """)
 

@@ -1,5 +1,5 @@
 """Ahead-of-time compilation of every Triton kernel (molora_ops.triton: sgmv, gated, masked) for
-sm_90 and sm_80, without a GPU (Triton ships ptxas).
+sm_90 and sm_80, without a GPU (Triton ships ptxas), asserting that no variant spills registers.
 
 The CPU tests run the kernels in Triton's interpreter, which checks none of what only the compiler
 sees (dot operand layouts and dtypes, tl.where / store dtypes, early returns, shared memory) and
@@ -9,7 +9,13 @@ that change the code path in every combination the launchers pass (sgmv ATOMIC /
 ``_mm_kernel``'s gate and base epilogues with the operand dtypes of its launches, masked
 B_IS_IDENTITY), the optional-operand flags (HAS_W, HAS_S, HAS_BASE: they only add loads) on, and
 masked's expand with and without them. In bf16, fp16 and fp32 (the ieee fp32 dots), for
-``GPUTarget("cuda", 90, 32)`` and ``GPUTarget("cuda", 80, 32)``: 94 compiles, ~32 s here.
+``GPUTarget("cuda", 90, 32)`` and ``GPUTarget("cuda", 80, 32)``: 100 compiles.
+
+Spills: a spilling kernel still compiles and runs, only slower, so every variant's ``ptxas -v``
+report (registers, spill store / load bytes) is read and any spill fails the test. The shapes
+include the ones that used to spill: max_rank 128 (shrink, weight grad) and E = 256 (gate
+backward). A CompiledKernel's own ``n_regs`` / ``n_spills`` cannot serve: Triton fills them in
+when it loads the cubin into a CUDA context, which needs a device.
 
 Left out (``SKIPPED``), to keep the test under ~40 s on a 2-core CPU: the sm_80 fp16 and fp32
 variants of sgmv's four biggest kernels (shrink, expand, fused, weight grad; 14 compiles, ~11 s).
@@ -20,9 +26,12 @@ The compiler runs in a subprocess without ``TRITON_INTERPRET`` (conftest sets it
 process before the kernel modules are imported) and with a fresh cache; all failing variants are
 reported, not only the first. Skipped where CUDA is available: the GPU tests compile and run them.
 Run this file as a script (``python python_tests/test_triton_compile.py [-v]``) to compile
-outside pytest; ``-v`` prints each variant's compile time.
+outside pytest; ``-v`` prints each variant's compile time, registers and spill bytes.
 """
+import contextlib
+import io
 import os
+import re
 import subprocess
 import sys
 import time
@@ -57,22 +66,29 @@ def _variants(dt: str):
         warps = cfg.pop("num_warps", 4)
         out.append((label, fn, types, cfg, warps))
 
-    # sgmv: _blocks() at large shapes (64-row tiles, full rank tiles)
+    # sgmv: the launchers' block sizes at large shapes (64-row tiles) and max_rank 128, the rank
+    # whose single 128-wide rank tile used to spill in shrink and weight grad
+    big = dict(P=1 << 16, E=8, d_in=4096, d_out=4096, max_rank=128)
+    blk = sgmv._blocks(**big)
+    fused = sgmv._fused_blocks(**dict(big, max_rank=sgmv.FUSED_MAX_RANK),
+                               dtype={"bf16": torch.bfloat16, "fp16": torch.float16,
+                                      "fp32": torch.float32}[dt])
     idx = {n: "*i32" for n in ("rank_offsets", "order", "expert_offsets", "pos")}
     idx.update(w=f32, scales=f32)
     prec = "ieee" if dt == "fp32" else "tf32"
-    grouped = dict(HAS_W=True, HAS_S=True, DOT_PREC=prec, E_POW2=8, BLOCK_M=64)
+    grouped = dict(HAS_W=True, HAS_S=True, DOT_PREC=prec, E_POW2=8, BLOCK_M=blk.M)
     for flag in (False, True):
         add(f"ATOMIC={flag}", sgmv._shrink_kernel, dict(idx, x=d, A=d, h=f32 if flag else d),
-            dict(grouped, ATOMIC=flag, BLOCK_K=64, BLOCK_R=128))
+            dict(grouped, ATOMIC=flag, BLOCK_K=blk.K, BLOCK_R=blk.R))
         y = d if flag else f32  # DIRECT writes y, else the fp32 per-row buffer
         add(f"DIRECT={flag}", sgmv._expand_kernel, dict(idx, h=d, B=d, out=y),
-            dict(grouped, DIRECT=flag, BLOCK_N=64, BLOCK_R=64))
+            dict(grouped, DIRECT=flag, BLOCK_N=blk.N, BLOCK_R=blk.R))
         add(f"DIRECT={flag}", sgmv._fused_kernel, dict(idx, x=d, A=d, B=d, out=y),
-            dict(grouped, DIRECT=flag, BLOCK_K=64, BLOCK_N=64, BLOCK_R=sgmv.FUSED_MAX_RANK))
+            dict(grouped, DIRECT=flag, BLOCK_M=fused.M, BLOCK_K=fused.K, BLOCK_N=fused.N,
+                 BLOCK_R=fused.R, num_warps=sgmv.FUSED_WARPS))
     add("", sgmv._weight_grad_kernel, dict(idx, x=d, h=d, G=d),
-        dict(HAS_W=True, HAS_S=True, SPLIT_LO=dt != "fp32", DOT_PREC=prec, BLOCK_M=64,
-             BLOCK_R=128, BLOCK_D=64))
+        dict(HAS_W=True, HAS_S=True, SPLIT_LO=dt != "fp32", DOT_PREC=prec, BLOCK_M=blk.M,
+             BLOCK_R=blk.R, BLOCK_D=blk.N, num_warps=sgmv.WEIGHT_GRAD_WARPS))
     add("", sgmv._combine_kernel, dict(buf=f32, base=d, y=d, pos="*i32"),
         dict(HAS_BASE=True, BLOCK_T=sgmv.BLOCK_T, BLOCK_N=64))
     add("", sgmv._pair_dot_kernel, dict(a=d, b=d, out=f32, pos="*i32"),
@@ -90,11 +106,15 @@ def _variants(dt: str):
     for label, a, b, c, dummy, has_gate, has_base, shape in mm:
         gate = dict(gate_ptr=d, scales_ptr=f32, group_ptr="*i32") if has_gate else \
             dict(gate_ptr=dummy, scales_ptr=dummy, group_ptr=dummy)
+        cfg = gated.mm_config(*shape, fp32_operands=(a == "*fp32") + (b == "*fp32"))
         add(label, gated._mm_kernel, dict(gate, a_ptr=a, b_ptr=b, c_ptr=c, base_ptr=dummy),
-            dict(gated.mm_config(*shape), HAS_GATE=has_gate, HAS_BASE=has_base, DOT_DTYPE=dot))
-    add("", gated._gate_backward_kernel,
-        dict(z_ptr=f32, u_ptr=f32, gate_ptr=d, scales_ptr=f32, group_ptr="*i32", dh_ptr=f32,
-             hg_ptr=f32, dgate_ptr=d), gated.gate_backward_config(128, 8))
+            dict(cfg, HAS_GATE=has_gate, HAS_BASE=has_base, DOT_DTYPE=dot))
+    # E = 256: a dgate tile as wide as E used to spill 2 KB
+    for sum_reps in (False, True):
+        add(f"E=256 SUM_REPS={sum_reps}", gated._gate_backward_kernel,
+            dict(z_ptr=f32, u_ptr=f32, gate_ptr=d, scales_ptr=f32, group_ptr="*i32",
+                 ro_ptr="*i32", dh_ptr=f32, hg_ptr=f32, dgate_ptr=d),
+            dict(gated.gate_backward_config(128, 256), SUM_REPS=sum_reps))
 
     # masked
     add("", masked._sparse_shrink_kernel, dict(x_ptr=d, a_ptr=d, ids_ptr="*i32", h_ptr=d),
@@ -110,11 +130,36 @@ def _variants(dt: str):
     return out
 
 
-def compile_all(verbose: bool = False) -> list:
-    """Compile the matrix; returns the failures, one line each."""
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _compile(fn, sig, consts, arch, warps):
+    """(registers a thread, spill store bytes, spill load bytes) of one compile, read from the
+    ``ptxas -v`` report that Triton prints with ``knobs.nvidia.dump_ptxas_log`` (the compiled
+    kernel's own ``n_regs`` / ``n_spills`` come from loading the cubin into a CUDA context)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                       target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    regs, spills = _PTXAS_REGS.search(log.getvalue()), _PTXAS_SPILLS.search(log.getvalue())
+    if regs is None or spills is None:
+        raise RuntimeError(f"no ptxas -v report in the compile output: {log.getvalue()[-500:]!r}")
+    return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
+
+
+def compile_all(verbose: bool = False) -> list:
+    """Compile the matrix; returns the failures (compile errors and register spills), one line
+    each."""
+    from triton import knobs
+
+    # ptxas must run (and report) for every variant, also when a cache holds the kernel
+    knobs.compilation.always_compile = True
+    knobs.nvidia.dump_ptxas_log = True
 
     failures, skipped, n, t0 = [], set(), 0, time.perf_counter()
     for arch in ARCHS:
@@ -129,14 +174,17 @@ def compile_all(verbose: bool = False) -> list:
                        for a in fn.arg_names}
                 t = time.perf_counter()
                 try:
-                    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                                   target=GPUTarget("cuda", arch, 32),
-                                   options={"num_warps": warps})
+                    regs, spill_st, spill_ld = _compile(fn, sig, consts, arch, warps)
                 except Exception as e:  # noqa: BLE001  (report every failing variant)
                     failures.append(f"{what}: {type(e).__name__}: {str(e)[-1500:]}")
+                    regs = spill_st = spill_ld = -1
+                if spill_st > 0 or spill_ld > 0:
+                    failures.append(f"{what}: spills ({regs} registers, {spill_st} B spill "
+                                    f"stores, {spill_ld} B spill loads, {warps} warps)")
                 n += 1
                 if verbose:
-                    print(f"{time.perf_counter() - t:6.2f}s  {what}", flush=True)
+                    print(f"{time.perf_counter() - t:6.2f}s  {regs:3d} regs  spills "
+                          f"{spill_st}/{spill_ld} B  {what}", flush=True)
     if SKIPPED - skipped:  # a renamed kernel must not drop out of the skip list silently
         failures.append(f"SKIPPED names no variant: {sorted(SKIPPED - skipped)}")
     print(f"{n} kernel variants compiled in {time.perf_counter() - t0:.1f}s, "

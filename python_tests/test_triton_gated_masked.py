@@ -61,6 +61,12 @@ GATED_CASES = {
     # several tiles on every grid axis and several steps of every K loop (matmul tiles <= 64 x 128,
     # BLOCK_K <= 64, 32 tokens x 64 rank columns in the gate backward)
     "multi-tile": (100, 150, 200, 5, 17, False, True, True, False, False),
+    # more experts than one expert window of the gate backward (GATE_BACKWARD_BLOCK_E = 16): three
+    # windows, the last one partial; with an expert-less window (experts 16..31 of rank 0)
+    "ragged-E37": (40, 33, 29, 37, "ragged", False, True, True, False, False),
+    "E37-empty-window": (21, 24, 40, 37, [2] * 16 + [0] * 16 + [5] * 5, False, True, True, True,
+                         False),
+    "shared-E37": (33, 40, 24, 37, 3, True, True, False, False, False),
     # decode: one output tile and a long K, so the shrinks x A^T take the split-K path
     "decode-split-k": (1, 1100, 37, 3, [8, 0, 9], False, True, True, True, False),
 }
@@ -120,6 +126,13 @@ def test_matmul_split_k_gate_base_epilogue(split_k, dtype):
         return base.to(dt) + coef * (a.to(dt) @ b.to(dt)).repeat(1, E)
 
     assert_close_fa(ours, reference(torch.float32).to(dtype), reference(torch.float64), "matmul")
+
+
+def test_gate_backward_expert_window_fixed():
+    """The gate backward's dgate tile does not grow with E (a tile as wide as E spills)."""
+    widths = {gated.gate_backward_config(64, E)["BLOCK_E"] for E in (1, 16, 37, 256, 4096)}
+    assert widths == {gated.GATE_BACKWARD_BLOCK_E}
+    assert GATED_CASES["ragged-E37"][3] > gated.GATE_BACKWARD_BLOCK_E
 
 
 def test_expert_of_rank_empty_experts_int64():

@@ -32,7 +32,11 @@ CASES = [
     ("E7-k1-drop", 30, 7, 1, "drop", 1, ("rag", 17), 50, 37, True, True, True, 0),
     ("E7-k3-drop-bs4", 30, 7, 3, "drop", 4, ("rag3", 17), 37, 50, True, True, True, 2),
     ("k2-plain", 33, 5, 2, "router", 1, ("rag", 17), 64, 16, False, False, False, 0),
+    # ranks above the 64-wide rank tile (ts.MAX_BLOCK_R): two and three rank tiles, the last one
+    # partial; ragged banks mix experts that fit one tile with ones that span several
     ("ranks-over-64", 12, 3, 2, "router", 2, ("rag", 130), 20, 24, True, True, True, 0),
+    ("rank-80-uniform", 20, 3, 2, "router", 1, ("u", 80), 40, 24, True, True, True, 0),
+    ("ranks-80-ragged-k1", 24, 5, 1, "drop", 2, ("rag3", 80), 33, 20, True, True, False, 0),
     # several d_in chunks / d_out tiles, 16-row padding blocks; 64-row tiles, several per expert
     ("E8-bs16-wide", 48, 8, 2, "drop", 16, ("rag", 17), 130, 100, True, True, True, 0),
     ("E2-big-tiles", 64, 2, 2, "router", 1, ("u", 24), 40, 33, True, True, True, 0),
@@ -169,6 +173,23 @@ def test_shrink_split_k_forced(split_k, dtype):
     args = (x, A, *_meta(c), c["w"], c["s"])
     h = _run(ts.sgmv_shrink, *args, c["mr"], split_k=split_k)
     _check(f"sgmv_shrink split_k={split_k}", h, ref.sgmv_shrink, *args, max_rank=c["mr"])
+
+
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_shrink_split_k_ranks_over_64(split_k):
+    """Several rank tiles with split-K: each (rank tile, d_in chunk) program adds its own part."""
+    c = _setup(("splitk-r80", 9, 3, 2, "router", 1, ("rag", 80), 96, 8, True, True, False, 0))
+    x, A = _data(9, 96, dtype=torch.float32), _data(c["R"], 96, dtype=torch.float32)
+    args = (x, A, *_meta(c), c["w"], c["s"])
+    h = _run(ts.sgmv_shrink, *args, c["mr"], split_k=split_k)
+    _check(f"sgmv_shrink split_k={split_k}", h, ref.sgmv_shrink, *args, max_rank=c["mr"])
+
+
+def test_rank_tile_capped():
+    """Larger ranks take more rank tiles, never a wider one (a 128-wide tile spills)."""
+    for max_rank, tile in ((1, 16), (17, 32), (64, 64), (80, 64), (130, 64), (1024, 64)):
+        assert ts._blocks(4096, 8, 4096, 4096, max_rank).R == tile
+    assert ts.FUSED_MAX_RANK <= ts.MAX_BLOCK_R
 
 
 def test_shrink_split_k_rule():

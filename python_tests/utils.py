@@ -22,17 +22,8 @@ from molora_ops import reference as ref
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 DTYPE_IDS = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
 
-FORWARD_OPS = [
-    "softmax_topk", "topk_softmax", "sigmoid_topk", "softmax_topp",
-    "dispatch", "gather_rows", "combine_rows",
-    "sgmv_shrink", "sgmv_expand", "stacked_gated_lora",
-    "rank_topk", "rank_sparse_shrink", "rank_sparse_expand", "id_histogram",
-]
-BACKWARD_OPS = [
-    "softmax_route_backward", "sigmoid_topk_backward", "pair_dot", "sgmv_weight_grad",
-    "stacked_gated_lora_backward", "rank_scatter", "rank_sparse_weight_grad",
-]
-ALL_OPS = FORWARD_OPS + BACKWARD_OPS
+# the op lists come from the op declarations (molora_ops/ops/<family>.py)
+from molora_ops.ops import ALL_OPS, BACKWARD_OPS, FORWARD_OPS, TRITON_OPS  # noqa: E402,F401
 
 
 def dtype_params(dtypes=FLOAT_DTYPES):
@@ -78,12 +69,12 @@ _FLOOR = {
 
 
 def cuda_kernel(name: str):
-    """``torch.ops.molora_cuda.<name>`` (the CUDA C++ kernel alone, no switch); skips the test when
-    this build has none (a CPU build of the extension)."""
-    import molora_ops  # noqa: F401  (loads the extension)
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"molora_cuda::{name}", "CUDA"):
-        pytest.skip(f"torch.ops.molora_cuda.{name} is not built (CPU build of the extension?)")
-    return getattr(torch.ops.molora_cuda, name)
+    """``torch.ops.molora.<name>`` when its CUDA kernel is the CUDA C++ one (registered from C++:
+    what a CUDA tensor runs); skips the test when this build has none (a CPU build)."""
+    from molora_ops import backend
+    if not backend.has_cuda_kernel(name):
+        pytest.skip(f"molora.{name} has no CUDA C++ kernel in this build (a CPU build?)")
+    return getattr(torch.ops.molora, name)
 
 
 def assert_close_fa(actual, ref_lowp, ref_hi, name="output", factor=2.0, floor=None):
@@ -101,9 +92,12 @@ def assert_close_fa(actual, ref_lowp, ref_hi, name="output", factor=2.0, floor=N
     assert actual.device == ref_lowp.device, f"{name}: device {actual.device} vs {ref_lowp.device}"
     if actual.numel() == 0:
         return
-    a = actual.detach().to("cpu", torch.float64)
-    lo = ref_lowp.detach().to("cpu", torch.float64)
-    hi = ref_hi.detach().to("cpu", torch.float64)
+    # compared where `actual` lives: a GPU result is checked on the GPU in float64 (same IEEE
+    # results as on the CPU; only scalars come back), a CPU one on the CPU
+    dev = actual.device if actual.device.type == "cuda" else torch.device("cpu")
+    a = actual.detach().to(dev, torch.float64)
+    lo = ref_lowp.detach().to(dev, torch.float64)
+    hi = ref_hi.detach().to(dev, torch.float64)
     finite = torch.isfinite(hi)
     assert torch.equal(torch.isfinite(a), finite), f"{name}: non-finite values where the reference is finite"
     a, lo, hi = a[finite], lo[finite], hi[finite]
@@ -126,8 +120,13 @@ def assert_close_fa(actual, ref_lowp, ref_hi, name="output", factor=2.0, floor=N
 def assert_index_equal(actual, expected, name="index output"):
     assert actual.dtype == torch.int32, f"{name}: dtype {actual.dtype}, expected torch.int32"
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
-    assert torch.equal(actual.cpu(), expected.to(torch.int32).cpu()), (
-        f"{name} differs from the reference:\nours={actual}\nref ={expected}")
+    # compared on `actual`'s device (a GPU result stays on the GPU; only the verdict comes back)
+    exp = expected.detach().to(device=actual.device, dtype=torch.int32)
+    if not torch.equal(actual, exp):
+        where = (actual != exp).nonzero()
+        raise AssertionError(
+            f"{name} differs from the reference at {where.shape[0]} of {actual.numel()} elements "
+            f"(first {where[:5].tolist()}):\nours={actual}\nref ={expected}")
 
 
 # --------------------------------------------------------------------------------------------

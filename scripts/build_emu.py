@@ -5,7 +5,7 @@
     MOLORA_EMU_LIB=<printed path> .venv/bin/python -m pytest python_tests/test_cuda_emulated_router.py
 
 Writes a translation unit into --build-dir that defines the torch.ops.molora_emu library (the
-schemas of csrc/schemas.h + the shim's `_selftest` op, csrc/emu/emu_library.h) and #includes the
+shim's `_selftest` op, csrc/emu/emu_library.h; the op schemas come from molora_ops._emu.load_emu) and #includes the
 given launcher files, compiles it with the host compiler and -DMOLORA_CUDA_EMULATION (kernels run on
 host threads, see csrc/emu/cuda_emu.h) together with csrc/common/check.cpp, links it against
 libtorch like torch.utils.cpp_extension does, and prints the path of the .so (last line of stdout).

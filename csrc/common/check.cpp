@@ -1,6 +1,29 @@
 #include "check.h"
 
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
 namespace molora {
+
+namespace {
+std::atomic<bool>& host_value_checks_flag() {
+  static std::atomic<bool> flag{[] {
+    const char* v = std::getenv("MOLORA_CHECK_VALUES");
+    if (v == nullptr) return false;
+    for (const char* on : {"1", "host", "true", "on", "yes"})
+      if (std::strcmp(v, on) == 0) return true;
+    return false;
+  }()};
+  return flag;
+}
+}  // namespace
+
+bool host_value_checks() { return host_value_checks_flag().load(std::memory_order_relaxed); }
+
+void set_host_value_checks(bool enabled) {
+  host_value_checks_flag().store(enabled, std::memory_order_relaxed);
+}
 
 void check_index_range(const char* op, const char* name, const at::Tensor& t, int64_t lo,
                        int64_t hi) {

@@ -14,6 +14,12 @@ namespace molora {
 #define MOLORA_CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE(cond, "molora.", __VA_ARGS__)
 #define MOLORA_CHECK_INDEX(cond, ...) TORCH_CHECK_INDEX(cond, "molora.", __VA_ARGS__)
 
+// The opt-in host value-check mode (docs/OPS.md "Value checks"): env MOLORA_CHECK_VALUES=1 at
+// load, molora_ops.set_value_checks(True) later. The CPU launchers check values always; the CUDA
+// launchers only in this mode (cuda::host_value_checks()), their kernels assert on the device.
+bool host_value_checks();
+void set_host_value_checks(bool enabled);
+
 inline void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
   MOLORA_CHECK_VALUE(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
 }

@@ -3,9 +3,9 @@
 // both raise the same exception classes with the same messages. ATen only, header-only.
 //
 // `check_values = false` skips the checks that read index VALUES (check_index_range: aminmax +
-// .item(), a host synchronisation, illegal while a CUDA graph is captured). The CUDA launchers
-// pass !cuda::stream_capturing(); their kernels MOLORA_DEVICE_ASSERT the same ranges, so a bad
-// index inside a captured graph stops the kernel instead of touching memory out of bounds.
+// .item(), a host synchronisation). The CUDA launchers pass cuda::host_value_checks() (the
+// opt-in host mode, outside graph capture); their kernels MOLORA_DEVICE_ASSERT the same ranges,
+// so a bad index stops the kernel instead of touching memory out of bounds.
 #pragma once
 
 #include <ATen/ATen.h>

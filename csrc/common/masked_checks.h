@@ -41,8 +41,8 @@ inline void check_id_histogram_args(const char* op, const at::Tensor& ids, int64
 }
 
 // Rank ids [T, k] of ranks in [-1, num_ranks) on ref's device. check_values = false skips the
-// value range (it reads the data to the host: skipped by the CUDA launchers while a CUDA graph is
-// captured, where the kernels' device asserts check instead).
+// value range (it reads the data to the host: the CUDA launchers check it only in the opt-in host
+// mode; their kernels assert it on the device).
 inline void check_rank_ids(const char* op, const at::Tensor& ids, int64_t T, int64_t num_ranks,
                            const at::Tensor& ref, bool check_values = true) {
   check_index(op, "ids", ids);

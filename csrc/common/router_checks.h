@@ -1,7 +1,7 @@
 // Argument checks of the router family, shared by the CPU launchers (csrc/cpu/router.cpp) and the
 // CUDA launchers (csrc/cuda/router.cu), so both raise the same exception classes with the same
 // messages. ATen only, header-only. Data-reading checks (the ids' value range) stay with the
-// launchers: the CUDA launcher skips them while a CUDA graph is captured.
+// launchers: the CUDA launchers run them only in the opt-in host mode.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -8,12 +8,11 @@
 // for the weights), the backward of combine_rows is gather_rows (+ pair_dot): all three have a
 // kernel here, so the backward stays on these kernels too.
 //
-// Host synchronisation: none on the main path. The checks of index VALUES (check_index_range:
-// aminmax + .item()) do synchronise; they run only when the current stream is not capturing a
-// CUDA graph (cuda::stream_capturing()). Inside a capture they are skipped and the kernels'
-// MOLORA_DEVICE_ASSERTs stop a bad index instead (a trap: the CUDA context is lost, as for any
-// device-side assert). Output sizes depend on shapes only, so dispatch can be captured and
-// replayed with new ids.
+// Host synchronisation: none. The kernels' MOLORA_DEVICE_ASSERTs stop a bad index (a trap: the
+// CUDA context is lost, as for any device-side assert); the host checks of index VALUES
+// (check_index_range: aminmax + .item(), a synchronisation) run only in the opt-in host mode
+// (cuda::host_value_checks()). Output sizes depend on shapes only, so dispatch can be captured
+// and replayed with new ids.
 #include <algorithm>
 #include <climits>
 
@@ -37,7 +36,7 @@ constexpr int64_t kWarpsPerBlock = kThreads / kernels::kWarpSize;
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Row kernels (one warp per row): enough blocks for a few waves on every SM, rows grid-strided
-// beyond that. NOTE: unmeasured on GPU.
+// beyond that. NOTE: untuned.
 int64_t row_blocks(int64_t rows, const at::Tensor& t) {
   return std::max<int64_t>(
       1, std::min<int64_t>(ceil_div(rows, kWarpsPerBlock), int64_t{32} * cuda::multiprocessor_count(t)));
@@ -78,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_cuda(const at::Tensor& i
   cuda::check_on_device(op, "ids", ids);
   const cuda::DeviceGuard guard(ids);
   const int64_t P =
-      check_dispatch_args(op, ids, num_experts, block_size, !cuda::stream_capturing());
+      check_dispatch_args(op, ids, num_experts, block_size, cuda::host_value_checks());
   MOLORA_CHECK_VALUE(num_experts <= INT32_MAX - 1, op, ": num_experts must be < 2^31 - 1, got ",
                      num_experts);
   const int64_t T = ids.size(0), k = ids.size(1), n = T * k, E = num_experts;
@@ -94,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_cuda(const at::Tensor& i
   // Chunks of pairs, one block each: about two blocks per SM, but at least kThreads pairs and at
   // least E/4 pairs per chunk, so the per-block work over the E experts (clear, flush and scan E
   // counters) stays below ~4x the pair work, and the workspace E * n_chunks <= 4n + E int32.
-  // NOTE: unmeasured on GPU.
+  // NOTE: untuned.
   const int64_t sms = cuda::multiprocessor_count(ids);
   int64_t chunk = std::max<int64_t>({ceil_div(n, 2 * sms), E / 4, int64_t{kThreads}});
   chunk = ceil_div(chunk, kThreads) * kThreads;
@@ -138,10 +137,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_cuda(const at::Tensor& i
 at::Tensor gather_rows_cuda(const at::Tensor& x, const at::Tensor& order, const at::Tensor& pos,
                             const std::optional<at::Tensor>& weights) {
   const char* op = "gather_rows";
+  if (x.scalar_type() == at::kDouble)
+    return cuda::call_reference<decltype(gather_rows_cuda)>(op, x, order, pos, weights);
   check_float(op, "x", x);
   cuda::check_on_device(op, "x", x);
   const cuda::DeviceGuard guard(x);
-  check_rows_args(op, x, order, pos, weights, pos.size(0), "x", !cuda::stream_capturing());
+  check_rows_args(op, x, order, pos, weights, pos.size(0), "x", cuda::host_value_checks());
   cuda::check_kernel_dtype(op, "x", x);
   const int64_t T = pos.size(0), k = pos.size(1), P = order.size(0), d = x.size(1);
   MOLORA_CHECK_VALUE(k <= INT32_MAX, op, ": k must be < 2^31, got ", k);
@@ -169,11 +170,13 @@ at::Tensor gather_rows_cuda(const at::Tensor& x, const at::Tensor& order, const 
 at::Tensor combine_rows_cuda(const at::Tensor& y_perm, const at::Tensor& order,
                              const at::Tensor& pos, const std::optional<at::Tensor>& weights) {
   const char* op = "combine_rows";
+  if (y_perm.scalar_type() == at::kDouble)
+    return cuda::call_reference<decltype(combine_rows_cuda)>(op, y_perm, order, pos, weights);
   check_float(op, "y_perm", y_perm);
   cuda::check_on_device(op, "y_perm", y_perm);
   const cuda::DeviceGuard guard(y_perm);
   check_rows_args(op, y_perm, order, pos, weights, order.size(0), "y_perm",
-                  !cuda::stream_capturing());
+                  cuda::host_value_checks());
   cuda::check_kernel_dtype(op, "y_perm", y_perm);
   const int64_t T = pos.size(0), k = pos.size(1), P = order.size(0), d = y_perm.size(1);
   MOLORA_CHECK_VALUE(k <= INT32_MAX && P <= INT32_MAX, op, ": k and P must be < 2^31");
@@ -201,10 +204,12 @@ at::Tensor combine_rows_cuda(const at::Tensor& y_perm, const at::Tensor& order,
 at::Tensor pair_dot_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& pos,
                          bool a_by_token) {
   const char* op = "pair_dot";
+  if (a.scalar_type() == at::kDouble)
+    return cuda::call_reference<decltype(pair_dot_cuda)>(op, a, b, pos, a_by_token);
   check_float(op, "a", a);
   cuda::check_on_device(op, "a", a);
   const cuda::DeviceGuard guard(a);
-  check_pair_dot_args(op, a, b, pos, a_by_token, !cuda::stream_capturing());
+  check_pair_dot_args(op, a, b, pos, a_by_token, cuda::host_value_checks());
   cuda::check_kernel_dtype(op, "a", a);
   const int64_t T = pos.size(0), k = pos.size(1), d = a.size(1);
   MOLORA_CHECK_VALUE(k <= INT32_MAX, op, ": k must be < 2^31, got ", k);

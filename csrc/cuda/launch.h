@@ -5,13 +5,17 @@
 //
 // Every launcher file ends with
 //     MOLORA_CUDA_LIBRARY_IMPL(m) { m.impl("op_name", &molora::op_name_cuda); ... }
-// which registers the kernels as torch.ops.molora_cuda.<op> (CUDA key) in a CUDA build, or as
-// torch.ops.molora_emu.<op> (CPU key) in the emulation module. torch.ops.molora.<op> on CUDA
-// tensors reaches them through the backend switch (molora_ops/backend.py).
+// which registers the kernels as THE CUDA kernel of torch.ops.molora.<op> in a CUDA build (the
+// schemas are declared in Python, molora_ops/ops/; the dispatcher calls the launcher directly),
+// or as torch.ops.molora_emu.<op> (CPU key) in the emulation module.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include <string>
+#include <utility>
 
 #include <cstdlib>
 #include <limits>
@@ -61,8 +65,8 @@ inline int multiprocessor_count(const at::Tensor& t) {
   }
   return cached[dev];
 }
-// True while the current stream is capturing a CUDA graph: checks that read data to the host
-// (a synchronisation, illegal during capture) are skipped then; the kernels' device asserts stay.
+// True while the current stream is capturing a CUDA graph (host value checks are skipped then:
+// a synchronisation is illegal during capture).
 inline bool stream_capturing() {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(current_stream(), &status));
@@ -83,8 +87,25 @@ inline bool poison_outputs_env() {
   }();
   return on;
 }
-#define MOLORA_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(molora_cuda, CUDA, m)
+#define MOLORA_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(molora, CUDA, m)
 #endif
+
+// Whether a launcher checks index VALUES on the host (aminmax + item: a synchronisation) before
+// its kernels: only in the opt-in host mode (MOLORA_CHECK_VALUES=1 /
+// molora_ops.set_value_checks(True)) and never during graph capture. By default the kernels'
+// MOLORA_DEVICE_ASSERTs check the same ranges on the device, with no host synchronisation.
+// Call it after the DeviceGuard (the capture query reads the current device's stream).
+inline bool host_value_checks() { return ::molora::host_value_checks() && !stream_capturing(); }
+
+// float64 data: the kernels are instantiated for fp16/bf16/fp32; the op's pure-PyTorch reference
+// serves it (op molora_ref::<op>, the same schema, registered by molora_ops/ops/_registry.py).
+// Fn is the launcher's own function type, so the call is checked against the schema.
+template <typename Fn, typename... Args>
+decltype(auto) call_reference(const char* op, Args&&... args) {
+  const auto handle = c10::Dispatcher::singleton().findSchemaOrThrow(
+      (std::string("molora_ref::") + op).c_str(), "");
+  return handle.typed<Fn>().call(std::forward<Args>(args)...);
+}
 
 inline bool poison_outputs() {
 #if defined(MOLORA_CUDA_EMULATION)
@@ -118,13 +139,13 @@ inline void check_on_device(const char* op, const char* name, const at::Tensor& 
 #endif
 }
 
-// The floating dtypes the kernels are instantiated for. float64 is not one: the backend switch
-// sends it to the reference; a direct torch.ops.molora_cuda call gets a TypeError.
+// The floating dtypes the kernels are instantiated for. float64 is not one: the launchers hand it
+// to the reference first (call_reference), so this only fires for other dtypes.
 inline void check_kernel_dtype(const char* op, const char* name, const at::Tensor& t) {
   const at::ScalarType s = t.scalar_type();
   MOLORA_CHECK_TYPE(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, op, ": ", name,
                     " must be float32, float16 or bfloat16 for the CUDA kernel, got ", s,
-                    " (the backend switch runs float64 on the reference)");
+                    " (float64 runs on the reference)");
 }
 
 // Both checks: a float input of a CUDA kernel.

@@ -52,6 +52,8 @@ std::tuple<at::Tensor, at::Tensor> rank_topk_cuda(const at::Tensor& h, int64_t k
                                                   const std::optional<at::Tensor>& bias,
                                                   bool use_abs) {
   const char* op = "rank_topk";
+  if (h.scalar_type() == at::kDouble)
+    return cuda::call_reference<decltype(rank_topk_cuda)>(op, h, k, scores, bias, use_abs);
   check_rank_topk_args(op, h, k, scores, bias);
   cuda::check_kernel_input(op, "h", h);
   const int64_t T = h.size(0), R = h.size(1);
@@ -83,10 +85,10 @@ at::Tensor id_histogram_cuda(const at::Tensor& ids_in, int64_t num_bins) {
   check_id_histogram_args(op, ids_in, num_bins);
   cuda::check_on_device(op, "ids", ids_in);
   MOLORA_CHECK_VALUE(num_bins <= INT32_MAX, op, ": num_bins must be < 2^31, got ", num_bins);
-  // NOTE: the range check synchronises (aminmax + item); an out-of-range id must raise, not be
-  // dropped silently. While a CUDA graph is captured the kernel's device assert checks instead.
-  if (!cuda::stream_capturing()) check_index_range(op, "ids", ids_in, -1, num_bins);
   const cuda::DeviceGuard guard(ids_in);
+  // An out-of-range id must stop the op, not be dropped: the kernel asserts on the device; the
+  // host check (a synchronisation) only in the opt-in host mode.
+  if (cuda::host_value_checks()) check_index_range(op, "ids", ids_in, -1, num_bins);
   const at::Tensor ids = ids_in.contiguous();
   // Counts accumulate by atomics: they must start at zero (not a poisoned new_output).
   at::Tensor counts = at::zeros({num_bins}, ids.options().dtype(at::kInt));
@@ -117,12 +119,15 @@ at::Tensor id_histogram_cuda(const at::Tensor& ids_in, int64_t num_bins) {
 
 at::Tensor rank_scatter_cuda(const at::Tensor& src, const at::Tensor& ids, int64_t num_ranks) {
   const char* op = "rank_scatter";
-  const bool check_values = !cuda::stream_capturing();
-  check_rank_scatter_args(op, src, ids, num_ranks, check_values);
+  if (src.scalar_type() == at::kDouble)
+    return cuda::call_reference<decltype(rank_scatter_cuda)>(op, src, ids, num_ranks);
+  check_float(op, "src", src);
+  cuda::check_on_device(op, "src", src);
+  const cuda::DeviceGuard guard(src);
+  check_rank_scatter_args(op, src, ids, num_ranks, cuda::host_value_checks());
   cuda::check_kernel_input(op, "src", src);
   MOLORA_CHECK_VALUE(num_ranks < INT32_MAX && src.size(1) < INT32_MAX, op,
                      ": num_ranks and k must be < 2^31");
-  const cuda::DeviceGuard guard(src);
   const int64_t T = src.size(0), k = src.size(1);
   at::Tensor out = cuda::new_output({T, num_ranks}, src.options());
   if (T == 0) return out;

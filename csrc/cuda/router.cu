@@ -3,7 +3,7 @@
 // csrc/kernels/router.cuh (one warp per token row; see its header for the register layout).
 // The pattern of every launcher file: checks shared with the CPU launchers
 // (csrc/common/router_checks.h), device guard, outputs via cuda::new_output, dtype dispatch
-// (fp32/fp16/bf16 logits; fp64 raises TypeError: the backend switch sends fp64 to the reference),
+// (fp32/fp16/bf16 logits; fp64 goes to the reference through cuda::call_reference),
 // MOLORA_LAUNCH on the current stream, launch check. The same source compiles for the GPU (nvcc)
 // and for the CPU emulation module (csrc/emu/): see csrc/cuda/launch.h.
 //
@@ -13,13 +13,13 @@
 // sweep short. NOTE: ptxas -v (sm_90, nvcc 13.0, no spills anywhere): 36-67 registers per thread
 // for E <= 256 (NPL <= 8; ~7-9 resident blocks = 28-36 warps per SM), 64-98 for E <= 512, 95-154
 // for E <= 1024 (~3-4 blocks per SM; those rows are 4-16x longer, so the loads in flight per SM
-// stay comparable). Occupancy/runtime itself: unmeasured. Register bucket NPL (values per lane) =
+// stay comparable). NOTE: untuned (occupancy and runtime). Register bucket NPL (values per lane) =
 // smallest of {1, 2, 4, 8, 16, 32} with 32 * NPL >= E; E > 1024 takes the NPL = 0 kernels (row
 // re-read from L1/L2 on every pass, no register cap on E). 16-byte vector loads
 // (VEC = min(16 / sizeof(T), NPL) elements) when the logits have unit column stride, E and the row
 // stride are multiples of VEC and the base pointer is aligned; else coalesced scalar loads with
-// arbitrary strides (no copy of non-contiguous logits). NOTE: runtime unmeasured (no GPU in this
-// session); the choices follow from bytes and instruction counts, see router.cuh.
+// arbitrary strides (no copy of non-contiguous logits). NOTE: untuned; the choices follow from
+// bytes and instruction counts, see router.cuh.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -136,6 +136,8 @@ std::tuple<at::Tensor, at::Tensor> launch_route_topk(const char* op, const at::T
 std::tuple<at::Tensor, at::Tensor> softmax_topk_cuda(const at::Tensor& logits, int64_t k,
                                                      bool renormalize) {
   const char* op = "softmax_topk";
+  if (logits.scalar_type() == at::kDouble)
+    return cuda::call_reference<decltype(softmax_topk_cuda)>(op, logits, k, renormalize);
   const int64_t E = check_router_logits(op, logits);
   check_router_k(op, k, E);
   cuda::check_kernel_input(op, "logits", logits);
@@ -149,6 +151,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_topk_cuda(const at::Tensor& logits, i
 std::tuple<at::Tensor, at::Tensor> topk_softmax_cuda(const at::Tensor& logits, int64_t k,
                                                      double temperature) {
   const char* op = "topk_softmax";
+  if (logits.scalar_type() == at::kDouble)
+    return cuda::call_reference<decltype(topk_softmax_cuda)>(op, logits, k, temperature);
   const int64_t E = check_router_logits(op, logits);
   check_router_k(op, k, E);
   check_topk_softmax_temperature(temperature);
@@ -166,6 +170,8 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_topk_cuda(const at::Tensor& logits, i
                                                      bool normalize, bool bias_in_weights,
                                                      double scale) {
   const char* op = "sigmoid_topk";
+  if (logits.scalar_type() == at::kDouble)
+    return cuda::call_reference<decltype(sigmoid_topk_cuda)>(op, logits, k, bias, normalize, bias_in_weights, scale);
   const int64_t E = check_router_logits(op, logits);
   check_router_k(op, k, E);
   const at::Tensor b = check_router_bias(op, bias, E, logits);  // fp32, contiguous
@@ -184,6 +190,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_topp_cuda(const at::Tensor& logits, d
                                                      int64_t min_k, double entropy_threshold,
                                                      double q, double eps) {
   const char* op = "softmax_topp";
+  if (logits.scalar_type() == at::kDouble)
+    return cuda::call_reference<decltype(softmax_topp_cuda)>(op, logits, top_p, min_k, entropy_threshold, q, eps);
   const int64_t E = check_router_logits(op, logits);
   check_softmax_topp_args(E, top_p, min_k, eps);
   cuda::check_kernel_input(op, "logits", logits);
@@ -234,9 +242,9 @@ std::tuple<at::Tensor, at::Tensor> softmax_topp_cuda(const at::Tensor& logits, d
 
 namespace {
 
-// Shared part of the backward launchers: checks (the ids' range only outside graph capture: it
-// synchronises; the kernels' device asserts check it then), the [T, k] inputs as contiguous fp32 /
-// int32 (no copy when they already are: the forward's outputs).
+// Shared part of the backward launchers: checks (the ids' range on the host only in the opt-in
+// host mode; the kernels assert it on the device), the [T, k] inputs as contiguous fp32 / int32
+// (no copy when they already are: the forward's outputs).
 struct RouteGradInputs {
   int64_t E;
   at::Tensor g, w, ids;
@@ -248,7 +256,8 @@ RouteGradInputs prepare_route_grad(const char* op, const at::Tensor& grad_weight
   RouteGradInputs in;
   in.E = check_route_grad_args(op, grad_weights, weights, ids, logits);
   cuda::check_kernel_input(op, "logits", logits);
-  if (!cuda::stream_capturing()) check_index_range(op, "ids", ids, -1, in.E);
+  const cuda::DeviceGuard guard(logits);
+  if (cuda::host_value_checks()) check_index_range(op, "ids", ids, -1, in.E);
   in.g = grad_weights.to(at::kFloat).contiguous();
   if (need_weights) in.w = weights.to(at::kFloat).contiguous();
   in.ids = ids.to(at::kInt).contiguous();
@@ -261,6 +270,8 @@ at::Tensor softmax_route_backward_cuda(const at::Tensor& grad_weights, const at:
                                        const at::Tensor& ids, const at::Tensor& logits,
                                        bool renormalized, double scale) {
   const char* op = "softmax_route_backward";
+  if (logits.scalar_type() == at::kDouble)
+    return cuda::call_reference<decltype(softmax_route_backward_cuda)>(op, grad_weights, weights, ids, logits, renormalized, scale);
   const RouteGradInputs in = prepare_route_grad(op, grad_weights, weights, ids, logits, true);
   const int64_t T = logits.size(0), E = in.E, k = ids.size(1);
   at::Tensor out = cuda::new_output({T, E}, logits.options());
@@ -292,6 +303,8 @@ at::Tensor sigmoid_topk_backward_cuda(const at::Tensor& grad_weights, const at::
                                       const std::optional<at::Tensor>& bias, bool normalize,
                                       bool bias_in_weights, double scale) {
   const char* op = "sigmoid_topk_backward";
+  if (logits.scalar_type() == at::kDouble)
+    return cuda::call_reference<decltype(sigmoid_topk_backward_cuda)>(op, grad_weights, weights, ids, logits, bias, normalize, bias_in_weights, scale);
   // ids of -1 contribute nothing, as in the reference and the CPU kernel.
   const RouteGradInputs in = prepare_route_grad(op, grad_weights, weights, ids, logits, false);
   const at::Tensor b = check_router_bias(op, bias, in.E, logits);

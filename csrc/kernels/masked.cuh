@@ -43,7 +43,7 @@ __device__ __forceinline__ uint32_t rank_key(const src_t* __restrict__ row, int6
 //   Round j's id is parked in lane j % 32 and every 32 rounds (and at the end) the warp writes 32
 //   ids and the 32 gathered values with coalesced stores.
 // Cost per row: R/32 loads per lane, then k * (~7-12 shuffles + one lane's NPL-long rescan).
-// NOTE: unmeasured on GPU. For SMoRA/FlyLoRA sizes (R <= 64, k = 8) the shuffle rounds, not the
+// NOTE: untuned. For SMoRA/FlyLoRA sizes (R <= 64, k = 8) the shuffle rounds, not the
 // R * 2-byte row read, should bound it (estimate ~80 shuffles per row vs 128 bytes).
 template <typename scalar_t, typename src_t, int NPL>
 __global__ void rank_topk_kernel(const scalar_t* __restrict__ h, int64_t h_row_stride,
@@ -132,7 +132,7 @@ __global__ void rank_topk_kernel(const scalar_t* __restrict__ h, int64_t h_row_s
 // memory (copies * num_bins * 4 bytes), warp w counting into copy w % copies, so warps of a block
 // do not contend on the same shared counter (rank ids of popular ranks: r = 64 bins, T * k ids);
 // then one global atomic per non-empty bin per block. copies == 0: global atomics only (bins too
-// many for shared memory). NOTE: unmeasured on GPU.
+// many for shared memory). NOTE: untuned.
 template <typename index_t>
 __global__ void id_histogram_kernel(const index_t* __restrict__ ids, int64_t n, int32_t num_bins,
                                     int32_t copies, int32_t* __restrict__ counts) {
@@ -149,8 +149,8 @@ __global__ void id_histogram_kernel(const index_t* __restrict__ ids, int64_t n, 
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const int64_t id = static_cast<int64_t>(ids[i]);
+    MOLORA_DEVICE_ASSERT(id >= -1 && id < num_bins, "id_histogram: id outside [-1, num_bins)");
     if (id < 0) continue;
-    MOLORA_DEVICE_ASSERT(id < num_bins, "id_histogram: id >= num_bins");
     atomicAdd(&mine[id], 1);
   }
   if (use_shared) {
@@ -172,7 +172,7 @@ __global__ void id_histogram_kernel(const index_t* __restrict__ ids, int64_t n, 
 // by scanning the row's k (id, src) pairs, which the warp first loads into registers 32 at a time
 // and broadcasts by shuffle. Duplicate ids in a row add up in slot order, in fp32 (as the
 // reference's accumulate in opmath). Writes are coalesced along the row.
-// Cost per row: R writes + R/32 * k shuffle-compares per lane. NOTE: unmeasured on GPU; for
+// Cost per row: R writes + R/32 * k shuffle-compares per lane. NOTE: untuned; for
 // R = 64, k = 8 the R-wide store dominates.
 template <typename scalar_t, typename index_t>
 __global__ void rank_scatter_kernel(const scalar_t* __restrict__ src, int64_t src_row_stride,

@@ -212,7 +212,7 @@ struct RouteTopkParams {
 //   sigmoid_topk:              v_j = s_j (+ bias if bias_in_weights),
 //                              (scale * v_j) / sum v  or  scale * v_j
 // Cost per row: E * sizeof(T) bytes read, k * 8 bytes written; k rounds of shuffles.
-// NOTE: unmeasured on GPU. For E = 64, k = 8 (bf16) the row is 128 bytes and ~80 shuffles: the
+// NOTE: untuned. For E = 64, k = 8 (bf16) the row is 128 bytes and ~80 shuffles: the
 // shuffle rounds, not DRAM, should bound it at large T (vLLM's topk_softmax has the same
 // k-rounds-of-argmax structure).
 template <typename scalar_t, int NPL, int VEC>
@@ -347,7 +347,7 @@ struct RouteToppParams {
 // padded with 0 = below every composite) and runs a bitonic sort, descending (composites are
 // unique, so the order is total: key desc, id asc = the stable sort's), log2(e_pad) *
 // (log2(e_pad) + 1) / 2 steps of e_pad / 64 compare-exchanges per lane, one __syncwarp each.
-// NOTE: unmeasured on GPU. For E = 1024 that is 55 steps x 16 compare-exchanges per lane against
+// NOTE: untuned. For E = 1024 that is 55 steps x 16 compare-exchanges per lane against
 // ~1024 x 10 shuffles for the selection rounds; for E = 64, 21 steps x 1 against ~640 shuffles.
 // The launcher passes e_pad and warps_per_block * e_pad * 8 bytes of dynamic shared memory for
 // NPL > 0 (E = 1024: 32 KiB per 4-warp block); NPL == 0 (E > 1024) broadcasts by selection.
@@ -487,7 +487,7 @@ __global__ void route_topp_kernel(const scalar_t* __restrict__ logits, int64_t r
 // on duplicate ids). pair(j0 + lane) -> (id, val) is evaluated by the lane owning pair j (lanes
 // load 32 pairs at a time), then broadcast by 2 shuffles per pair; the owning lane of the column
 // adds (NPL predicated adds per pair). Ids of -1 contribute nothing.
-// Cost: k * (2 shuffles + NPL adds) per lane. NOTE: unmeasured on GPU; for E <= 256 (NPL <= 8) it
+// Cost: k * (2 shuffles + NPL adds) per lane. NOTE: untuned; for E <= 256 (NPL <= 8) it
 // is small next to the E-wide row write, for E = 1024, k = 16 ~550 instructions per row.
 template <int NPL, int VEC, typename PairFn>
 __device__ __forceinline__ void scatter_pairs(int32_t k, int lane, PairFn pair, float (&acc)[NPL]) {

@@ -423,6 +423,8 @@ def _bound_argument(model: nn.Module, args: tuple, kwargs: dict, name: str) -> A
     """The value of forward argument ``name`` in this call (None when absent)."""
     if name in kwargs:
         return kwargs[name]
+    if not args:  # keyword-only call (HF Trainer): no signature to bind (nor to trace)
+        return None
     sig = _SIGNATURES.get(type(model))
     if sig is None:
         sig = _SIGNATURES[type(model)] = inspect.signature(model.forward)

@@ -173,7 +173,9 @@ class LoRABank(nn.Module):
     def delta_weight(self, gate: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``sum_e gate_e s_e B_e A_e`` [d_out, d_in] (gate [E], default 1): the merged update."""
         g = self.scales if gate is None else gate.to(self.scales.dtype) * self.scales
-        per_rank = torch.repeat_interleave(g, torch.tensor(self.ranks, device=g.device))
+        # output_size: the total rank is known on the host; without it the op reads the repeats.
+        per_rank = torch.repeat_interleave(g, torch.tensor(self.ranks, device=g.device),
+                                           output_size=self.total_rank)
         A = self.A.repeat(self.num_experts, 1) if self.shared_a else self.A
         return (self.B * per_rank.to(self.B.dtype)) @ A
 
@@ -208,9 +210,9 @@ class LoRABank(nn.Module):
         return ops.sgmv_expand(h, self.B, self.rank_offsets, d.order, d.pos, d.expert_offsets,
                                weights, self.scales, base)
 
-    # NOTE: unmeasured (no GPU this session): the fused Triton shrink->expand keeps h on chip, so
-    # it saves the [P, r] round trip to HBM and one launch; it has no backward, so it serves
-    # inference only, and ranks <= 64 (h lives in registers).
+    # NOTE: untuned: the fused Triton shrink->expand keeps h on chip, so it saves the [P, r] round
+    # trip to HBM and one launch; it has no backward, so it serves inference only, and ranks <= 64
+    # (h lives in registers).
     FUSED_MAX_RANK = 64
 
     def _fused_inference(self, x, weights, base) -> bool:
@@ -221,7 +223,7 @@ class LoRABank(nn.Module):
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return False
         from .. import backend
-        return backend.choose("sgmv_shrink", (x,)) == "triton"
+        return x.dtype != torch.float64 and backend.serving("sgmv_shrink") == "triton"
 
     def routed_per_slot(self, x: torch.Tensor, route: Union[torch.Tensor, Dispatched],
                         base: Optional[torch.Tensor] = None,

@@ -9,7 +9,10 @@ Method math: ``/work/shared/docs/METHODS.md`` (section given in each docstring).
   the published loss and have the published values as defaults;
 * validates its inputs: ``TypeError`` for a wrong type / dtype, ``ValueError`` for a wrong shape or
   option, ``IndexError`` for expert ids out of range (the op contract's classes, docs/OPS.md); the
-  message starts with ``molora.losses.<function>:`` and names the argument.
+  message starts with ``molora.losses.<function>:`` and names the argument. Checks of VALUES (id
+  ranges, task types) follow the value-check mode (``molora_ops.set_value_checks``): on the host
+  for CPU tensors in eager mode, else a device-side assert naming the class, so that no loss
+  synchronises with the device or breaks a compiled graph.
 
 Conventions shared by the routing losses:
 
@@ -33,8 +36,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .. import ops
-from ..reference._common import check_ids_in_range, tsallis_entropy_parts
+from .. import _checks, ops
+from ..reference._common import tsallis_entropy_parts
 
 __all__ = [
     "mixtral_load_balancing_loss",
@@ -68,6 +71,13 @@ def _op(fn: str) -> str:
 
 def _fail(exc, fn: str, msg: str):
     raise exc(f"{_op(fn)}: {msg}")
+
+
+def _ids_in_range(fn: str, name: str, ids: torch.Tensor, lo: int, hi: int) -> None:
+    """IndexError unless every value of ``ids`` lies in ``[lo, hi)``: a host check on CPU in eager
+    mode, a device-side assert otherwise (an aux loss runs every layer every step: a host read
+    here would synchronise the stream and break a compiled graph)."""
+    _checks.ids_in_range(f"losses.{fn}", name, ids, lo, hi)
 
 
 def _opmath(x: torch.Tensor) -> torch.Tensor:
@@ -145,7 +155,7 @@ def _keep(fn: str, attention_mask, T: int, layer_rows: Optional[List[int]], devi
     m = attention_mask.reshape(-1).to(device) != 0
     M = m.numel()
     if layer_rows is not None:
-        ok = all(r == M for r in layer_rows)
+        ok = all([r == M for r in layer_rows])  # a list: torch.compile traces no generator
     else:
         ok = M == T or (M > 0 and T % M == 0)
     if not ok:
@@ -209,7 +219,7 @@ def _routing_inputs(fn: str, probs: TensorOrList, ids: TensorOrList, num_experts
         _fail(ValueError, fn, f"ids has {idx.shape[0]} token rows but probs has {p.shape[0]}")
     _same_device(fn, "ids", idx, p)
     E = _num_experts(fn, num_experts, p.shape[1])
-    check_ids_in_range("ids", _op(fn), idx, -1, E)
+    _ids_in_range(fn, "ids", idx, -1, E)
     return p, idx, _keep(fn, attention_mask, p.shape[0], layer_rows, p.device)
 
 
@@ -222,7 +232,7 @@ def _masked_mean(x: torch.Tensor, keep: Optional[torch.Tensor], dims=0) -> torch
     leading dims of x; None = all): ``sum(x * keep) / max(#kept, 1)``, so an empty mean is 0."""
     dims = (dims,) if isinstance(dims, int) else tuple(dims)
     if keep is None:
-        n = math.prod(x.shape[d] for d in dims)
+        n = math.prod([x.shape[d] for d in dims])  # a list: torch.compile traces no generator
         return x.sum(dims) / max(n, 1)
     w = keep.to(x.dtype).reshape(tuple(keep.shape) + (1,) * (x.dim() - keep.dim())).expand(x.shape)
     return (x * w).sum(dims) / w.sum(dims).clamp_min(1)
@@ -378,7 +388,7 @@ def llava_mole_balance_loss(probs: TensorOrList, ids: TensorOrList,
     il = [_index_shaped(fn, f"ids[{i}]" if is_list else "ids", y, (B, S), ps[0]) for i, y in enumerate(il)]
     p = torch.cat(ps, dim=1)  # [B, L*S, E]
     idx = torch.cat(il, dim=1)  # [B, L*S]
-    check_ids_in_range("ids", _op(fn), idx, -1, E)
+    _ids_in_range(fn, "ids", idx, -1, E)
     keep = _bs_keep(fn, attention_mask, B, S, p.device)
     keep = None if keep is None else keep.repeat(1, len(ps))
     P = _masked_mean(p, keep, 1)  # [B, E]
@@ -405,8 +415,10 @@ def loramoe_lbc_loss(probs: torch.Tensor, task_types: torch.Tensor, delta: float
     if E % 2:
         _fail(ValueError, fn, f"the number of experts must be even (two halves), got E = {E}")
     tt = _index_shaped(fn, "task_types", task_types, (B,), p)
-    if tt.numel() and not bool(((tt == 0) | (tt == 1)).all()):
-        _fail(ValueError, fn, f"task_types values must be 0 or 1, got {sorted(set(tt.tolist()))}")
+    if tt.numel():
+        _checks._verify(f"losses.{fn}", tt, ValueError, lambda: ((tt == 0) | (tt == 1)).all(),
+                        lambda: f"task_types values must be 0 or 1, got {sorted(set(tt.tolist()))}",
+                        "task_types values must be 0 or 1")
     keep = _bs_keep(fn, attention_mask, B, S, p.device)
     if keep is not None:
         p = p * keep.unsqueeze(-1).to(p.dtype)
@@ -454,7 +466,10 @@ def meteora_gate_loss(gate_logits: TensorOrList, task_labels: torch.Tensor, coef
     B, S, E = zs[0].shape
     y = _index_shaped(fn, "task_labels", task_labels, (B, S), zs[0])[:, 1:].reshape(-1).long()
     valid = y != ignore_index
-    check_ids_in_range("task_labels", _op(fn), y[valid], 0, E)
+    # Ignored positions are checked as label 0 (in range): no boolean-mask gather, whose output
+    # size is data-dependent. The host check keeps the exact min / max of the real labels.
+    labels = y[valid] if _checks.on_host(y) else torch.where(valid, y, 0)
+    _ids_in_range(fn, "task_labels", labels, 0, E)
     z = torch.cat([t[:, :-1].reshape(-1, E) for t in zs])
     y = y.repeat(len(zs))
     ce_sum = F.cross_entropy(z, y, ignore_index=ignore_index, reduction="sum")
@@ -480,17 +495,20 @@ def moelora_contrastive_loss(expert_outputs: torch.Tensor, ids: torch.Tensor,
     idx = _index_shaped(fn, "ids", ids, x.shape[:2], x)
     if not temperature > 0:
         _fail(ValueError, fn, f"temperature must be > 0, got {temperature}")
-    if bool((idx < -1).any()):
-        _fail(IndexError, fn, "ids has values below -1")
+    _checks._verify(f"losses.{fn}", idx, IndexError, lambda: (idx >= -1).all(),
+                    lambda: "ids has values below -1", "ids has values below -1")
+    # Every T*k row takes part, the dropped ones masked out of every pair (no boolean-mask
+    # gather, whose size is data-dependent): a dropped row is neither an anchor nor in any
+    # denominator. The finite fill keeps a row without any valid partner NaN-free (its
+    # logsumexp stays finite and it has no positive); exp(fill - max) is exactly 0 elsewhere.
     valid = (idx >= 0).reshape(-1)
-    if int(valid.sum()) < 2:  # no pair of rows: no positive anywhere
-        return x.sum() * 0
-    z = F.normalize(x.reshape(-1, x.shape[-1])[valid], dim=-1)
-    lab = idx.reshape(-1)[valid]
+    z = F.normalize(x.reshape(-1, x.shape[-1]), dim=-1)
+    lab = idx.reshape(-1)
     eye = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
-    sim = (z @ z.t() / temperature).masked_fill(eye, float("-inf"))
+    pair = valid[:, None] & valid[None, :] & ~eye
+    sim = (z @ z.t() / temperature).masked_fill(~pair, torch.finfo(z.dtype).min)
     log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
-    pos = (lab[:, None] == lab[None, :]) & ~eye
+    pos = (lab[:, None] == lab[None, :]) & pair
     n_pos = pos.sum(1)
     anchor = n_pos > 0
     mean_log_prob = torch.where(pos, log_prob, torch.zeros_like(log_prob)).sum(1) / n_pos.clamp_min(1)

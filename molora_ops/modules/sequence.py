@@ -15,9 +15,10 @@ from typing import Mapping, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
+from torch.distributions.relaxed_bernoulli import LogitRelaxedBernoulli
+from torch.distributions.transforms import SigmoidTransform
 
-from .. import ops
+from .. import _checks, ops
 from .bank import LoRABank, lora_scaling
 from .layers import MoLoRALinear
 from .routing import Router, Routing
@@ -278,12 +279,24 @@ class PolyLinear(MoLoRALinear):
 
     def mixing_weights(self, task_ids: torch.Tensor) -> torch.Tensor:
         """``w [B, Q, K]`` for the task ids [B] (mttl ``PolytroponSelector.forward``)."""
-        if task_ids.numel() and int(task_ids.max()) >= self.n_tasks:
-            raise ValueError(f"PolyLinear: task id {int(task_ids.max())} >= n_tasks "
-                             f"{self.n_tasks}")
+        if task_ids.numel():
+            # Host check (clear error) on CPU in eager mode; elsewhere a device-side assert, so
+            # the forward never waits for the device (molora_ops._checks value-check modes).
+            if _checks.on_host(task_ids):
+                if int(task_ids.max()) >= self.n_tasks:
+                    raise ValueError(f"PolyLinear: task id {int(task_ids.max())} >= n_tasks "
+                                     f"{self.n_tasks}")
+            else:
+                torch._assert_async((task_ids < self.n_tasks).all(),
+                                    f"PolyLinear: a task id is >= n_tasks {self.n_tasks} "
+                                    f"(ValueError)")
         z = self.module_logits[task_ids.long()].view(-1, self.n_splits, self.n_skills)
         if self.training and self.routing == "relaxed_bernoulli":
-            v = RelaxedBernoulli(temperature=self.temperature, logits=z).rsample()
+            # RelaxedBernoulli(temperature, logits=z).rsample(), spelled out: its base
+            # distribution is built with argument validation on whatever validate_args says, and
+            # the check reads the logits on the host (a sync). Same draws, same values.
+            base = LogitRelaxedBernoulli(self.temperature, logits=z, validate_args=False)
+            v = SigmoidTransform()(base.rsample())
         elif self.routing == "straight_through" and (self.training or self.straight_through_eval):
             v = torch.sigmoid(z)
             v = v + (torch.round(v) - v).detach()

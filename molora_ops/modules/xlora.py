@@ -129,8 +129,12 @@ def xlora_topk_scalings(scalings: torch.Tensor, top_k_lora: Optional[int] = None
         return s
     nonzero = s != 0
     if not per_token_softmax_topk:
-        # the reference quirk: one softmax across all B*S tokens' nonzero entries
-        return torch.zeros_like(s).masked_scatter(nonzero, torch.softmax(s[nonzero], dim=-1))
+        # The reference quirk: one softmax across all B*S tokens' nonzero entries. Computed over
+        # the whole flattened tensor with the zero entries at -inf (exp gives exactly 0) instead
+        # of gathering s[nonzero], whose size is data-dependent (a host sync, a graph break).
+        fill = torch.where(nonzero.any(), float("-inf"), 0.0).to(s.dtype)
+        p = torch.softmax(torch.where(nonzero, s, fill).reshape(-1), dim=0).reshape(s.shape)
+        return torch.where(nonzero, p, torch.zeros_like(p))
     # per token: masked entries -> -inf (rows without any nonzero entry -> 0 and stay 0)
     fill = torch.where(nonzero.any(-1, keepdim=True), float("-inf"), 0.0)
     p = torch.softmax(torch.where(nonzero, s, fill.to(s.dtype)), dim=-1)

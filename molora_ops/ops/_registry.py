@@ -1,40 +1,174 @@
-"""How every op is wired: the native op when the extension is loaded, else the reference.
+"""The op table: every op of molora_ops is ONE ``define(...)`` call (in ``ops/<family>.py``).
 
-Each op module defines, per op, a check function (metadata only), a fake kernel built on it, an
-autograd formula, and a typed wrapper; ``register`` attaches the fake and autograd to
-``molora::<name>`` once, for every backend.
+From that declaration come: the schema (``torch.library`` in namespace ``molora``), the fake
+kernel (metadata checks + output allocation), the autograd formula, the Python-served kernels
+(the reference on CPU when the native extension is missing; the Triton launcher or the reference
+on CUDA for an op with no CUDA C++ kernel), the value checks those Python kernels run, the
+reference oracle of the tests, the test samples and the op lists (``ALL_OPS``,
+``FORWARD_OPS``, ``BACKWARD_OPS``, ``TRITON_OPS``). docs/OPS.md "Adding an op" is the checklist.
+
+Kernels of the native extension are registered from C++ with ``TORCH_LIBRARY_IMPL`` only (CPU:
+csrc/torch_bindings.cpp; CUDA: csrc/cuda/*.cu), so on CUDA ``torch.ops.molora.<op>`` reaches a
+C++ kernel with no Python on the way (a Python autograd kernel runs first when autograd is on, as
+for every ``torch.library`` op; not under ``torch.inference_mode``). ``molora_ops.backend`` can
+override the CUDA kernels for tests and benchmarks (``use_backend``) and restores them after.
 """
 
 from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from .._checks import opmath_dtype
 from .._extension import has_extension
 
+__all__ = ["OpDef", "OPS", "define", "call", "native", "opmath"]
+
+# The public library and a private mirror of the same schemas whose only kernel is the reference:
+# the CUDA C++ launchers call ``molora_ref::<op>`` for float64 (their kernels take fp16/bf16/fp32).
+_LIB = torch.library.Library("molora", "FRAGMENT")
+_REF_LIB = torch.library.Library("molora_ref", "FRAGMENT")
+
+
+@dataclass
+class OpDef:
+    """One op. ``schema`` is ``"name(args) -> outputs"``; ``check(*args)`` raises on bad metadata
+    (no data reads); ``fake(*args)`` allocates the outputs (after ``check``); ``reference(*args)``
+    is the pure-PyTorch oracle (its value checks included); ``values(*args)`` the value checks a
+    Python-served kernel runs first (``_checks`` decides host or device); ``triton`` the launcher
+    ``"module:function"`` in molora_ops.triton; ``samples()`` the standard test inputs
+    ``[(id, args, kwargs)]``."""
+
+    name: str
+    schema: str
+    check: Callable
+    fake: Callable
+    reference: Callable
+    values: Optional[Callable] = None
+    triton: Optional[str] = None
+    backward: Optional[Callable] = None
+    setup_context: Optional[Callable] = None
+    kind: str = "forward"  # "forward" (public, differentiable) or "backward" (used by autograd)
+    samples: Optional[Callable] = None
+    op: Optional[torch._ops.OpOverload] = field(default=None, repr=False)
+    native_kernels: Tuple[str, ...] = ()  # dispatch keys served by C++ kernels of molora_ops._C
+
+    def reference_entry(self, *args):
+        """The reference as a kernel: metadata checks, then the oracle (which checks values)."""
+        self.check(*args)
+        return self.reference(*args)
+
+    def triton_launcher(self) -> Callable:
+        module, fn = self.triton.split(":")
+        return getattr(importlib.import_module(f"molora_ops.triton.{module}"), fn)
+
+    def triton_entry(self) -> Callable:
+        """The Triton launcher as a kernel: float64 data goes to the reference (the launchers take
+        fp16/bf16/fp32), then metadata and value checks, then the launch. The launcher is bound
+        on first use (importing triton at ``import molora_ops`` would cost every CPU user)."""
+        check, values, reference_entry = self.check, self.values, self.reference_entry
+        bound: List[Callable] = []
+
+        def entry(*args):
+            if args[0].dtype is torch.float64:
+                return reference_entry(*args)
+            if not bound:
+                bound.append(self.triton_launcher())
+            check(*args)
+            if values is not None:
+                values(*args)
+            return bound[0](*args)
+
+        entry.__name__ = f"{self.name}_triton"
+        return entry
+
+
+OPS: Dict[str, OpDef] = {}
+
+
+def has_triton() -> bool:
+    """True when triton imports (a GPU runs it; ``TRITON_INTERPRET=1`` runs it on CPU tensors)."""
+    try:
+        importlib.import_module("triton")
+    except Exception:  # not installed, or broken without a GPU driver
+        return False
+    return True
+
+
+def _native_kernels(name: str) -> Tuple[str, ...]:
+    if not has_extension():
+        return ()
+    return tuple(key for key in ("CPU", "CUDA")
+                 if torch._C._dispatch_has_kernel_for_dispatch_key(f"molora::{name}", key))
+
+
+def gpu_entry(opdef: OpDef) -> Callable:
+    """The Python kernel that serves ``opdef`` on CUDA when the extension has no CUDA C++ kernel
+    for it: its Triton launcher if it has one (and triton imports), else the reference."""
+    if opdef.triton is not None and has_triton():
+        return opdef.triton_entry()
+    return opdef.reference_entry
+
+
+def define(schema: str, *, check: Callable, fake: Callable, reference: Callable,
+           values: Optional[Callable] = None, triton: Optional[str] = None,
+           backward: Optional[Callable] = None, setup_context: Optional[Callable] = None,
+           kind: str = "forward", samples: Optional[Callable] = None) -> OpDef:
+    """Declares op ``molora::<name>`` (see the module docstring) and returns its ``OpDef``."""
+    name = schema.split("(", 1)[0]
+    if name in OPS:
+        raise RuntimeError(f"molora op {name!r} is defined twice")
+    opdef = OpDef(name, schema, check, fake, reference, values, triton, backward, setup_context,
+                  kind, samples)
+    _LIB.define(schema)
+    _REF_LIB.define(schema)
+    _REF_LIB.impl(name, opdef.reference_entry, "CompositeExplicitAutograd")
+    opdef.native_kernels = _native_kernels(name)
+
+    def fake_kernel(*args):
+        check(*args)
+        return fake(*args)
+
+    torch.library.register_fake(f"molora::{name}", fake_kernel, lib=_LIB)
+    if backward is not None:
+        torch.library.register_autograd(f"molora::{name}", backward, setup_context=setup_context,
+                                        lib=_LIB)
+    if "CPU" not in opdef.native_kernels:
+        _LIB.impl(name, opdef.reference_entry, "CPU")
+    if "CUDA" not in opdef.native_kernels:
+        _LIB.impl(name, _lazy_gpu_entry(opdef), "CUDA")
+    opdef.op = getattr(torch.ops.molora, name).default
+    OPS[name] = opdef
+    return opdef
+
+
+def _lazy_gpu_entry(opdef: OpDef) -> Callable:
+    """``gpu_entry(opdef)``, bound on the first CUDA call (no triton import before that)."""
+    bound: List[Callable] = []
+
+    def entry(*args):
+        if not bound:
+            bound.append(gpu_entry(opdef))
+        return bound[0](*args)
+
+    entry.__name__ = f"{opdef.name}_gpu"
+    return entry
+
 
 def native(name: str):
-    """The OpOverload ``torch.ops.molora.<name>.default`` (extension required)."""
-    return getattr(torch.ops.molora, name).default
+    """The OpOverload ``torch.ops.molora.<name>.default``."""
+    return OPS[name].op
 
 
-def register(name: str, fake, backward=None, setup_context=None) -> None:
-    if not has_extension():
-        return
-    qualname = f"molora::{name}"
-    torch.library.register_fake(qualname)(fake)
-    if backward is not None:
-        torch.library.register_autograd(qualname, backward, setup_context=setup_context)
-
-
-def call(name: str, check, reference_fn, *args):
-    """Runs the native op, or (no extension) the metadata checks and then the reference."""
-    if has_extension():
-        return native(name)(*args)
-    check(*args)
-    return reference_fn(*args)
+def call(name: str, *args):
+    """Runs op ``name`` through the dispatcher (the typed wrappers' body)."""
+    return OPS[name].op(*args)
 
 
 def opmath(*tensors):
     """The tensors in their opmath dtype (fp32 for fp16/bf16; no copy for fp32/fp64)."""
     return tuple(t.to(opmath_dtype(t.dtype)) for t in tensors)
+

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks, reference
-from ._registry import call, native, register
+from ._registry import call, define, native
 
 # --- checks + fakes ------------------------------------------------------------------------------
 
@@ -56,7 +56,6 @@ def _check_pair_dot(a, b, pos, a_by_token):
 
 
 def _fake_dispatch(ids, num_experts, block_size):
-    _check_dispatch(ids, num_experts, block_size)
     n_pairs = ids.numel()
     P = n_pairs if block_size == 1 else n_pairs + num_experts * (block_size - 1)
     return (ids.new_empty((P,), dtype=torch.int32), ids.new_empty(ids.shape, dtype=torch.int32),
@@ -64,17 +63,14 @@ def _fake_dispatch(ids, num_experts, block_size):
 
 
 def _fake_gather_rows(x, order, pos, weights):
-    _check_gather_rows(x, order, pos, weights)
     return x.new_empty((order.shape[0], x.shape[1]))
 
 
 def _fake_combine_rows(y_perm, order, pos, weights):
-    _check_combine_rows(y_perm, order, pos, weights)
     return y_perm.new_empty((pos.shape[0], y_perm.shape[1]))
 
 
 def _fake_pair_dot(a, b, pos, a_by_token):
-    _check_pair_dot(a, b, pos, a_by_token)
     return a.new_empty(pos.shape, dtype=_checks.opmath_dtype(a.dtype))
 
 
@@ -107,10 +103,22 @@ def _combine_rows_backward(ctx, grad_y):
     return grad_y_perm, None, None, grad_w
 
 
-register("dispatch", _fake_dispatch)
-register("gather_rows", _fake_gather_rows, _gather_rows_backward, _save_rows)
-register("combine_rows", _fake_combine_rows, _combine_rows_backward, _save_rows)
-register("pair_dot", _fake_pair_dot)
+def _pair_dot_values(a, b, pos, a_by_token):
+    _checks.pair_dot_values("pair_dot", a, b, pos, a_by_token)
+
+
+define("dispatch(Tensor ids, int num_experts, int block_size) -> "
+       "(Tensor order, Tensor pos, Tensor expert_offsets)",
+       check=_check_dispatch, fake=_fake_dispatch, reference=reference.dispatch)
+define("gather_rows(Tensor x, Tensor order, Tensor pos, Tensor? weights) -> Tensor",
+       check=_check_gather_rows, fake=_fake_gather_rows, reference=reference.gather_rows,
+       backward=_gather_rows_backward, setup_context=_save_rows)
+define("combine_rows(Tensor y_perm, Tensor order, Tensor pos, Tensor? weights) -> Tensor",
+       check=_check_combine_rows, fake=_fake_combine_rows, reference=reference.combine_rows,
+       backward=_combine_rows_backward, setup_context=_save_rows)
+define("pair_dot(Tensor a, Tensor b, Tensor pos, bool a_by_token) -> Tensor",
+       check=_check_pair_dot, fake=_fake_pair_dot, reference=reference.pair_dot,
+       values=_pair_dot_values, triton="sgmv:pair_dot", kind="backward")
 
 
 # --- wrappers ------------------------------------------------------------------------------------
@@ -130,7 +138,7 @@ def dispatch(ids: torch.Tensor, num_experts: int, block_size: int = 1):
         pos [T, k] int32: the row of each pair (-1 when dropped);
         expert_offsets [E+1] int32: segment starts. All sizes are fixed (no host sync needed).
     """
-    return call("dispatch", _check_dispatch, reference.dispatch, ids, num_experts, block_size)
+    return call("dispatch", ids, num_experts, block_size)
 
 
 def gather_rows(x: torch.Tensor, order: torch.Tensor, pos: torch.Tensor,
@@ -140,7 +148,7 @@ def gather_rows(x: torch.Tensor, order: torch.Tensor, pos: torch.Tensor,
     Args: x [T, d] float; (order, pos) from ``dispatch``; weights [T, k] float or None.
     Returns: x_perm [P, d] with x's dtype. Differentiable w.r.t. x and weights.
     """
-    return call("gather_rows", _check_gather_rows, reference.gather_rows, x, order, pos, weights)
+    return call("gather_rows", x, order, pos, weights)
 
 
 def combine_rows(y_perm: torch.Tensor, order: torch.Tensor, pos: torch.Tensor,
@@ -150,7 +158,7 @@ def combine_rows(y_perm: torch.Tensor, order: torch.Tensor, pos: torch.Tensor,
     Args: y_perm [P, d] float; (order, pos) from ``dispatch``; weights [T, k] float or None.
     Returns: y [T, d] with y_perm's dtype. Differentiable w.r.t. y_perm and weights.
     """
-    return call("combine_rows", _check_combine_rows, reference.combine_rows, y_perm, order, pos,
+    return call("combine_rows", y_perm, order, pos,
                 weights)
 
 
@@ -159,7 +167,7 @@ def pair_dot(a: torch.Tensor, b: torch.Tensor, pos: torch.Tensor, a_by_token: bo
 
     The routing-weight gradient of gather/combine/expand. Returns [T, k] in fp32 (fp64 for fp64).
     """
-    return call("pair_dot", _check_pair_dot, reference.pair_dot, a, b, pos, a_by_token)
+    return call("pair_dot", a, b, pos, a_by_token)
 
 
 

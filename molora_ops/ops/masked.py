@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks, reference
-from ._registry import call, native, opmath, register
+from ._registry import call, define, native, opmath
 
 # --- checks + fakes ------------------------------------------------------------------------------
 
@@ -75,32 +75,26 @@ def _check_rank_sparse_weight_grad(x, g, ids, num_ranks):
 
 
 def _fake_rank_topk(h, k, scores, bias, use_abs):
-    _check_rank_topk(h, k, scores, bias, use_abs)
     return h.new_empty((h.shape[0], k)), h.new_empty((h.shape[0], k), dtype=torch.int32)
 
 
 def _fake_rank_sparse_shrink(x, A, ids):
-    _check_rank_sparse_shrink(x, A, ids)
     return x.new_empty(ids.shape)
 
 
 def _fake_rank_sparse_expand(values, ids, B, weights, scale, base):
-    _check_rank_sparse_expand(values, ids, B, weights, scale, base)
     return values.new_empty((values.shape[0], B.shape[0]))
 
 
 def _fake_id_histogram(ids, num_bins):
-    _check_id_histogram(ids, num_bins)
     return ids.new_empty((num_bins,), dtype=torch.int32)
 
 
 def _fake_rank_scatter(src, ids, num_ranks):
-    _check_rank_scatter(src, ids, num_ranks)
     return src.new_empty((src.shape[0], num_ranks))
 
 
 def _fake_rank_sparse_weight_grad(x, g, ids, num_ranks):
-    _check_rank_sparse_weight_grad(x, g, ids, num_ranks)
     return x.new_empty((num_ranks, x.shape[1]))
 
 
@@ -159,14 +153,37 @@ def _rank_sparse_expand_backward(ctx, grad_y):
     return grad_v, None, grad_B, grad_w, None, grad_base
 
 
-register("rank_topk", _fake_rank_topk, _rank_topk_backward, _save_rank_topk)
-register("rank_sparse_shrink", _fake_rank_sparse_shrink, _rank_sparse_shrink_backward,
-         _save_sparse_shrink)
-register("rank_sparse_expand", _fake_rank_sparse_expand, _rank_sparse_expand_backward,
-         _save_sparse_expand)
-register("id_histogram", _fake_id_histogram)
-register("rank_scatter", _fake_rank_scatter)
-register("rank_sparse_weight_grad", _fake_rank_sparse_weight_grad)
+def _ids_values(op, ids_at, bound):
+    """The value check of an op whose ``args[ids_at]`` are rank ids in [-1, bound(args))."""
+    return lambda *args: _checks.ids_in_range(op, "ids", args[ids_at], -1, bound(args))
+
+
+define("rank_topk(Tensor h, int k, Tensor? scores, Tensor? bias, bool use_abs) -> "
+       "(Tensor values, Tensor ids)",
+       check=_check_rank_topk, fake=_fake_rank_topk, reference=reference.rank_topk,
+       backward=_rank_topk_backward, setup_context=_save_rank_topk)
+define("rank_sparse_shrink(Tensor x, Tensor A, Tensor ids) -> Tensor",
+       values=_ids_values("rank_sparse_shrink", 2, lambda a: a[1].shape[0]),
+       check=_check_rank_sparse_shrink, fake=_fake_rank_sparse_shrink,
+       reference=reference.rank_sparse_shrink, triton="masked:rank_sparse_shrink",
+       backward=_rank_sparse_shrink_backward, setup_context=_save_sparse_shrink)
+define("rank_sparse_expand(Tensor values, Tensor ids, Tensor B, Tensor? weights, "
+       "float scale, Tensor? base) -> Tensor",
+       values=_ids_values("rank_sparse_expand", 1, lambda a: a[2].shape[1]),
+       check=_check_rank_sparse_expand, fake=_fake_rank_sparse_expand,
+       reference=reference.rank_sparse_expand, triton="masked:rank_sparse_expand",
+       backward=_rank_sparse_expand_backward, setup_context=_save_sparse_expand)
+define("id_histogram(Tensor ids, int num_bins) -> Tensor",
+       check=_check_id_histogram, fake=_fake_id_histogram, reference=reference.id_histogram)
+define("rank_scatter(Tensor src, Tensor ids, int num_ranks) -> Tensor",
+       values=_ids_values("rank_scatter", 1, lambda a: a[2]),
+       check=_check_rank_scatter, fake=_fake_rank_scatter,
+       reference=reference.rank_scatter, triton="masked:rank_scatter", kind="backward")
+define("rank_sparse_weight_grad(Tensor x, Tensor g, Tensor ids, int num_ranks) -> Tensor",
+       values=_ids_values("rank_sparse_weight_grad", 2, lambda a: a[3]),
+       check=_check_rank_sparse_weight_grad, fake=_fake_rank_sparse_weight_grad,
+       reference=reference.rank_sparse_weight_grad,
+       triton="masked:rank_sparse_weight_grad", kind="backward")
 
 
 # --- wrappers ------------------------------------------------------------------------------------
@@ -183,7 +200,7 @@ def rank_topk(h: torch.Tensor, k: int, scores: torch.Tensor | None = None,
     Args: h [T, R] float; k in [1, R]; scores [T, R] any float dtype, or None; bias [R] float or None.
     Returns: values [T, k] = h[t, ids] (h's dtype; differentiable w.r.t. h), ids [T, k] int32.
     """
-    return call("rank_topk", _check_rank_topk, reference.rank_topk, h, k, scores, bias, use_abs)
+    return call("rank_topk", h, k, scores, bias, use_abs)
 
 
 def rank_sparse_shrink(x: torch.Tensor, A: torch.Tensor, ids: torch.Tensor):
@@ -192,8 +209,7 @@ def rank_sparse_shrink(x: torch.Tensor, A: torch.Tensor, ids: torch.Tensor):
     Args: x [T, d_in] float; A [R, d_in] x's dtype; ids [T, k] int in [-1, R).
     Returns: h [T, k] with x's dtype. Differentiable w.r.t. x and A.
     """
-    return call("rank_sparse_shrink", _check_rank_sparse_shrink, reference.rank_sparse_shrink, x,
-                A, ids)
+    return call("rank_sparse_shrink", x, A, ids)
 
 
 def rank_sparse_expand(values: torch.Tensor, ids: torch.Tensor, B: torch.Tensor,
@@ -205,8 +221,7 @@ def rank_sparse_expand(values: torch.Tensor, ids: torch.Tensor, B: torch.Tensor,
     [-1, R); B [d_out, R] values' dtype; weights [T, k] float or None; base [T, d_out] or None.
     Returns: y [T, d_out]. Differentiable w.r.t. values, B, weights and base.
     """
-    return call("rank_sparse_expand", _check_rank_sparse_expand, reference.rank_sparse_expand,
-                values, ids, B, weights, scale, base)
+    return call("rank_sparse_expand", values, ids, B, weights, scale, base)
 
 
 def id_histogram(ids: torch.Tensor, num_bins: int):
@@ -215,16 +230,15 @@ def id_histogram(ids: torch.Tensor, num_bins: int):
     Rank usage for the aux-loss-free bias update (SMoRA, FlyLoRA) or tokens per expert.
     Returns counts [num_bins] int32.
     """
-    return call("id_histogram", _check_id_histogram, reference.id_histogram, ids, num_bins)
+    return call("id_histogram", ids, num_bins)
 
 
 def rank_scatter(src: torch.Tensor, ids: torch.Tensor, num_ranks: int):
     """``out [T, R]``, ``out[t, ids[t, j]] += src[t, j]``: the h-gradient of ``rank_topk``."""
-    return call("rank_scatter", _check_rank_scatter, reference.rank_scatter, src, ids, num_ranks)
+    return call("rank_scatter", src, ids, num_ranks)
 
 
 def rank_sparse_weight_grad(x: torch.Tensor, g: torch.Tensor, ids: torch.Tensor, num_ranks: int):
     """``G [R, d]``, ``G[ids[t, j]] += g[t, j] * x[t]``: dA of ``rank_sparse_shrink`` and dB^T of
     ``rank_sparse_expand``."""
-    return call("rank_sparse_weight_grad", _check_rank_sparse_weight_grad,
-                reference.rank_sparse_weight_grad, x, g, ids, num_ranks)
+    return call("rank_sparse_weight_grad", x, g, ids, num_ranks)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks, reference
-from ._registry import call, native, register
+from ._registry import call, define, native
 
 # --- checks + fakes ------------------------------------------------------------------------------
 
@@ -51,34 +51,27 @@ def _check_sigmoid_topk_backward(grad_weights, weights, ids, logits, bias, norma
 
 
 def _fake_softmax_topk(logits, k, renormalize):
-    _check_softmax_topk(logits, k, renormalize)
     return _route_outputs(logits, k)
 
 
 def _fake_topk_softmax(logits, k, temperature):
-    _check_topk_softmax(logits, k, temperature)
     return _route_outputs(logits, k)
 
 
 def _fake_sigmoid_topk(logits, k, bias, normalize, bias_in_weights, scale):
-    _check_sigmoid_topk(logits, k, bias, normalize, bias_in_weights, scale)
     return _route_outputs(logits, k)
 
 
 def _fake_softmax_topp(logits, top_p, min_k, entropy_threshold, q, eps):
-    _check_softmax_topp(logits, top_p, min_k, entropy_threshold, q, eps)
     return _route_outputs(logits, logits.shape[1])
 
 
 def _fake_softmax_route_backward(grad_weights, weights, ids, logits, renormalized, scale):
-    _check_softmax_route_backward(grad_weights, weights, ids, logits, renormalized, scale)
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 def _fake_sigmoid_topk_backward(grad_weights, weights, ids, logits, bias, normalize,
                                 bias_in_weights, scale):
-    _check_sigmoid_topk_backward(grad_weights, weights, ids, logits, bias, normalize,
-                                 bias_in_weights, scale)
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -124,14 +117,28 @@ def _sigmoid_topk_backward(ctx, grad_weights, _grad_ids):
     return grad, None, None, None, None, None
 
 
-register("softmax_topk", _fake_softmax_topk, _softmax_topk_backward, _save_route)
-register("topk_softmax", _fake_topk_softmax,
-         _softmax_route_grad(True, lambda opts: 1.0 / opts[1]), _save_route)
-register("sigmoid_topk", _fake_sigmoid_topk, _sigmoid_topk_backward, _save_sigmoid_route)
-register("softmax_topp", _fake_softmax_topp,
-         _softmax_route_grad(False, lambda opts: 1.0), _save_route)
-register("softmax_route_backward", _fake_softmax_route_backward)
-register("sigmoid_topk_backward", _fake_sigmoid_topk_backward)
+define("softmax_topk(Tensor logits, int k, bool renormalize) -> (Tensor weights, Tensor ids)",
+       check=_check_softmax_topk, fake=_fake_softmax_topk, reference=reference.softmax_topk,
+       backward=_softmax_topk_backward, setup_context=_save_route)
+define("topk_softmax(Tensor logits, int k, float temperature) -> (Tensor weights, Tensor ids)",
+       check=_check_topk_softmax, fake=_fake_topk_softmax, reference=reference.topk_softmax,
+       backward=_softmax_route_grad(True, lambda opts: 1.0 / opts[1]), setup_context=_save_route)
+define("sigmoid_topk(Tensor logits, int k, Tensor? bias, bool normalize, bool bias_in_weights, "
+       "float scale) -> (Tensor weights, Tensor ids)",
+       check=_check_sigmoid_topk, fake=_fake_sigmoid_topk, reference=reference.sigmoid_topk,
+       backward=_sigmoid_topk_backward, setup_context=_save_sigmoid_route)
+define("softmax_topp(Tensor logits, float top_p, int min_k, float entropy_threshold, float q, "
+       "float eps) -> (Tensor weights, Tensor ids)",
+       check=_check_softmax_topp, fake=_fake_softmax_topp, reference=reference.softmax_topp,
+       backward=_softmax_route_grad(False, lambda opts: 1.0), setup_context=_save_route)
+define("softmax_route_backward(Tensor grad_weights, Tensor weights, Tensor ids, Tensor logits, "
+       "bool renormalized, float scale) -> Tensor",
+       check=_check_softmax_route_backward, fake=_fake_softmax_route_backward,
+       reference=reference.softmax_route_backward, kind="backward")
+define("sigmoid_topk_backward(Tensor grad_weights, Tensor weights, Tensor ids, Tensor logits, "
+       "Tensor? bias, bool normalize, bool bias_in_weights, float scale) -> Tensor",
+       check=_check_sigmoid_topk_backward, fake=_fake_sigmoid_topk_backward,
+       reference=reference.sigmoid_topk_backward, kind="backward")
 
 
 # --- wrappers ------------------------------------------------------------------------------------
@@ -148,7 +155,7 @@ def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool = True):
         weights [T, k] float32 (float64 for float64 logits), ids [T, k] int32, sorted by
         descending probability, ties toward the lower id. Differentiable w.r.t. logits.
     """
-    return call("softmax_topk", _check_softmax_topk, reference.softmax_topk, logits, k, renormalize)
+    return call("softmax_topk", logits, k, renormalize)
 
 
 def topk_softmax(logits: torch.Tensor, k: int, temperature: float = 1.0):
@@ -157,7 +164,7 @@ def topk_softmax(logits: torch.Tensor, k: int, temperature: float = 1.0):
     Args: logits [T, E] float; k in [1, E]; temperature > 0.
     Returns: weights [T, k] fp32 (fp64 for fp64 logits), ids [T, k] int32.
     """
-    return call("topk_softmax", _check_topk_softmax, reference.topk_softmax, logits, k,
+    return call("topk_softmax", logits, k,
                 temperature)
 
 
@@ -172,7 +179,7 @@ def sigmoid_topk(logits: torch.Tensor, k: int, bias: torch.Tensor | None = None,
     Args: logits [T, E] float; k in [1, E]; bias [E] float or None (never differentiated).
     Returns: weights [T, k] fp32 (fp64 for fp64 logits), ids [T, k] int32.
     """
-    return call("sigmoid_topk", _check_sigmoid_topk, reference.sigmoid_topk, logits, k, bias,
+    return call("sigmoid_topk", logits, k, bias,
                 normalize, bias_in_weights, scale)
 
 
@@ -190,20 +197,18 @@ def softmax_topp(logits: torch.Tensor, top_p: float, min_k: int = 1,
         int32 (-1 where dropped); kept experts form a prefix of each row. Feed ``ids`` to
         ``dispatch`` (ids of -1 are dropped there).
     """
-    return call("softmax_topp", _check_softmax_topp, reference.softmax_topp, logits, top_p, min_k,
+    return call("softmax_topp", logits, top_p, min_k,
                 entropy_threshold, q, eps)
 
 
 def softmax_route_backward(grad_weights, weights, ids, logits, renormalized: bool, scale: float):
     """d logits of the softmax routers (see docs/OPS.md). Returns [T, E] with the logits' dtype."""
-    return call("softmax_route_backward", _check_softmax_route_backward,
-                reference.softmax_route_backward, grad_weights, weights, ids, logits,
+    return call("softmax_route_backward", grad_weights, weights, ids, logits,
                 renormalized, scale)
 
 
 def sigmoid_topk_backward(grad_weights, weights, ids, logits, bias, normalize: bool,
                           bias_in_weights: bool, scale: float):
     """d logits of ``sigmoid_topk``. Returns [T, E] with the logits' dtype."""
-    return call("sigmoid_topk_backward", _check_sigmoid_topk_backward,
-                reference.sigmoid_topk_backward, grad_weights, weights, ids, logits, bias,
+    return call("sigmoid_topk_backward", grad_weights, weights, ids, logits, bias,
                 normalize, bias_in_weights, scale)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks, reference
-from ._registry import call, native, opmath, register
+from ._registry import call, define, native, opmath
 
 # --- checks + fakes ------------------------------------------------------------------------------
 
@@ -66,29 +66,23 @@ def _check_stacked_gated_lora_backward(grad_y, x, A, B, gate, rank_offsets, scal
 
 
 def _fake_sgmv_shrink(x, A, rank_offsets, order, pos, expert_offsets, weights, scales, max_rank):
-    _check_sgmv_shrink(x, A, rank_offsets, order, pos, expert_offsets, weights, scales, max_rank)
     return x.new_empty((order.shape[0], max_rank))
 
 
 def _fake_sgmv_expand(h, B, rank_offsets, order, pos, expert_offsets, weights, scales, base):
-    _check_sgmv_expand(h, B, rank_offsets, order, pos, expert_offsets, weights, scales, base)
     return h.new_empty((pos.shape[0], B.shape[0]))
 
 
 def _fake_sgmv_weight_grad(x, h, rank_offsets, order, pos, expert_offsets, weights, scales,
                            total_rank):
-    _check_sgmv_weight_grad(x, h, rank_offsets, order, pos, expert_offsets, weights, scales,
-                            total_rank)
     return x.new_empty((total_rank, x.shape[1]))
 
 
 def _fake_stacked_gated_lora(x, A, B, gate, rank_offsets, scales, base, shared_a):
-    _check_stacked_gated_lora(x, A, B, gate, rank_offsets, scales, base, shared_a)
     return x.new_empty((x.shape[0], B.shape[0]))
 
 
 def _fake_stacked_gated_lora_backward(grad_y, x, A, B, gate, rank_offsets, scales, shared_a):
-    _check_stacked_gated_lora_backward(grad_y, x, A, B, gate, rank_offsets, scales, shared_a)
     return (x.new_empty(x.shape), A.new_empty(A.shape), B.new_empty(B.shape),
             gate.new_empty(gate.shape))
 
@@ -155,11 +149,55 @@ def _stacked_gated_lora_backward(ctx, grad_y):
     return grad_x, grad_A, grad_B, grad_gate, None, None, grad_base, None
 
 
-register("sgmv_shrink", _fake_sgmv_shrink, _sgmv_shrink_backward, _save_grouped)
-register("sgmv_expand", _fake_sgmv_expand, _sgmv_expand_backward, _save_grouped)
-register("sgmv_weight_grad", _fake_sgmv_weight_grad)
-register("stacked_gated_lora", _fake_stacked_gated_lora, _stacked_gated_lora_backward, _save_gated)
-register("stacked_gated_lora_backward", _fake_stacked_gated_lora_backward)
+def _sgmv_shrink_values(x, A, ro, order, pos, eo, weights, scales, max_rank):
+    _checks.dispatched_values("sgmv_shrink", A.shape[0], ro, order, pos, eo, max_rank)
+
+
+def _sgmv_expand_values(h, B, ro, order, pos, eo, weights, scales, base):
+    _checks.dispatched_values("sgmv_expand", B.shape[1], ro, order, pos, eo, h.shape[1])
+
+
+def _sgmv_weight_grad_values(x, h, ro, order, pos, eo, weights, scales, total_rank):
+    _checks.dispatched_values("sgmv_weight_grad", total_rank, ro, order, pos, eo, h.shape[1])
+
+
+def _stacked_gated_lora_values(x, A, B, gate, ro, scales, base, shared_a):
+    _checks.stacked_values("stacked_gated_lora", A, B, ro, shared_a)
+
+
+def _stacked_gated_lora_backward_values(grad_y, x, A, B, gate, ro, scales, shared_a):
+    _checks.stacked_values("stacked_gated_lora_backward", A, B, ro, shared_a)
+
+
+define("sgmv_shrink(Tensor x, Tensor A, Tensor rank_offsets, Tensor order, Tensor pos, "
+       "Tensor expert_offsets, Tensor? weights, Tensor? scales, int max_rank) -> Tensor",
+       check=_check_sgmv_shrink, fake=_fake_sgmv_shrink,
+       reference=lambda *a: reference.sgmv_shrink(*a[:-1], max_rank=a[-1]),
+       values=_sgmv_shrink_values, triton="sgmv:sgmv_shrink",
+       backward=_sgmv_shrink_backward, setup_context=_save_grouped)
+define("sgmv_expand(Tensor h, Tensor B, Tensor rank_offsets, Tensor order, Tensor pos, "
+       "Tensor expert_offsets, Tensor? weights, Tensor? scales, Tensor? base) -> Tensor",
+       check=_check_sgmv_expand, fake=_fake_sgmv_expand, reference=reference.sgmv_expand,
+       values=_sgmv_expand_values, triton="sgmv:sgmv_expand",
+       backward=_sgmv_expand_backward, setup_context=_save_grouped)
+define("sgmv_weight_grad(Tensor x, Tensor h, Tensor rank_offsets, Tensor order, Tensor pos, "
+       "Tensor expert_offsets, Tensor? weights, Tensor? scales, int total_rank) -> Tensor",
+       check=_check_sgmv_weight_grad, fake=_fake_sgmv_weight_grad,
+       reference=reference.sgmv_weight_grad, values=_sgmv_weight_grad_values,
+       triton="sgmv:sgmv_weight_grad", kind="backward")
+define("stacked_gated_lora(Tensor x, Tensor A, Tensor B, Tensor gate, Tensor rank_offsets, "
+       "Tensor? scales, Tensor? base, bool shared_a) -> Tensor",
+       check=_check_stacked_gated_lora, fake=_fake_stacked_gated_lora,
+       reference=reference.stacked_gated_lora, values=_stacked_gated_lora_values,
+       triton="gated:stacked_gated_lora",
+       backward=_stacked_gated_lora_backward, setup_context=_save_gated)
+define("stacked_gated_lora_backward(Tensor grad_y, Tensor x, Tensor A, Tensor B, Tensor gate, "
+       "Tensor rank_offsets, Tensor? scales, bool shared_a) -> "
+       "(Tensor grad_x, Tensor grad_A, Tensor grad_B, Tensor grad_gate)",
+       check=_check_stacked_gated_lora_backward, fake=_fake_stacked_gated_lora_backward,
+       reference=reference.stacked_gated_lora_backward,
+       values=_stacked_gated_lora_backward_values, triton="gated:stacked_gated_lora_backward",
+       kind="backward")
 
 
 # --- wrappers ------------------------------------------------------------------------------------
@@ -183,8 +221,7 @@ def sgmv_shrink(x, A, rank_offsets, order, pos, expert_offsets, weights=None, sc
         Differentiable w.r.t. x, A and weights.
     """
     args = (x, A, rank_offsets, order, pos, expert_offsets, weights, scales, max_rank)
-    return call("sgmv_shrink", _check_sgmv_shrink,
-                lambda *a: reference.sgmv_shrink(*a[:-1], max_rank=a[-1]), *args)
+    return call("sgmv_shrink", *args)
 
 
 def sgmv_expand(h, B, rank_offsets, order, pos, expert_offsets, weights=None, scales=None,
@@ -199,7 +236,7 @@ def sgmv_expand(h, B, rank_offsets, order, pos, expert_offsets, weights=None, sc
         several experts writing one token are summed deterministically). Differentiable w.r.t.
         h, B, weights and base.
     """
-    return call("sgmv_expand", _check_sgmv_expand, reference.sgmv_expand, h, B, rank_offsets,
+    return call("sgmv_expand", h, B, rank_offsets,
                 order, pos, expert_offsets, weights, scales, base)
 
 
@@ -209,7 +246,7 @@ def sgmv_weight_grad(x, h, rank_offsets, order, pos, expert_offsets, weights, sc
 
     dA of ``sgmv_shrink`` (x = input, h = grad of h) and dB^T of ``sgmv_expand`` (x = grad of y).
     """
-    return call("sgmv_weight_grad", _check_sgmv_weight_grad, reference.sgmv_weight_grad, x, h,
+    return call("sgmv_weight_grad", x, h,
                 rank_offsets, order, pos, expert_offsets, weights, scales, total_rank)
 
 
@@ -223,12 +260,11 @@ def stacked_gated_lora(x, A, B, gate, rank_offsets, scales=None, base=None, shar
         rank_offsets [E+1]; scales [E] or None; base [T, d_out] or None.
     Returns: y [T, d_out] with x's dtype. Differentiable w.r.t. x, A, B, gate and base.
     """
-    return call("stacked_gated_lora", _check_stacked_gated_lora, reference.stacked_gated_lora, x,
+    return call("stacked_gated_lora", x,
                 A, B, gate, rank_offsets, scales, base, shared_a)
 
 
 def stacked_gated_lora_backward(grad_y, x, A, B, gate, rank_offsets, scales, shared_a: bool):
     """(dx, dA, dB, dgate) of ``stacked_gated_lora``, each with its input's dtype."""
-    return call("stacked_gated_lora_backward", _check_stacked_gated_lora_backward,
-                reference.stacked_gated_lora_backward, grad_y, x, A, B, gate, rank_offsets,
+    return call("stacked_gated_lora_backward", grad_y, x, A, B, gate, rank_offsets,
                 scales, shared_a)

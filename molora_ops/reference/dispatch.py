@@ -11,7 +11,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._common import check_ids_in_range, opmath_dtype
+from .. import _checks
+from ._common import opmath_dtype
 
 __all__ = ["dispatch", "gather_rows", "combine_rows", "pair_dot"]
 
@@ -27,7 +28,7 @@ def dispatch(
     """
     T, k = ids.shape
     E = num_experts
-    check_ids_in_range("ids", "dispatch", ids, -1, E)
+    _checks.ids_in_range("dispatch", "ids", ids, -1, E)
     dev = ids.device
     flat = ids.reshape(-1).long()  # flat[p], p = t*k + j
     P = T * k if block_size == 1 else T * k + E * (block_size - 1)
@@ -49,12 +50,6 @@ def dispatch(
         pos.reshape(T, k).to(torch.int32),
         expert_offsets.to(torch.int32),
     )
-
-
-def _check_order_pos(op: str, order: torch.Tensor, pos: torch.Tensor, num_rows: int) -> None:
-    T, k = pos.shape
-    check_ids_in_range("order", op, order, -1, T * k)
-    check_ids_in_range("pos", op, pos, -1, num_rows)
 
 
 def _gather(
@@ -96,7 +91,7 @@ def gather_rows(
     Gradient: x, weights.
     """
     T, k = pos.shape
-    _check_order_pos("gather_rows", order, pos, order.numel())
+    _checks.order_pos_values("gather_rows", order, pos, order.numel())
     op = opmath_dtype(x.dtype)
     w = None if weights is None else weights.to(op)
     return _gather(x.to(op), order, k, w).to(x.dtype)
@@ -112,16 +107,10 @@ def combine_rows(
 
     y[t] = sum_j w[t,j] * y_perm[pos[t,j]] over j with pos[t,j] >= 0.  Gradient: y_perm, weights.
     """
-    _check_order_pos("combine_rows", order, pos, y_perm.shape[0])
+    _checks.order_pos_values("combine_rows", order, pos, y_perm.shape[0])
     op = opmath_dtype(y_perm.dtype)
     w = None if weights is None else weights.to(op)
     return _combine(y_perm.to(op), pos, w).to(y_perm.dtype)
-
-
-def _check_pair_dot(a: torch.Tensor, b: torch.Tensor, pos: torch.Tensor, a_by_token: bool) -> None:
-    check_ids_in_range("pos", "pair_dot", pos, -1, b.shape[0])
-    if not a_by_token:
-        check_ids_in_range("pos", "pair_dot", pos, -1, a.shape[0])
 
 
 def pair_dot(
@@ -132,7 +121,7 @@ def pair_dot(
     out[t,j] = dot(a[t if a_by_token else pos[t,j]], b[pos[t,j]]), 0 where pos == -1.
     Routing-weight gradients of gather_rows / combine_rows / sgmv_shrink / sgmv_expand.
     """
-    _check_pair_dot(a, b, pos, a_by_token)
+    _checks.pair_dot_values("pair_dot", a, b, pos, a_by_token)
     op = opmath_dtype(torch.promote_types(a.dtype, b.dtype))
     T, k = pos.shape
     out = torch.zeros(T, k, dtype=op, device=b.device)

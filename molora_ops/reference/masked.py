@@ -10,7 +10,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._common import check_ids_in_range, opmath_dtype, topk_ids
+from .. import _checks
+from ._common import opmath_dtype, topk_ids
 
 __all__ = [
     "rank_topk",
@@ -49,7 +50,7 @@ def rank_sparse_shrink(x: torch.Tensor, A: torch.Tensor, ids: torch.Tensor) -> t
 
     h[t,j] = dot(A[ids[t,j]], x[t]), 0 where ids == -1 (SMoRA gathered rows).  Gradient: x, A.
     """
-    check_ids_in_range("ids", "rank_sparse_shrink", ids, -1, A.shape[0])
+    _checks.ids_in_range("rank_sparse_shrink", "ids", ids, -1, A.shape[0])
     op = opmath_dtype(x.dtype)
     T, k = ids.shape
     h = torch.zeros(T, k, dtype=op, device=x.device)
@@ -73,7 +74,7 @@ def rank_sparse_expand(
     y[t] = base[t] + scale * sum_j w[t,j] * values[t,j] * B[:, ids[t,j]] (ids == -1 skipped).
     Gradient: values, B, weights, base.
     """
-    check_ids_in_range("ids", "rank_sparse_expand", ids, -1, B.shape[1])
+    _checks.ids_in_range("rank_sparse_expand", "ids", ids, -1, B.shape[1])
     op = opmath_dtype(values.dtype)
     T, k = ids.shape
     vf, Bf = values.to(op), B.to(op)
@@ -96,7 +97,7 @@ def id_histogram(ids: torch.Tensor, num_bins: int) -> torch.Tensor:
 
     Rank usage for aux-free bias updates, or tokens per expert.
     """
-    check_ids_in_range("ids", "id_histogram", ids, -1, num_bins)
+    _checks.ids_in_range("id_histogram", "ids", ids, -1, num_bins)
     flat = ids.reshape(-1).long()
     return torch.bincount(flat[flat >= 0], minlength=num_bins).to(torch.int32)
 
@@ -106,7 +107,7 @@ def rank_scatter(src: torch.Tensor, ids: torch.Tensor, num_ranks: int) -> torch.
 
     ids == -1 skipped.  d h of rank_topk = rank_scatter(grad_values, ids, R).
     """
-    check_ids_in_range("ids", "rank_scatter", ids, -1, num_ranks)
+    _checks.ids_in_range("rank_scatter", "ids", ids, -1, num_ranks)
     op = opmath_dtype(src.dtype)
     T, k = ids.shape
     out = torch.zeros(T, num_ranks, dtype=op, device=src.device)
@@ -123,7 +124,7 @@ def rank_sparse_weight_grad(
     ids == -1 skipped.  dA of rank_sparse_shrink = rank_sparse_weight_grad(x, grad_h, ids, R);
     dB of rank_sparse_expand = rank_sparse_weight_grad(grad_y, scale * w * values, ids, R).T.
     """
-    check_ids_in_range("ids", "rank_sparse_weight_grad", ids, -1, num_ranks)
+    _checks.ids_in_range("rank_sparse_weight_grad", "ids", ids, -1, num_ranks)
     op = opmath_dtype(x.dtype)
     G = torch.zeros(num_ranks, x.shape[1], dtype=op, device=x.device)
     t, j = (ids >= 0).nonzero(as_tuple=True)

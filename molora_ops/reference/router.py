@@ -10,7 +10,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._common import check_ids_in_range, opmath_dtype, topk_ids, tsallis_entropy_parts
+from .. import _checks
+from ._common import opmath_dtype, topk_ids, tsallis_entropy_parts
 
 __all__ = [
     "softmax_topk",
@@ -131,7 +132,7 @@ def softmax_route_backward(
                    (softmax_topk(renormalize=False), softmax_topp).
     """
     T, E = logits.shape
-    check_ids_in_range("ids", "softmax_route_backward", ids, -1, E)
+    _checks.ids_in_range("softmax_route_backward", "ids", ids, -1, E)
     op = opmath_dtype(logits.dtype)
     valid = ids >= 0
     idx = ids.long().clamp(min=0)
@@ -167,7 +168,7 @@ def sigmoid_topk_backward(
     w = scale * v / S), so that scale == 0 gives 0 rather than 0/0.
     """
     T, E = logits.shape
-    check_ids_in_range("ids", "sigmoid_topk_backward", ids, -1, E)
+    _checks.ids_in_range("sigmoid_topk_backward", "ids", ids, -1, E)
     op = opmath_dtype(logits.dtype)
     valid = ids >= 0
     idx = ids.long().clamp(min=0)

@@ -15,13 +15,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._common import (
-    check_expert_offsets,
-    check_ids_in_range,
-    check_max_rank,
-    check_rank_offsets,
-    opmath_dtype,
-)
+from .. import _checks
+from ._common import opmath_dtype
 from .dispatch import _combine, _gather
 
 __all__ = [
@@ -31,24 +26,6 @@ __all__ = [
     "stacked_gated_lora",
     "stacked_gated_lora_backward",
 ]
-
-
-def _check_dispatched(
-    op: str,
-    total_rank: int,
-    rank_offsets: torch.Tensor,
-    order: torch.Tensor,
-    pos: torch.Tensor,
-    expert_offsets: torch.Tensor,
-    max_rank: int,
-) -> None:
-    T, k = pos.shape
-    P = order.numel()
-    check_rank_offsets(op, rank_offsets, total_rank)
-    check_max_rank(op, rank_offsets, max_rank)
-    check_expert_offsets(op, expert_offsets, P)
-    check_ids_in_range("order", op, order, -1, T * k)
-    check_ids_in_range("pos", op, pos, -1, P)
 
 
 def _seg_sizes(offsets: list, end: Optional[int] = None) -> list:
@@ -83,7 +60,7 @@ def sgmv_shrink(
     Gradient: x, A, weights.
     """
     op_name = "sgmv_shrink"
-    _check_dispatched(op_name, A.shape[0], rank_offsets, order, pos, expert_offsets, max_rank)
+    _checks.dispatched_values(op_name, A.shape[0], rank_offsets, order, pos, expert_offsets, max_rank)
     k = pos.shape[1]
     P = order.numel()
     op = opmath_dtype(x.dtype)
@@ -125,7 +102,7 @@ def sgmv_expand(
     Gradient: h, B, weights, base.
     """
     op_name = "sgmv_expand"
-    _check_dispatched(op_name, B.shape[1], rank_offsets, order, pos, expert_offsets, h.shape[1])
+    _checks.dispatched_values(op_name, B.shape[1], rank_offsets, order, pos, expert_offsets, h.shape[1])
     P = order.numel()
     op = opmath_dtype(h.dtype)
     ro = rank_offsets.tolist()
@@ -170,7 +147,7 @@ def sgmv_weight_grad(
     sgmv_weight_grad(grad_y, h, ...).T.
     """
     op_name = "sgmv_weight_grad"
-    _check_dispatched(op_name, total_rank, rank_offsets, order, pos, expert_offsets, h.shape[1])
+    _checks.dispatched_values(op_name, total_rank, rank_offsets, order, pos, expert_offsets, h.shape[1])
     k = pos.shape[1]
     op = opmath_dtype(x.dtype)
     ro = rank_offsets.tolist()
@@ -192,20 +169,6 @@ def sgmv_weight_grad(
     return G.to(x.dtype)
 
 
-def _check_stacked(op: str, A, B, rank_offsets, shared_a: bool) -> None:
-    check_rank_offsets(op, rank_offsets, B.shape[1])
-    if shared_a:
-        E, r = rank_offsets.numel() - 1, A.shape[0]
-        expected = torch.arange(E + 1, device=rank_offsets.device) * r
-        if not torch.equal(rank_offsets.long(), expected):
-            raise ValueError(
-                f"molora.{op}: with shared_a, rank_offsets must be arange(E+1) * r "
-                f"(r = A.shape[0] = {r}), got {rank_offsets.tolist()}"
-            )
-    else:
-        check_rank_offsets(op, rank_offsets, A.shape[0])
-
-
 def stacked_gated_lora(
     x: torch.Tensor,
     A: torch.Tensor,
@@ -223,7 +186,7 @@ def stacked_gated_lora(
     Dense soft routing (X-LoRA, LoRAMoE, HydraLoRA, MoLE, LoRA Soups).
     Gradient: x, A, B, gate, base.
     """
-    _check_stacked("stacked_gated_lora", A, B, rank_offsets, shared_a)
+    _checks.stacked_values("stacked_gated_lora", A, B, rank_offsets, shared_a)
     op = opmath_dtype(x.dtype)
     ro = rank_offsets.tolist()
     E = len(ro) - 1
@@ -258,7 +221,7 @@ def stacked_gated_lora_backward(
     dB_e = grad_y^T @ (g_e * u_e);  dgate[:, e] = s_e * sum(z_e * u_e, -1).
     (The gradient w.r.t. base is grad_y.)
     """
-    _check_stacked("stacked_gated_lora_backward", A, B, rank_offsets, shared_a)
+    _checks.stacked_values("stacked_gated_lora_backward", A, B, rank_offsets, shared_a)
     op = opmath_dtype(x.dtype)
     ro = rank_offsets.tolist()
     E = len(ro) - 1

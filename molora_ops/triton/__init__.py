@@ -5,5 +5,6 @@ the op schema's positional arguments (``molora_ops.triton.sgmv.sgmv_shrink(x, A,
 order, pos, expert_offsets, weights, scales, max_rank)``). Launchers do no validation (the op layer
 checks first), never synchronise with the host, and run on CUDA tensors or, with
 ``TRITON_INTERPRET=1`` set before import, on CPU tensors in Triton's interpreter (the CPU tests).
-The backend switch that routes ``torch.ops.molora.*`` on CUDA tensors here is ``molora_ops.backend``.
+Each op declaration names its launcher (``define(..., triton="module:function")`` in
+``molora_ops/ops/``), which becomes the op's CUDA kernel where the extension has no CUDA C++ one.
 """

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import dot_block, pow2_clamp, reject_float64
+from ._utils import dot_block, index32, pow2_clamp, reject_float64
 
 __all__ = ["stacked_gated_lora", "stacked_gated_lora_backward", "matmul", "expert_of_rank",
            "mm_config", "mm_split_k", "gate_backward_config", "sparse_shrink_config",
@@ -47,18 +47,23 @@ def expert_of_rank(rank_offsets: torch.Tensor, total_rank: int) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------
 # Block sizes: every heuristic of this module and of masked.py lives here.
-# NOTE: unmeasured on GPU (no device this session). The choices follow the usual Triton GEMM
-# starting points for H100 and keep every tl.dot dimension >= 16 (``dot_block``).
+# NOTE: untuned. The choices follow the usual Triton GEMM starting points for H100 and keep every
+# tl.dot dimension >= 16 (``dot_block``).
 # --------------------------------------------------------------------------------------------
 
 
-def mm_config(M: int, N: int, K: int) -> dict:
+def mm_config(M: int, N: int, K: int, fp32_operands: int = 0) -> dict:
     """Tiles of ``_mm_kernel``. The LoRA matmuls are skinny (N = R or K = R, R ~ 16..128), so the
-    tile follows a small dim down to 16 instead of padding it to 64/128; 64 x 128 output tiles with
-    BLOCK_K 64 keep the fp32 case (FMA, no tensor cores) at 96 KB of shared memory and bf16/fp16
-    (wgmma) at 48 KB with num_stages=3, under H100's 228 KB (compiled for sm_90, not run).
-    NOTE: unmeasured on GPU (no device this session); no L2 tile swizzle."""
-    bm, bn, bk = dot_block(M, 64), dot_block(N, 128), dot_block(K, 64)
+    tile follows a small dim down to 16 instead of padding it to 64/128; 64 x 128 output tiles
+    (8 warps) with num_stages=3 stay well under H100's 228 KB of shared memory.
+
+    BLOCK_K follows the register budget, by ``fp32_operands`` (how many of a, b are fp32): 64 for
+    two 16-bit operands; 32 when one fp32 operand is cast to the dot dtype inside the K loop; 16
+    for an fp32 dot, which runs on FMAs that hold a BLOCK_K slice of both operand tiles per
+    thread. A step wider spills on sm_90 or sm_80 (test_triton_compile.py).
+    NOTE: untuned; no L2 tile swizzle."""
+    bm, bn = dot_block(M, 64), dot_block(N, 128)
+    bk = dot_block(K, (64, 32, 16)[fp32_operands])
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4 if bm * bn <= 64 * 64 else 8)
 
 
@@ -69,15 +74,22 @@ _SPLIT_K_TARGET_PROGRAMS = 264
 def mm_split_k(tiles: int, K: int, block_k: int) -> int:
     """Split-K factor: > 1 only when the output has few tiles (decode-size T in the shrinks
     x A^T / grad_y B, or small R x d weight grads dA / dB whose K = T is long) and every split
-    still gets >= 4 BLOCK_K steps. NOTE: unmeasured on GPU (no device this session)."""
+    still gets >= 4 BLOCK_K steps. NOTE: untuned (about two waves of programs, see above)."""
     return max(1, min(_SPLIT_K_TARGET_PROGRAMS // max(tiles, 1), K // (4 * block_k), 32))
+
+
+# Experts per window of the gate backward: the one-hot tl.dot's minimum width. Every column of the
+# one-hot past an expert of the window is wasted fp32 FMA work, and the [tokens, BLOCK_E]
+# accumulator must stay in registers.
+GATE_BACKWARD_BLOCK_E = 16
 
 
 def gate_backward_config(N: int, E: int) -> dict:
     """Tiles of ``_gate_backward_kernel``: 32 tokens x 64 rank columns per step (elementwise work,
-    memory bound) and all E experts of a token in one program (the one-hot tl.dot needs >= 16)."""
-    return dict(BLOCK_M=32, BLOCK_C=dot_block(N, 64), BLOCK_E=dot_block(E, 1 << 20),
-                num_warps=4)
+    memory bound), experts in windows of GATE_BACKWARD_BLOCK_E (any E). 8 warps: with 4, the
+    tile's five [32, 64] operands (each with its own 64-bit addresses) and the one-hot dot take
+    255 registers a thread and spill on sm_90."""
+    return dict(BLOCK_M=32, BLOCK_C=dot_block(N, 64), BLOCK_E=GATE_BACKWARD_BLOCK_E, num_warps=8)
 
 
 def sparse_shrink_config(k: int, D: int) -> dict:
@@ -154,41 +166,69 @@ def _mm_kernel(a_ptr, b_ptr, c_ptr, base_ptr, gate_ptr, scales_ptr, group_ptr,
 
 
 @triton.jit
-def _gate_backward_kernel(z_ptr, u_ptr, gate_ptr, scales_ptr, group_ptr, dh_ptr, hg_ptr, dgate_ptr,
-                          T, N, E, n_rep, s_gm, s_ge,
-                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr):
+def _gate_backward_kernel(z_ptr, u_ptr, gate_ptr, scales_ptr, group_ptr, ro_ptr, dh_ptr, hg_ptr,
+                          dgate_ptr, T, N, E, n_rep, s_gm, s_ge,
+                          SUM_REPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BLOCK_E: tl.constexpr):
     """Per token tile, over the R = N * n_rep rank columns c (expert e = group[c], u column c % N):
     coef = gate[t, e] * s_e;  h_g[t, c] = coef * u[t, c % N];  dh[t, n] = sum_rep coef * z[t, c];
     dgate[t, e] = s_e * sum_{c in e} z[t, c] * u[t, c % N].
 
-    z, h_g [T, R], u, dh [T, N] and dgate [T, E] are contiguous. The per-expert sum of dgate is a
-    tl.dot with a one-hot [columns x experts] matrix (exact: products with 1 and 0), so one program
-    owns whole rows of dgate: deterministic, no atomics."""
+    z, h_g [T, R], u, dh [T, N] and dgate [T, E] are contiguous; group = expert_of_rank(ro), so
+    the columns of expert e are [ro[e], ro[e+1]).
+    The program walks the experts in windows of BLOCK_E and each window's columns in BLOCK_C
+    tiles, so every column is read once and the dgate tile in registers is [BLOCK_M, BLOCK_E]
+    whatever E is (a tile as wide as E spills). The per-expert sum is a tl.dot with a one-hot
+    [columns x BLOCK_E] matrix (exact: products with 1 and 0) and each window's dgate is stored
+    once: one program owns whole rows of dgate, deterministic, no atomics.
+    dh: without SUM_REPS (n_rep == 1) column c of dh is coef * z[:, c], written in the same pass;
+    with SUM_REPS it sums the n_rep column blocks, a second pass (reps innermost, so the sum
+    stays in registers) that reads z again."""
     pid = tl.program_id(0)
     rm = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    re = tl.arange(0, BLOCK_E)
     m_ok = rm < T
+    re = tl.arange(0, BLOCK_E)
     R = N * n_rep
-    dg = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
-    for c0 in range(0, N, BLOCK_C):
-        rc = c0 + tl.arange(0, BLOCK_C)
-        c_ok = rc < N
-        mask = m_ok[:, None] & c_ok[None, :]
-        u = tl.load(u_ptr + rm[:, None] * N + rc[None, :], mask=mask, other=0.0)
-        dh = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-        for rep in range(n_rep):
-            cols = rc + rep * N
-            grp = tl.load(group_ptr + cols, mask=c_ok, other=0)
+    for e0 in range(0, E, BLOCK_E):
+        c_lo = tl.load(ro_ptr + e0)
+        c_hi = tl.load(ro_ptr + tl.minimum(e0 + BLOCK_E, E))
+        dg = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+        for c0 in range(c_lo, c_hi, BLOCK_C):
+            rc = c0 + tl.arange(0, BLOCK_C)
+            c_ok = rc < c_hi
+            mask = m_ok[:, None] & c_ok[None, :]
+            grp = tl.load(group_ptr + rc, mask=c_ok, other=0)
             s = tl.load(scales_ptr + grp, mask=c_ok, other=0.0).to(tl.float32)[None, :]
             g = tl.load(gate_ptr + rm[:, None] * s_gm + grp[None, :] * s_ge, mask=mask, other=0.0)
             coef = g.to(tl.float32) * s
-            z = tl.load(z_ptr + rm[:, None] * R + cols[None, :], mask=mask, other=0.0)
-            dh += z * coef
-            tl.store(hg_ptr + rm[:, None] * R + cols[None, :], u * coef, mask=mask)
-            onehot = (grp[:, None] == re[None, :]).to(tl.float32)
+            if SUM_REPS:
+                u_col = rc % N
+            else:
+                u_col = rc
+            u = tl.load(u_ptr + rm[:, None] * N + u_col[None, :], mask=mask, other=0.0)
+            z = tl.load(z_ptr + rm[:, None] * R + rc[None, :], mask=mask, other=0.0)
+            tl.store(hg_ptr + rm[:, None] * R + rc[None, :], u * coef, mask=mask)
+            if not SUM_REPS:
+                tl.store(dh_ptr + rm[:, None] * N + rc[None, :], z * coef, mask=mask)
+            onehot = ((grp - e0)[:, None] == re[None, :]).to(tl.float32)
             dg = tl.dot(z * u * s, onehot, dg, input_precision="ieee")  # fp32, exact one-hot
-        tl.store(dh_ptr + rm[:, None] * N + rc[None, :], dh, mask=mask)
-    tl.store(dgate_ptr + rm[:, None] * E + re[None, :], dg, mask=m_ok[:, None] & (re[None, :] < E))
+        e = e0 + re
+        tl.store(dgate_ptr + rm[:, None] * E + e[None, :], dg, mask=m_ok[:, None] & (e < E)[None, :])
+    if SUM_REPS:
+        for n0 in range(0, N, BLOCK_C):
+            rn = n0 + tl.arange(0, BLOCK_C)
+            n_ok = rn < N
+            mask = m_ok[:, None] & n_ok[None, :]
+            dh = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+            for rep in range(n_rep):
+                cols = rn + rep * N
+                grp = tl.load(group_ptr + cols, mask=n_ok, other=0)
+                s = tl.load(scales_ptr + grp, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                g = tl.load(gate_ptr + rm[:, None] * s_gm + grp[None, :] * s_ge, mask=mask,
+                            other=0.0)
+                z = tl.load(z_ptr + rm[:, None] * R + cols[None, :], mask=mask, other=0.0)
+                dh += z * (g.to(tl.float32) * s)
+            tl.store(dh_ptr + rm[:, None] * N + rn[None, :], dh, mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +249,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, base=None, ga
     if M == 0 or N == 0 or n_rep == 0:
         return out
     dot_dtype = a.dtype if a.dtype != torch.float32 else b.dtype
-    cfg = mm_config(M, N, K)
+    cfg = mm_config(M, N, K, (a.dtype == torch.float32) + (b.dtype == torch.float32))
     bk = cfg["BLOCK_K"]
     grid_mn = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
     split = mm_split_k(grid_mn[0] * grid_mn[1], K, bk) if split_k is None else split_k
@@ -281,8 +321,8 @@ def stacked_gated_lora_backward(grad_y: torch.Tensor, x: torch.Tensor, A: torch.
     if T > 0:
         cfg = gate_backward_config(N, E)
         _gate_backward_kernel[(triton.cdiv(T, cfg["BLOCK_M"]),)](
-            z, u, gate, scales, group, dh, hg, dgate, T, N, E, n_rep,
-            gate.stride(0), gate.stride(1), **cfg)
+            z, u, gate, scales, group, index32(rank_offsets), dh, hg, dgate, T, N, E, n_rep,
+            gate.stride(0), gate.stride(1), SUM_REPS=n_rep > 1, **cfg)
     dx = matmul(dh, A, torch.empty(x.shape, device=x.device, dtype=x.dtype))
     dA = matmul(dh.t(), x, torch.empty(A.shape, device=x.device, dtype=A.dtype))
     dB = matmul(grad_y.t(), hg, torch.empty(B.shape, device=x.device, dtype=B.dtype))

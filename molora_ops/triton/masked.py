@@ -10,7 +10,7 @@
 * ``rank_sparse_weight_grad``: ``G = S^T x`` with ``S = rank_scatter(g)`` [T, R] in fp32, on the
   shared tiled matmul of ``gated.py``. Deterministic (no atomics) and on the tensor cores; it does
   R/k times the FLOPs of the sparse sum, which is the better trade while R/k is small (the
-  atomic alternative issues T*k*d fp32 atomics). NOTE: unmeasured on GPU (no device this session).
+  atomic alternative issues T*k*d fp32 atomics). NOTE: untuned (the crossover in R/k).
 """
 
 from __future__ import annotations

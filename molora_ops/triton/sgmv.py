@@ -25,7 +25,7 @@ x rows are read through ``order`` (token ``order[i] // k``), never through a per
 Numerics: every product accumulates in fp32 (``tl.dot`` with an fp32 accumulator); for fp32 inputs
 the dot runs with ``input_precision="ieee"`` (no TF32: results must match the fp32 reference).
 The row coefficient ``c_i = w[p] * s_e`` is applied in fp32 to the fp32 result. float64 is not
-supported (the backend switch routes it to the reference). The interpreter cannot run bf16 dots,
+supported (the op's CUDA kernel routes it to the reference). The interpreter cannot run bf16 dots,
 so the CPU tests use fp32/fp16; bf16 is covered by the GPU tests.
 """
 
@@ -41,7 +41,12 @@ from ._utils import dot_block, index32, reject_float64
 
 __all__ = ["sgmv_shrink", "sgmv_expand", "fused_shrink_expand", "sgmv_weight_grad", "pair_dot"]
 
-FUSED_MAX_RANK = 64  # the fused path keeps a [BLOCK_M, next_pow2(max_rank)] h tile in registers
+# The largest rank tile: at BLOCK_R = 128 the shrink and weight-grad kernels run out of registers
+# (255 a thread) and spill on sm_90. Larger ranks take several rank tiles (a grid axis in shrink
+# and weight grad, a loop in expand).
+MAX_BLOCK_R = 64
+# the fused path keeps its whole [BLOCK_M, next_pow2(max_rank)] h tile in registers: one rank tile
+FUSED_MAX_RANK = MAX_BLOCK_R
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,7 +152,13 @@ def _shrink_kernel(x, A, h, rank_offsets, order, expert_offsets, w, scales,
                    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """grid (row tiles, rank tiles, K splits). h was zero-filled by the launcher, so programs
     with nothing to add (past the last tile, rank tile >= r_e) just exit. ATOMIC (split-K):
-    each program reduces one chunk of d_in and atomically adds into the fp32 h."""
+    each program reduces one chunk of d_in and atomically adds into the fp32 h.
+
+    Ranks above BLOCK_R (<= MAX_BLOCK_R) are split over grid axis 1 rather than looped
+    in-program: the tile's x rows over all of d_in do not fit on chip, so a loop over rank tiles
+    would stream them from memory once per rank tile anyway; with one rank tile a program reads
+    its x rows exactly once and the rank tiles run in parallel (a program whose tile lies past
+    its expert's rank exits at once)."""
     e, rows, p, tok, valid, r_lo, r_e = _expert_rows(expert_offsets, rank_offsets, order, E, K,
                                                      E_POW2, BLOCK_M)
     if e >= E:
@@ -254,7 +265,10 @@ def _weight_grad_kernel(x, h, G, rank_offsets, order, expert_offsets, w, scales,
                         BLOCK_D: tl.constexpr):
     """grid (E, rank tiles, d tiles): G[r_lo + a, dcol] = sum_{i in e} c_i h[i, a] x[t_i, dcol],
     looping over the expert's rows in BLOCK_M chunks (each program owns its output tile: no
-    atomics, deterministic; an expert with no rows writes zeros).
+    atomics, deterministic; an expert with no rows writes zeros). Ranks above BLOCK_R
+    (<= MAX_BLOCK_R) take several rank-tile programs: each owns a separate slice of G, so
+    parallel programs are free, while an in-program loop would re-read the x rows per rank tile
+    just the same.
 
     c_i varies along the reduced dimension, so it scales h before the dot. For 16-bit inputs
     c * h is split into hi + lo halves in the data dtype and both are dotted with x (SPLIT_LO):
@@ -333,17 +347,35 @@ class _Blocks(NamedTuple):
     R: int  # rank tile
 
 
-def _blocks(P: int, E: int, d_in: int, d_out: int, max_rank: int, rank_cap: int = 128) -> _Blocks:
+def _blocks(P: int, E: int, d_in: int, d_out: int, max_rank: int) -> _Blocks:
     """The one place that picks block sizes (simple shape heuristics, no autotuning; every tl.dot
     dim >= 16). BLOCK_M follows the average rows per expert so small batches do not pad every
-    expert's tile to 64 rows; rank tiles cover max_rank up to rank_cap in one tile.
-    NOTE: unmeasured on GPU (no device this session)."""
+    expert's tile to 64 rows; one rank tile covers max_rank up to MAX_BLOCK_R (the register
+    bound, see there), larger ranks take several.
+    NOTE: untuned; 64 is the usual starting tile of Triton GEMMs."""
     return _Blocks(
         M=dot_block(triton.cdiv(max(P, 1), max(E, 1)), 64),
         K=dot_block(d_in, 64),
         N=dot_block(d_out, 64),
-        R=dot_block(max_rank, rank_cap),
+        R=dot_block(max_rank, MAX_BLOCK_R),
     )
+
+
+# Warps a program of the fused and weight-grad kernels: with 4, their 64 x 64 tiles reach 255
+# registers a thread on sm_90 and spill (the weight grad in every dtype: it holds the scaled h tile
+# and its hi / lo halves next to the accumulator; the fused kernel in fp32: it holds its whole h
+# tile through the expand).
+FUSED_WARPS = 8
+WEIGHT_GRAD_WARPS = 8
+
+
+def _fused_blocks(P: int, E: int, d_in: int, d_out: int, max_rank: int,
+                  dtype: torch.dtype) -> _Blocks:
+    """_blocks for the fused kernel. An fp32 (ieee) dot runs on FMAs, which keep both operand
+    tiles in registers: next to the [BLOCK_M, BLOCK_R] h tile, a 64-wide B tile spills even with
+    8 warps, so fp32 expands 32 output columns at a time."""
+    blk = _blocks(P, E, d_in, d_out, max_rank)
+    return blk._replace(N=min(blk.N, 32)) if dtype == torch.float32 else blk
 
 
 def _coef(weights: Optional[torch.Tensor], scales: Optional[torch.Tensor], dummy: torch.Tensor):
@@ -387,7 +419,7 @@ def _split_k(n_tiles: int, d_in: int, block_k: int) -> int:
     """Split-K factor for shrink: only when there are too few row/rank tiles to fill the GPU
     (an H100 has 132 SMs) and d_in is long (tall-skinny x^T A); each split reduces >= 512
     columns of d_in."""
-    # NOTE: threshold unmeasured on GPU (no device this session)
+    # NOTE: untuned (both thresholds)
     if n_tiles >= 128 or d_in < 1024:
         return 1
     return min(8, d_in // 512, triton.cdiv(d_in, block_k))
@@ -456,8 +488,8 @@ def _expand_out(g: _Grouped, base, d_out: int, like: torch.Tensor):
 
     Why a buffer + combine pass for k > 1 rather than atomics into y: the result is deterministic
     (a token's k rows are summed in slot order), and atomic adds on bf16/fp16 outputs would round
-    at every add in an arbitrary order. The price is the extra [P, d_out] fp32 write + read
-    (unmeasured on GPU this session)."""
+    at every add in an arbitrary order. The price is the extra [P, d_out] fp32 write + read.
+    NOTE: untuned (that price against atomics)."""
     if g.K == 1:
         return _output_y(base, g.T, d_out, like), True
     return torch.empty(g.P, d_out, dtype=torch.float32, device=like.device), False
@@ -470,7 +502,7 @@ def sgmv_expand(h, B, rank_offsets, order, pos, expert_offsets, weights, scales,
     T = pos.shape[0]
     if P == 0 or d_out == 0 or B.shape[1] == 0 or max_rank == 0:
         return _output_y(base, T, d_out, h)
-    blk = _blocks(P, expert_offsets.numel() - 1, 0, d_out, max_rank, rank_cap=64)
+    blk = _blocks(P, expert_offsets.numel() - 1, 0, d_out, max_rank)
     g = _grouped(rank_offsets, order, pos, expert_offsets, weights, scales, blk.M)
     out, direct = _expand_out(g, base, d_out, h)
     _expand_kernel[(g.n_programs, triton.cdiv(d_out, blk.N))](
@@ -501,7 +533,7 @@ def fused_shrink_expand(x, A, B, rank_offsets, order, pos, expert_offsets, weigh
     P, T = order.numel(), pos.shape[0]
     if P == 0 or d_out == 0 or R == 0:
         return _output_y(base, T, d_out, x)
-    blk = _blocks(P, expert_offsets.numel() - 1, d_in, d_out, max_rank, rank_cap=FUSED_MAX_RANK)
+    blk = _fused_blocks(P, expert_offsets.numel() - 1, d_in, d_out, max_rank, x.dtype)
     g = _grouped(rank_offsets, order, pos, expert_offsets, weights, scales, blk.M)
     out, direct = _expand_out(g, base, d_out, x)
     _fused_kernel[(g.n_programs,)](
@@ -510,7 +542,8 @@ def fused_shrink_expand(x, A, B, rank_offsets, order, pos, expert_offsets, weigh
         x.stride(0), x.stride(1), A.stride(0), A.stride(1), B.stride(0), B.stride(1),
         out.stride(0), out.stride(1),
         HAS_W=g.has_w, HAS_S=g.has_s, DIRECT=direct, DOT_PREC=_dot_precision(x.dtype),
-        E_POW2=g.e_pow2, BLOCK_M=blk.M, BLOCK_K=blk.K, BLOCK_N=blk.N, BLOCK_R=blk.R)
+        E_POW2=g.e_pow2, BLOCK_M=blk.M, BLOCK_K=blk.K, BLOCK_N=blk.N, BLOCK_R=blk.R,
+        num_warps=FUSED_WARPS)
     return out if direct else _combine(out, base, g.pos, x.dtype)
 
 
@@ -534,7 +567,8 @@ def sgmv_weight_grad(x, h, rank_offsets, order, pos, expert_offsets, weights, sc
         x, h, G, ro, order, eo, w, s, d, pos.shape[1],
         x.stride(0), x.stride(1), h.stride(0), h.stride(1), G.stride(0), G.stride(1),
         HAS_W=has_w, HAS_S=has_s, SPLIT_LO=(has_w or has_s) and x.dtype != torch.float32,
-        DOT_PREC=_dot_precision(x.dtype), BLOCK_M=blk.M, BLOCK_R=blk.R, BLOCK_D=blk.N)
+        DOT_PREC=_dot_precision(x.dtype), BLOCK_M=blk.M, BLOCK_R=blk.R, BLOCK_D=blk.N,
+        num_warps=WEIGHT_GRAD_WARPS)
     return G
 
 

@@ -271,9 +271,11 @@ def _verify(op: str, ref: torch.Tensor, exc, ok: Callable[[], torch.Tensor],
 
 
 def ids_in_range(op: str, name: str, ids: torch.Tensor, lo: int, hi: int) -> None:
-    """IndexError unless every value of ``ids`` lies in ``[lo, hi)``."""
+    """IndexError unless every value of ``ids`` lies in ``[lo, hi)``; ValueError (from the shape
+    alone, in every mode) when ``hi - 1`` does not fit the int32 indices the kernels take."""
     if ids.numel() == 0:
         return
+    index_bound(op, name, hi)
     if on_host(ids):
         mn, mx = int(ids.min()), int(ids.max())
         if mn < lo or mx >= hi:
@@ -283,13 +285,26 @@ def ids_in_range(op: str, name: str, ids: torch.Tensor, lo: int, hi: int) -> Non
                         f"molora.{op}: {name} has values outside [{lo}, {hi}) (IndexError)")
 
 
+def index_bound(op: str, name: str, hi: int) -> None:
+    """ValueError when an index range ``[.., hi)`` has values beyond int32: the kernels narrow
+    index tensors to int32 (the layouts are int32 by contract), so a valid id >= 2^31 would wrap
+    negative and read as -1. Shape-only: runs before any data is read or narrowed."""
+    if hi - 1 > 2**31 - 1:
+        _fail(ValueError, op, f"{name} indexes a range of {hi} entries, more than the int32 "
+                              "indices of the kernels address (2^31)")
+
+
 def rank_offsets_values(op: str, rank_offsets: torch.Tensor, total_rank: int,
                         name: str = "rank_offsets") -> None:
     """``rank_offsets [E+1]`` must be non-decreasing (else ValueError: negative rank), start at 0
-    (else IndexError) and end at the bank's ``total_rank`` (else ValueError)."""
+    (else IndexError) and end at the bank's ``total_rank`` (else ValueError; also when R does not
+    fit int32, from the shape alone)."""
     ro = rank_offsets
     if ro.numel() == 0:
         return
+    if total_rank > 2**31 - 1:
+        _fail(ValueError, op, f"the bank's total rank R = {total_rank} exceeds the int32 indices "
+                              "of the kernels (2^31 - 1)")
     if not on_host(ro):
         ok = (ro[1:] >= ro[:-1]).all() & (ro[0] == 0) & (ro[-1] == total_rank)
         torch._assert_async(ok, f"molora.{op}: {name} must be non-decreasing, start at 0 and end "

@@ -147,7 +147,8 @@ FAKE_SANITIZER = r"""#!/usr/bin/env bash
 echo "fake-sanitizer $*"
 n=$(printf '%s\n' "$@" | grep -c '^--kernel-name$')
 if [ "$n" -gt 1 ]; then echo "fake-sanitizer: --kernel-name given $n times"; exit 9; fi
-while [ $# -gt 0 ] && [ "${1#--}" != "$1" ]; do shift 2; done
+[ "$1" = --version ] && exit 0
+while [ $# -ge 2 ] && [ "${1#--}" != "$1" ]; do shift 2; done
 "$@"
 rc=$?
 echo "========= ERROR SUMMARY: 0 errors"

@@ -1,6 +1,7 @@
 #include "check.h"
 
 #include <atomic>
+#include <climits>
 #include <cstdlib>
 #include <cstring>
 
@@ -28,6 +29,11 @@ void set_host_value_checks(bool enabled) {
 void check_index_range(const char* op, const char* name, const at::Tensor& t, int64_t lo,
                        int64_t hi) {
   if (t.numel() == 0) return;
+  // The kernels take index values as int32 (the layouts are int32 by contract): a range whose
+  // largest valid value does not fit would wrap on narrowing (a valid id turning into -1), so it
+  // is rejected from the shapes alone, before any value is read.
+  MOLORA_CHECK_VALUE(hi - 1 <= INT32_MAX, op, ": ", name, " indexes a range of ", hi,
+                     " entries, more than the int32 indices of the kernels address (2^31)");
   const auto mm = at::aminmax(t);
   const int64_t mn = std::get<0>(mm).item<int64_t>(), mx = std::get<1>(mm).item<int64_t>();
   MOLORA_CHECK_INDEX(mn >= lo && mx < hi, op, ": ", name, " has values outside [", lo, ", ", hi,
@@ -40,6 +46,9 @@ int64_t check_rank_offsets(const char* op, const at::Tensor& rank_offsets, int64
   check_dim(op, "rank_offsets", rank_offsets, 1);
   MOLORA_CHECK_VALUE(rank_offsets.size(0) == num_experts + 1, op, ": rank_offsets must have E+1 = ",
                      num_experts + 1, " entries, got ", rank_offsets.size(0));
+  // A bank row index must fit the int32 rank offsets the kernels read (see check_index_range).
+  MOLORA_CHECK_VALUE(total_rank <= INT32_MAX, op, ": the bank's total rank R = ", total_rank,
+                     " exceeds the int32 indices of the kernels (2^31 - 1)");
   const auto ro = rank_offsets.to(at::kCPU, at::kLong).contiguous();
   const int64_t* p = ro.data_ptr<int64_t>();
   int64_t max_rank = 0;

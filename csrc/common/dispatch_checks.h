@@ -25,12 +25,19 @@ inline int64_t check_dispatch_args(const char* op, const at::Tensor& ids, int64_
   check_dim(op, "ids", ids, 2);
   MOLORA_CHECK_VALUE(num_experts >= 1, op, ": num_experts must be >= 1, got ", num_experts);
   MOLORA_CHECK_VALUE(block_size >= 1, op, ": block_size must be >= 1, got ", block_size);
-  if (check_values) check_index_range(op, "ids", ids, -1, num_experts);
+  // The size checks read no data, so they come before the value check: an over-large (e.g.
+  // expanded) ids fails here without the aminmax pass over its T*k elements. The row count is
+  // bounded without computing E*(block_size-1), which overflows int64 for a huge block_size.
+  MOLORA_CHECK_VALUE(num_experts <= INT32_MAX - 1, op, ": num_experts must be < 2^31 - 1, got ",
+                     num_experts);
   const int64_t n_pairs = ids.numel();
-  const int64_t P = block_size == 1 ? n_pairs : n_pairs + num_experts * (block_size - 1);
-  MOLORA_CHECK_VALUE(P <= INT32_MAX, op, ": T*k + E*(block_size-1) = ", P,
-                     " dispatched rows do not fit the int32 layout");
-  return P;
+  const bool fits = n_pairs <= INT32_MAX &&
+                    (block_size == 1 || block_size - 1 <= (INT32_MAX - n_pairs) / num_experts);
+  MOLORA_CHECK_VALUE(fits, op, ": T*k + E*(block_size-1) (T*k = ", n_pairs, ", E = ",
+                     num_experts, ", block_size = ", block_size,
+                     ") dispatched rows do not fit the int32 layout");
+  if (check_values) check_index_range(op, "ids", ids, -1, num_experts);
+  return block_size == 1 ? n_pairs : n_pairs + num_experts * (block_size - 1);
 }
 
 // gather_rows (data = x [T, d], data_rows = T) / combine_rows (data = y_perm [P, d], data_rows =

@@ -9,13 +9,14 @@
 
 namespace molora::kernels {
 
-// key[e] = logits[e] (as acc_t); returns the row max.
+// key[e] = logits[e] (as acc_t); returns the row max, NaN when the row holds a NaN (so the softmax
+// of that row is NaN, as torch.softmax gives, rather than finite weights that ignore it).
 template <typename scalar_t, typename acc_t>
 inline acc_t load_row(const scalar_t* logits, int64_t E, acc_t* key) {
   acc_t m = -INFINITY;
   for (int64_t e = 0; e < E; ++e) {
     key[e] = static_cast<acc_t>(logits[e]);
-    m = key[e] > m ? key[e] : m;
+    m = (key[e] > m || key[e] != key[e]) ? key[e] : m;
   }
   return m;
 }

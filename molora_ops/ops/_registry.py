@@ -4,8 +4,10 @@ From that declaration come: the schema (``torch.library`` in namespace ``molora`
 kernel (metadata checks + output allocation), the autograd formula, the Python-served kernels
 (the reference on CPU when the native extension is missing; the Triton launcher or the reference
 on CUDA for an op with no CUDA C++ kernel), the value checks those Python kernels run, the
-reference oracle of the tests, the test samples and the op lists (``ALL_OPS``,
-``FORWARD_OPS``, ``BACKWARD_OPS``, ``TRITON_OPS``). docs/OPS.md "Adding an op" is the checklist.
+reference oracle of the tests, and the op lists (``ALL_OPS``, ``FORWARD_OPS``, ``BACKWARD_OPS``,
+``TRITON_OPS``) that the tests, the sanitizer script, ``info`` and the backends iterate (the
+tests require standard samples for every declared op: python_tests/utils.py ``op_samples``).
+docs/OPS.md "Adding an op" is the checklist.
 
 Kernels of the native extension are registered from C++ with ``TORCH_LIBRARY_IMPL`` only (CPU:
 csrc/torch_bindings.cpp; CUDA: csrc/cuda/*.cu), so on CUDA ``torch.ops.molora.<op>`` reaches a
@@ -39,8 +41,7 @@ class OpDef:
     (no data reads); ``fake(*args)`` allocates the outputs (after ``check``); ``reference(*args)``
     is the pure-PyTorch oracle (its value checks included); ``values(*args)`` the value checks a
     Python-served kernel runs first (``_checks`` decides host or device); ``triton`` the launcher
-    ``"module:function"`` in molora_ops.triton; ``samples()`` the standard test inputs
-    ``[(id, args, kwargs)]``."""
+    ``"module:function"`` in molora_ops.triton."""
 
     name: str
     schema: str
@@ -52,7 +53,6 @@ class OpDef:
     backward: Optional[Callable] = None
     setup_context: Optional[Callable] = None
     kind: str = "forward"  # "forward" (public, differentiable) or "backward" (used by autograd)
-    samples: Optional[Callable] = None
     op: Optional[torch._ops.OpOverload] = field(default=None, repr=False)
     native_kernels: Tuple[str, ...] = ()  # dispatch keys served by C++ kernels of molora_ops._C
 
@@ -116,13 +116,13 @@ def gpu_entry(opdef: OpDef) -> Callable:
 def define(schema: str, *, check: Callable, fake: Callable, reference: Callable,
            values: Optional[Callable] = None, triton: Optional[str] = None,
            backward: Optional[Callable] = None, setup_context: Optional[Callable] = None,
-           kind: str = "forward", samples: Optional[Callable] = None) -> OpDef:
+           kind: str = "forward") -> OpDef:
     """Declares op ``molora::<name>`` (see the module docstring) and returns its ``OpDef``."""
     name = schema.split("(", 1)[0]
     if name in OPS:
         raise RuntimeError(f"molora op {name!r} is defined twice")
     opdef = OpDef(name, schema, check, fake, reference, values, triton, backward, setup_context,
-                  kind, samples)
+                  kind)
     _LIB.define(schema)
     _REF_LIB.define(schema)
     _REF_LIB.impl(name, opdef.reference_entry, "CompositeExplicitAutograd")
@@ -163,9 +163,23 @@ def native(name: str):
     return OPS[name].op
 
 
+_any_requires_grad = torch._C._any_requires_grad
+_below_autograd = torch._C._AutoDispatchBelowAutograd
+
+
 def call(name: str, *args):
-    """Runs op ``name`` through the dispatcher (the typed wrappers' body)."""
-    return OPS[name].op(*args)
+    """Runs op ``name`` through the dispatcher (the typed wrappers' body).
+
+    When no gradient can flow (grad mode off, or no input requires grad), the call skips the
+    op's autograd kernel: ``torch.library``'s is a Python function that the dispatcher boxes every
+    argument for, even to find that there is nothing to record, and it is most of a decode-size
+    call's overhead (bench/results/cpu-overhead-2026-12-03). Traced code keeps the plain call."""
+    opdef = OPS[name]
+    if (opdef.backward is None or torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and _any_requires_grad(*args))):
+        return opdef.op(*args)
+    with _below_autograd():
+        return opdef.op(*args)
 
 
 def opmath(*tensors):

@@ -17,6 +17,7 @@ def _check_dispatch(ids, num_experts, block_size):
     _checks.dim(op, "ids", ids, 2)
     _checks.value(op, num_experts >= 1, f"num_experts must be >= 1, got {num_experts}")
     _checks.value(op, block_size >= 1, f"block_size must be >= 1, got {block_size}")
+    _checks.value(op, num_experts <= 2**31 - 2, f"num_experts must be < 2^31 - 1, got {num_experts}")
     rows = ids.numel() + (num_experts * (block_size - 1) if block_size > 1 else 0)
     _checks.value(op, rows <= 2**31 - 1,
                   f"T*k + E*(block_size-1) = {rows} dispatched rows do not fit the int32 layout")

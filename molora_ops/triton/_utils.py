@@ -13,12 +13,17 @@ __all__ = ["reject_float64", "index32", "pow2_clamp", "dot_block", "MIN_DOT_BLOC
 MIN_DOT_BLOCK = 16
 
 
-def reject_float64(*tensors: Optional[torch.Tensor]) -> None:
-    """The kernels take fp16/bf16/fp32 data; float64 goes to the reference backend. ``None``
-    entries (absent optional operands) are skipped."""
-    for t in tensors:
-        if t is not None and t.dtype == torch.float64:
-            raise TypeError("molora triton: float64 is not supported; use the reference backend")
+def reject_float64(data: torch.Tensor, *operands: Optional[torch.Tensor]) -> None:
+    """The kernels take fp16/bf16/fp32 data; float64 data goes to the reference backend.
+
+    ``data`` (the op's first tensor) decides. The other operands are either data of its dtype
+    (banks, ``base``: the metadata checks require that) or routing operands (weights, gate,
+    scales), which the contract lets have any float dtype and which the kernels load as fp32: a
+    float64 gate next to fp32 data is valid input, not a reason to refuse the launch. Listing them
+    here keeps the call sites self-describing; ``None`` entries are absent optional operands."""
+    del operands
+    if data.dtype == torch.float64:
+        raise TypeError("molora triton: float64 data is not supported; use the reference backend")
 
 
 def index32(t: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,8 @@ Rows (one per bench x E x k x implementation):
            `index_select` = x.index_select(0, order // k).
   combine  `molora` = the combine_rows kernel (y_perm, order, pos, weights);
            `index_add` = fp32 zeros.index_add_(0, token of each row, w * y_perm) -> bf16.
-`molora` on a GPU is the CUDA C++ kernel: torch.ops.molora_cuda.<op> where the extension defines
-that namespace, else torch.ops.molora.<op> on CUDA tensors (its CUDA kernel). On a CPU run it is
+`molora` on a GPU is the CUDA C++ kernel: torch.ops.molora.<op> on CUDA tensors (registered from
+C++ as the op's CUDA kernel). On a CPU run it is
 torch.ops.molora (the C++ CPU kernels), or with --emulate the CUDA kernels' CPU emulation.
 
 Correctness of every `molora` row (its `ok`): the router's ids must equal our stable reference's
@@ -141,31 +141,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 # --- implementations ---------------------------------------------------------------------------
 
 
-def _has_kernel(qualname: str, key: str) -> bool:
-    try:
-        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key))
-    except RuntimeError:  # no such operator
-        return False
-
-
-def _op_exists(namespace: str, name: str) -> bool:
-    try:
-        getattr(getattr(torch.ops, namespace), name)
-        return True
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def _ours(name: str, device: torch.device, emulate: bool = False) -> Optional[Callable]:
-    """Our kernel of op `name` (None when this build has none): on a GPU the CUDA C++ kernel
-    (torch.ops.molora_cuda.<name> where that namespace exists, else torch.ops.molora.<name>, whose
-    CUDA kernel it then is); on CPU torch.ops.molora, or (emulate) torch.ops.molora_emu."""
-    import molora_ops  # noqa: F401  (loads the extension)
+    """Our kernel of op `name` (None when this build has none): on a GPU torch.ops.molora.<name>
+    when its CUDA kernel is the CUDA C++ one; on CPU torch.ops.molora, or (emulate)
+    torch.ops.molora_emu."""
+    import molora_ops
     if device.type == "cuda":
-        if _op_exists("molora_cuda", name):
-            ok = _has_kernel(f"molora_cuda::{name}", "CUDA")
-            return getattr(torch.ops.molora_cuda, name) if ok else None
-        return getattr(torch.ops.molora, name) if _has_kernel(f"molora::{name}", "CUDA") else None
+        return getattr(torch.ops.molora, name) if molora_ops.backend.has_cuda_kernel(name) else None
     if emulate:
         from molora_ops._emu import has_emu_kernel, load_emu
         load_emu()

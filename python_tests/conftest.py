@@ -17,6 +17,32 @@ if not torch.cuda.is_available():
 if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
     os.environ.setdefault("MOLORA_REQUIRE_EMU", "1")
 
+# Hypothesis profiles of the property tests (python_tests/test_properties.py); pick one with
+# `--hypothesis-profile=NAME` (hypothesis's pytest plugin). "ci" (the default, 150 examples per
+# property) stays well under a 3-minute budget on the 2-core CI machine (measured 20-75 s);
+# "long" runs 10k examples per property. Every profile replays and records shrunk failures in
+# python_tests/hypothesis_examples/, kept in the repo so that a failure found once (on any
+# machine) is retried by every later run.
+try:
+    from hypothesis import HealthCheck, settings as _hsettings
+    from hypothesis.database import DirectoryBasedExampleDatabase
+except ImportError:  # hypothesis is a test dependency (scripts/setup.sh); without it they skip
+    pass
+else:
+    _hcommon = dict(
+        deadline=None,  # the Triton interpreter's first call of a kernel compiles it
+        database=DirectoryBasedExampleDatabase(
+            os.path.join(os.path.dirname(__file__), "hypothesis_examples")),
+        # the autouse `seed` fixture only seeds torch's global generator, which the properties
+        # do not use (they draw their own seeds)
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+        print_blob=True,
+    )
+    _hsettings.register_profile("ci", max_examples=150, **_hcommon)
+    _hsettings.register_profile("dev", max_examples=10, **_hcommon)
+    _hsettings.register_profile("long", max_examples=10_000, **_hcommon)
+    _hsettings.load_profile("ci")
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")

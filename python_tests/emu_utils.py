@@ -43,3 +43,32 @@ def emu_op(name: str):
         pytest.skip(f"no molora_emu kernel for {name!r} in the loaded emulation library "
                     "(its csrc/cuda launcher is missing or not compiled into this build)")
     return getattr(torch.ops.molora_emu, name)
+
+
+def raises_on_both_paths(fn, exc, match=None):
+    """The GPU path's two value-check modes on a bad input: the opt-in host mode raises ``exc``
+    (the CPU launchers' class and message; returned), and the default mode either stops the kernel
+    with its device assert or (an argument no kernel of the op reads) runs, but never raises a
+    host error, i.e. reads no data on the host. Non-value errors (shapes, dtypes) raise the same
+    in both modes."""
+    import molora_ops
+    with molora_ops.use_value_checks("host"), pytest.raises(exc, match=match) as info:
+        fn()
+    if exc is IndexError:
+        try:
+            fn()
+        except RuntimeError as err:
+            assert "device-side assert" in str(err) and not isinstance(err, IndexError), err
+    else:
+        with pytest.raises(exc, match=match):
+            fn()
+    return info.value
+
+
+def assert_float64_runs_the_reference(fn, reference_fn):
+    """float64 data on a CUDA launcher: handed to the op's reference (molora_ref), bit-equal."""
+    got, want = fn(), reference_fn()
+    got = got if isinstance(got, (tuple, list)) else (got,)
+    want = want if isinstance(want, (tuple, list)) else (want,)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and torch.equal(g, w)

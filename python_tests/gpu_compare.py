@@ -2,10 +2,9 @@
 scripts/sanitize_kernels.py: which ops have a CUDA C++ kernel, how to call it, and comparisons that
 run on the GPU and treat ties the way the kernels' contract does.
 
-* ``cuda_kernel(name)``: the CUDA C++ kernel of op ``name`` alone. Where the extension still has
-  the ``molora_cuda`` namespace that is ``torch.ops.molora_cuda.<name>``; otherwise the C++ kernel
-  is the CUDA kernel of ``torch.ops.molora.<name>`` itself. Skips the calling test when neither
-  exists (a CPU build).
+* ``cuda_kernel(name)``: the CUDA C++ kernel of op ``name``: ``torch.ops.molora.<name>``, whose
+  CUDA kernel it is (registered from C++). Skips the calling test when the build has none (a CPU
+  build).
 * ``cpp_cuda_ops()``: the ops with a CUDA C++ launcher, read from ``csrc/cuda/*.cu``
   (``m.impl("<op>", ...)``), so the list cannot drift from the sources.
 * ``smem_kernels()``: the ``__global__`` kernels of ``csrc/kernels/*.cuh`` that use shared memory
@@ -73,42 +72,13 @@ def smem_kernels(root: str = ROOT) -> Tuple[str, ...]:
 # --- which kernel to call ----------------------------------------------------------------------
 
 
-def _has_kernel(qualname: str, key: str) -> bool:
-    import torch
-    try:
-        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key))
-    except RuntimeError:  # no such operator (namespace or op not registered)
-        return False
-
-
-def _op_exists(namespace: str, name: str) -> bool:
-    import torch
-    try:
-        getattr(getattr(torch.ops, namespace), name)
-        return True
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def resolve_cuda_kernel(name: str) -> Optional[Tuple[object, str]]:
-    """(callable, "namespace::op") of op ``name``'s CUDA C++ kernel, or None when this build has
-    none. An extension that defines ``torch.ops.molora_cuda`` registers the C++ kernels there (and
-    ``torch.ops.molora``'s CUDA kernel is a backend switch); one without it registers them as the
-    CUDA kernel of ``torch.ops.molora.<op>`` for the ops a csrc/cuda launcher registers."""
+    """(callable, "molora::op") of op ``name``'s CUDA C++ kernel (registered from C++ as the CUDA
+    kernel of ``torch.ops.molora.<op>``), or None when this build has none."""
     import torch
-    import molora_ops  # noqa: F401  (loads the extension)
-    if _op_exists("molora_cuda", name):
-        if _has_kernel(f"molora_cuda::{name}", "CUDA"):
-            return getattr(torch.ops.molora_cuda, name), f"molora_cuda::{name}"
+    from molora_ops.backend import has_cuda_kernel
+    if not has_cuda_kernel(name):
         return None
-    if name not in cpp_cuda_ops() or not _has_kernel(f"molora::{name}", "CUDA"):
-        return None
-    try:  # the extension's own account, where it keeps one (a CUDA kernel may be a fallback)
-        from molora_ops.backend import has_cuda_kernel
-        if not has_cuda_kernel(name):
-            return None
-    except (ImportError, AttributeError, KeyError):
-        pass
     return getattr(torch.ops.molora, name), f"molora::{name}"
 
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from molora_ops import reference as ref
-from emu_utils import DT_IDS, KERNEL_DTYPES, emu_op, require_emu
+from emu_utils import (DT_IDS, KERNEL_DTYPES, assert_float64_runs_the_reference, emu_op,
+                       raises_on_both_paths, require_emu)
 from utils import assert_close_fa, check_dispatch_invariants, make_routing, noncontig
 
 
@@ -134,8 +135,7 @@ def test_dispatch_hand_example():
 
 def test_dispatch_int64_ids_beyond_int32_are_rejected():
     ids = torch.tensor([[0, 2 ** 33]], dtype=torch.int64)
-    with pytest.raises(IndexError):
-        _need("dispatch")(ids, 4, 1)
+    raises_on_both_paths(lambda: _need("dispatch")(ids, 4, 1), IndexError)
 
 
 # ------------------------------------------------------------------- gather / combine / pair_dot
@@ -376,24 +376,28 @@ def test_errors_match_cpu(case):
     import molora_ops
     op, _, changes, exc = case
     args = _mutate(op, changes)
-    with pytest.raises(exc) as ours:
-        _need(op)(*args)
-    assert op in str(ours.value)
+    ours = raises_on_both_paths(lambda: _need(op)(*args), exc)
+    assert op in str(ours)
     with pytest.raises(exc):
         getattr(molora_ops, op)(*args)
     if molora_ops.has_extension():
         with pytest.raises(exc) as cpu:
             getattr(torch.ops.molora, op)(*args)
-        assert str(ours.value) == str(cpu.value)
+        assert str(ours) == str(cpu.value)
 
 
 @pytest.mark.parametrize("op", ["gather_rows", "combine_rows", "pair_dot"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.int32])
-def test_non_kernel_dtypes_raise_type_error(op, dtype):
+def test_non_kernel_dtypes(op, dtype):
+    """int data: TypeError; float64 data: the launcher hands it to the reference."""
     args = _valid(op)
     key = next(iter(args))
     args[key] = args[key].to(dtype)
     if op == "pair_dot":
         args["b"] = args["b"].to(dtype)
+    if dtype == torch.float64:
+        assert_float64_runs_the_reference(lambda: _need(op)(*args.values()),
+                                          lambda: getattr(ref, op)(*args.values()))
+        return
     with pytest.raises(TypeError, match=op):
         _need(op)(*args.values())

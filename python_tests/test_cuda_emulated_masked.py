@@ -12,8 +12,10 @@ import os
 import pytest
 import torch
 
+import molora_ops
 from molora_ops import reference as ref
-from emu_utils import DT_IDS, KERNEL_DTYPES, require_emu
+from emu_utils import (DT_IDS, KERNEL_DTYPES, assert_float64_runs_the_reference,
+                       raises_on_both_paths, require_emu)
 from utils import drop_ids, noncontig
 
 
@@ -218,9 +220,9 @@ def test_rank_topk_errors():
     ]:
         e_ours, e_cpu = _same_error(lambda: EMU.rank_topk(*args), lambda: cpu(*args))
         assert str(e_ours).split("\n")[0] == str(e_cpu).split("\n")[0]
-    # float64 is not a CUDA kernel dtype (the backend sends it to the reference)
-    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
-        EMU.rank_topk(h.double(), 2, None, None, False)
+    # float64 is not a CUDA kernel dtype: the launcher hands it to the reference
+    assert_float64_runs_the_reference(lambda: EMU.rank_topk(h.double(), 2, None, None, False),
+                                      lambda: ref.rank_topk(h.double(), 2, None, None, False))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -275,8 +277,10 @@ def test_id_histogram_errors():
     cpu = torch.ops.molora.id_histogram
     ids = torch.randint(0, 8, (10, 2), dtype=torch.int32)
     for args in [(ids, 0), (ids, -3), (ids.float(), 8), (ids + 8, 8), (ids - 2, 8)]:
-        e_ours, e_cpu = _same_error(lambda: EMU.id_histogram(*args), lambda: cpu(*args))
+        with molora_ops.use_value_checks("host"):  # the clear errors; default: device asserts
+            e_ours, e_cpu = _same_error(lambda: EMU.id_histogram(*args), lambda: cpu(*args))
         assert str(e_ours).split("\n")[0] == str(e_cpu).split("\n")[0]
+        raises_on_both_paths(lambda: EMU.id_histogram(*args), type(e_cpu))
     with pytest.raises(IndexError):
         ref.id_histogram(ids + 8, 8)
 
@@ -319,7 +323,9 @@ def test_rank_scatter_errors():
     ids = torch.randint(0, 8, (4, 3), dtype=torch.int32)
     for args in [(src, ids, 0), (src.int(), ids, 8), (src, ids.float(), 8), (src, ids + 8, 8),
                  (src, ids[:, :2], 8), (src, ids[:3], 8), (src[0], ids, 8)]:
-        e_ours, e_cpu = _same_error(lambda: EMU.rank_scatter(*args), lambda: cpu(*args))
+        with molora_ops.use_value_checks("host"):  # the clear errors; default: device asserts
+            e_ours, e_cpu = _same_error(lambda: EMU.rank_scatter(*args), lambda: cpu(*args))
         assert str(e_ours).split("\n")[0] == str(e_cpu).split("\n")[0]
-    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
-        EMU.rank_scatter(src.double(), ids, 8)
+        raises_on_both_paths(lambda: EMU.rank_scatter(*args), type(e_cpu))
+    assert_float64_runs_the_reference(lambda: EMU.rank_scatter(src.double(), ids, 8),
+                                      lambda: ref.rank_scatter(src.double(), ids, 8))

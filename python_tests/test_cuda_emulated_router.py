@@ -18,7 +18,8 @@ import torch
 
 import molora_ops  # noqa: F401  (registers torch.ops.molora for the error-message comparison)
 from molora_ops import reference as ref
-from emu_utils import DT_IDS, KERNEL_DTYPES, require_emu
+from emu_utils import (DT_IDS, KERNEL_DTYPES, assert_float64_runs_the_reference,
+                       raises_on_both_paths, require_emu)
 from utils import assert_close_fa, assert_index_equal, drop_ids, noncontig, normalised_entropy, \
     resample_rows, tie_free_logits, topp_logits, well_separated
 
@@ -534,16 +535,18 @@ def _err_cases():
 @pytest.mark.parametrize("case", range(len(_err_cases())))
 def test_router_errors(case):
     name, args, exc = _err_cases()[case]
-    with pytest.raises(exc, match=f"molora.{name}") as info:
-        getattr(EMU, name)(*args)
     if args[3 if "backward" in name else 0].dtype == torch.float64:
-        return  # fp64 is a kernel-dtype error: the CPU kernels accept it
-    # the same class and message as the CPU launcher (shared csrc/common/router_checks.h) and the
-    # same class as the reference
+        # fp64 logits never reach a kernel: the launcher hands them to the reference
+        assert exc is TypeError
+        assert_float64_runs_the_reference(lambda: getattr(EMU, name)(*args),
+                                          lambda: getattr(ref, name)(*args))
+        return
+    err = raises_on_both_paths(lambda: getattr(EMU, name)(*args), exc, match=f"molora.{name}")
+    # the same class and message as the CPU launcher (shared csrc/common/router_checks.h)
     if molora_ops.has_extension():
         with pytest.raises(exc) as cpu_info:
             getattr(torch.ops.molora, name)(*args)
-        assert str(cpu_info.value) == str(info.value)
+        assert str(cpu_info.value) == str(err)
 
 
 def test_sigmoid_topk_backward_accepts_dropped_ids():

@@ -571,3 +571,35 @@ def op_samples(name):
     else:
         raise KeyError(name)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# The backends present here, as contexts that make CPU tensors take them
+# --------------------------------------------------------------------------------------------
+
+def backends_present():
+    """"cpu" (the C++ CPU kernels, when built), "gpu" (the GPU path on CPU tensors: emulated CUDA
+    C++ kernels + Triton's interpreter, when both are there) and "reference"."""
+    from molora_ops.ops import OPS
+    from molora_ops.ops._registry import has_triton
+    out = []
+    if OPS["dispatch"].native_kernels:
+        out.append("cpu")
+    try:
+        from molora_ops._emu import load_emu
+        load_emu()
+        if has_triton():
+            out.append("gpu")
+    except ImportError:
+        pass
+    out.append("reference")
+    return out
+
+
+def backend_context(name):
+    """The context in which CPU tensors run backend ``name`` of ``backends_present()``."""
+    import contextlib
+    from molora_ops import backend
+    if name == "cpu":
+        return contextlib.nullcontext()
+    return backend.gpu_path_on_cpu("auto" if name == "gpu" else "reference")

@@ -31,14 +31,17 @@
 #   memcheck    90  compute-sanitizer --tool memcheck on scripts/sanitize_kernels.py (~100 calls of
 #                   the 13 ops with a CUDA C++ kernel), instrumenting only our kernels (one
 #                   --kernel-name kns=<kernel> per __global__ of csrc/kernels: torch's own kernels
-#                   run uninstrumented), PYTORCH_NO_CUDA_MEMORY_CACHING=1. Start of torch under the
-#                   tool 15-30 s + instrumented calls (~100x slower, small sizes: ms each).
+#                   run uninstrumented; should the tool refuse repeated filters, the step reruns
+#                   at once with the one filter kns=molora), PYTORCH_NO_CUDA_MEMORY_CACHING=1.
+#                   Start of torch under the tool 15-30 s + instrumented calls (~100x slower,
+#                   small sizes: ms each).
 #                   Expect 40-60 s. NOTE: untuned
 #   racecheck   75  compute-sanitizer --tool racecheck on sanitize_kernels.py --smem-only: only the
-#                   4 kernels that use shared memory (read from the sources) are instrumented, ~40
+#                   4 kernels that use shared memory (read from the sources) are instrumented, ~30
 #                   calls of dispatch / id_histogram / softmax_topp. Same start cost; expect
 #                   30-45 s. NOTE: untuned
-#   triton     180  pytest -m cuda test_cuda_triton.py under xdist (-n 8): 124 distinct Triton
+#   triton     180  pytest -m cuda test_cuda_triton.py test_cuda_hot_path.py under xdist (-n 8): 23 + 19
+#                   cases (the hot-path ones: whole layers, sync-debug "error", CUDA graphs), 124 distinct Triton
 #                   compiles (~1-1.5 s each: 130-180 s in one process, ~20-30 s over 8 workers),
 #                   fp64 references on the GPU and on-device comparisons (they used to copy ~1.3 G
 #                   elements to the host). Expect 60-90 s. NOTE: untuned
@@ -361,12 +364,16 @@ if [ "$DRY" = 1 ]; then
   BENCH_CMD=("$PY" -m bench.router_dispatch_gpu --out "$WORK/bench" --quick --emulate -T 16
              --experts 8 --topk 2 --budget 0.002 --no-ceiling --plot)
   TRITON_CMD=("${PYTEST[@]}" --junitxml="$LOGS/triton.xml" python_tests/test_cuda_triton.py
-              python_tests/test_triton_sgmv.py -k "test_cuda_triton or (test_shrink and f32-T1)")
+              python_tests/test_cuda_hot_path.py
+              python_tests/test_triton_sgmv.py -k "test_cuda_triton or test_cuda_hot_path or (test_shrink and f32-T1)")
 else
   BUILD_CMD=(bash -c '"$PY" -m pip install --no-build-isolation --no-deps -v -e . && check_build')
   GPU_TESTS_CMD=("${PYTEST[@]}" -m cuda --junitxml="$LOGS/gpu_tests.xml" "${GPU_TESTS[@]}")
   BENCH_CMD=("$PY" -m bench.router_dispatch_gpu --out "$WORK/bench" --plot)
-  TRITON_CMD=("${PYTEST[@]}" -m cuda --junitxml="$LOGS/triton.xml" python_tests/test_cuda_triton.py)
+  # test_cuda_hot_path.py: whole layers (Triton matmuls + CUDA C++ routing) under
+  # set_sync_debug_mode("error") and CUDA-graph capture: with the Triton step, whose JIT it shares.
+  TRITON_CMD=("${PYTEST[@]}" -m cuda --junitxml="$LOGS/triton.xml" python_tests/test_cuda_triton.py
+              python_tests/test_cuda_hot_path.py)
 fi
 
 # sanitizer TOOL [ARGS...]: compute-sanitizer, restricted to our kernels, around

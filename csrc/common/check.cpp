@@ -29,11 +29,7 @@ void set_host_value_checks(bool enabled) {
 void check_index_range(const char* op, const char* name, const at::Tensor& t, int64_t lo,
                        int64_t hi) {
   if (t.numel() == 0) return;
-  // The kernels take index values as int32 (the layouts are int32 by contract): a range whose
-  // largest valid value does not fit would wrap on narrowing (a valid id turning into -1), so it
-  // is rejected from the shapes alone, before any value is read.
-  MOLORA_CHECK_VALUE(hi - 1 <= INT32_MAX, op, ": ", name, " indexes a range of ", hi,
-                     " entries, more than the int32 indices of the kernels address (2^31)");
+  check_index_bound(op, name, hi);
   const auto mm = at::aminmax(t);
   const int64_t mn = std::get<0>(mm).item<int64_t>(), mx = std::get<1>(mm).item<int64_t>();
   MOLORA_CHECK_INDEX(mn >= lo && mx < hi, op, ": ", name, " has values outside [", lo, ", ", hi,

@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include <climits>
+
 #include <optional>
 #include <string>
 
@@ -58,6 +60,14 @@ inline void check_bank(const char* op, const char* name, const at::Tensor& bank,
   check_dim(op, name, bank, 2);
   check_same_dtype(op, name, bank, data_name, data);
   check_device(op, name, bank, data);
+}
+
+// The kernels take index values as int32 (the layouts are int32 by contract): an index range
+// [.., hi) whose largest valid value does not fit would wrap on narrowing (a valid id turning
+// into -1). Shape-only, so it runs in every value-check mode, before any data is read.
+inline void check_index_bound(const char* op, const char* name, int64_t hi) {
+  MOLORA_CHECK_VALUE(hi - 1 <= INT32_MAX, op, ": ", name, " indexes a range of ", hi,
+                     " entries, more than the int32 indices of the kernels address (2^31)");
 }
 
 // Index values must lie in [lo, hi). Reads the data, so launchers call it before any kernel.

@@ -19,6 +19,7 @@ inline void check_rank_topk_args(const char* op, const at::Tensor& h, int64_t k,
   check_dim(op, "h", h, 2);
   const int64_t R = h.size(1);
   MOLORA_CHECK_VALUE(k >= 1 && k <= R, op, ": k must be in [1, R] = [1, ", R, "], got ", k);
+  if (h.numel() > 0) check_index_bound(op, "ids", R);  // the int32 ids it returns
   if (scores.has_value()) {
     check_float(op, "scores", *scores);
     check_device(op, "scores", *scores, h);
@@ -38,6 +39,7 @@ inline void check_rank_topk_args(const char* op, const at::Tensor& h, int64_t k,
 inline void check_id_histogram_args(const char* op, const at::Tensor& ids, int64_t num_bins) {
   check_index(op, "ids", ids);
   MOLORA_CHECK_VALUE(num_bins >= 1, op, ": num_bins must be >= 1, got ", num_bins);
+  if (ids.numel() > 0) check_index_bound(op, "ids", num_bins);
 }
 
 // Rank ids [T, k] of ranks in [-1, num_ranks) on ref's device. check_values = false skips the
@@ -49,6 +51,8 @@ inline void check_rank_ids(const char* op, const at::Tensor& ids, int64_t T, int
   check_dim(op, "ids", ids, 2);
   check_size(op, "ids", ids, 0, T);
   check_device(op, "ids", ids, ref);
+  // every mode, also without the value read: the kernels narrow the ids to int32
+  if (ids.numel() > 0) check_index_bound(op, "ids", num_ranks);
   if (check_values) check_index_range(op, "ids", ids, -1, num_ranks);
 }
 

@@ -36,7 +36,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .. import _checks, ops
+from .. import _checks, distributed, ops
 from ..reference._common import tsallis_entropy_parts
 
 __all__ = [
@@ -579,7 +579,8 @@ def expert_counts(ids: torch.Tensor, num_bins: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def aux_free_bias_update_(bias: torch.Tensor, ids: torch.Tensor, num_bins: int, rate: float) -> torch.Tensor:
+def aux_free_bias_update_(bias: torch.Tensor, ids: torch.Tensor, num_bins: int, rate: float,
+                          sync: Optional[bool] = None, group=None) -> torch.Tensor:
     """In-place aux-loss-free bias update; returns ``bias``.
 
     bias [num_bins] float (the selection bias, not trained by gradient), ids [...] int routed ids
@@ -589,6 +590,12 @@ def aux_free_bias_update_(bias: torch.Tensor, ids: torch.Tensor, num_bins: int, 
     evaluated exactly, as ``sign(sum(c) - num_bins * c)`` in integers). Reproduces SMoRA
     ``srmole/layer.py :: SRMoLELinear.forward`` and FlyLoRA ``lora/layer.py :: Linear.forward``
     (DeepSeek-V3 style). Runs under no_grad.
+
+    Under ``torch.distributed`` (a default group initialised) ``c`` is first summed over ``group``
+    (None = the default group) with one ``all_reduce``, so that every rank applies the update of
+    the global batch and the replicas stay identical (``molora_ops.distributed``). ``sync``:
+    True / False forces it on / off; None follows ``molora_ops.distributed.sync_statistics()``.
+    Every rank must then call this the same number of times in the same order (as any collective).
     """
     fn = "aux_free_bias_update_"
     _tensor(fn, "bias", bias)
@@ -598,5 +605,7 @@ def aux_free_bias_update_(bias: torch.Tensor, ids: torch.Tensor, num_bins: int, 
         _fail(ValueError, fn, f"bias must have shape ({num_bins},), got {tuple(bias.shape)}")
     _same_device(fn, "ids", _index(fn, "ids", ids), bias)
     c = expert_counts(ids, num_bins).long()
+    # The ranks' shards partition the global batch: their summed counts are its counts.
+    distributed.all_reduce_counts_(c, sync, group)
     step = torch.sign(c.sum() - num_bins * c).to(bias.dtype)
     return bias.add_(step, alpha=rate)

@@ -498,10 +498,12 @@ class RankwiseLoRALinear(nn.Module):
     ``B [d_out, r]`` whose ranks are the experts; a method picks k ranks per token and gives
     each a gate, then ``y = W0 x + scale * sum_j gate_j * value_j * B[:, id_j]`` through
     ``rank_sparse_expand`` (only the k kept columns of B are read). The selection bias (a
-    buffer) is updated aux-loss-free from the rank-usage histogram."""
+    buffer) is updated aux-loss-free from the rank-usage histogram; under ``torch.distributed``
+    the histogram is summed over the ranks first (``sync_statistics``: None follows
+    ``molora_ops.distributed.sync_statistics()``, True / False forces it; docs/DISTRIBUTED.md)."""
 
     def __init__(self, base: nn.Linear, r: int, k: int, alpha: float, dropout: float,
-                 bias_rate: float, init: str = "lora"):
+                 bias_rate: float, init: str = "lora", sync_statistics: Optional[bool] = None):
         super().__init__()
         if not 1 <= k <= r:
             raise ValueError(f"{type(self).__name__}: need 1 <= k <= r, got k={k}, r={r}")
@@ -509,6 +511,7 @@ class RankwiseLoRALinear(nn.Module):
         self.lora = LoRABank(base.in_features, base.out_features, r, 1, alpha, init=init,
                              dtype=base.weight.dtype, device=base.weight.device)
         self.r, self.k, self.bias_rate = r, k, bias_rate
+        self.sync_statistics = sync_statistics
         self.register_buffer("rank_bias", torch.zeros(r, device=base.weight.device))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -526,7 +529,8 @@ class RankwiseLoRALinear(nn.Module):
 
     def update_bias(self, ids: torch.Tensor) -> None:
         if self.bias_rate > 0:
-            losses.aux_free_bias_update_(self.rank_bias, ids, self.r, self.bias_rate)
+            losses.aux_free_bias_update_(self.rank_bias, ids, self.r, self.bias_rate,
+                                         sync=self.sync_statistics)
 
     def forward(self, x: torch.Tensor, return_routing: bool = False):
         check_last_dim(self, x, self.base.in_features)
@@ -547,14 +551,15 @@ class SMoRA(RankwiseLoRALinear):
     ``(v, idx) = top-k``; gate ``= (g + b)[idx] / sum * k`` (the biased scores ARE the weights);
     ``y = W0 x + (alpha / k) sum_j gate_j B[:, idx_j] (A[idx_j] . drop(x))`` through
     ``rank_sparse_shrink`` / ``rank_sparse_expand`` (``srmole/layer.py :: SRMoLELinear``).
-    In training the bias follows ``b += u sign(mean(c) - c)`` (no grad; u = 1e-5).
+    In training the bias follows ``b += u sign(mean(c) - c)`` (no grad; u = 1e-5), with the
+    counts ``c`` summed over the ranks under torch.distributed (``sync_statistics``).
     Defaults r=64, k=8, alpha=16 (multi-domain config), dropout 0.05.
     """
 
     def __init__(self, base: nn.Linear, r: int = 64, k: int = 8, alpha: float = 16.0,
                  dropout: float = 0.05, *, rank_partition: int = 1, bias_rate: float = 1e-5,
-                 init: str = "lora"):
-        super().__init__(base, r, k, alpha, dropout, bias_rate, init)
+                 init: str = "lora", sync_statistics: Optional[bool] = None):
+        super().__init__(base, r, k, alpha, dropout, bias_rate, init, sync_statistics)
         if r % rank_partition:
             raise ValueError(f"SMoRA: r={r} must be a multiple of rank_partition="
                              f"{rank_partition}")
@@ -592,8 +597,10 @@ class FlyLoRA(RankwiseLoRALinear):
     def __init__(self, base: nn.Linear, r: int = 32, k: int = 8, alpha: float = 64.0,
                  dropout: float = 0.0, *, bias_rate: float = 1e-3, use_abs: bool = False,
                  block_input_grad: bool = True, update_bias_in_eval: bool = True,
-                 generator: Optional[torch.Generator] = None):
-        super().__init__(base, r, k, alpha, dropout, bias_rate, init="lora")
+                 generator: Optional[torch.Generator] = None,
+                 sync_statistics: Optional[bool] = None):
+        super().__init__(base, r, k, alpha, dropout, bias_rate, init="lora",
+                         sync_statistics=sync_statistics)
         self.use_abs, self.block_input_grad = use_abs, block_input_grad
         self.update_bias_in_eval = update_bias_in_eval
         self.scaling = alpha / r

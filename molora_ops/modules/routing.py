@@ -174,7 +174,8 @@ class TopP(nn.Module):
 class SigmoidTopK(nn.Module):
     """sigmoid -> + selection bias -> top-k -> normalize x scale (SMoRA; DeepSeek-V3 with
     ``bias_in_weights=False``). The bias is a non-trainable buffer [E] updated aux-loss-free by
-    ``losses.aux_free_bias_update_``."""
+    the caller with ``losses.aux_free_bias_update_(self.bias, routing.ids, E, u)``, which sums
+    the counts over the ranks under torch.distributed (docs/DISTRIBUTED.md)."""
 
     def __init__(self, k: int, num_experts: int, normalize: bool = True,
                  bias_in_weights: bool = True, scale: Optional[float] = None, device=None):

@@ -23,7 +23,8 @@ def reject_float64(data: torch.Tensor, *operands: Optional[torch.Tensor]) -> Non
     here keeps the call sites self-describing; ``None`` entries are absent optional operands."""
     del operands
     if data.dtype == torch.float64:
-        raise TypeError("molora triton: float64 data is not supported; use the reference backend")
+        raise TypeError("molora triton: float64 is not supported for the data; use the reference "
+                        "backend")
 
 
 def index32(t: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ override the CUDA kernels for tests and benchmarks (``use_backend``) and restore
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
@@ -89,8 +90,10 @@ class OpDef:
 OPS: Dict[str, OpDef] = {}
 
 
+@functools.lru_cache(maxsize=None)
 def has_triton() -> bool:
-    """True when triton imports (a GPU runs it; ``TRITON_INTERPRET=1`` runs it on CPU tensors)."""
+    """True when triton imports (a GPU runs it; ``TRITON_INTERPRET=1`` runs it on CPU tensors).
+    Cached: a failed import is not cached by Python, and ``serving`` / ``info`` ask per op."""
     try:
         importlib.import_module("triton")
     except Exception:  # not installed, or broken without a GPU driver

@@ -59,6 +59,8 @@ class OpSpec:
     # Implementations besides the backends: (device, dtype) -> [Impl].
     baselines: Optional[Callable[[torch.device, torch.dtype], List[Impl]]] = None
     use_backends: bool = True  # False: only `baselines` (modules, which call the ops themselves)
+    # (inputs, mode) -> the formulation a backend row runs (moe_lora: what algo="auto" picked)
+    describe: Optional[Callable[[Dict[str, Any], str], str]] = None
 
     def impls(self, device: torch.device, dtype: torch.dtype) -> Tuple[List[Impl], List[dict]]:
         """(implementations available here, [{impl, reason}] for those that are not)."""
@@ -207,9 +209,19 @@ def _linear_fp64(i):
     return F.linear(i["x"].double(), i["W0"].double())
 
 
+def _algo_impl(algo: str) -> Impl:
+    import molora_ops
+    return Impl(algo, "baseline", lambda i: layer.moe_lora_layer(molora_ops, layer.LayerArgs(**i),
+                                                                 algo))
+
+
 def layer_baselines(device: torch.device, dtype: torch.dtype) -> List[Impl]:
-    impls = [_layer_impl("loop", layer.per_expert_loop),
-             _layer_impl("bmm", layer.padded_bmm)]
+    # Each formulation of moe_lora_linear by itself next to the backend rows (algo="auto").
+    impls = [_algo_impl("grouped"), _algo_impl("dense")]
+    if device.type == "cuda":
+        impls.append(_algo_impl("fused"))
+    impls += [_layer_impl("loop", layer.per_expert_loop),
+              _layer_impl("bmm", layer.padded_bmm)]
     if layer.grouped_mm_support(device, dtype) is None:
         impls.append(_layer_impl("grouped_mm", layer.grouped_mm, optional=True))
     impls.append(_layer_impl("base", layer.base_linear, model="linear", grads=("x",),
@@ -252,5 +264,6 @@ SPECS: Dict[str, OpSpec] = {s.name: s for s in (
            ("rank_sparse_expand", "rank_sparse_shrink", "rank_sparse_weight_grad")),
     OpSpec("moe_lora", make_moe_lora, lambda ns, i: layer.moe_lora_layer(ns, layer.LayerArgs(**i)),
            ("x", "Wg", "A", "B"), ("softmax_topk", "dispatch") + _ROUTE_BWD + _SGMV,
-           layer_baselines),
+           layer_baselines,
+           describe=lambda i, mode: layer.auto_algo(layer.LayerArgs(**i), mode != "fwd")),
 )}

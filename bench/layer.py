@@ -29,15 +29,19 @@ class LayerArgs(NamedTuple):
     r: int
 
 
-def moe_lora_layer(ops, a: LayerArgs) -> torch.Tensor:
-    """Through an ops namespace (molora_ops, molora_ops.reference, ...): softmax_topk -> dispatch
-    -> sgmv_shrink -> sgmv_expand accumulating into the base output."""
-    E = a.Wg.shape[0]
+def moe_lora_layer(ops, a: LayerArgs, algo: str = "auto") -> torch.Tensor:
+    """Through an ops namespace (molora_ops, molora_ops.reference, ...): softmax_topk -> the one
+    MoE-LoRA linear entry ``moe_lora_linear`` (formulation ``algo``) on the frozen weight."""
     weights, ids = ops.softmax_topk(F.linear(a.x, a.Wg, a.bg), a.k, True)
-    order, pos, expert_offsets = ops.dispatch(ids, E, 1)
-    meta = (a.rank_offsets, order, pos, expert_offsets)
-    h = ops.sgmv_shrink(a.x, a.A, *meta, None, None, max_rank=a.r)
-    return ops.sgmv_expand(h, a.B, *meta, weights, a.scales, F.linear(a.x, a.W0))
+    return ops.moe_lora_linear(a.x, a.A, a.B, a.rank_offsets, weights, ids, a.scales,
+                               weight=a.W0, algo=algo, max_rank=a.r)
+
+
+def auto_algo(a: LayerArgs, backward: bool) -> str:
+    """The formulation ``algo="auto"`` runs for this layer (molora_ops.plan's cost model)."""
+    import molora_ops
+    return molora_ops.functional.pick_algo(a.x, a.A, a.B, a.Wg.shape[0], a.k, a.r,
+                                           backward=backward)
 
 
 def torch_router(a: LayerArgs) -> Tuple[torch.Tensor, torch.Tensor]:

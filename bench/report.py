@@ -105,9 +105,10 @@ def table(results: dict) -> str:
         f"ceilings (measured): copy {c['copy_gb_per_s']:.1f} GB/s, matmul "
         f"{c['matmul_gflop_per_s'] / per:.2f} {unit} ({c['matmul_dtype']} {c['matmul_n']}^3)",
         "times: median [p20-p80] in us; %BW / %MM: of the measured copy bandwidth / matmul rate; "
-        "speed-ups: time of loop (reference) / time; x base: time / time of the base linear",
+        "speed-ups: time of loop (reference) / time; x base: time / time of the base linear; "
+        "[algo]: the formulation moe_lora_linear's algo=\"auto\" ran",
     ]
-    head = (f"  {'impl':11s} {'mode':8s} {'median':>10s} {'p20-p80':>19s} {'GB/s':>8s} {'%BW':>5s} "
+    head = (f"  {'impl':18s} {'mode':8s} {'median':>10s} {'p20-p80':>19s} {'GB/s':>8s} {'%BW':>5s} "
             f"{unit:>8s} {'%MM':>5s} {'vs loop':>8s} {'vs ref':>7s} {'x base':>7s} {'rel err':>8s} "
             f"check")
     groups: Dict[tuple, List[dict]] = defaultdict(list)
@@ -122,13 +123,14 @@ def table(results: dict) -> str:
             status = "ok" if chk.get("ok") else "FAIL " + (chk.get("error") or
                                                             f"worst {chk.get('worst')}")
             t = r.get("time")
+            name = r["impl"] + (f" [{r['algo']}]" if r.get("algo") else "")
             if t is None:
-                lines.append(f"  {r['impl']:11s} {r['mode']:8s} {'-':>10s} {'':19s} {status}")
+                lines.append(f"  {name:18s} {r['mode']:8s} {'-':>10s} {'':19s} {status}")
                 continue
             flops = None if r.get("gflop_per_s") is None else r["gflop_per_s"] / per
             spread = f"{t['p20'] * 1e6:.1f}-{t['p80'] * 1e6:.1f}"
             lines.append(
-                f"  {r['impl']:11s} {r['mode']:8s} {t['median'] * 1e6:10.1f} {spread:>19s} "
+                f"  {name:18s} {r['mode']:8s} {t['median'] * 1e6:10.1f} {spread:>19s} "
                 f"{r['gb_per_s']:8.2f} {_pct(r['pct_copy_bw'])} {_fmt(flops, '8.3f'):>8s} "
                 f"{_pct(r['pct_matmul'])} {_times(r.get('speedup_vs_loop'), 8)} "
                 f"{_times(r.get('speedup_vs_reference'), 7)} {_times(r.get('x_base'), 7)} "

@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # `python bench/run.py`: make `bench` importable 
 
 import torch
 
-from . import overhead, report
+from . import overhead, plan, report
 from .backends import describe
 from .bench_layers import method_cases, method_specs
 from .cases import SPECS
@@ -65,6 +65,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-overhead", action="store_true",
                    help="skip the per-call overhead section (bench/overhead.py, CPU, T=1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--plan", action="store_true",
+                   help="print only the planned traffic of the MoE-LoRA linear (bench/plan.py)")
     return p.parse_args(argv)
 
 
@@ -143,6 +145,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _run(args: argparse.Namespace, argv: List[str]) -> int:
+    if args.plan:
+        print(plan.table())
+        return 0
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -209,7 +214,7 @@ def _run(args: argparse.Namespace, argv: List[str]) -> int:
         "overhead": ov,
         "elapsed_s": None,
     }
-    text = report.table(results)
+    text = report.table(results) + "\n\n" + plan.table()
     print("\n" + text)
     paths = {"table": os.path.join(args.out, "table.txt"),
              "json": os.path.join(args.out, "results.json")}

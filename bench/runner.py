@@ -228,6 +228,8 @@ def run_case(spec: OpSpec, case: Case, cfg: Config) -> Tuple[List[dict], List[di
             c = cost(base["model"], p0.dims, mode)
             row = {**base, "mode": mode, "flops": c.flops, "bytes": c.bytes,
                    "intensity": c.intensity, "check": check}
+            if spec.describe is not None and impl.kind == "backend" and impl.name != "reference":
+                row["algo"] = spec.describe(p0.inputs, mode)
             try:
                 fns = calls(impl, grads_of(spec, impl, p0), problems, mode)
                 fns, note = _graphed(fns, cfg) if mode == "fwd" else (fns, None)

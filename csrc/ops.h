@@ -48,6 +48,9 @@ Tensor sgmv_weight_grad_cpu(const Tensor& x, const Tensor& h, const Tensor& rank
 Tensor stacked_gated_lora_cpu(const Tensor& x, const Tensor& A, const Tensor& B,
                               const Tensor& gate, const Tensor& rank_offsets,
                               const OptTensor& scales, const OptTensor& base, bool shared_a);
+Tensor fused_moe_lora_cpu(const Tensor& x, const Tensor& A, const Tensor& B,
+                          const Tensor& rank_offsets, const OptTensor& weights, const Tensor& ids,
+                          const OptTensor& scales, const OptTensor& base);
 std::tuple<Tensor, Tensor, Tensor, Tensor> stacked_gated_lora_backward_cpu(
     const Tensor& grad_y, const Tensor& x, const Tensor& A, const Tensor& B, const Tensor& gate,
     const Tensor& rank_offsets, const OptTensor& scales, bool shared_a);

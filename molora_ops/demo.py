@@ -15,13 +15,11 @@ from molora_ops import reference
 
 
 def moe_lora_linear(ops, x, W0, Wg, A, B, rank_offsets, scales, k, max_rank):
-    """y = x W0^T + sum_{j<k} w_j s_e B_e A_e x over the top-k experts of softmax(x Wg^T)."""
-    E = Wg.shape[0]
+    """y = x W0^T + sum_{j<k} w_j s_e B_e A_e x over the top-k experts of softmax(x Wg^T), through
+    ``ops`` (molora_ops: the fused entry ``moe_lora_linear``; or molora_ops.reference)."""
     weights, ids = ops.softmax_topk(x @ Wg.t(), k, True)
-    order, pos, expert_offsets = ops.dispatch(ids, E, 1)
-    meta = (rank_offsets, order, pos, expert_offsets)
-    h = ops.sgmv_shrink(x, A, *meta, None, None, max_rank=max_rank)  # s_e applied once, in expand
-    return ops.sgmv_expand(h, B, *meta, weights, scales, x @ W0.t())
+    return ops.moe_lora_linear(x, A, B, rank_offsets, weights, ids, scales, weight=W0,
+                               max_rank=max_rank)
 
 
 def per_expert_loop(x, W0, Wg, A, B, rank_offsets, scales, k, max_rank):

@@ -69,6 +69,9 @@ def valid(op):
     if op == "stacked_gated_lora":
         return dict(x=torch.randn(T, D), A=torch.randn(R, D), B=torch.randn(DOUT, R), gate=torch.randn(T, E),
                     rank_offsets=ro, scales=s, base=torch.randn(T, DOUT), shared_a=False), set()
+    if op == "fused_moe_lora":
+        return dict(x=torch.randn(T, D), A=torch.randn(R, D), B=torch.randn(DOUT, R), rank_offsets=ro,
+                    weights=w, ids=ids, scales=s, base=torch.randn(T, DOUT)), set()
     if op == "rank_topk":
         return dict(h=torch.randn(T, RK), k=KR, scores=torch.randn(T, RK), bias=torch.rand(RK), use_abs=False), set()
     if op == "rank_sparse_shrink":
@@ -252,6 +255,24 @@ case("stacked_gated_lora", "base-device", ValueError, {"base": to_meta}, ["base"
 case("stacked_gated_lora_backward", "grad_y-shape", ValueError, {"grad_y": extra_col}, ["grad_y"])
 case("stacked_gated_lora_backward", "grad_y-device", ValueError, {"grad_y": to_meta}, ["grad_y", "device"])
 
+case("fused_moe_lora", "x-1d", ValueError, {"x": shape1d}, ["x"])
+case("fused_moe_lora", "x-int", TypeError, {"x": as_int, "A": as_int, "B": as_int}, ["x", "A", "B"])
+case("fused_moe_lora", "A-dtype", TypeError, {"A": as_f64}, ["A"])
+case("fused_moe_lora", "A-d_in", ValueError, {"A": extra_col}, ["A", "x"])
+case("fused_moe_lora", "B-cols", ValueError, {"B": extra_col}, ["A", "B"])
+case("fused_moe_lora", "ids-float", TypeError, {"ids": as_float}, ["ids"])
+case("fused_moe_lora", "ids-rows", ValueError, {"ids": extra_row}, ["ids", "x"])
+case("fused_moe_lora", "ids>=E", IndexError, {"ids": set_at(E)}, ["ids"])
+case("fused_moe_lora", "ids<-1", IndexError, {"ids": set_at(-2)}, ["ids"])
+case("fused_moe_lora", "weights-shape", ValueError, {"weights": extra_col}, ["weights"])
+case("fused_moe_lora", "weights-int", TypeError, {"weights": as_int}, ["weights"])
+case("fused_moe_lora", "rank_offsets-decreasing", ValueError, {"rank_offsets": DECREASING_RO}, ["rank_offsets"])
+case("fused_moe_lora", "rank_offsets-float", TypeError, {"rank_offsets": as_float}, ["rank_offsets"])
+case("fused_moe_lora", "scales-shape", ValueError, {"scales": extra_col}, ["scales"])
+case("fused_moe_lora", "base-shape", ValueError, {"base": extra_col}, ["base"])
+case("fused_moe_lora", "base-device", ValueError, {"base": to_meta}, ["base", "device"])
+case("fused_moe_lora", "ids-device", ValueError, {"ids": to_meta}, ["ids", "device"])
+
 case("rank_topk", "h-1d", ValueError, {"h": shape1d}, ["h"])
 case("rank_topk", "h-int", TypeError, {"h": as_int}, ["h"])
 case("rank_topk", "k0", ValueError, {"k": 0}, ["k"])
@@ -360,7 +381,8 @@ def test_bad_input(op, cid, exc, changes, argnames, via):
 
 
 @pytest.mark.parametrize("via", ["wrapper", "torch.ops"])
-@pytest.mark.parametrize("op", ["sgmv_expand", "stacked_gated_lora", "rank_sparse_expand"])
+@pytest.mark.parametrize("op", ["sgmv_expand", "stacked_gated_lora", "fused_moe_lora",
+                                "rank_sparse_expand"])
 def test_base_untouched_on_late_error(op, via):
     """Errors that need to read index values (the last thing a kernel could check) must still fire
     before anything is written into base."""
@@ -368,6 +390,7 @@ def test_base_untouched_on_late_error(op, via):
     changes = {
         "sgmv_expand": {"pos": set_at(10 ** 4, (T - 1, K - 1))},
         "stacked_gated_lora": {"rank_offsets": DECREASING_RO},
+        "fused_moe_lora": {"ids": set_at(E, (T - 1, K - 1))},
         "rank_sparse_expand": {"ids": set_at(RK, (T - 1, KR - 1))},
     }[op]
     args, pos_args, kw = build(op, changes)

@@ -70,9 +70,9 @@ def _variants(dt: str):
     # whose single 128-wide rank tile used to spill in shrink and weight grad
     big = dict(P=1 << 16, E=8, d_in=4096, d_out=4096, max_rank=128)
     blk = sgmv._blocks(**big)
-    fused = sgmv._fused_blocks(**dict(big, max_rank=sgmv.FUSED_MAX_RANK),
-                               dtype={"bf16": torch.bfloat16, "fp16": torch.float16,
-                                      "fp32": torch.float32}[dt])
+    fused = sgmv._fused_blocks(4096, 4096, 4096, sgmv.FUSED_MAX_TOTAL_RANK,
+                               {"bf16": torch.bfloat16, "fp16": torch.float16,
+                                "fp32": torch.float32}[dt])
     idx = {n: "*i32" for n in ("rank_offsets", "order", "expert_offsets", "pos")}
     idx.update(w=f32, scales=f32)
     prec = "ieee" if dt == "fp32" else "tf32"
@@ -80,17 +80,18 @@ def _variants(dt: str):
     for flag in (False, True):
         add(f"ATOMIC={flag}", sgmv._shrink_kernel, dict(idx, x=d, A=d, h=f32 if flag else d),
             dict(grouped, ATOMIC=flag, BLOCK_K=blk.K, BLOCK_R=blk.R))
-        y = d if flag else f32  # DIRECT writes y, else the fp32 per-row buffer
-        add(f"DIRECT={flag}", sgmv._expand_kernel, dict(idx, h=d, B=d, out=y),
-            dict(grouped, DIRECT=flag, BLOCK_N=blk.N, BLOCK_R=blk.R))
-        add(f"DIRECT={flag}", sgmv._fused_kernel, dict(idx, x=d, A=d, B=d, out=y),
-            dict(grouped, DIRECT=flag, BLOCK_M=fused.M, BLOCK_K=fused.K, BLOCK_N=fused.N,
-                 BLOCK_R=fused.R, num_warps=sgmv.FUSED_WARPS))
+    add("k=1", sgmv._expand_kernel, dict(idx, h=d, B=d, out=d),
+        dict(grouped, BLOCK_N=blk.N, BLOCK_R=blk.R))
+    add("k>1", sgmv._expand_token_kernel, dict(idx, h=d, B=d, base=d, y=d),
+        dict(HAS_W=True, HAS_S=True, HAS_BASE=True, E_POW2=8, BLOCK_T=sgmv.BLOCK_T,
+             BLOCK_N=blk.N))
+    add("", sgmv._fused_moe_lora_kernel,
+        dict(x=d, A=d, B=d, base=d, y=d, ids="*i32", w=f32, scales=f32, col_expert="*i32"),
+        dict(HAS_W=True, HAS_S=True, HAS_BASE=True, DOT_PREC=prec, BLOCK_T=fused.M,
+             BLOCK_K=fused.K, BLOCK_N=fused.N, BLOCK_R=fused.R, num_warps=sgmv.FUSED_WARPS))
     add("", sgmv._weight_grad_kernel, dict(idx, x=d, h=d, G=d),
         dict(HAS_W=True, HAS_S=True, SPLIT_LO=dt != "fp32", DOT_PREC=prec, BLOCK_M=blk.M,
              BLOCK_R=blk.R, BLOCK_D=blk.N, num_warps=sgmv.WEIGHT_GRAD_WARPS))
-    add("", sgmv._combine_kernel, dict(buf=f32, base=d, y=d, pos="*i32"),
-        dict(HAS_BASE=True, BLOCK_T=sgmv.BLOCK_T, BLOCK_N=64))
     add("", sgmv._pair_dot_kernel, dict(a=d, b=d, out=f32, pos="*i32"),
         dict(A_BY_TOKEN=True, BLOCK_P=sgmv.BLOCK_T, BLOCK_D=64))
 

@@ -516,6 +516,14 @@ def op_samples(name):
         ro_s = uniform_rank_offsets(E, 2)
         out.append(("shared-a", (_rg(torch.randn(T, d)), _rg(torch.randn(2, d)), _rg(torch.randn(d, 2 * E)),
                                  _rg(torch.randn(T, E)), ro_s, None, None, True), {}))
+    elif name == "fused_moe_lora":
+        ids = make_ids("drop", T, E, k)
+        ro, R, _ = _ragged_bank(E)
+        out.append(("ragged-base", (_rg(torch.randn(T, d)), _rg(torch.randn(R, d)), _rg(torch.randn(d, R)), ro,
+                                    _rg(routing_weights(ids)), ids, torch.rand(E) + 0.5, _rg(torch.randn(T, d))),
+                    {}))
+        out.append(("plain-int64", (_rg(torch.randn(T, d)), _rg(torch.randn(R, d)), _rg(torch.randn(d, R)), ro,
+                                    None, make_ids("one", T, E, k).long(), None, None), {}))
     elif name == "rank_topk":
         R = 9
         out.append(("scores-bias", (_rg(torch.randn(T, R)), 3, tie_free_logits(T, R), torch.rand(R) * 0.01, False), {}))

@@ -1,12 +1,39 @@
 // CPU launchers of the grouped low-rank matmuls (sgmv_*) and the dense stacked gated form.
+#include <type_traits>
 #include <vector>
 
 #include "../kernels/sgmv_cpu.h"
 #include "../ops.h"
 #include "cpu_utils.h"
+#include "sgmv_isa.h"
+
+#ifdef MOLORA_HAVE_AVX2_KERNELS
+namespace molora::cpu::avx2 {
+bool available() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+}  // namespace molora::cpu::avx2
+// fp32 on a CPU with AVX2 + FMA runs the AVX2 copy of a kernel (`call`, float pointers) and
+// returns from the enclosing lambda; every other case falls through to the baseline copy.
+#define MOLORA_AVX2_OR_FALL_THROUGH(call)                 \
+  if constexpr (std::is_same_v<scalar_t, float>) {        \
+    if (cpu::avx2::available()) {                         \
+      call;                                               \
+      return;                                             \
+    }                                                     \
+  }
+#else
+#define MOLORA_AVX2_OR_FALL_THROUGH(call)
+#endif
 
 namespace molora {
 namespace {
+
+// The expand switches from token-owned rows to expert-major column blocks (B reused across the
+// rows of an expert) from this batch size on. NOTE: untuned (the crossover lies between T = 16,
+// where the token-owned kernel wins, and 1024).
+constexpr int64_t kExpandColsMinTokens = 128;
 
 struct GroupedArgs {
   at::Tensor rank_offsets, order, pos, expert_offsets, weights, scales;
@@ -40,6 +67,19 @@ GroupedArgs check_grouped(const char* op, const at::Tensor& data, int64_t num_to
           opmath_or_undefined(scales, acc), E, max_rank};
 }
 
+// One column block of the expert-major expand (AVX2 copy for fp32 where the CPU has it).
+template <typename scalar_t, typename acc_t>
+void expand_cols(const at::Tensor& h, const at::Tensor& Bt, const kernels::GroupedMeta& meta,
+                 const GroupedArgs& g, int64_t n, int64_t max_rank, int64_t n0, int64_t nb,
+                 acc_t* acc) {
+  MOLORA_AVX2_OR_FALL_THROUGH(cpu::avx2::sgmv_expand_cols(
+      h.data_ptr<float>(), Bt.data_ptr<float>(), meta, cpu::ptr_or_null<float>(g.weights),
+      cpu::ptr_or_null<float>(g.scales), n, max_rank, n0, nb, reinterpret_cast<float*>(acc)))
+  kernels::sgmv_expand_cols(h.data_ptr<scalar_t>(), Bt.data_ptr<scalar_t>(), meta,
+                            cpu::ptr_or_null<acc_t>(g.weights), cpu::ptr_or_null<acc_t>(g.scales),
+                            n, max_rank, n0, nb, acc);
+}
+
 }  // namespace
 
 at::Tensor sgmv_shrink_cpu(const at::Tensor& x_in, const at::Tensor& A_in,
@@ -63,6 +103,9 @@ at::Tensor sgmv_shrink_cpu(const at::Tensor& x_in, const at::Tensor& A_in,
     using acc_t = at::opmath_type<scalar_t>;
     const auto meta = g.meta();
     at::parallel_for(0, P, cpu::grain_for(d * std::max<int64_t>(1, g.max_rank)), [&](int64_t i0, int64_t i1) {
+      MOLORA_AVX2_OR_FALL_THROUGH(cpu::avx2::sgmv_shrink_range(
+          x.data_ptr<float>(), A.data_ptr<float>(), meta, cpu::ptr_or_null<float>(g.weights),
+          cpu::ptr_or_null<float>(g.scales), d, max_rank, i0, i1, h.data_ptr<float>()))
       kernels::sgmv_shrink_range(x.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(), meta,
                                  cpu::ptr_or_null<acc_t>(g.weights), cpu::ptr_or_null<acc_t>(g.scales),
                                  d, max_rank, i0, i1, h.data_ptr<scalar_t>());
@@ -95,8 +138,32 @@ at::Tensor sgmv_expand_cpu(const at::Tensor& h_in, const at::Tensor& B_in,
   MOLORA_DISPATCH_FLOATING(h.scalar_type(), "molora_sgmv_expand", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto meta = g.meta();
+    if (T >= kExpandColsMinTokens) {
+      // Column blocks, each owned by one thread: [T, nb] opmath rows of the block.
+      const int64_t n_blocks = (n + kernels::kExpandCols - 1) / kernels::kExpandCols;
+      const scalar_t* base_p = cpu::ptr_or_null<scalar_t>(base_c);
+      at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
+        std::vector<acc_t> acc(T * kernels::kExpandCols);
+        for (int64_t blk = b0; blk < b1; ++blk) {
+          const int64_t n0 = blk * kernels::kExpandCols, nb = std::min(kernels::kExpandCols, n - n0);
+          for (int64_t t = 0; t < T; ++t)
+            for (int64_t o = 0; o < nb; ++o)
+              acc[t * nb + o] = base_p != nullptr ? static_cast<acc_t>(base_p[t * n + n0 + o]) : acc_t(0);
+          expand_cols<scalar_t, acc_t>(h, Bt, meta, g, n, max_rank, n0, nb, acc.data());
+          scalar_t* yp = y.data_ptr<scalar_t>();
+          for (int64_t t = 0; t < T; ++t)
+            for (int64_t o = 0; o < nb; ++o) yp[t * n + n0 + o] = static_cast<scalar_t>(acc[t * nb + o]);
+        }
+      });
+      return;
+    }
     at::parallel_for(0, T, cpu::grain_for(n * meta.top_k * std::max<int64_t>(1, g.max_rank)), [&](int64_t t0, int64_t t1) {
       std::vector<acc_t> acc(n);
+      MOLORA_AVX2_OR_FALL_THROUGH(cpu::avx2::sgmv_expand_range(
+          h.data_ptr<float>(), Bt.data_ptr<float>(), meta, g.pos.data_ptr<int32_t>(),
+          cpu::ptr_or_null<float>(g.weights), cpu::ptr_or_null<float>(g.scales),
+          cpu::ptr_or_null<float>(base_c), n, max_rank, t0, t1,
+          reinterpret_cast<float*>(acc.data()), y.data_ptr<float>()))
       kernels::sgmv_expand_range(h.data_ptr<scalar_t>(), Bt.data_ptr<scalar_t>(), meta,
                                  g.pos.data_ptr<int32_t>(), cpu::ptr_or_null<acc_t>(g.weights),
                                  cpu::ptr_or_null<acc_t>(g.scales), cpu::ptr_or_null<scalar_t>(base_c),
@@ -131,6 +198,10 @@ at::Tensor sgmv_weight_grad_cpu(const at::Tensor& x_in, const at::Tensor& h_in,
     const auto meta = g.meta();
     at::parallel_for(0, total_rank, kernels::kBankBlock, [&](int64_t g0, int64_t g1) {
       std::vector<acc_t> acc(kernels::kBankBlock * d);
+      MOLORA_AVX2_OR_FALL_THROUGH(cpu::avx2::sgmv_weight_grad_range(
+          x.data_ptr<float>(), h.data_ptr<float>(), meta, cpu::ptr_or_null<float>(g.weights),
+          cpu::ptr_or_null<float>(g.scales), d, max_rank, g0, g1,
+          reinterpret_cast<float*>(acc.data()), G.data_ptr<float>()))
       kernels::sgmv_weight_grad_range(x.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), meta,
                                       cpu::ptr_or_null<acc_t>(g.weights), cpu::ptr_or_null<acc_t>(g.scales),
                                       d, max_rank, g0, g1, acc.data(), G.data_ptr<scalar_t>());
@@ -223,6 +294,47 @@ at::Tensor stacked_gated_lora_cpu(const at::Tensor& x, const at::Tensor& A, cons
   at::Tensor y = hg.mm(B.to(acc).t());
   if (base.has_value()) y.add_(*base);
   return y.to(x.scalar_type());
+}
+
+// The top-k routing as the dense form: the CPU has no on-chip h to keep, so "fused" here is the
+// gate [T, E] (opmath) and the BLAS stacked gated form over it.
+at::Tensor fused_moe_lora_cpu(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                              const at::Tensor& rank_offsets,
+                              const std::optional<at::Tensor>& weights, const at::Tensor& ids,
+                              const std::optional<at::Tensor>& scales,
+                              const std::optional<at::Tensor>& base) {
+  const char* op = "fused_moe_lora";
+  check_float(op, "x", x);
+  check_dim(op, "x", x, 2);
+  check_bank(op, "A", A, "x", x);
+  check_bank(op, "B", B, "x", x);
+  check_size(op, "A", A, 1, x.size(1));
+  check_size(op, "A", A, 0, B.size(1));
+  check_index(op, "ids", ids);
+  check_dim(op, "ids", ids, 2);
+  check_size(op, "ids", ids, 0, x.size(0));
+  check_device(op, "ids", ids, x);
+  check_pair_weights(op, weights, ids, x);
+  MOLORA_CHECK_VALUE(rank_offsets.dim() == 1 && rank_offsets.size(0) >= 2, op,
+                     ": rank_offsets must be [E+1] with E >= 1, got shape ", rank_offsets.sizes());
+  const int64_t E = rank_offsets.size(0) - 1, T = x.size(0), k = ids.size(1);
+  check_device(op, "rank_offsets", rank_offsets, x);
+  check_rank_offsets(op, rank_offsets, E, A.size(0));
+  check_scales(op, scales, E, x);
+  check_base(op, base, T, B.size(0), x);
+  check_index_range(op, "ids", ids, -1, E);
+  const auto acc = opmath_dtype(x.scalar_type());
+  const at::Tensor id32 = cpu::as_i32(ids);
+  const at::Tensor w = opmath_or_undefined(weights, acc);
+  at::Tensor gate = at::zeros({T, E}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "molora_pair_gate", [&] {
+    const int32_t* ip = id32.data_ptr<int32_t>();
+    const scalar_t* wp = cpu::ptr_or_null<scalar_t>(w);
+    scalar_t* gp = gate.data_ptr<scalar_t>();
+    for (int64_t p = 0; p < T * k; ++p)
+      if (ip[p] >= 0) gp[(p / k) * E + ip[p]] += wp != nullptr ? wp[p] : scalar_t(1);
+  });
+  return stacked_gated_lora_cpu(x, A, B, gate, rank_offsets, scales, base, false);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stacked_gated_lora_backward_cpu(

@@ -4,9 +4,11 @@
 
 #include <cstdint>
 
+#include "isa.h"
 #include "simd.h"
 
 namespace molora::kernels {
+inline namespace MOLORA_ISA {
 
 // Pass 1 (one chunk of pairs [p0, p1)): counts[e] += #pairs with id e. Ids of -1 are dropped.
 inline void count_ids(const int32_t* ids, int64_t p0, int64_t p1, int32_t* counts) {
@@ -96,4 +98,5 @@ void pair_dot_range(const scalar_t* a, const scalar_t* b, const int32_t* pos, in
   }
 }
 
+}  // namespace MOLORA_ISA
 }  // namespace molora::kernels

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "isa.h"
 #include "simd.h"
 
 #include "dispatch_cpu.h"
@@ -21,6 +22,11 @@ struct GroupedMeta {
   int64_t top_k;
   int64_t num_rows;  // P
 };
+
+// Output columns per block of sgmv_expand_cols: one 64-byte line of fp32.
+constexpr int64_t kExpandCols = 16;
+
+inline namespace MOLORA_ISA {
 
 // The row's coefficient c_i = w[p] * s_e (either factor may be absent).
 template <typename acc_t>
@@ -118,12 +124,85 @@ void sgmv_expand_range(const scalar_t* h, const scalar_t* Bt, const GroupedMeta&
   }
 }
 
+// The expand for large batches, expert-major over one block of kExpandCols output columns
+// [n0, n0 + nb): acc[t, :nb] (opmath rows of the block, holding base or 0 on entry) += c_i *
+// h[i, :r_e] @ Bt[ro_e : ro_e + r_e, n0 : n0 + nb) for every dispatched row i (token t_i). A
+// block row is one 64-byte line of fp32, so the block's acc [T, 16] stays in L2 and the expert's
+// [r_e, 16] slice of Bt in L1 while its rows stream past; each row's 16 outputs stay in registers
+// through the rank loop (one load and one store of acc per row). The token-owned kernel above
+// instead reloads a token's whole [r_e, n] slice of Bt from L2 for every slot. A block is owned by
+// one thread and rows are added in dispatch order (experts ascending, then stable token order):
+// deterministic.
+template <typename scalar_t, typename acc_t>
+void sgmv_expand_cols(const scalar_t* h, const scalar_t* Bt, const GroupedMeta& m, const acc_t* w,
+                      const acc_t* scales, int64_t n, int64_t max_rank, int64_t n0, int64_t nb,
+                      acc_t* acc) {
+  // Four rows at a time: four independent accumulator chains per B load (one chain per row
+  // would wait on the FMA latency at every rank step).
+  constexpr int kRows = 4;
+  for (int64_t e = 0; e < m.num_experts; ++e) {
+    const int64_t r0 = m.rank_offsets[e], r = m.rank_offsets[e + 1] - r0;
+    if (r == 0) continue;
+    const scalar_t* bcol = Bt + r0 * n + n0;
+    int64_t i = m.expert_offsets[e];
+    const int64_t end = m.expert_offsets[e + 1];
+    while (i < end) {
+      acc_t* dst[kRows];
+      const scalar_t* hr[kRows];
+      acc_t c[kRows];
+      int nr = 0;
+      for (; i < end && nr < kRows; ++i) {
+        const int32_t p = m.order[i];
+        if (p < 0) continue;
+        dst[nr] = acc + (p / m.top_k) * nb;
+        hr[nr] = h + i * max_rank;
+        c[nr] = row_coef(w, scales, p, e);
+        ++nr;
+      }
+      if (nr == kRows && nb == kExpandCols) {
+        acc_t v0[kExpandCols], v1[kExpandCols], v2[kExpandCols], v3[kExpandCols];
+        for (int64_t o = 0; o < kExpandCols; ++o) {
+          v0[o] = 0; v1[o] = 0; v2[o] = 0; v3[o] = 0;
+        }
+        for (int64_t a = 0; a < r; ++a) {
+          const acc_t h0 = c[0] * static_cast<acc_t>(hr[0][a]);
+          const acc_t h1 = c[1] * static_cast<acc_t>(hr[1][a]);
+          const acc_t h2 = c[2] * static_cast<acc_t>(hr[2][a]);
+          const acc_t h3 = c[3] * static_cast<acc_t>(hr[3][a]);
+          const scalar_t* br = bcol + a * n;
+          MOLORA_SIMD
+          for (int64_t o = 0; o < kExpandCols; ++o) {
+            const acc_t bv = static_cast<acc_t>(br[o]);
+            v0[o] += h0 * bv;
+            v1[o] += h1 * bv;
+            v2[o] += h2 * bv;
+            v3[o] += h3 * bv;
+          }
+        }
+        // Sequential adds: two rows of one token (a repeated expert id) both land.
+        for (int64_t o = 0; o < kExpandCols; ++o) dst[0][o] += v0[o];
+        for (int64_t o = 0; o < kExpandCols; ++o) dst[1][o] += v1[o];
+        for (int64_t o = 0; o < kExpandCols; ++o) dst[2][o] += v2[o];
+        for (int64_t o = 0; o < kExpandCols; ++o) dst[3][o] += v3[o];
+        continue;
+      }
+      for (int b = 0; b < nr; ++b) {  // a partial group, or the last, narrower column block
+        for (int64_t a = 0; a < r; ++a) {
+          const acc_t ha = c[b] * static_cast<acc_t>(hr[b][a]);
+          const scalar_t* br = bcol + a * n;
+          for (int64_t o = 0; o < nb; ++o) dst[b][o] += ha * static_cast<acc_t>(br[o]);
+        }
+      }
+    }
+  }
+}
+
 // Grouped X^T Y: G[ro_e + a] = sum_{rows i of e} c_i * h[i, a] * x[t_i] for bank rows [g0, g1).
 // Each bank row is owned by one thread, so accumulation order is fixed (deterministic). Gives dA
 // (x = input, h = grad of the shrink output) and dB^T (x = grad of the output, h = shrink output).
 // Up to kBankBlock bank rows of one expert share each load of an x row; `acc` holds
 // kBankBlock * d values. NOTE: 1.59 -> 1.05 ms against one bank row at a time (same shape).
-constexpr int kBankBlock = 4;
+inline constexpr int kBankBlock = 4;
 
 template <typename scalar_t, typename acc_t>
 void sgmv_weight_grad_range(const scalar_t* x, const scalar_t* h, const GroupedMeta& m,
@@ -187,4 +266,5 @@ void gate_grad_range(const acc_t* dhg, const acc_t* h, const acc_t* scales,
   }
 }
 
+}  // namespace MOLORA_ISA
 }  // namespace molora::kernels

@@ -24,8 +24,8 @@ Here:
   selected_experts [..., k] int, -1 = none)``: sparse top-k routing). Both compute
   ``y = base(x) + sum_e g_e * scaling_e * B_e A_e drop(x)`` with a loop over the experts.
 * The kernel layers, ``layers.MoloraGatedLoRALinear`` and ``layers.MoloraTopKLoRALinear``: the
-  same math through ``stacked_gated_lora`` (dense) and dispatch -> ``sgmv_shrink`` ->
-  ``sgmv_expand`` (top-k). Differentiable (``has_backward = True``) and traceable by
+  same math through ``stacked_gated_lora`` (dense) and ``functional.moe_lora_linear``
+  (top-k). Differentiable (``has_backward = True``) and traceable by
   ``torch.compile`` (``can_torch_compile = True``; the ops have fake kernels).
 * ``kernel_layer_mapping()`` for ``kernels.use_kernel_mapping``; by default it uses
   ``MoloraLayerRepository`` (in-process: ``load()`` returns the class from this module, no files,
@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..modules.bank import Dispatched
+from ..functional import moe_lora_linear
 
 __all__ = [
     "GATED_LAYER_NAME", "TOPK_LAYER_NAME", "GatedLoRALinear", "TopKLoRALinear", "layers",
@@ -141,10 +141,8 @@ def _topk_forward(host: nn.Module, x: torch.Tensor, routing_weights: torch.Tenso
         raise ValueError(f"{type(host).__name__}: routing_weights and selected_experts must "
                          f"have shape {tuple(x.shape[:-1])} + (k,), got "
                          f"{tuple(routing_weights.shape)} and {tuple(selected_experts.shape)}")
-    d = Dispatched(selected_experts.reshape(-1, k), E)
-    h = ops.sgmv_shrink(xd, A, ro, d.order, d.pos, d.expert_offsets, None, None, max_rank=r)
-    y = ops.sgmv_expand(h, B, ro, d.order, d.pos, d.expert_offsets,
-                        routing_weights.reshape(-1, k).to(A.dtype), scales, base)
+    y = moe_lora_linear(xd, A, B, ro, routing_weights.reshape(-1, k).to(A.dtype),
+                        selected_experts.reshape(-1, k), scales, base=base, max_rank=r)
     return y.to(x.dtype).reshape(*x.shape[:-1], B.shape[0])
 
 
@@ -169,8 +167,9 @@ class MoloraGatedLoRALinear(nn.Module):
 
 class MoloraTopKLoRALinear(nn.Module):
     """Kernel layer: ``y = base_layer(x) + sum_j w[..., j] * scaling_e * B_e A_e drop(x)`` over
-    ``e = selected_experts[..., j]`` (-1 = no expert), through dispatch -> ``sgmv_shrink`` ->
-    ``sgmv_expand`` (only the selected experts' rows are computed). x [..., d_in],
+    ``e = selected_experts[..., j]`` (-1 = no expert), through ``functional.moe_lora_linear``
+    (grouped dispatch -> ``sgmv_shrink`` -> ``sgmv_expand``, which computes only the selected
+    experts' rows, or the dense / fused form where the cost model picks it). x [..., d_in],
     routing_weights [..., k] float, selected_experts [..., k] int32/int64 -> [..., d_out].
     """
 

@@ -6,7 +6,8 @@ and ``B [d_out, R]`` its ``lora_B.weight`` in the same columns (ragged ranks nee
 Every method of ``molora_ops.modules`` computes its adapters through one of the bank's four data
 paths, each a fixed composition of the fused ops:
 
-* ``routed``: sparse top-k routing (weights / ids [T, k]): dispatch -> sgmv_shrink -> sgmv_expand.
+* ``routed``: sparse top-k routing (weights / ids [T, k]): ``functional.moe_lora_linear`` (grouped
+  dispatch -> sgmv_shrink -> sgmv_expand, or the dense / fused forms where they are cheaper).
 * ``routed_per_slot``: the same, but returns the un-combined per-(token, slot) outputs [T, k, d_out]
   (MoELoRA's contrastive loss, the MoE-FFN's hidden pairs).
 * ``dense``: soft gates over all experts (gate [T, E]): stacked_gated_lora (shared-A for HydraLoRA).
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..functional import moe_lora_linear
 
 __all__ = ["LoRABank", "Dispatched", "lora_scaling"]
 
@@ -188,42 +190,27 @@ class LoRABank(nn.Module):
 
     def routed(self, x: torch.Tensor, weights: Optional[torch.Tensor],
                route: Union[torch.Tensor, Dispatched], base: Optional[torch.Tensor] = None,
-               x_by_pair: bool = False) -> torch.Tensor:
-        """``y[t] = base[t] + sum_j w[t,j] s_e B_e A_e x[t]`` over the experts ``e = ids[t, j]``.
+               x_by_pair: bool = False, algo: str = "auto") -> torch.Tensor:
+        """``y[t] = base[t] + sum_j w[t,j] s_e B_e A_e x[t]`` over the experts ``e = ids[t, j]``,
+        through ``molora_ops.functional.moe_lora_linear`` (``algo``: its formulation; "auto"
+        picks grouped, dense or fused by the cost model for this device).
 
         Args:
             x: [T, d_in] (or [T*k, d_in] with ``x_by_pair``: pair p = t*k + j reads row p).
             weights: [T, k] routing weights or None (1). route: ids [T, k] int (-1 = none), or a
-                ``Dispatched`` of them. base: [T, d_out] or None.
+                ``Dispatched`` of them (its layout is reused: the grouped formulation).
+            base: [T, d_out] or None.
         Returns: [T, d_out], x's dtype.
         """
         self._check_input(x)
-        d = route if isinstance(route, Dispatched) else Dispatched(route, self.num_experts)
-        if not x_by_pair and self._fused_inference(x, weights, base):
-            from ..triton.sgmv import fused_shrink_expand
-            return fused_shrink_expand(x, self._bank_a(), self.B, self.rank_offsets, d.order,
-                                       d.pos, d.expert_offsets, weights, self.scales, base,
-                                       max_rank=self.max_rank)
-        pos_in = d.pair_pos if x_by_pair else d.pos
-        h = ops.sgmv_shrink(x, self._bank_a(), self.rank_offsets, d.order, pos_in,
-                            d.expert_offsets, None, None, max_rank=self.max_rank)
-        return ops.sgmv_expand(h, self.B, self.rank_offsets, d.order, d.pos, d.expert_offsets,
-                               weights, self.scales, base)
-
-    # NOTE: untuned: the fused Triton shrink->expand keeps h on chip, so it saves the [P, r] round
-    # trip to HBM and one launch; it has no backward, so it serves inference only, and ranks <= 64
-    # (h lives in registers).
-    FUSED_MAX_RANK = 64
-
-    def _fused_inference(self, x, weights, base) -> bool:
-        if (not x.is_cuda or self.max_rank > self.FUSED_MAX_RANK
-                or torch.compiler.is_compiling()):  # compiled graphs keep the opaque ops
-            return False
-        tensors = [t for t in (x, weights, base, self.A, self.B) if t is not None]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return False
-        from .. import backend
-        return x.dtype != torch.float64 and backend.serving("sgmv_shrink") == "triton"
+        ids = route.ids if isinstance(route, Dispatched) else route
+        dispatched = ((route.order, route.pos, route.expert_offsets)
+                      if isinstance(route, Dispatched) else None)
+        if x_by_pair:
+            x = x.reshape(ids.shape[0], ids.shape[1], self.in_features)
+        return moe_lora_linear(x, self._bank_a(), self.B, self.rank_offsets, weights, ids,
+                               self.scales, base=base, algo=algo, max_rank=self.max_rank,
+                               dispatched=dispatched, x_per_slot=x_by_pair)
 
     def routed_per_slot(self, x: torch.Tensor, route: Union[torch.Tensor, Dispatched],
                         base: Optional[torch.Tensor] = None,

@@ -65,6 +65,27 @@ def _check_stacked_gated_lora_backward(grad_y, x, A, B, gate, rank_offsets, scal
                   f"grad_y must have shape ({x.shape[0]}, {B.shape[0]}), got {tuple(grad_y.shape)}")
 
 
+def _check_fused_moe_lora(x, A, B, rank_offsets, weights, ids, scales, base):
+    op = "fused_moe_lora"
+    _checks.floating(op, "x", x)
+    _checks.dim(op, "x", x, 2)
+    _checks.bank(op, "A", A, "x", x)
+    _checks.bank(op, "B", B, "x", x)
+    _checks.size(op, "A", A, 1, x.shape[1])
+    _checks.size(op, "A", A, 0, B.shape[1])
+    _checks.index(op, "ids", ids)
+    _checks.dim(op, "ids", ids, 2)
+    _checks.size(op, "ids", ids, 0, x.shape[0])
+    _checks.device(op, "ids", ids, x)
+    _checks.pair_weights(op, weights, ids, x)
+    E = rank_offsets.shape[0] - 1 if rank_offsets.dim() == 1 else 0
+    _checks.value(op, E >= 1, f"rank_offsets must be [E+1] with E >= 1, got shape "
+                              f"{tuple(rank_offsets.shape)}")
+    _checks.rank_offsets(op, rank_offsets, E, x)
+    _checks.vector(op, "scales", scales, E, x)
+    _checks.base(op, base, x.shape[0], B.shape[0], x)
+
+
 def _fake_sgmv_shrink(x, A, rank_offsets, order, pos, expert_offsets, weights, scales, max_rank):
     return x.new_empty((order.shape[0], max_rank))
 
@@ -76,6 +97,10 @@ def _fake_sgmv_expand(h, B, rank_offsets, order, pos, expert_offsets, weights, s
 def _fake_sgmv_weight_grad(x, h, rank_offsets, order, pos, expert_offsets, weights, scales,
                            total_rank):
     return x.new_empty((total_rank, x.shape[1]))
+
+
+def _fake_fused_moe_lora(x, A, B, rank_offsets, weights, ids, scales, base):
+    return x.new_empty((x.shape[0], B.shape[0]))
 
 
 def _fake_stacked_gated_lora(x, A, B, gate, rank_offsets, scales, base, shared_a):
@@ -126,13 +151,22 @@ def _sgmv_expand_backward(ctx, grad_y):
         grad_y_acc, B_acc, h_acc = opmath(grad_y, B, h)
         u = native("sgmv_shrink")(grad_y_acc, B_acc.t(), *meta, None, scales, max_rank)
     if ctx.needs_input_grad[0]:
-        grad_h = native("sgmv_shrink")(grad_y, B.t(), *meta, weights, scales, max_rank)
+        if need_w:  # dh_i = w_i u_i: the same shrink, weighted; no second pass over grad y
+            grad_h = (u * _row_weights(weights, order, u.dtype)[:, None]).to(h.dtype)
+        else:
+            grad_h = native("sgmv_shrink")(grad_y, B.t(), *meta, weights, scales, max_rank)
     if ctx.needs_input_grad[1]:
         grad_B = native("sgmv_weight_grad")(grad_y, h, *meta, weights, scales, B.shape[1]).t()
     if need_w:
         grad_w = native("pair_dot")(h_acc, u, pos, False).to(weights.dtype)
     grad_base = grad_y if ctx.needs_input_grad[8] else None
     return grad_h, grad_B, None, None, None, None, grad_w, None, grad_base
+
+
+def _row_weights(weights, order, dtype):
+    """w[order[i]] per dispatched row i, 0 on padding rows (order -1)."""
+    w = weights.reshape(-1).to(dtype)
+    return torch.where(order >= 0, w[order.clamp(min=0).long()], 0)
 
 
 def _save_gated(ctx, inputs, output):
@@ -147,6 +181,31 @@ def _stacked_gated_lora_backward(ctx, grad_y):
         grad_y, x, A, B, gate, ro, scales, ctx.shared_a)
     grad_base = grad_y if ctx.needs_input_grad[6] else None
     return grad_x, grad_A, grad_B, grad_gate, None, None, grad_base, None
+
+
+def _save_fused(ctx, inputs, output):
+    x, A, B, ro, weights, ids, scales, _base = inputs
+    ctx.save_for_backward(x, A, B, ro, weights, ids, scales)
+
+
+def _fused_moe_lora_backward(ctx, grad_y):
+    # The dense form's backward: the gate is rebuilt from (weights, ids) (T*k values), and
+    # d weights[t, j] = dgate[t, ids[t, j]].
+    x, A, B, ro, weights, ids, scales = ctx.saved_tensors
+    gate = reference.pair_gate(weights, ids, ro.shape[0] - 1, _checks.opmath_dtype(x.dtype))
+    grad_x, grad_A, grad_B, grad_gate = native("stacked_gated_lora_backward")(
+        grad_y, x, A, B, gate, ro, scales, False)
+    grad_w = None
+    if weights is not None and ctx.needs_input_grad[4]:
+        picked = grad_gate.gather(1, ids.clamp(min=0).long())
+        grad_w = torch.where(ids >= 0, picked, 0).to(weights.dtype)
+    grad_base = grad_y if ctx.needs_input_grad[7] else None
+    return grad_x, grad_A, grad_B, None, grad_w, None, None, grad_base
+
+
+def _fused_moe_lora_values(x, A, B, ro, weights, ids, scales, base):
+    _checks.rank_offsets_values("fused_moe_lora", ro, A.shape[0])
+    _checks.ids_in_range("fused_moe_lora", "ids", ids, -1, ro.shape[0] - 1)
 
 
 def _sgmv_shrink_values(x, A, ro, order, pos, eo, weights, scales, max_rank):
@@ -191,6 +250,11 @@ define("stacked_gated_lora(Tensor x, Tensor A, Tensor B, Tensor gate, Tensor ran
        reference=reference.stacked_gated_lora, values=_stacked_gated_lora_values,
        triton="gated:stacked_gated_lora",
        backward=_stacked_gated_lora_backward, setup_context=_save_gated)
+define("fused_moe_lora(Tensor x, Tensor A, Tensor B, Tensor rank_offsets, Tensor? weights, "
+       "Tensor ids, Tensor? scales, Tensor? base) -> Tensor",
+       check=_check_fused_moe_lora, fake=_fake_fused_moe_lora, reference=reference.fused_moe_lora,
+       values=_fused_moe_lora_values, triton="sgmv:fused_moe_lora",
+       backward=_fused_moe_lora_backward, setup_context=_save_fused)
 define("stacked_gated_lora_backward(Tensor grad_y, Tensor x, Tensor A, Tensor B, Tensor gate, "
        "Tensor rank_offsets, Tensor? scales, bool shared_a) -> "
        "(Tensor grad_x, Tensor grad_A, Tensor grad_B, Tensor grad_gate)",
@@ -268,3 +332,19 @@ def stacked_gated_lora_backward(grad_y, x, A, B, gate, rank_offsets, scales, sha
     """(dx, dA, dB, dgate) of ``stacked_gated_lora``, each with its input's dtype."""
     return call("stacked_gated_lora_backward", grad_y, x, A, B, gate, rank_offsets,
                 scales, shared_a)
+
+
+def fused_moe_lora(x, A, B, rank_offsets, weights, ids, scales=None, base=None):
+    """Top-k MoE-LoRA linear in one launch (the dense form, h on chip; no dispatch):
+    ``y[t] = base[t] + sum_j w[t, j] s_e B_e A_e x[t]`` over ``e = ids[t, j]`` (-1: no expert).
+
+    Args: x [T, d_in]; A [R, d_in]; B [d_out, R] (x's dtype); rank_offsets [E+1] int;
+        weights [T, k] float or None (1); ids [T, k] int in [-1, E); scales [E] or None;
+        base [T, d_out] or None.
+    Returns: y [T, d_out] with x's dtype. Differentiable w.r.t. x, A, B, weights and base (the
+    backward is ``stacked_gated_lora_backward`` of the gate the routing spells).
+    Kernels: Triton on CUDA (total rank R <= 128: the bank's h tile lives in registers; larger
+    banks raise), the dense form through ATen elsewhere. ``molora_ops.functional.moe_lora_linear``
+    picks it (``algo="fused"``) where it is the cheapest formulation.
+    """
+    return call("fused_moe_lora", x, A, B, rank_offsets, weights, ids, scales, base)

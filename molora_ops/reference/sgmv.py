@@ -25,6 +25,9 @@ __all__ = [
     "sgmv_weight_grad",
     "stacked_gated_lora",
     "stacked_gated_lora_backward",
+    "pair_gate",
+    "fused_moe_lora",
+    "moe_lora_linear",
 ]
 
 
@@ -247,3 +250,69 @@ def stacked_gated_lora_backward(
         dB[:, r0:r1] = gyf.T @ (g_e * u_e)
         dgate[:, e] = s_e * (z_e * u_e).sum(-1)
     return dx.to(x.dtype), dA.to(A.dtype), dB.to(B.dtype), dgate.to(gate.dtype)
+
+
+def pair_gate(weights: Optional[torch.Tensor], ids: torch.Tensor, num_experts: int,
+              dtype: torch.dtype) -> torch.Tensor:
+    """The top-k routing as a dense gate [T, E] (dtype): ``g[t, e] = sum_j w[t, j] [ids[t, j] == e]``
+    (w = 1 when None; slots with id -1 add nothing). Differentiable w.r.t. weights (the gradient
+    of ``w[t, j]`` is ``dg[t, ids[t, j]]``). ids must lie in [-1, E)."""
+    valid = ids >= 0
+    w = torch.ones(ids.shape, dtype=dtype, device=ids.device) if weights is None else \
+        weights.to(dtype)
+    gate = torch.zeros(ids.shape[0], num_experts, dtype=dtype, device=ids.device)
+    return gate.scatter_add(1, ids.clamp(min=0).long(), torch.where(valid, w, 0))
+
+
+def fused_moe_lora(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    rank_offsets: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    ids: torch.Tensor,
+    scales: Optional[torch.Tensor] = None,
+    base: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """x [T,d_in], A [R,d_in], B [d_out,R], weights [T,k] or None, ids [T,k] -> y [T,d_out].
+
+    y[t] = base[t] + sum_j w[t,j] * s_e * B_e @ (A_e @ x[t]) with e = ids[t,j] (-1: none): the
+    top-k MoE-LoRA linear in the dense form, ``stacked_gated_lora`` of ``pair_gate``.
+    Gradient: x, A, B, weights, base.
+    """
+    _checks.rank_offsets_values("fused_moe_lora", rank_offsets, A.shape[0])
+    _checks.ids_in_range("fused_moe_lora", "ids", ids, -1, rank_offsets.shape[0] - 1)
+    gate = pair_gate(weights, ids, rank_offsets.shape[0] - 1, opmath_dtype(x.dtype))
+    return stacked_gated_lora(x, A, B, gate, rank_offsets, scales, base, False)
+
+
+def moe_lora_linear(x, lora_A, lora_B, rank_offsets, routing_weights, expert_ids, scales=None, *,
+                    base=None, weight=None, bias=None, algo="auto", max_rank=None,
+                    dispatched=None, x_per_slot=False):
+    """The definition of ``molora_ops.functional.moe_lora_linear`` (same arguments; ``algo``,
+    ``max_rank`` and ``dispatched`` change nothing here): per slot, the stacked gated form of the
+    slot's routing, in opmath, summed over the slots, plus the frozen layer."""
+    del algo, max_rank, dispatched
+    k, d_out = expert_ids.shape[-1], lora_B.shape[0]
+    lead = expert_ids.shape[:-1]
+    T = 1
+    for n in lead:
+        T *= n
+    ids = expert_ids.reshape(T, k)
+    E = rank_offsets.shape[0] - 1
+    op = opmath_dtype(x.dtype)
+    w = None if routing_weights is None else routing_weights.reshape(T, k).to(op)
+    xs = x.reshape(T, k, x.shape[-1]) if x_per_slot else x.reshape(T, 1, x.shape[-1])
+    y = torch.zeros(T, d_out, dtype=op, device=x.device)
+    for j in range(k):
+        xj = xs[:, j if x_per_slot else 0].to(op)
+        gate = pair_gate(None if w is None else w[:, j:j + 1], ids[:, j:j + 1], E, op)
+        y = y + stacked_gated_lora(xj, lora_A.to(op), lora_B.to(op), gate, rank_offsets,
+                                   None if scales is None else scales.to(op))
+    if weight is not None:
+        y = y + F.linear(xs[:, 0].to(op), weight.to(op), None if bias is None else bias.to(op))
+    elif bias is not None:
+        y = y + bias.to(op)
+    if base is not None:
+        y = y + base.reshape(T, d_out).to(op)
+    return y.to(x.dtype).reshape(*lead, d_out)

@@ -6,13 +6,13 @@ Launchers (positional arguments as in the op schemas; outputs allocated here):
   -> ``h [P, max_rank]``
 * ``sgmv_expand(h, B, rank_offsets, order, pos, expert_offsets, weights, scales, base)``
   -> ``y [T, d_out]``
-* ``fused_shrink_expand(x, A, B, rank_offsets, order, pos, expert_offsets, weights, scales, base)``
-  -> ``y [T, d_out]`` (small ranks, max_rank <= 64: ``h`` never leaves the chip)
+* ``fused_moe_lora(x, A, B, rank_offsets, weights, ids, scales, base)`` -> ``y [T, d_out]``
+  (the dense form in one launch, bank total rank <= 128: ``h`` never leaves the chip)
 * ``sgmv_weight_grad(x, h, rank_offsets, order, pos, expert_offsets, weights, scales, total_rank)``
   -> ``G [R, d]``
 * ``pair_dot(a, b, pos, a_by_token)`` -> ``out [T, k]`` (fp32)
 
-Schedule (shrink, expand, fused): the dispatched rows ``[0, expert_offsets[E])`` are cut into tiles
+Schedule (shrink, weight grad, and expand with k == 1): the dispatched rows ``[0, expert_offsets[E])`` are cut into tiles
 of BLOCK_M rows that never straddle two experts (expert e owns ``cdiv(n_e, BLOCK_M)`` tiles). The
 launcher never reads the counts (no host sync, CUDA-graph friendly): it launches
 ``cdiv(P, BLOCK_M) + E`` programs on grid axis 0, an upper bound on the number of tiles
@@ -21,6 +21,8 @@ power-of-two vector, forms ``tile_ends = cumsum(cdiv(counts, BLOCK_M))`` in regi
 expert by counting the ends <= its id, and exits when it lies past the last tile. (Computing the
 tile offsets in-kernel instead of with torch ops in the launcher saves ~5 tiny launches per op.)
 x rows are read through ``order`` (token ``order[i] // k``), never through a permuted copy.
+The expand with k > 1 is token-owned instead (a tile of tokens sums its k slots in registers), and
+``fused_moe_lora`` tiles tokens too: neither needs a per-row buffer or atomics.
 
 Numerics: every product accumulates in fp32 (``tl.dot`` with an fp32 accumulator); for fp32 inputs
 the dot runs with ``input_precision="ieee"`` (no TF32: results must match the fp32 reference).
@@ -39,14 +41,12 @@ import triton.language as tl
 
 from ._utils import dot_block, index32, reject_float64
 
-__all__ = ["sgmv_shrink", "sgmv_expand", "fused_shrink_expand", "sgmv_weight_grad", "pair_dot"]
+__all__ = ["sgmv_shrink", "sgmv_expand", "fused_moe_lora", "sgmv_weight_grad", "pair_dot"]
 
 # The largest rank tile: at BLOCK_R = 128 the shrink and weight-grad kernels run out of registers
 # (255 a thread) and spill on sm_90. Larger ranks take several rank tiles (a grid axis in shrink
 # and weight grad, a loop in expand).
 MAX_BLOCK_R = 64
-# the fused path keeps its whole [BLOCK_M, next_pow2(max_rank)] h tile in registers: one rank tile
-FUSED_MAX_RANK = MAX_BLOCK_R
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,20 +122,15 @@ def _shrink_acc(x, A, tok, valid, r_lo, a, a_ok, k_lo, k_hi, sxm, sxk, sam, sak,
 
 
 @triton.jit
-def _expand_store(out, delta, rows, tok, valid, n, n_ok, som, son, DIRECT: tl.constexpr):
-    """Write an expand tile delta [BLOCK_M, BLOCK_N] (fp32, c_i applied).
+def _expand_store(out, delta, tok, valid, n, n_ok, som, son):
+    """Add an expand tile delta [BLOCK_M, BLOCK_N] (fp32, c_i applied) into y[tok].
 
-    DIRECT (k == 1): a token owns at most one row, so the program owns y[tok] and adds in place
-    (y already holds base, or 0). Otherwise: rows go to the fp32 per-row buffer [P, d_out] that
-    _combine_kernel sums per token."""
-    if DIRECT:
-        ptrs = out + tok.to(tl.int64)[:, None] * som + n[None, :] * son
-        m = valid[:, None] & n_ok[None, :]
-        y = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
-        tl.store(ptrs, (y + delta).to(out.dtype.element_ty), mask=m)
-    else:
-        ptrs = out + rows.to(tl.int64)[:, None] * som + n[None, :] * son
-        tl.store(ptrs, delta, mask=valid[:, None] & n_ok[None, :])
+    Only for k == 1: a token owns at most one row, so the program owns y[tok] and adds in place
+    (y already holds base, or 0). k > 1 runs the token-owned ``_expand_token_kernel``."""
+    ptrs = out + tok.to(tl.int64)[:, None] * som + n[None, :] * son
+    m = valid[:, None] & n_ok[None, :]
+    y = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
+    tl.store(ptrs, (y + delta).to(out.dtype.element_ty), mask=m)
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,11 +178,11 @@ def _shrink_kernel(x, A, h, rank_offsets, order, expert_offsets, w, scales,
 def _expand_kernel(h, B, out, rank_offsets, order, expert_offsets, w, scales,
                    d_out, E, K,
                    shm, shr, sbn, sbr, som, son,
-                   HAS_W: tl.constexpr, HAS_S: tl.constexpr, DIRECT: tl.constexpr,
+                   HAS_W: tl.constexpr, HAS_S: tl.constexpr,
                    DOT_PREC: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """grid (row tiles, d_out tiles): delta = c_i * h[i, :r_e] @ B[n, r_lo:r_lo + r_e]^T, the
-    rank dimension reduced in BLOCK_R chunks (any rank)."""
+    """k == 1, grid (row tiles, d_out tiles): y[t_i] += c_i * h[i, :r_e] @ B[n, r_lo:r_lo+r_e]^T,
+    the rank dimension reduced in BLOCK_R chunks (any rank), on the tensor cores."""
     e, rows, p, tok, valid, r_lo, r_e = _expert_rows(expert_offsets, rank_offsets, order, E, K,
                                                      E_POW2, BLOCK_M)
     if e >= E:
@@ -204,57 +199,106 @@ def _expand_kernel(h, B, out, rank_offsets, order, expert_offsets, w, scales,
                      mask=a_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(ht, bt, acc, input_precision=DOT_PREC)
     acc = acc * _row_coef(w, scales, p, valid, e, HAS_W, HAS_S)[:, None]
-    _expand_store(out, acc, rows, tok, valid, n, n_ok, som, son, DIRECT)
+    _expand_store(out, acc, tok, valid, n, n_ok, som, son)
 
 
 @triton.jit
-def _fused_kernel(x, A, B, out, rank_offsets, order, expert_offsets, w, scales,
-                  d_in, d_out, E, K,
-                  sxm, sxk, sam, sak, sbn, sbr, som, son,
-                  HAS_W: tl.constexpr, HAS_S: tl.constexpr, DIRECT: tl.constexpr,
-                  DOT_PREC: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """grid (row tiles,): shrink the tile over all of d_in into registers, round h to the data
-    dtype (exactly what the unfused sgmv_shrink stores), then loop over the d_out tiles."""
-    e, rows, p, tok, valid, r_lo, r_e = _expert_rows(expert_offsets, rank_offsets, order, E, K,
-                                                     E_POW2, BLOCK_M)
-    if e >= E:
-        return
-    a = tl.arange(0, BLOCK_R)
-    a_ok = a < r_e
-    hq = _shrink_acc(x, A, tok, valid, r_lo, a, a_ok, 0, d_in, sxm, sxk, sam, sak,
-                     DOT_PREC, BLOCK_M, BLOCK_K, BLOCK_R).to(x.dtype.element_ty)
-    c = _row_coef(w, scales, p, valid, e, HAS_W, HAS_S)
-    b_cols = B + (r_lo + a)[:, None] * sbr
-    for n0 in range(0, d_out, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = n < d_out
-        bt = tl.load(b_cols + n[None, :] * sbn, mask=a_ok[:, None] & n_ok[None, :], other=0.0)
-        delta = tl.dot(hq, bt, input_precision=DOT_PREC) * c[:, None]
-        _expand_store(out, delta, rows, tok, valid, n, n_ok, som, son, DIRECT)
-
-
-@triton.jit
-def _combine_kernel(buf, base, y, pos, T, d_out, K,
-                    sbm, sbn, sym, syn,
-                    HAS_BASE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
-    """grid (token tiles, d_out tiles), token-owned: y[t] = base[t] + sum_j buf[pos[t, j]] with
-    the slots summed in the fixed order j = 0..k-1 (deterministic, no atomics)."""
+def _expand_token_kernel(h, B, base, y, rank_offsets, pos, expert_offsets, w, scales,
+                         T, d_out, E, K, max_rank,
+                         shm, shr, sbn, sbr, sbm, sbo, sym, syn,
+                         HAS_W: tl.constexpr, HAS_S: tl.constexpr, HAS_BASE: tl.constexpr,
+                         E_POW2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """k > 1, grid (token tiles, d_out tiles), token-owned: y[t] = base[t] + sum_j c_i *
+    B[n, r_lo:r_lo + r_e] @ h[i, :r_e] with i = pos[t, j], the slots added in the fixed order
+    j = 0..k-1 in fp32 registers and y written once: deterministic, no atomics and no [P, d_out]
+    row buffer. The tokens of a tile use different experts, so the B columns are gathered per
+    token and the rank loop runs on FMAs (k * r_e * d_out per token, small next to the tile's
+    traffic). NOTE: untuned (against a tensor-core tile per expert plus a per-row buffer)."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < T
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < d_out
-    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    for j in range(0, K):
-        i = tl.load(pos + t.to(tl.int64) * K + j, mask=t_ok, other=-1)
-        m = (i >= 0)[:, None] & n_ok[None, :]
-        acc += tl.load(buf + i.to(tl.int64)[:, None] * d_out + n[None, :], mask=m, other=0.0)
     m = t_ok[:, None] & n_ok[None, :]
+    t64 = t.to(tl.int64)
     if HAS_BASE:
-        acc = tl.load(base + t.to(tl.int64)[:, None] * sbm + n[None, :] * sbn, mask=m,
-                      other=0.0).to(tl.float32) + acc
-    tl.store(y + t.to(tl.int64)[:, None] * sym + n[None, :] * syn, acc.to(y.dtype.element_ty),
-             mask=m)
+        acc = tl.load(base + t64[:, None] * sbm + n[None, :] * sbo, mask=m,
+                      other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    lanes = tl.arange(0, E_POW2)
+    # ends[e] = expert_offsets[e + 1]; the expert of row i is #{e : ends[e] <= i} (empty experts
+    # have equal ends and are skipped), lanes >= E never count.
+    ends = tl.load(expert_offsets + 1 + lanes, mask=lanes < E, other=2147483647)
+    b_cols = B + n[None, :] * sbn
+    for j in range(0, K):
+        p = t64 * K + j
+        i = tl.load(pos + p, mask=t_ok, other=-1)
+        valid = i >= 0
+        e = tl.sum((ends[None, :] <= i[:, None]).to(tl.int32), axis=1)
+        e = tl.where(valid, e, 0)
+        r_lo = tl.load(rank_offsets + e, mask=valid, other=0)
+        r_e = tl.load(rank_offsets + e + 1, mask=valid, other=0) - r_lo
+        c = _row_coef(w, scales, p, valid, e, HAS_W, HAS_S)
+        h_row = h + i.to(tl.int64) * shm
+        for a in range(0, max_rank):
+            a_ok = valid & (a < r_e)
+            hv = tl.load(h_row + a * shr, mask=a_ok, other=0.0).to(tl.float32)
+            bv = tl.load(b_cols + (r_lo + a).to(tl.int64)[:, None] * sbr,
+                         mask=a_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+            acc += (c * hv)[:, None] * bv
+    tl.store(y + t64[:, None] * sym + n[None, :] * syn, acc.to(y.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _fused_moe_lora_kernel(x, A, B, base, y, ids, w, scales, col_expert,
+                           T, d_in, d_out, R, K,
+                           sxm, sxk, sam, sak, sbn, sbr, sbm, sbo, sym, syn,
+                           HAS_W: tl.constexpr, HAS_S: tl.constexpr, HAS_BASE: tl.constexpr,
+                           DOT_PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """grid (token tiles,), the dense form with h on chip: h = x[t] A^T over every bank column
+    (all of d_in, into a [BLOCK_T, BLOCK_R] fp32 register tile), each column c scaled by
+    g[t, c] = s_e * sum_j w[t, j] [ids[t, j] == e] with e = col_expert[c] (0 outside the token's
+    experts), rounded to the data dtype (as the grouped path's h), then
+    y[t] = base[t] + h_g B^T one d_out tile at a time. x, base and y cross HBM once each; A and B
+    (R rows) are re-read per token tile from L2. No dispatch, no atomics, deterministic."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < T
+    t64 = t.to(tl.int64)
+    c = tl.arange(0, BLOCK_R)
+    c_ok = c < R
+    h = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, d_in, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < d_in
+        xt = tl.load(x + t64[:, None] * sxm + kk[None, :] * sxk,
+                     mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        at = tl.load(A + c.to(tl.int64)[None, :] * sam + kk[:, None] * sak,
+                     mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+        h = tl.dot(xt, at, h, input_precision=DOT_PREC)
+    ec = tl.load(col_expert + c, mask=c_ok, other=-2)
+    g = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for j in range(0, K):
+        idj = tl.load(ids + t64 * K + j, mask=t_ok, other=-1)
+        if HAS_W:
+            wj = tl.load(w + t64 * K + j, mask=t_ok, other=0.0)
+        else:
+            wj = tl.where(t_ok, 1.0, 0.0)
+        g += tl.where(idj[:, None] == ec[None, :], wj[:, None], 0.0)
+    if HAS_S:
+        g = g * tl.load(scales + ec, mask=ec >= 0, other=0.0)[None, :]
+    hg = (h * g).to(x.dtype.element_ty)
+    b_rows = B + c.to(tl.int64)[:, None] * sbr
+    for n0 in range(0, d_out, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < d_out
+        m = t_ok[:, None] & n_ok[None, :]
+        bt = tl.load(b_rows + n[None, :] * sbn, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(hg, bt, input_precision=DOT_PREC)
+        if HAS_BASE:
+            acc += tl.load(base + t64[:, None] * sbm + n[None, :] * sbo, mask=m,
+                           other=0.0).to(tl.float32)
+        tl.store(y + t64[:, None] * sym + n[None, :] * syn, acc.to(y.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -337,7 +381,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-BLOCK_T = 16  # tokens per program of the combine pass, (token, slot) pairs per pair_dot program
+BLOCK_T = 16  # tokens per program of the k > 1 expand, (token, slot) pairs per pair_dot program
 
 
 class _Blocks(NamedTuple):
@@ -363,19 +407,24 @@ def _blocks(P: int, E: int, d_in: int, d_out: int, max_rank: int) -> _Blocks:
 
 # Warps a program of the fused and weight-grad kernels: with 4, their 64 x 64 tiles reach 255
 # registers a thread on sm_90 and spill (the weight grad in every dtype: it holds the scaled h tile
-# and its hi / lo halves next to the accumulator; the fused kernel in fp32: it holds its whole h
-# tile through the expand).
+# and its hi / lo halves next to the accumulator; the fused kernel: it holds its h tile, the gate
+# tile and the rounded copy through the expand).
 FUSED_WARPS = 8
 WEIGHT_GRAD_WARPS = 8
+# The fused kernel holds a [BLOCK_T, next_pow2(R)] fp32 h tile (and its gate) in registers.
+# NOTE: untuned (the register bound of the two R-wide tiles at BLOCK_T = 64, 8 warps).
+FUSED_MAX_TOTAL_RANK = 128
 
 
-def _fused_blocks(P: int, E: int, d_in: int, d_out: int, max_rank: int,
-                  dtype: torch.dtype) -> _Blocks:
-    """_blocks for the fused kernel. An fp32 (ieee) dot runs on FMAs, which keep both operand
-    tiles in registers: next to the [BLOCK_M, BLOCK_R] h tile, a 64-wide B tile spills even with
-    8 warps, so fp32 expands 32 output columns at a time."""
-    blk = _blocks(P, E, d_in, d_out, max_rank)
-    return blk._replace(N=min(blk.N, 32)) if dtype == torch.float32 else blk
+def _fused_blocks(T: int, d_in: int, d_out: int, R: int, dtype: torch.dtype) -> _Blocks:
+    """Tiles of the fused kernel: BLOCK_M token rows (fewer for a small batch), the whole bank
+    (BLOCK_R = next_pow2(R)) at once. An fp32 (ieee) dot runs on FMAs, which keep both operand
+    tiles in registers: fp32 takes 32 tokens and 32 output columns at a time.
+    NOTE: untuned."""
+    fp32 = dtype == torch.float32
+    return _Blocks(M=dot_block(T, 32 if fp32 else 64), K=dot_block(d_in, 32 if fp32 else 64),
+                   N=dot_block(d_out, 32 if fp32 else 64),
+                   R=dot_block(R, FUSED_MAX_TOTAL_RANK))
 
 
 def _coef(weights: Optional[torch.Tensor], scales: Optional[torch.Tensor], dummy: torch.Tensor):
@@ -432,22 +481,6 @@ def _output_y(base: Optional[torch.Tensor], T: int, d_out: int, like: torch.Tens
     return base.to(like.dtype, copy=True, memory_format=torch.contiguous_format)
 
 
-def _combine(buf: torch.Tensor, base: Optional[torch.Tensor], pos: torch.Tensor,
-             dtype: torch.dtype) -> torch.Tensor:
-    """y [T, d_out] (dtype) = base + per-token sum of the fp32 row buffer [P, d_out]."""
-    T, K = pos.shape
-    d_out = buf.shape[1]
-    y = torch.empty(T, d_out, dtype=dtype, device=buf.device)
-    if T == 0 or d_out == 0:
-        return y
-    bn = _blocks(0, 1, 0, d_out, 0).N
-    b = buf if base is None else base  # dummy pointer when there is no base
-    _combine_kernel[(triton.cdiv(T, BLOCK_T), triton.cdiv(d_out, bn))](
-        buf, b, y, pos, T, d_out, K, b.stride(0), b.stride(1), y.stride(0), y.stride(1),
-        HAS_BASE=base is not None, BLOCK_T=BLOCK_T, BLOCK_N=bn)
-    return y
-
-
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
@@ -483,68 +516,76 @@ def sgmv_shrink(x, A, rank_offsets, order, pos, expert_offsets, weights, scales,
     return out.to(x.dtype)
 
 
-def _expand_out(g: _Grouped, base, d_out: int, like: torch.Tensor):
-    """(out, DIRECT): y itself when k == 1 (token-owned rows), else an fp32 per-row buffer.
-
-    Why a buffer + combine pass for k > 1 rather than atomics into y: the result is deterministic
-    (a token's k rows are summed in slot order), and atomic adds on bf16/fp16 outputs would round
-    at every add in an arbitrary order. The price is the extra [P, d_out] fp32 write + read.
-    NOTE: untuned (that price against atomics)."""
-    if g.K == 1:
-        return _output_y(base, g.T, d_out, like), True
-    return torch.empty(g.P, d_out, dtype=torch.float32, device=like.device), False
-
-
 def sgmv_expand(h, B, rank_offsets, order, pos, expert_offsets, weights, scales, base):
-    """y [T, d_out] (dtype h) = base + sum_j c_i * B[:, ro_e : ro_e + r_e] @ h[i, :r_e]."""
+    """y [T, d_out] (dtype h) = base + sum_j c_i * B[:, ro_e : ro_e + r_e] @ h[i, :r_e].
+
+    k == 1: expert row tiles on the tensor cores, adding into y in place (a token owns one row).
+    k > 1: token-owned tiles that sum a token's k slots in registers (``_expand_token_kernel``):
+    y is written once, deterministically, with no [P, d_out] fp32 row buffer and no combine
+    pass."""
     reject_float64(h, B, base)
     P, d_out, max_rank = order.numel(), B.shape[0], h.shape[1]
     T = pos.shape[0]
     if P == 0 or d_out == 0 or B.shape[1] == 0 or max_rank == 0:
         return _output_y(base, T, d_out, h)
+    if pos.shape[1] > 1:
+        return _expand_by_token(h, B, rank_offsets, order, pos, expert_offsets, weights, scales,
+                                base)
     blk = _blocks(P, expert_offsets.numel() - 1, 0, d_out, max_rank)
     g = _grouped(rank_offsets, order, pos, expert_offsets, weights, scales, blk.M)
-    out, direct = _expand_out(g, base, d_out, h)
+    out = _output_y(base, g.T, d_out, h)
     _expand_kernel[(g.n_programs, triton.cdiv(d_out, blk.N))](
         h, B, out, g.ro, g.order, g.eo, g.w, g.s,
         d_out, g.E, g.K,
         h.stride(0), h.stride(1), B.stride(0), B.stride(1), out.stride(0), out.stride(1),
-        HAS_W=g.has_w, HAS_S=g.has_s, DIRECT=direct, DOT_PREC=_dot_precision(h.dtype),
+        HAS_W=g.has_w, HAS_S=g.has_s, DOT_PREC=_dot_precision(h.dtype),
         E_POW2=g.e_pow2, BLOCK_M=blk.M, BLOCK_N=blk.N, BLOCK_R=blk.R)
-    return out if direct else _combine(out, base, g.pos, h.dtype)
+    return out
 
 
-def fused_shrink_expand(x, A, B, rank_offsets, order, pos, expert_offsets, weights, scales, base,
-                        *, max_rank: Optional[int] = None):
-    """y [T, d_out] = sgmv_expand(sgmv_shrink(x, A, ..., None, None, max_rank), B, ..., weights,
-    scales, base) with h kept on chip (one program per expert row tile: shrink over d_in into a
-    [BLOCK_M, BLOCK_R] register tile, then expand over every d_out tile).
+def _expand_by_token(h, B, rank_offsets, order, pos, expert_offsets, weights, scales, base):
+    P, d_out, max_rank = order.numel(), B.shape[0], h.shape[1]
+    g = _grouped(rank_offsets, order, pos, expert_offsets, weights, scales, 1)
+    y = torch.empty(g.T, d_out, dtype=h.dtype, device=h.device)
+    bn = _blocks(P, g.E, 0, d_out, max_rank).N
+    b = y if base is None else base  # dummy pointer when there is no base
+    _expand_token_kernel[(triton.cdiv(g.T, BLOCK_T), triton.cdiv(d_out, bn))](
+        h, B, b, y, g.ro, g.pos, g.eo, g.w, g.s,
+        g.T, d_out, g.E, g.K, max_rank,
+        h.stride(0), h.stride(1), B.stride(0), B.stride(1), b.stride(0), b.stride(1),
+        y.stride(0), y.stride(1),
+        HAS_W=g.has_w, HAS_S=g.has_s, HAS_BASE=base is not None, E_POW2=g.e_pow2,
+        BLOCK_T=BLOCK_T, BLOCK_N=bn)
+    return y
 
-    Small ranks only: every r_e <= ``max_rank`` <= 64 (FUSED_MAX_RANK). ``max_rank`` may be left
-    out when the bank's total rank R <= 64 (then R bounds every r_e); it cannot be read from
-    rank_offsets without a host sync."""
+
+def fused_moe_lora(x, A, B, rank_offsets, weights, ids, scales, base):
+    """y [T, d_out] (dtype x) = base + sum_j w[t, j] s_e B_e A_e x[t] over e = ids[t, j] (-1: no
+    expert), in one launch with h on chip (``_fused_moe_lora_kernel``): the dense form, no
+    dispatch. Bank total rank R = A.shape[0] <= FUSED_MAX_TOTAL_RANK."""
     reject_float64(x, A, B, base)
-    R, d_in, d_out = A.shape[0], x.shape[1], B.shape[0]
-    if max_rank is None:
-        max_rank = R
-    if max_rank > FUSED_MAX_RANK:
-        raise ValueError(f"molora triton: fused_shrink_expand needs max_rank <= {FUSED_MAX_RANK} "
-                         f"(pass max_rank when the bank's total rank exceeds it), got {max_rank}")
-    P, T = order.numel(), pos.shape[0]
-    if P == 0 or d_out == 0 or R == 0:
+    T, d_in = x.shape
+    R, d_out = A.shape[0], B.shape[0]
+    if R > FUSED_MAX_TOTAL_RANK:
+        raise ValueError(f"molora triton: fused_moe_lora keeps the whole bank on chip and needs "
+                         f"total rank R <= {FUSED_MAX_TOTAL_RANK}, got {R}")
+    if T == 0 or d_out == 0 or R == 0 or ids.shape[1] == 0:
         return _output_y(base, T, d_out, x)
-    blk = _fused_blocks(P, expert_offsets.numel() - 1, d_in, d_out, max_rank, x.dtype)
-    g = _grouped(rank_offsets, order, pos, expert_offsets, weights, scales, blk.M)
-    out, direct = _expand_out(g, base, d_out, x)
-    _fused_kernel[(g.n_programs,)](
-        x, A, B, out, g.ro, g.order, g.eo, g.w, g.s,
-        d_in, d_out, g.E, g.K,
+    from .gated import expert_of_rank
+    col_expert = expert_of_rank(rank_offsets, R)
+    ids32 = index32(ids)
+    w, s, has_w, has_s = _coef(weights, scales, col_expert)
+    y = torch.empty(T, d_out, dtype=x.dtype, device=x.device)
+    b = y if base is None else base
+    blk = _fused_blocks(T, d_in, d_out, R, x.dtype)
+    _fused_moe_lora_kernel[(triton.cdiv(T, blk.M),)](
+        x, A, B, b, y, ids32, w, s, col_expert,
+        T, d_in, d_out, R, ids32.shape[1],
         x.stride(0), x.stride(1), A.stride(0), A.stride(1), B.stride(0), B.stride(1),
-        out.stride(0), out.stride(1),
-        HAS_W=g.has_w, HAS_S=g.has_s, DIRECT=direct, DOT_PREC=_dot_precision(x.dtype),
-        E_POW2=g.e_pow2, BLOCK_M=blk.M, BLOCK_K=blk.K, BLOCK_N=blk.N, BLOCK_R=blk.R,
-        num_warps=FUSED_WARPS)
-    return out if direct else _combine(out, base, g.pos, x.dtype)
+        b.stride(0), b.stride(1), y.stride(0), y.stride(1),
+        HAS_W=has_w, HAS_S=has_s, HAS_BASE=base is not None, DOT_PREC=_dot_precision(x.dtype),
+        BLOCK_T=blk.M, BLOCK_K=blk.K, BLOCK_N=blk.N, BLOCK_R=blk.R, num_warps=FUSED_WARPS)
+    return y
 
 
 def sgmv_weight_grad(x, h, rank_offsets, order, pos, expert_offsets, weights, scales,

@@ -1,0 +1,34 @@
+// The fp32 grouped kernels compiled for AVX2 + FMA (this file only: -mavx2 -mfma
+// -DMOLORA_ISA=isa_avx2, see CMakeLists.txt). No torch header is included here, so no torch inline
+// function is ever instantiated with AVX2 code; the kernels' own symbols live in
+// molora::kernels::isa_avx2 (csrc/kernels/isa.h).
+#include "sgmv_isa.h"
+
+namespace molora::cpu::avx2 {
+
+void sgmv_shrink_range(const float* x, const float* A, const kernels::GroupedMeta& m,
+                       const float* w, const float* scales, int64_t d, int64_t max_rank,
+                       int64_t i0, int64_t i1, float* h) {
+  kernels::sgmv_shrink_range<float, float>(x, A, m, w, scales, d, max_rank, i0, i1, h);
+}
+
+void sgmv_expand_range(const float* h, const float* Bt, const kernels::GroupedMeta& m,
+                       const int32_t* pos, const float* w, const float* scales, const float* base,
+                       int64_t n, int64_t max_rank, int64_t t0, int64_t t1, float* acc, float* y) {
+  kernels::sgmv_expand_range<float, float>(h, Bt, m, pos, w, scales, base, n, max_rank, t0, t1,
+                                           acc, y);
+}
+
+void sgmv_expand_cols(const float* h, const float* Bt, const kernels::GroupedMeta& m,
+                      const float* w, const float* scales, int64_t n, int64_t max_rank, int64_t n0,
+                      int64_t nb, float* acc) {
+  kernels::sgmv_expand_cols<float, float>(h, Bt, m, w, scales, n, max_rank, n0, nb, acc);
+}
+
+void sgmv_weight_grad_range(const float* x, const float* h, const kernels::GroupedMeta& m,
+                            const float* w, const float* scales, int64_t d, int64_t max_rank,
+                            int64_t g0, int64_t g1, float* acc, float* G) {
+  kernels::sgmv_weight_grad_range<float, float>(x, h, m, w, scales, d, max_rank, g0, g1, acc, G);
+}
+
+}  // namespace molora::cpu::avx2

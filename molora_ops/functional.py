@@ -1,0 +1,194 @@
+"""Functional entry points above the ops: the MoE-LoRA linear layer in one call.
+
+``moe_lora_linear`` computes ``y = x W^T + bias + sum_j w_j s_e B_e A_e x`` over the top-k experts
+of each token with one of three formulations (``molora_ops.plan`` has their launches, bytes and
+FLOPs), all with the same forward and backward:
+
+* ``"grouped"``: dispatch -> ``sgmv_shrink`` -> ``sgmv_expand``: only the routed experts' ranks
+  (``2*T*k*r*(d_in + d_out)`` FLOPs), x read once per routed pair.
+* ``"dense"``: the routing as a gate [T, E] -> ``stacked_gated_lora``: two matmuls over the whole
+  bank (``2*T*R*(d_in + d_out)``), x read once. The cheaper one where R is small and the device is
+  memory-bound (a GPU at R up to a few hundred).
+* ``"fused"``: ``fused_moe_lora``: the dense form in one launch, h on chip (Triton on CUDA, total
+  rank <= 128): the minimum traffic.
+* ``"auto"`` (default): the least modeled time at the device's ceilings (``plan.choose``), forward
+  plus backward when a gradient will be taken.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks, ops, plan, reference
+
+__all__ = ["moe_lora_linear", "ALGOS", "pick_algo"]
+
+ALGOS = ("auto",) + plan.ALGOS
+
+_OP = "moe_lora_linear"
+
+
+def _fail(exc, msg):
+    raise exc(f"molora_ops.{_OP}: {msg}")
+
+
+def _lead_check(name: str, t: torch.Tensor, lead: Tuple[int, ...], last: Optional[int],
+                what: str) -> None:
+    if t.dim() < 1 or tuple(t.shape[:-1]) != lead or (last is not None and t.shape[-1] != last):
+        _fail(ValueError, f"{name} must have shape {what}, got {tuple(t.shape)}")
+
+
+def _fused_serves(x: torch.Tensor, R: int) -> bool:
+    """Whether the fused kernel (Triton) serves this input: CUDA, not float64, R small enough."""
+    if not x.is_cuda or x.dtype == torch.float64 or R > plan.FUSED_MAX_TOTAL_RANK:
+        return False
+    from . import backend
+    return backend.serving("fused_moe_lora") == "triton"
+
+
+def pick_algo(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, num_experts: int,
+              top_k: int, max_rank: int, *, has_base: bool = True,
+              backward: Optional[bool] = None, allowed: Sequence[str] = plan.ALGOS) -> str:
+    """The formulation ``algo="auto"`` runs for these shapes on x's device: the least modeled time
+    (``molora_ops.plan``) among the ``allowed`` ones that serve the input (``fused`` needs the
+    Triton kernel). ``backward`` defaults to whether autograd will differentiate the call."""
+    T, d_in = x.reshape(-1, x.shape[-1]).shape
+    R, d_out = lora_A.shape[0], lora_B.shape[0]
+    if backward is None:
+        backward = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (x, lora_A, lora_B))
+    options = tuple(a for a in allowed if a != "fused" or _fused_serves(x, R))
+    return _choose(T, d_in, d_out, num_experts, top_k, R, max_rank, x.element_size(), has_base,
+                   str(x.device), x.dtype, bool(backward), options)
+
+
+@torch._dynamo.assume_constant_result
+def _choose(T, d_in, d_out, E, k, R, max_rank, elem, has_base, device, dtype, backward,
+            options) -> str:
+    # A compiled graph takes the choice as a constant made at trace time (shapes are static
+    # there; the ceilings are host data), so algo="auto" compiles with fullgraph=True.
+    shape = plan.Layer(T, d_in, d_out, E, k, R, max_rank, elem, has_base)
+    return plan.choose(shape, torch.device(device), dtype, backward, options)
+
+
+def moe_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                    rank_offsets: torch.Tensor, routing_weights: Optional[torch.Tensor],
+                    expert_ids: torch.Tensor, scales: Optional[torch.Tensor] = None, *,
+                    base: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
+                    bias: Optional[torch.Tensor] = None, algo: str = "auto",
+                    max_rank: Optional[int] = None,
+                    dispatched: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+                    x_per_slot: bool = False) -> torch.Tensor:
+    """MoE-LoRA linear: ``y = base + sum_j w[..., j] * s_e * B_e @ (A_e @ x)`` over the experts
+    ``e = expert_ids[..., j]`` (-1: no expert), with ``base = x @ weight^T + bias`` (or given).
+
+    Args:
+        x: [..., d_in] float (any leading dims; with ``x_per_slot``: [..., k, d_in], slot j of a
+            token reads its own row, the MoE-FFN's per-expert hidden states).
+        lora_A: [R, d_in], x's dtype: expert e's ``lora_A.weight`` in rows
+            ``rank_offsets[e]:rank_offsets[e+1]``. lora_B: [d_out, R], its ``lora_B.weight``.
+        rank_offsets: [E+1] int32/int64, non-decreasing from 0 to R (ragged ranks; 0 allowed).
+        routing_weights: [..., k] float (any float dtype) or None (all 1), from any router.
+        expert_ids: [..., k] int in [-1, E), from any router (softmax_topk, sigmoid_topk,
+            softmax_topp with -1 padding, a switch router with dropped tokens, ...).
+        scales: [E] float or None: per-expert LoRA scaling (alpha / r_e).
+        base: [..., d_out] x's dtype or None: the frozen layer's output, added to the delta.
+        weight: [d_out, d_in] or None: the frozen layer's weight, run here (exclusive with base).
+        bias: [d_out] or None: added to the output (with weight: the frozen layer's bias).
+        algo: "auto", "grouped", "dense" or "fused" (module docstring).
+        max_rank: the largest expert rank (host int; sizes the grouped path's h). Default: read
+            from a CPU rank_offsets; on CUDA (or while compiling) the total rank R, so pass it to
+            keep h small without a host read.
+        dispatched: (order, pos, expert_offsets) of ``ops.dispatch(ids, E, 1)``, to share one
+            dispatch between several banks routed alike (grouped only).
+    Returns:
+        y [..., d_out] with x's dtype. Differentiable w.r.t. x, lora_A, lora_B, routing_weights,
+        base, weight and bias by every formulation.
+    Raises:
+        ValueError / TypeError on bad shapes, dtypes, devices or algo, before any kernel runs;
+        ids out of range: IndexError on CPU (host value checks), a device-side assert on CUDA.
+    """
+    if algo not in ALGOS:
+        _fail(ValueError, f"algo must be one of {ALGOS}, got {algo!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        _fail(TypeError, "x must be a tensor [..., d_in]")
+    if rank_offsets.dim() != 1 or rank_offsets.shape[0] < 2:
+        _fail(ValueError, f"rank_offsets must be [E+1] with E >= 1, got shape "
+                          f"{tuple(rank_offsets.shape)}")
+    if lora_A.dim() != 2 or lora_B.dim() != 2:
+        _fail(ValueError, f"lora_A must be [R, d_in] and lora_B [d_out, R], got "
+                          f"{tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+    E = rank_offsets.shape[0] - 1
+    R, d_in, d_out = lora_A.shape[0], x.shape[-1], lora_B.shape[0]
+    if expert_ids.dim() < 1:
+        _fail(ValueError, "expert_ids must be [..., k]")
+    k = expert_ids.shape[-1]
+    lead = tuple(x.shape[:-2] if x_per_slot else x.shape[:-1])
+    if x_per_slot:
+        _lead_check("x", x, lead + (k,), d_in, "[..., k, d_in] with x_per_slot")
+    _lead_check("expert_ids", expert_ids, lead, k, f"x's leading dims {lead} + (k,)")
+    if routing_weights is not None:
+        _lead_check("routing_weights", routing_weights, lead, k, f"{lead + (k,)} like expert_ids")
+    if base is not None and weight is not None:
+        _fail(ValueError, "pass the frozen layer as base (its output) or weight, not both")
+    if base is not None:
+        _lead_check("base", base, lead, d_out, f"{lead + (d_out,)}")
+    if weight is not None and tuple(weight.shape) != (d_out, d_in):
+        _fail(ValueError, f"weight must have shape ({d_out}, {d_in}), got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (d_out,):
+        _fail(ValueError, f"bias must have shape ({d_out},), got {tuple(bias.shape)}")
+    if x_per_slot and algo in ("dense", "fused"):
+        _fail(ValueError, f"algo={algo!r} reads one x row per token; x_per_slot needs 'grouped'")
+
+    T = 1
+    for n in lead:
+        T *= n
+    x2 = x.reshape(T * (k if x_per_slot else 1), d_in)
+    ids2 = expert_ids.reshape(T, k)
+    w2 = None if routing_weights is None else routing_weights.reshape(T, k)
+    base2 = _base(x2 if not x_per_slot else None, base, weight, bias, T, d_out)
+
+    if max_rank is None:
+        max_rank = _max_rank(rank_offsets, R)
+    if algo == "auto":
+        algo = "grouped" if x_per_slot or dispatched is not None else pick_algo(
+            x2, lora_A, lora_B, E, k, max_rank, has_base=base2 is not None,
+            backward=torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad
+                for t in (x, lora_A, lora_B, routing_weights, base, weight, bias)))
+
+    if algo == "grouped":
+        order, pos, eo = dispatched if dispatched is not None else ops.dispatch(ids2, E, 1)
+        pos_in = pos.reshape(-1, 1) if x_per_slot else pos
+        h = ops.sgmv_shrink(x2, lora_A, rank_offsets, order, pos_in, eo, None, None,
+                            max_rank=max_rank)
+        y = ops.sgmv_expand(h, lora_B, rank_offsets, order, pos, eo, w2, scales, base2)
+    elif algo == "dense":
+        _checks.ids_in_range(_OP, "expert_ids", ids2, -1, E)
+        gate = reference.pair_gate(w2, ids2, E, _checks.opmath_dtype(x.dtype))
+        y = ops.stacked_gated_lora(x2, lora_A, lora_B, gate, rank_offsets, scales, base2, False)
+    else:
+        y = ops.fused_moe_lora(x2, lora_A, lora_B, rank_offsets, w2, ids2, scales, base2)
+    return y.reshape(*lead, d_out)
+
+
+def _base(x2, base, weight, bias, T: int, d_out: int) -> Optional[torch.Tensor]:
+    if weight is not None:
+        if x2 is None:
+            _fail(ValueError, "weight needs one x row per token; with x_per_slot pass base")
+        return F.linear(x2, weight, bias)
+    if base is not None:
+        base2 = base.reshape(T, d_out)
+        return base2 if bias is None else base2 + bias
+    if bias is not None:
+        return bias.expand(T, d_out)
+    return None
+
+
+def _max_rank(rank_offsets: torch.Tensor, R: int) -> int:
+    if rank_offsets.device.type != "cpu" or torch.compiler.is_compiling() or R == 0:
+        return R
+    return int((rank_offsets[1:] - rank_offsets[:-1]).max())

@@ -1,0 +1,347 @@
+"""molora_ops.functional.moe_lora_linear: every formulation (grouped, dense, fused, auto) against
+the float64 reference and against each other, forward and backward (dx, dA, dB, d routing weights,
+d base / d weight / d bias), on the ragged cases; gradcheck; fullgraph compile; errors; the GPU
+path's sync-freedom; and the plan's (molora_ops.plan) targets at the H200 shape."""
+import pytest
+import torch
+
+import molora_ops
+from molora_ops import functional as MF
+from molora_ops import plan
+from molora_ops import reference as ref
+
+ALGOS = ("grouped", "dense", "fused")
+
+# (id, T, d_in, d_out, ranks, k, ids kind)
+CASES = [
+    ("ragged-drop", 9, 12, 10, (3, 0, 5, 2), 2, "drop"),
+    ("T0", 0, 8, 6, (2, 3), 2, "drop"),
+    ("T1", 1, 8, 6, (4, 4, 4), 2, "drop"),
+    ("one-expert", 7, 8, 5, (3, 2, 6), 3, "one"),
+    ("E7-k1-r5", 11, 16, 9, (5,) * 7, 1, "drop"),
+    ("all-dropped", 4, 8, 6, (2, 2), 2, "none"),
+    ("repeated-id", 6, 8, 6, (3, 2, 1), 2, "repeat"),
+]
+
+
+def _ids(kind, T, E, k, g):
+    if kind == "one":
+        ids = torch.full((T, k), E // 2, dtype=torch.int64)
+        ids[:, 1:] = -1
+        return ids
+    if kind == "none":
+        return torch.full((T, k), -1, dtype=torch.int64)
+    ids = torch.randint(-1, E, (T, k), generator=g)
+    if kind == "repeat" and T:
+        ids[:, 1] = ids[:, 0].clamp(min=0)  # the same expert in two slots: both count
+    return ids
+
+
+def _problem(case, dtype=torch.float64, seed=0, lead=None):
+    _, T, d_in, d_out, ranks, k, kind = case
+    g = torch.Generator().manual_seed(seed)
+    E, R = len(ranks), sum(ranks)
+    ro = torch.tensor((0,) + tuple(ranks)).cumsum(0).to(torch.int32)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    p = dict(x=rnd(T, d_in), A=rnd(R, d_in, scale=0.5), B=rnd(d_out, R, scale=0.5),
+             w=torch.rand(T, k, generator=g, dtype=torch.float64).to(dtype),
+             W=rnd(d_out, d_in, scale=0.3), b=rnd(d_out), base=rnd(T, d_out),
+             s=(torch.rand(E, generator=g, dtype=torch.float64) + 0.5).to(dtype),
+             ids=_ids(kind, T, E, k, g), ro=ro, max_rank=max(ranks))
+    if lead is not None:
+        for n in ("x", "w", "ids", "base"):
+            p[n] = p[n].reshape(*lead, p[n].shape[-1])
+    return p
+
+
+def _run(p, algo, leaves=("x", "A", "B", "w", "W", "b"), use_base=False, **kw):
+    """y and the grads of ``leaves`` under a fixed random cotangent."""
+    ts = {n: p[n].detach().clone().requires_grad_(n in leaves) for n in ("x", "A", "B", "w", "W",
+                                                                         "b", "base")}
+    frozen = dict(base=ts["base"]) if use_base else dict(weight=ts["W"], bias=ts["b"])
+    y = MF.moe_lora_linear(ts["x"], ts["A"], ts["B"], p["ro"], ts["w"], p["ids"], p["s"],
+                           algo=algo, max_rank=p["max_rank"], **frozen, **kw)
+    g = torch.Generator().manual_seed(7)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)
+    names = [n for n in leaves if ts[n].requires_grad]
+    if use_base:
+        names = [n for n in names if n not in ("W", "b")] + ["base"]
+        ts["base"].requires_grad_(True)
+        y = MF.moe_lora_linear(ts["x"], ts["A"], ts["B"], p["ro"], ts["w"], p["ids"], p["s"],
+                               algo=algo, max_rank=p["max_rank"], base=ts["base"], **kw)
+    if y.numel() == 0 or not names:
+        return y.detach(), {}
+    grads = torch.autograd.grad(y, [ts[n] for n in names], gy, allow_unused=True)
+    return y.detach(), dict(zip(names, grads))
+
+
+def _oracle(p, use_base=False):
+    """The definition, in float64 through the per-expert loop of the reference ops."""
+    x, ids = p["x"].double(), p["ids"]
+    T = ids.reshape(-1, ids.shape[-1]).shape[0]
+    k, d_out = ids.shape[-1], p["B"].shape[0]
+    x2, ids2 = x.reshape(T, x.shape[-1]), ids.reshape(T, k)
+    w2 = p["w"].double().reshape(T, k)
+    base = p["base"].double().reshape(T, d_out) if use_base else \
+        x2 @ p["W"].double().t() + p["b"].double()
+    gate = ref.pair_gate(w2, ids2, p["ro"].numel() - 1, torch.float64)
+    y = ref.stacked_gated_lora(x2, p["A"].double(), p["B"].double(), gate, p["ro"],
+                               p["s"].double(), base)
+    return y.reshape(*ids.shape[:-1], d_out)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("algo", ALGOS + ("auto",))
+def test_algos_equal_reference_fp64(case, algo):
+    """Forward equals the definition; every gradient equals the grouped path's (itself checked by
+    gradcheck below and in test_gradcheck.py) to fp64 rounding."""
+    p = _problem(case)
+    y, grads = _run(p, algo)
+    torch.testing.assert_close(y, _oracle(p), rtol=1e-10, atol=1e-10)
+    y0, grads0 = _run(p, "grouped")
+    assert grads.keys() == grads0.keys()
+    for n in grads0:
+        if grads0[n] is None:
+            assert grads[n] is None or not grads[n].any(), n
+            continue
+        torch.testing.assert_close(grads[n], grads0[n], rtol=1e-10, atol=1e-10, msg=n)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_base_tensor_and_leading_dims(algo):
+    """base given as a tensor (its gradient is grad y), x with leading dims [B, S, d], and
+    non-contiguous inputs."""
+    case = ("lead", 12, 8, 6, (3, 4, 2), 2, "drop")
+    p = _problem(case, lead=(3, 4))
+    p["x"] = p["x"].transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
+    p["A"] = p["A"].t().contiguous().t()
+    assert not p["x"].is_contiguous() and not p["A"].is_contiguous()
+    y, grads = _run(p, algo, use_base=True)
+    assert y.shape == (3, 4, 6)
+    torch.testing.assert_close(y, _oracle(p, use_base=True), rtol=1e-10, atol=1e-10)
+    y0, grads0 = _run(p, "grouped", use_base=True)
+    for n in grads0:
+        torch.testing.assert_close(grads[n], grads0[n], rtol=1e-10, atol=1e-10, msg=n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("algo", ALGOS)
+def test_low_precision_error_rule(algo, dtype):
+    """The flash-attention rule: the error against the fp64 definition is at most ~2x that of the
+    same-precision PyTorch composite (the reference run in ``dtype``), plus a small floor."""
+    case = ("lp", 40, 64, 48, (16, 8, 16, 12, 16), 2, "drop")
+    p64 = _problem(case, seed=3)
+    p = {n: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v)
+         for n, v in p64.items()}
+    want = _oracle(p)  # fp64 of the rounded inputs
+    y, _ = _run(p, algo, leaves=())
+    gate = ref.pair_gate(p["w"], p["ids"], len(p["s"]), dtype)
+    base = (p["x"] @ p["W"].t() + p["b"])
+    composite = ref.stacked_gated_lora(p["x"], p["A"], p["B"], gate, p["ro"], p["s"], base)
+    err = (y.double() - want).abs().max().item()
+    err_ref = (composite.double() - want).abs().max().item()
+    floor = 1e-6 if dtype == torch.float32 else 1e-3
+    assert err <= 2 * err_ref + floor * want.abs().max().item(), (err, err_ref)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_gradcheck(algo):
+    case = ("gc", 5, 4, 3, (2, 0, 3), 2, "drop")
+    p = _problem(case, seed=5)
+
+    def f(x, A, B, w, W, b):
+        return MF.moe_lora_linear(x, A, B, p["ro"], w, p["ids"], p["s"], weight=W, bias=b,
+                                  algo=algo, max_rank=3)
+
+    args = [p[n].clone().requires_grad_() for n in ("x", "A", "B", "w", "W", "b")]
+    assert torch.autograd.gradcheck(f, args)
+
+
+@pytest.mark.parametrize("algo", ALGOS + ("auto",))
+def test_compile_fullgraph(algo):
+    case = ("cc", 10, 8, 6, (3, 2, 4), 2, "drop")
+    p = _problem(case, dtype=torch.float32, seed=2)
+
+    def f(x, A, B, w, base):
+        return MF.moe_lora_linear(x, A, B, p["ro"], w, p["ids"], p["s"], base=base, algo=algo,
+                                  max_rank=p["max_rank"])
+
+    args = [p[n].clone().requires_grad_() for n in ("x", "A", "B", "w", "base")]
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    y = compiled(*args)
+    y_eager = f(*args)
+    torch.testing.assert_close(y, y_eager, rtol=1e-5, atol=1e-5)
+    g = torch.autograd.grad(y.sum(), args)
+    g_eager = torch.autograd.grad(y_eager.sum(), args)
+    for a, b in zip(g, g_eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_x_per_slot_equals_rows():
+    """x_per_slot (the MoE-FFN's down projection: slot j of token t reads its own row) equals the
+    grouped path on the rows laid out per pair."""
+    case = ("slots", 6, 8, 5, (2, 3, 4), 2, "drop")
+    p = _problem(case)
+    xs = torch.randn(6, 2, 8, dtype=torch.float64)
+    y = MF.moe_lora_linear(xs, p["A"], p["B"], p["ro"], p["w"], p["ids"], p["s"], x_per_slot=True)
+    want = torch.zeros(6, 5, dtype=torch.float64)
+    for j in range(2):  # slot j alone: a k=1 routing over the slot's own inputs
+        gate = ref.pair_gate(p["w"][:, j:j + 1], p["ids"][:, j:j + 1], 3, torch.float64)
+        want += ref.stacked_gated_lora(xs[:, j], p["A"], p["B"], gate, p["ro"], p["s"])
+    torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="x_per_slot"):
+        MF.moe_lora_linear(xs, p["A"], p["B"], p["ro"], p["w"], p["ids"], algo="dense",
+                           x_per_slot=True)
+
+
+def test_dispatched_is_shared():
+    case = ("shared", 8, 8, 6, (2, 3, 4), 2, "drop")
+    p = _problem(case)
+    d = molora_ops.dispatch(p["ids"], 3, 1)
+    y = MF.moe_lora_linear(p["x"], p["A"], p["B"], p["ro"], p["w"], p["ids"], p["s"],
+                           dispatched=d)
+    torch.testing.assert_close(y, _oracle(p, use_base=True) - p["base"], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (dict(algo="bmm"), ValueError, "algo"),
+    (dict(ids=torch.zeros(9, 3, dtype=torch.int64)), ValueError, "expert_ids"),
+    (dict(w=torch.rand(9, 3)), ValueError, "routing_weights"),
+    (dict(base=torch.randn(9, 7)), ValueError, "base"),
+    (dict(both=True), ValueError, "not both"),
+    (dict(W=torch.randn(10, 11)), ValueError, "weight"),
+    (dict(b=torch.randn(9)), ValueError, "bias"),
+    (dict(ro=torch.tensor([0])), ValueError, "rank_offsets"),
+])
+def test_errors_before_any_kernel(bad, exc, match):
+    p = _problem(CASES[0], dtype=torch.float32)
+    algo = bad.get("algo", "auto")
+    ids, w = bad.get("ids", p["ids"]), bad.get("w", p["w"])
+    kw = dict(weight=bad.get("W", p["W"]), bias=bad.get("b", p["b"]))
+    if "base" in bad or "both" in bad:
+        kw = dict(base=bad.get("base", p["base"]))
+        if "both" in bad:
+            kw["weight"] = p["W"]
+    with pytest.raises(exc, match=f"moe_lora_linear: .*{match}"):
+        MF.moe_lora_linear(p["x"], p["A"], p["B"], bad.get("ro", p["ro"]), w, ids, p["s"],
+                           algo=algo, **kw)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_ids_out_of_range_is_index_error(algo):
+    p = _problem(CASES[0], dtype=torch.float32)
+    ids = p["ids"].clone()
+    ids[0, 0] = 4
+    with pytest.raises(IndexError):
+        MF.moe_lora_linear(p["x"], p["A"], p["B"], p["ro"], p["w"], ids, p["s"], algo=algo)
+
+
+# --- the plan ------------------------------------------------------------------------------------
+
+H200_SHAPE = plan.Layer(T=4096, d_in=4096, d_out=4096, E=8, k=2, R=128, max_rank=16, elem=2)
+
+
+def _h200():
+    return plan._KNOWN["H200"]
+
+
+def test_plan_h200_traffic_and_time_targets():
+    """At the issue's H200 shape (bf16, T = d_in = d_out = 4096, E=8, k=2, r=16) the formulation
+    the model picks moves at most 1.25x the minimum bytes, and the modeled MoE-LoRA linear costs
+    at most 1.15x the base GEMM forward and 1.3x forward + backward."""
+    c = _h200()
+    algo = plan.choose(H200_SHAPE, "cpu", torch.bfloat16, backward=True, c=c)
+    fwd, bwd = plan.launches(algo, H200_SHAPE), plan.launches(algo, H200_SHAPE, True)
+    assert sum(l.bytes for l in fwd) <= 1.25 * plan.minimum_bytes(H200_SHAPE)
+    base_f = plan.modeled_time(plan.base_launches(H200_SHAPE), c, torch.bfloat16)
+    base_b = plan.modeled_time(plan.base_launches(H200_SHAPE, True), c, torch.bfloat16)
+    t_f = plan.modeled_time(fwd, c, torch.bfloat16)
+    t_b = plan.modeled_time(bwd, c, torch.bfloat16)
+    assert (base_f + t_f) / base_f <= 1.15
+    assert (base_f + t_f + base_b + t_b) / (base_f + base_b) <= 1.3
+    # and the grouped form moves k copies of x: the model knows why it loses here
+    grouped = sum(l.bytes for l in plan.launches("grouped", H200_SHAPE))
+    assert grouped > sum(l.bytes for l in fwd)
+
+
+def test_plan_prefers_grouped_where_dense_flops_dominate():
+    """Large total rank (E=64, r=64: R=4096) on the same GPU: the dense FLOPs (E/k = 8x) make it
+    compute-bound, and the grouped form wins; on a compute-poor device the switch comes early."""
+    big = plan.Layer(T=4096, d_in=4096, d_out=4096, E=64, k=8, R=4096, max_rank=64, elem=2)
+    assert plan.choose(big, "cpu", torch.bfloat16, True, ("grouped", "dense"), c=_h200()) == \
+        "grouped"
+    slow = plan.Ceilings("2-core CPU", 1e10, {torch.float32: 1e11}, 5e-6)
+    cpu_shape = plan.Layer(T=1024, d_in=512, d_out=1376, E=8, k=2, R=128, max_rank=16, elem=4)
+    assert plan.choose(cpu_shape, "cpu", torch.float32, True, ("grouped", "dense"),
+                       c=slow) == "grouped"
+
+
+def test_plan_launch_bytes_are_consistent():
+    for algo in ALGOS:
+        for bwd in (False, True):
+            for launch in plan.launches(algo, H200_SHAPE, bwd):
+                assert launch.read > 0 and launch.write > 0 and launch.flops >= 0, launch
+    assert plan.minimum_bytes(H200_SHAPE) == (3 * 4096 * 4096 + 2 * 128 * 4096) * 2
+
+
+def test_auto_never_picks_fused_without_the_kernel():
+    x = torch.randn(64, 32)
+    assert MF.pick_algo(x, torch.randn(16, 32), torch.randn(24, 16), 4, 2, 4) in (
+        "grouped", "dense")
+
+
+# --- the GPU path -------------------------------------------------------------------------------
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("algo", ["grouped", "dense"])
+def test_gpu_path_reads_nothing(algo):
+    """On the code a GPU runs (Triton in the interpreter, device-form checks) the entry makes no
+    host read: forward and backward, k = 2 (the token-owned expand)."""
+    host_reads = pytest.importorskip("host_reads")
+    from molora_ops import backend
+    if not backend.has_triton():
+        pytest.skip("triton is not installed")
+    p = _problem(CASES[0], dtype=torch.float32, seed=4)
+    with backend.gpu_path_on_cpu("triton"):
+        _run(p, algo)  # first-call binding
+        with host_reads.count_host_reads() as reads:
+            y, grads = _run(p, algo)
+    ours = reads.under("molora_ops/")
+    assert not ours, reads.report(ours)
+    y0, grads0 = _run(p, "grouped")
+    torch.testing.assert_close(y, y0, rtol=1e-4, atol=1e-4)
+    for n in grads0:
+        torch.testing.assert_close(grads[n], grads0[n], rtol=1e-4, atol=1e-4, msg=n)
+
+
+@pytest.mark.triton
+def test_triton_expand_has_no_row_buffer(monkeypatch):
+    """k > 1: the Triton expand allocates nothing of P rows (no fp32 [P, d_out] buffer)."""
+    from molora_ops import backend
+    if not backend.has_triton():
+        pytest.skip("triton is not installed")
+    from molora_ops.triton import sgmv as ts
+    T, k, E, r, d_out = 10, 3, 4, 4, 24
+    ids = torch.randint(0, E, (T, k))
+    order, pos, eo = ref.dispatch(ids, E, 1)
+    ro = molora_ops.uniform_rank_offsets(E, r)
+    h, B = torch.randn(T * k, r), torch.randn(d_out, E * r)
+    shapes = []
+    for name in ("empty", "zeros"):
+        orig = getattr(torch, name)
+
+        def spy(*size, _orig=orig, **kw):
+            shapes.append(tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list))
+                          else tuple(size))
+            return _orig(*size, **kw)
+
+        monkeypatch.setattr(ts.torch, name, spy)
+    y = ts.sgmv_expand(h, B, ro, order, pos, eo, torch.rand(T, k), None, torch.randn(T, d_out))
+    monkeypatch.undo()
+    assert y.shape == (T, d_out)
+    assert all(s[:1] != (T * k,) for s in shapes), shapes

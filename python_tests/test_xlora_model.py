@@ -276,6 +276,13 @@ def test_save_without_adapter_configs_synthesises_patterns(adapters, batch, tmp_
     ours.save_pretrained(str(tmp_path))
     loaded = XLoRAModel.from_pretrained(llama(), str(tmp_path)).eval()
     torch.testing.assert_close(logits(loaded, ids, mask), ref, rtol=0, atol=1e-6)
+    # a classifier file that does not fit: refused before the model is touched
+    from safetensors.torch import save_file
+    save_file({"layers.0.weight": torch.zeros(3, 32)}, str(tmp_path / "xlora_classifier.safetensors"))
+    fresh = llama()
+    with pytest.raises(ValueError, match="missing.*layers.0.bias"):
+        load_xlora(fresh, str(tmp_path))
+    assert not any(isinstance(m, XLoRALinear) for m in fresh.modules())
 
 
 def test_accelerate_xlora_refuses_named_adapters(adapters, batch):

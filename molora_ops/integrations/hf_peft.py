@@ -614,7 +614,13 @@ def load_xlora(model: nn.Module, directory: Union[str, os.PathLike], *,
         raise ValueError(f"load_xlora: the saved adapters adapt {len(modules)} modules with "
                          f"{len(ads)} adapters but the classifier was saved for "
                          f"{c['num_layers']} modules and {c['num_adapters']} adapters")
+    hidden = getattr(getattr(model, "config", None), "hidden_size", c["hidden_size"])
+    if hidden != c["hidden_size"]:
+        raise ValueError(f"load_xlora: the classifier was saved for hidden_size "
+                         f"{c['hidden_size']} but the model has {hidden}")
     clf_state = load_file(clf_path)
+    # keys and shapes checked on a meta-device twin before the model is touched
+    XLoRAClassifier(**c, device="meta").load_peft_state_dict(clf_state)
     xm = apply_xlora_from_adapters(
         model, ads, dropout=L["dropout"], per_token_softmax_topk=L["per_token_softmax_topk"],
         dtype=dtype or getattr(torch, meta["dtype"]), hidden_size=c["hidden_size"],

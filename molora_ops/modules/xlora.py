@@ -182,12 +182,13 @@ def xlora_topk_scalings(scalings: torch.Tensor, top_k_lora: Optional[int] = None
     """PEFT ``XLoraLayer.get_maybe_topk_scalings`` on one module's scalings [..., N].
 
     ``top_k_lora``: every scaling but the k largest of a token is zeroed (``x * mask``).
-    ``enable_softmax_topk``: the nonzero scalings are replaced by a softmax over them. PEFT (and
-    the original repo) do ``softmax(scalings[nonzero_mask], dim=-1)`` on the FLATTENED 1-D
-    selection, i.e. one softmax over the nonzero scalings of every token of the batch; that is
-    the default (``per_token_softmax_topk=False``). ``per_token_softmax_topk=True`` gives the
-    per-token softmax over each token's nonzero scalings (the evident intent). Out of place
-    (PEFT writes the result into the classifier's scalings tensor; nothing reads it afterwards).
+    ``enable_softmax_topk``: the nonzero scalings are replaced by a softmax over them. The
+    original repo (and older PEFT releases) do ``softmax(scalings[nonzero_mask], dim=-1)`` on the
+    FLATTENED 1-D selection, i.e. one softmax over the nonzero scalings of every token of the
+    batch; that is this function's default (``per_token_softmax_topk=False``).
+    ``per_token_softmax_topk=True`` gives the per-token softmax over each token's nonzero
+    scalings, which is what PEFT 0.21 does (``masked_fill(-inf)`` + softmax over the adapters;
+    ``apply_xlora_from_adapters`` defaults to it). Out of place.
     """
     s = scalings
     if top_k_lora is not None:
@@ -229,7 +230,8 @@ class XLoRALinear(MoLoRALinear):
             ``num_adapters``). alphas: LoRA alpha (one float or one per adapter).
         dropout: LoRA dropout (one p for all adapters; PEFT has one per adapter).
         top_k_lora: None (dense, the default) or k. enable_softmax_topk: False.
-        per_token_softmax_topk: False = PEFT's flattened softmax (see below).
+        per_token_softmax_topk: False = the original repo's flattened softmax (see below);
+            True = per token, as PEFT 0.21 (``apply_xlora_from_adapters``' default).
         global_scaling_weight: 1.0. trainable_adapters: False (PEFT ``use_trainable_adapters``).
         init: bank init (``"lora"``: B = 0; load the adapters with ``bank.load_expert`` or use
             ``from_peft_adapters``; ``"gaussian"``: random non-zero adapters).
@@ -241,10 +243,11 @@ class XLoRALinear(MoLoRALinear):
 
     Reference-code quirks:
 
-    * ``enable_softmax_topk`` normalises across ALL tokens of the batch (PEFT and the original
-      both softmax the flattened nonzero selection). Reproduced by default for parity with the
-      released checkpoints' code; ``per_token_softmax_topk=True`` gives the per-token softmax.
-      Both only matter when ``enable_softmax_topk=True`` (off in every released config).
+    * ``enable_softmax_topk`` normalises across ALL tokens of the batch in the original repo
+      (and older PEFT releases: a softmax of the flattened nonzero selection). Reproduced by
+      this class's default for parity with the released checkpoints' code;
+      ``per_token_softmax_topk=True`` gives the per-token softmax that PEFT 0.21 computes. Both
+      only matter when ``enable_softmax_topk=True`` (off in every released config).
     * X-LoRA scales the INPUT before dropout, ``B_n A_n drop(x * sigma_n)``; here the gate scales
       the adapter output, ``sigma_n B_n A_n drop(x)``. LoRA is linear and sigma_n is a per-token
       scalar, so the two are equal without dropout (eval, or dropout = 0, the released configs);

@@ -433,6 +433,29 @@ def test_aux_loss_added_to_loss(method, reduction):
     torch.testing.assert_close(out3[1], out.logits)
 
 
+@pytest.mark.parametrize("form", ["masked", "moe_peft"])
+def test_mixlora_dynamic_aux_loss_padding_form(form):
+    """MixLoRA-dynamic through apply_molora on a padded batch: the default ("masked") drops
+    padded tokens from the pooled loss, "moe_peft" (MoE-PEFT's DynamicRouterLoss) counts them."""
+    model = apply_molora(tiny_model(), config("mixlora", aux_loss_coef=0.5, dropout=0.0,
+                                               method_kwargs={"routing": "dynamic",
+                                                              "aux_loss_form": form}))
+    randomize_adapters(model)
+    model.train()
+    ids, mask, labels = batch()
+    routings, handles = capture_routings(model)
+    out = model(ids, attention_mask=mask, labels=labels)
+    for h in handles:
+        h.remove()
+    probs, sel = torch.cat([r.probs for r in routings]), torch.cat([r.ids for r in routings])
+    keep = mask.reshape(-1).bool().repeat(len(routings))
+    masked = 0.5 * mixtral_balance(probs, sel, 4, keep)
+    unmasked = 0.5 * mixtral_balance(probs, sel, 4, torch.ones_like(keep))
+    assert (masked - unmasked).abs() > 1e-4
+    torch.testing.assert_close(out.aux_loss, masked if form == "masked" else unmasked,
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_aux_loss_absent_for_methods_without_one():
     model = apply_molora(tiny_model(), config("hydralora"))
     ids, mask, labels = batch()

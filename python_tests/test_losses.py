@@ -697,6 +697,7 @@ def test_losses_imports_no_sibling_module():
             assert not any(a.name.startswith("molora_ops.modules") for a in node.names)
     assert set(losses.__all__) >= {
         "mixtral_load_balancing_loss", "switch_load_balancing_loss", "router_z_loss", "tsallis_entropy",
-        "dynmole_loss", "mola_balance_loss", "mola_balance_loss_per_module", "llava_mole_balance_loss", "loramoe_lbc_loss",
+        "dynmole_loss", "mola_balance_loss", "mola_balance_loss_per_module",
+        "llava_mole_balance_loss", "loramoe_lbc_loss",
         "mole_gate_balance_loss", "meteora_gate_loss", "moelora_contrastive_loss", "lora_mixer_rsl_loss",
         "aux_free_bias_update_", "expert_counts"}

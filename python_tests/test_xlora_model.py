@@ -257,8 +257,8 @@ def test_save_and_load_round_trip(adapters, batch, tmp_path):
     A1, B1 = q.bank.expert(1)
     assert torch.equal(A, A1) and torch.equal(B, B1) and scale == pytest.approx(24 / 6)
     # load_xlora checks before touching the model
-    (tmp_path / "xlora_config.json").write_text(
-        (tmp_path / "xlora_config.json").read_text().replace('"num_layers": 12', '"num_layers": 11'))
+    cfg_file = tmp_path / "xlora_config.json"
+    cfg_file.write_text(cfg_file.read_text().replace('"num_layers": 12', '"num_layers": 11'))
     fresh = llama()
     with pytest.raises(ValueError, match="saved for 11 modules"):
         load_xlora(fresh, str(tmp_path))
@@ -278,7 +278,8 @@ def test_save_without_adapter_configs_synthesises_patterns(adapters, batch, tmp_
     torch.testing.assert_close(logits(loaded, ids, mask), ref, rtol=0, atol=1e-6)
     # a classifier file that does not fit: refused before the model is touched
     from safetensors.torch import save_file
-    save_file({"layers.0.weight": torch.zeros(3, 32)}, str(tmp_path / "xlora_classifier.safetensors"))
+    save_file({"layers.0.weight": torch.zeros(3, 32)},
+              str(tmp_path / "xlora_classifier.safetensors"))
     fresh = llama()
     with pytest.raises(ValueError, match="missing.*layers.0.bias"):
         load_xlora(fresh, str(tmp_path))

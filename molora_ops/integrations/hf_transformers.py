@@ -28,10 +28,10 @@ Aux losses (MixLoRA's Mixtral load balance, MoLA's balance loss): a forward pre-
 always-called forward hook on the top-level model collect the routing of every MoE-LoRA layer
 (with its decoder-layer index) during one top-level forward and reduce them to ONE 0-d fp32
 tensor ``aux`` (see ``MoLoRAConfig.aux_loss_reduction``; MoLA: one loss per decoder layer over
-the rows of all that layer's MoLA modules, as the MoLA authors). The hook then sets ``outputs["aux_loss"] = aux``
-(differentiable) and, when the model computed a loss (labels given), ``outputs["loss"] = loss +
-aux``. ``molora_aux_loss(model)`` returns a DETACHED copy of the last forward's ``aux`` (for
-logging). The routings are dropped when the top-level forward returns, so no graph outlives the
+the rows of all that layer's MoLA modules, as the MoLA authors). The hook then sets
+``outputs["aux_loss"] = aux`` (differentiable) and, when the model computed a loss (labels
+given), ``outputs["loss"] = loss + aux``. ``molora_aux_loss(model)`` returns a DETACHED copy of
+the last forward's ``aux`` (for logging). The routings are dropped when the top-level forward returns, so no graph outlives the
 step; a layer called outside a top-level forward (e.g. ``model.model(...)`` directly, or the
 recomputation of gradient checkpointing) records nothing.
 
@@ -496,7 +496,8 @@ def _reduce_aux_losses(records: List[Tuple[nn.Module, Routing, int]], reduction:
         # HF Mixtral / MoE-PEFT: all layers' tokens concatenated, then one load-balance loss.
         # Every layer is a MixLoRA of the same config.
         routings = [r for _, r, _ in records]
-        return records[0][0].aux_loss(_cat_routings(routings), attention_mask=mask_for(routings[0]))
+        return records[0][0].aux_loss(_cat_routings(routings),
+                                      attention_mask=mask_for(routings[0]))
     if reduction == "per_layer":
         # MoLA: per decoder layer, the rows of all its modules concatenated (the authors'
         # ``torch.cat(router_logits, dim=0)``), one loss each, summed over layers.

@@ -203,7 +203,8 @@ class MoLA(_RoutedLinear):
 
         MoLA's loss is ONE term per decoder layer over the rows of ALL that layer's MoLA
         modules: pass ``layer_routing`` of their routings (what ``apply_molora`` does); on one
-        module's routing alone this is the per-module term (``losses.mola_balance_loss_per_module``).
+        module's routing alone this is the per-module term
+        (``losses.mola_balance_loss_per_module``).
         """
         return self.balance_coef * losses.mola_balance_loss(routing.probs, routing.ids,
                                                             self.num_experts)

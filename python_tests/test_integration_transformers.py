@@ -336,6 +336,59 @@ def mola_balance(probs, ids, E):
     return E * (f * probs.mean(0)).sum()
 
 
+def mola_authors_loss(layer_logits, k):
+    """The MoLA authors' loss (``mola_modeling_llama_hacked.py``): per decoder layer, the router
+    LOGITS of its modules ``torch.cat(..., dim=0)``, softmax, top-k, ``f = one_hot counts /
+    their sum``, ``P = mean of the probs``, ``E_l * sum f P``; summed over layers, no mask."""
+    total = 0.0
+    for logits in layer_logits:
+        z = torch.cat(logits, dim=0)
+        E = z.shape[1]
+        p = torch.softmax(z, dim=-1)
+        sel = torch.topk(p, k, dim=-1).indices.reshape(-1)
+        counts = F.one_hot(sel, E).sum(0).float()
+        total = total + (counts / counts.sum() * p.mean(0)).sum() * E
+    return total
+
+
+@pytest.mark.parametrize("reduction", [None, "per_module"])
+def test_mola_aux_loss_is_one_loss_per_decoder_layer(reduction):
+    """apply_molora("mola") in training: the aux loss is 0.001 x the authors' per-layer loss,
+    recomputed here from the router logits the hooks see (default), or the per-module sum."""
+    model = apply_molora(tiny_model(), config("mola", dropout=0.0, aux_loss_reduction=reduction))
+    randomize_adapters(model)
+    model.train()
+    ids, mask, labels = batch()
+    # padding holds a real token: the pad id's zero embedding gives all-equal router logits,
+    # whose top-k tie order is unspecified (padding is not masked: it takes part in the loss)
+    ids = ids.masked_fill(mask == 0, 5)
+    seen = []
+    handles = [layer.molora.register_forward_hook(
+        lambda mod, args, out, i=layer.layer_index: seen.append((i, out[1])))
+        for layer in molora_layers(model).values()]
+    out = model(ids, attention_mask=mask, labels=labels)
+    for h in handles:
+        h.remove()
+    layers = sorted({i for i, _ in seen})
+    assert layers == [0, 1] and len(seen) == 14              # 7 linears in each of 2 layers
+    per_layer = [[r.logits for i, r in seen if i == l] for l in layers]
+    want = 0.001 * mola_authors_loss(per_layer, 2)
+    per_module = 0.001 * sum(mola_authors_loss([[r.logits]], 2) for _, r in seen)
+    got = out.aux_loss
+    if reduction is None:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+        # the two forms really differ (about 7x: one term per linear instead of per layer)
+        assert per_module > 5 * want
+    else:
+        torch.testing.assert_close(got, per_module, rtol=1e-5, atol=1e-8)
+    ce = F.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
+                         ignore_index=-100)
+    torch.testing.assert_close(out.loss, ce + got, rtol=1e-5, atol=1e-7)
+    got.backward()
+    routers = [p.grad for n, p in model.named_parameters() if "router" in n]
+    assert routers and all(g is not None and g.abs().sum() > 0 for g in routers)
+
+
 @pytest.mark.parametrize("method,reduction", [("mixlora", None), ("mixlora", "sum"),
                                               ("mola", None)])
 def test_aux_loss_added_to_loss(method, reduction):
@@ -354,8 +407,10 @@ def test_aux_loss_added_to_loss(method, reduction):
     ce = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
                          ignore_index=-100)
     keep = mask.reshape(-1).bool()
-    if method == "mola":
-        want = sum(coef * mola_balance(r.probs, r.ids, r.probs.shape[1]) for r in routings)
+    if method == "mola":   # one loss per decoder layer over its 7 linears' rows
+        want = sum(coef * mola_balance(torch.cat([r.probs for r in routings[7 * l:7 * l + 7]]),
+                                       torch.cat([r.ids for r in routings[7 * l:7 * l + 7]]),
+                                       routings[7 * l].probs.shape[1]) for l in range(2))
         assert len(routings) == 2 * 7                     # every linear of both layers
     elif reduction == "sum":
         want = sum(coef * mixtral_balance(r.probs, r.ids, 4, keep) for r in routings)
@@ -376,6 +431,29 @@ def test_aux_loss_added_to_loss(method, reduction):
     out3 = model(ids, attention_mask=mask, labels=labels, return_dict=False)
     torch.testing.assert_close(out3[0], out.loss)
     torch.testing.assert_close(out3[1], out.logits)
+
+
+@pytest.mark.parametrize("form", ["masked", "moe_peft"])
+def test_mixlora_dynamic_aux_loss_padding_form(form):
+    """MixLoRA-dynamic through apply_molora on a padded batch: the default ("masked") drops
+    padded tokens from the pooled loss, "moe_peft" (MoE-PEFT's DynamicRouterLoss) counts them."""
+    model = apply_molora(tiny_model(), config("mixlora", aux_loss_coef=0.5, dropout=0.0,
+                                               method_kwargs={"routing": "dynamic",
+                                                              "aux_loss_form": form}))
+    randomize_adapters(model)
+    model.train()
+    ids, mask, labels = batch()
+    routings, handles = capture_routings(model)
+    out = model(ids, attention_mask=mask, labels=labels)
+    for h in handles:
+        h.remove()
+    probs, sel = torch.cat([r.probs for r in routings]), torch.cat([r.ids for r in routings])
+    keep = mask.reshape(-1).bool().repeat(len(routings))
+    masked = 0.5 * mixtral_balance(probs, sel, 4, keep)
+    unmasked = 0.5 * mixtral_balance(probs, sel, 4, torch.ones_like(keep))
+    assert (masked - unmasked).abs() > 1e-4
+    torch.testing.assert_close(out.aux_loss, masked if form == "masked" else unmasked,
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_aux_loss_absent_for_methods_without_one():
@@ -473,6 +551,10 @@ def test_config_roundtrip_and_errors():
         MoLoRAConfig("mola", method_kwargs={"r": 4})
     with pytest.raises(ValueError, match="pooled"):
         MoLoRAConfig("mola", aux_loss_reduction="pooled")
+    with pytest.raises(ValueError, match="ambiguous for mola"):
+        MoLoRAConfig("mola", aux_loss_reduction="sum")
+    with pytest.raises(ValueError, match="per_layer"):
+        MoLoRAConfig("mixlora", aux_loss_reduction="per_layer")
     with pytest.raises(TypeError, match="JSON"):
         MoLoRAConfig("mola", method_kwargs={"dtype": torch.float32})
 

@@ -306,8 +306,9 @@ def test_mola_matches_loop(gen):
           E * (counts / (T * k) * probs.mean(0)).sum(), torch.float64)
 
 
-def test_mola_modules_with_layerwise_experts_are_summed(gen):
-    """MoLA-triangle style: modules with 2, 4, 6, 8 experts (top-2); per-module losses summed."""
+def test_mola_per_module_form_sums_each_module(gen):
+    """The per-module form (NOT MoLA's loss, kept under its own name): modules with 2, 4, 6, 8
+    experts (top-2), each module's loss on its own rows, summed."""
     T = 7
     probs = [rand_probs(gen, T, E) for E in (2, 4, 6, 8)]
     ids = [rand_ids(gen, T, p.shape[1], 2) for p in probs]
@@ -316,7 +317,58 @@ def test_mola_modules_with_layerwise_experts_are_summed(gen):
     def loop(*ps):
         return sum(loop_mola_module(p, i) for p, i in zip(ps, ids))
 
-    check_value_and_grad(lambda *ps: losses.mola_balance_loss(list(ps), ids), loop, inputs, torch.float32)
+    check_value_and_grad(lambda *ps: losses.mola_balance_loss_per_module(list(ps), ids), loop,
+                         inputs, torch.float32)
+
+
+def authors_mola_loss(layer_logits, top_k):
+    """The MoLA authors' loss, written from ``GCYZSL/MoLA`` (``mola_modeling_llama_hacked.py``):
+    each decoder layer concatenates its modules' router logits along dim 0; then per layer
+    ``routing_weights = softmax(logits)``, ``selected = topk(routing_weights, k).indices``,
+    ``expert_mask = one_hot(selected.reshape(-1), E).sum(-2)``, ``tokens_per_expert =
+    expert_mask / expert_mask.sum()``, ``router_prob = routing_weights.mean(0)``,
+    ``layer_loss = sum(tokens_per_expert * router_prob) * E``; summed over layers."""
+    overall = 0.0
+    for modules in layer_logits:
+        z = torch.cat(modules, dim=0)
+        E = z.shape[-1]
+        w = torch.softmax(z, dim=-1)
+        _, sel = torch.topk(w, top_k[E] if isinstance(top_k, dict) else top_k, dim=-1)
+        mask = torch.nn.functional.one_hot(sel.reshape(-1), E).sum(dim=-2).to(w.dtype)  # fp64 here
+        overall = overall + (mask / mask.sum() * w.mean(dim=0)).sum() * E
+    return overall
+
+
+def test_mola_is_one_loss_per_decoder_layer_as_the_authors(gen):
+    """Random router logits of 3 decoder layers (E_l = 2, 4, 8, MoLA-triangle style) x 7 modules
+    each: ``mola_balance_loss`` of per-layer lists equals the authors' formula (value and gradient
+    w.r.t. the logits), and the old per-module sum is ~7x larger."""
+    T, k, n_mod = 9, 2, 7
+    logits = [[torch.randn(T, E, generator=gen, dtype=torch.float64) * 2 for _ in range(n_mod)]
+              for E in (2, 4, 8)]
+    flat = [z for layer in logits for z in layer]
+    ids = [[torch.softmax(z, -1).topk(k, dim=-1).indices for z in layer] for layer in logits]
+
+    def ours(*zs):
+        it = iter(zs)
+        probs = [[torch.softmax(next(it), -1) for _ in range(n_mod)] for _ in logits]
+        return losses.mola_balance_loss(probs, ids)
+
+    def ref(*zs):
+        it = iter(zs)
+        return authors_mola_loss([[next(it) for _ in range(n_mod)] for _ in logits], k)
+
+    for dtype in (torch.float32, torch.float64):
+        check_value_and_grad(ours, ref, flat, dtype)
+    value = float(ref(*flat))
+    per_module = float(losses.mola_balance_loss_per_module(
+        [torch.softmax(z, -1) for z in flat], [i for layer in ids for i in layer]))
+    assert 5 * value < per_module < 8 * value   # one term per module instead of per layer
+    # one layer: the list of its modules equals the tensor of their concatenated rows
+    p0 = [torch.softmax(z, -1) for z in logits[1]]
+    close(losses.mola_balance_loss(p0, ids[1]),
+          losses.mola_balance_loss(torch.cat(p0), torch.cat(ids[1])), torch.float64)
+    close(losses.mola_balance_loss(p0, ids[1]), authors_mola_loss([logits[1]], k), torch.float64)
 
 
 def loop_llava(probs, ids, mask):
@@ -586,6 +638,12 @@ def _bad_cases():
         ("dynmole-shape", lambda: L.dynmole_loss(p, p[:, :5]), ValueError, "weights"),
         ("dynmole-rows", lambda: L.dynmole_loss(p, p[:3]), ValueError, "weights"),
         ("mola-list-vs-tensor", lambda: L.mola_balance_loss([p], ids), ValueError, "lists"),
+        ("mola-layer-mixed-E", lambda: L.mola_balance_loss([p, p[:, :4]], [ids, ids.clamp_max(3)]),
+         ValueError, "share E"),
+        ("mola-layers-not-lists", lambda: L.mola_balance_loss([[p], p], [[ids], ids]), ValueError,
+         "must be lists"),
+        ("mola-per-module-lists", lambda: L.mola_balance_loss_per_module(p, [ids]), ValueError,
+         "lists"),
         ("llava-2d", lambda: L.llava_mole_balance_loss(p, ids[:, 0]), ValueError, "probs"),
         ("llava-ids-shape", lambda: L.llava_mole_balance_loss(p3, ids), ValueError, "ids"),
         ("llava-list-mismatch", lambda: L.llava_mole_balance_loss([p3, p3], p3.argmax(-1)), ValueError, "ids"),
@@ -639,6 +697,7 @@ def test_losses_imports_no_sibling_module():
             assert not any(a.name.startswith("molora_ops.modules") for a in node.names)
     assert set(losses.__all__) >= {
         "mixtral_load_balancing_loss", "switch_load_balancing_loss", "router_z_loss", "tsallis_entropy",
-        "dynmole_loss", "mola_balance_loss", "llava_mole_balance_loss", "loramoe_lbc_loss",
+        "dynmole_loss", "mola_balance_loss", "mola_balance_loss_per_module",
+        "llava_mole_balance_loss", "loramoe_lbc_loss",
         "mole_gate_balance_loss", "meteora_gate_loss", "moelora_contrastive_loss", "lora_mixer_rsl_loss",
         "aux_free_bias_update_", "expert_counts"}

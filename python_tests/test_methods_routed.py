@@ -705,6 +705,67 @@ def test_mixlora_aux_loss(routing):
     check_aux(m, x, expected, attention_mask=mask)
 
 
+def moe_peft_dynamic_loss(z, top_p, E):
+    """MoE-PEFT ``DynamicRouterLoss`` (``_dynamic_load_balancing_loss_func``): softmax, the
+    dynamic top-p slots [T, E] (-1 unused), ``tokens_per_expert = mean_t one_hot`` [slot, E],
+    ``P = mean_t p``, ``E * sum``; the attention mask it is given is never read."""
+    p = torch.softmax(z, -1)
+    sel = ref_dynamic_top_p(z, top_p)[1]
+    tokens_per_expert = (sel[..., None] == torch.arange(E)).float().mean(0)
+    return E * (tokens_per_expert * p.mean(0)[None]).sum()
+
+
+def moe_peft_switch_loss(z, E, aux_coef, z_coef):
+    """MoE-PEFT ``SwitchRouterLoss``: ``z_coef * mean_t logsumexp(z)^2 + aux_coef * E^2 *
+    mean_e(mean_t one_hot(argmax p) * mean_t p)``; the attention mask is never read."""
+    p = torch.softmax(z, -1)
+    z_loss = (torch.logsumexp(z, -1) ** 2).sum() / z.shape[0]
+    f = F.one_hot(p.argmax(-1), E).float().mean(0)
+    return z_coef * z_loss + aux_coef * (f * p.mean(0)).mean() * E ** 2
+
+
+@pytest.mark.parametrize("form", [None, "masked", "moe_peft"])
+@pytest.mark.parametrize("routing", ["topk", "dynamic", "switch"])
+def test_mixlora_aux_loss_padding_forms(routing, form):
+    """A padded batch: ``aux_loss_form="masked"`` (the default) drops padded tokens from every
+    mean; ``"moe_peft"`` is MoE-PEFT's exact loss (top-k masked, dynamic / switch NOT masked).
+    Both vs formulas written here; on this batch the dynamic / switch forms really differ."""
+    kw = {} if form is None else dict(aux_loss_form=form)
+    m = make_mixlora(routing=routing, dropout=0.0, expert_capacity=4, **kw)
+    assert m.aux_loss_form == (form or "masked")
+    sharpen(m.router, 30.0)
+    x = torch.randn(2, 13, D)
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[0, 8:] = 0
+    mask[1, 3:] = 0
+    keep = mask.reshape(-1).bool()
+    masked = form != "moe_peft" or routing == "topk"
+
+    def expected(z):
+        if masked:
+            z = z[keep]
+        if routing == "switch":
+            return moe_peft_switch_loss(z, 8, 0.01, 0.001)
+        if routing == "dynamic":
+            return 0.01 * moe_peft_dynamic_loss(z, 0.8, 8)
+        return 0.01 * mixtral_balance(torch.softmax(z, -1), ref_topk(z, 2)[1], 8)
+    check_aux(m, x, expected, attention_mask=mask)
+    if routing != "topk":
+        _, r = m(x, return_routing=True)
+        other = make_mixlora(routing=routing, dropout=0.0, expert_capacity=4,
+                             aux_loss_form="masked" if form == "moe_peft" else "moe_peft")
+        other.load_state_dict(m.state_dict())
+        gap = (m.aux_loss(r, attention_mask=mask) - other.aux_loss(r, attention_mask=mask)).abs()
+        assert gap > 1e-4, "padding changes the loss: the two forms must differ here"
+        # without padding the forms agree
+        torch.testing.assert_close(m.aux_loss(r), other.aux_loss(r))
+
+
+def test_mixlora_aux_loss_form_rejects_unknown():
+    with pytest.raises(ValueError, match="aux_loss_form"):
+        make_mixlora(aux_loss_form="ignore")
+
+
 @pytest.mark.parametrize("E", [3, 6])
 def test_mola_aux_loss(E):
     m = make_linear(MoLA, E)

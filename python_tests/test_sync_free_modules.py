@@ -226,7 +226,10 @@ def test_every_aux_loss_reads_nothing_on_the_host():
                      + losses.router_z_loss([logits, logits], mask)
                      + losses.tsallis_entropy(probs).sum()
                      + losses.dynmole_loss(probs, probs * (probs > 0.2), attention_mask=mask)
-                     + losses.mola_balance_loss([probs, probs[:, :4]], [ids, ids.clamp_max(3)])
+                     + losses.mola_balance_loss([[probs, probs], [probs[:, :4]]],
+                                                [[ids, ids], [ids.clamp_max(3)]])
+                     + losses.mola_balance_loss_per_module([probs, probs[:, :4]],
+                                                           [ids, ids.clamp_max(3)])
                      + losses.llava_mole_balance_loss([p3, p3], [ids[:, 0].reshape(B, S)] * 2,
                                                       mask)
                      + losses.loramoe_lbc_loss(p3, torch.tensor([1, 0]), 0.1, mask)

@@ -10,7 +10,10 @@ Two entry points for a user coming from PEFT:
   ``apply_peft_adapters`` puts one of our layers (``LoRASoupsCAT``, ``MoLE``, ``XLoRALinear`` or any
   class built as ``cls(base, ranks, **kw)`` with a ``.bank``) in place of every adapted linear of a
   transformers model; ``apply_xlora_from_adapters`` builds the whole X-LoRA model
-  (``XLoRAModel``) from the adapters and an ``XLoraConfig`` (or its fields as keywords).
+  (``XLoRAModel``) from the adapters and an ``XLoraConfig`` (or its fields as keywords): logits
+  equal to PEFT's X-LoRA over the same adapters, ``generate`` with a KV cache,
+  ``save_pretrained`` / ``XLoRAModel.from_pretrained`` (``save_xlora`` / ``load_xlora``), PEFT
+  classifier weights loaded as PEFT names them (``XLoRAClassifier.load_peft_state_dict``).
 * **An existing PEFT X-LoRA model**: ``accelerate_xlora(peft_model)`` swaps the per-adapter Python
   loop of every ``XLoraLinearLayer`` for one fused ``stacked_gated_lora`` call (the same outputs and
   gradients, PEFT's parameters and classifier untouched); ``restore_xlora`` undoes it.
@@ -44,7 +47,7 @@ from ..modules.xlora import XLoRAClassifier, XLoRALinear, XLoRAModel
 
 __all__ = [
     "PeftLoRAAdapter", "read_peft_adapter", "load_peft_adapters", "apply_peft_adapters",
-    "apply_xlora_from_adapters", "accelerate_xlora", "restore_xlora",
+    "apply_xlora_from_adapters", "save_xlora", "load_xlora", "accelerate_xlora", "restore_xlora",
 ]
 
 AdapterLike = Union[str, os.PathLike, "PeftLoRAAdapter"]
@@ -421,9 +424,14 @@ def apply_xlora_from_adapters(model: nn.Module, adapters: Optional[AdaptersArg] 
 
     Returns: ``XLoRAModel``; ``out = xmodel(input_ids=...)`` runs the adapters-off scaling pass,
     the classifier (``xmodel.classifier``, trainable) and the real pass; the scalings [B, S, L, N]
-    are in ``xmodel.last_scalings``. Module l of the scalings is the l-th adapted linear in
-    ``model.modules()`` order, as PEFT numbers them, so a PEFT X-LoRA classifier's weights load
-    as they are (``inner`` = its hidden layers, ``last`` = its last Linear).
+    are in ``xmodel.last_scalings``. ``xmodel.generate(...)`` generates with a KV cache (both
+    passes cached); ``xmodel.save_pretrained(dir)`` / ``XLoRAModel.from_pretrained(base, dir)``.
+    Module l of the scalings is the l-th adapted linear in ``model.modules()`` order, as PEFT
+    numbers them, and the classifier's layers are laid out and named as PEFT's, so a PEFT X-LoRA
+    classifier's weights load as they are: ``xmodel.classifier.load_state_dict(peft_model.
+    base_model.internal_xlora_classifier.state_dict())``, or
+    ``xmodel.classifier.load_peft_state_dict(peft_model)`` (prefixed keys of a whole PEFT model).
+    With the same adapters, classifier weights and config the logits equal PEFT's X-LoRA.
     """
     unknown = set(xlora_fields) - set(_XLORA_FIELDS)
     if unknown:
@@ -461,11 +469,173 @@ def apply_xlora_from_adapters(model: nn.Module, adapters: Optional[AdaptersArg] 
         enable_softmax=f["enable_softmax"], softmax_temperature=f["softmax_temperature"],
         dtype=p.dtype, device=p.device)
     xmodel = XLoRAModel(model, classifier, scaling_pass_value=f["scaling_pass_value"],
-                        scaling_pass_kwargs={"output_hidden_states": True}, freeze_model=True)
+                        scaling_pass_kwargs={"output_hidden_states": True, "return_dict": True},
+                        freeze_model=True)
     if f["use_trainable_adapters"]:
         for layer in layers.values():
             layer.bank.requires_grad_(True)
+    xmodel.adapter_names = [ad.name for ad in ads]
+    xmodel.adapter_configs = {ad.name: dict(ad.config) for ad in ads}
     return xmodel
+
+
+# --------------------------------------------------------------------------------------------
+# Saving / loading our X-LoRA model
+# --------------------------------------------------------------------------------------------
+
+XLORA_CONFIG_NAME = "xlora_config.json"
+XLORA_CLASSIFIER_NAME = "xlora_classifier.safetensors"
+XLORA_ADAPTERS_DIR = "adapters"
+_XLORA_FORMAT_VERSION = 1
+
+
+def _xlora_modules(xmodel: XLoRAModel) -> List[Tuple[str, XLoRALinear]]:
+    return [(n, m) for n, m in xmodel.model.named_modules() if isinstance(m, XLoRALinear)]
+
+
+def _common(layers: Sequence[XLoRALinear], what: str, get) -> Any:
+    values = {repr(get(m)) for m in layers}
+    if len(values) != 1:
+        raise ValueError(f"save_xlora: the X-LoRA layers differ in {what} ({sorted(values)}); "
+                         f"the saved format holds one value")
+    return get(layers[0])
+
+
+def save_xlora(xmodel: XLoRAModel, directory: Union[str, os.PathLike]) -> None:
+    """Writes an ``XLoRAModel`` (``apply_xlora_from_adapters``'s, or any whose X-LoRA modules
+    live in a model with named submodules) to ``directory``:
+
+    * ``xlora_config.json``: the adapter names (in expert order), the classifier's constructor
+      arguments, the layers' settings (top_k_lora, enable_softmax_topk, per_token_softmax_topk,
+      global_scaling_weight, LoRA dropout, trainable adapters), scaling_pass_value, the banks'
+      dtype; all read from the live modules (so later changes are saved);
+    * ``xlora_classifier.safetensors``: the classifier, keys as PEFT names them
+      (``layers.0.weight``, ...);
+    * ``adapters/<name>/``: each adapter as a PEFT LoRA adapter (``adapter_config.json`` +
+      ``adapter_model.safetensors``, keys ``base_model.model.<module>.lora_A.weight``) holding
+      the CURRENT bank tensors (trained ones with ``use_trainable_adapters``); the config is the
+      adapter's original one when known, else one with per-module ``rank_pattern`` /
+      ``alpha_pattern`` (alpha = scale * r). Readable by ``read_peft_adapter`` and PEFT.
+
+    The base model's weights are not saved. ``load_xlora`` reads it back.
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(xmodel, XLoRAModel):
+        raise TypeError(f"save_xlora: expected an XLoRAModel, got {type(xmodel).__name__}")
+    mods = _xlora_modules(xmodel)
+    layers = [m for _, m in mods]
+    N = xmodel.classifier.num_adapters
+    names = list(xmodel.adapter_names or [str(i) for i in range(N)])
+    if len(names) != N or len(set(names)) != N or not all(
+            isinstance(n, str) and n and "/" not in n and n not in (".", "..") for n in names):
+        raise ValueError(f"save_xlora: adapter_names {names!r} must be {N} distinct non-empty "
+                         f"names usable as directory names")
+    settings = dict(
+        top_k_lora=_common(layers, "top_k_lora", lambda m: m.top_k_lora),
+        enable_softmax_topk=_common(layers, "enable_softmax_topk", lambda m: m.enable_softmax_topk),
+        per_token_softmax_topk=_common(layers, "per_token_softmax_topk",
+                                       lambda m: m.per_token_softmax_topk),
+        global_scaling_weight=_common(layers, "global_scaling_weight",
+                                      lambda m: m.global_scaling_weight),
+        dropout=_common(layers, "dropout", lambda m: float(getattr(m.lora_dropout, "p", 0.0))),
+        trainable_adapters=_common(layers, "trainable adapters",
+                                   lambda m: bool(m.bank.A.requires_grad)),
+    )
+    dtype = _common(layers, "dtype", lambda m: m.bank.A.dtype)
+    meta = {"format_version": _XLORA_FORMAT_VERSION, "adapters": names,
+            "classifier": xmodel.classifier.config_dict(), "layers": settings,
+            "scaling_pass_value": xmodel.scaling_pass_value,
+            "dtype": str(dtype).replace("torch.", ""),
+            "modules": [n for n, _ in mods]}
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    for i, name in enumerate(names):
+        tensors: Dict[str, torch.Tensor] = {}
+        rank_pattern: Dict[str, int] = {}
+        alpha_pattern: Dict[str, float] = {}
+        for mod, layer in mods:
+            r = layer.bank.ranks[i]
+            if r == 0:
+                continue
+            A, B = layer.bank.expert(i)
+            tensors[f"base_model.model.{mod}.lora_A.weight"] = A.detach().cpu().contiguous().clone()
+            tensors[f"base_model.model.{mod}.lora_B.weight"] = B.detach().cpu().contiguous().clone()
+            rank_pattern[mod] = int(r)
+            alpha_pattern[mod] = float(layer.bank.scales[i]) * r
+        cfg = (xmodel.adapter_configs or {}).get(name)
+        if cfg is None:
+            cfg = {"peft_type": "LORA", "r": max(rank_pattern.values(), default=1),
+                   "lora_alpha": 8, "target_modules": sorted(rank_pattern),
+                   "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+                   "use_rslora": False, "lora_dropout": settings["dropout"], "bias": "none",
+                   "init_lora_weights": True}
+        sub = os.path.join(directory, XLORA_ADAPTERS_DIR, name)
+        os.makedirs(sub, exist_ok=True)
+        with open(os.path.join(sub, CONFIG_NAME), "w") as fh:
+            json.dump(cfg, fh, indent=2, sort_keys=True)
+        save_file(tensors, os.path.join(sub, WEIGHTS_NAMES[0]), metadata={"format": "pt"})
+    save_file({k: v.detach().cpu().contiguous().clone()
+               for k, v in xmodel.classifier.state_dict().items()},
+              os.path.join(directory, XLORA_CLASSIFIER_NAME), metadata={"format": "pt"})
+    with open(os.path.join(directory, XLORA_CONFIG_NAME), "w") as fh:
+        json.dump(meta, fh, indent=2, sort_keys=True)
+
+
+def load_xlora(model: nn.Module, directory: Union[str, os.PathLike], *,
+               dtype: Optional[torch.dtype] = None) -> XLoRAModel:
+    """Rebuilds what ``save_xlora`` wrote on ``model`` (the fresh base model the X-LoRA model was
+    built on; modified in place as ``apply_xlora_from_adapters`` does) and returns the
+    ``XLoRAModel`` with the saved classifier, adapters and settings. dtype: the banks' dtype
+    (default: the saved one). FileNotFoundError / ValueError (format, adapters that do not fit
+    the classifier) before the model is touched."""
+    from safetensors.torch import load_file
+
+    directory = os.fspath(directory)
+    cfg_path = os.path.join(directory, XLORA_CONFIG_NAME)
+    clf_path = os.path.join(directory, XLORA_CLASSIFIER_NAME)
+    for path in (cfg_path, clf_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"load_xlora: {path} not found (a directory written by "
+                                    f"XLoRAModel.save_pretrained / save_xlora)")
+    with open(cfg_path) as fh:
+        meta = json.load(fh)
+    if meta.get("format_version") != _XLORA_FORMAT_VERSION:
+        raise ValueError(f"load_xlora: {cfg_path} has format_version "
+                         f"{meta.get('format_version')!r}, this version reads "
+                         f"{_XLORA_FORMAT_VERSION}")
+    c, L = meta["classifier"], meta["layers"]
+    adapters = {n: os.path.join(directory, XLORA_ADAPTERS_DIR, n) for n in meta["adapters"]}
+    ads = _read_all(adapters, "cpu")
+    modules = set()
+    for ad in ads:
+        modules |= set(ad.modules)
+    if len(modules) != c["num_layers"] or len(ads) != c["num_adapters"]:
+        raise ValueError(f"load_xlora: the saved adapters adapt {len(modules)} modules with "
+                         f"{len(ads)} adapters but the classifier was saved for "
+                         f"{c['num_layers']} modules and {c['num_adapters']} adapters")
+    hidden = getattr(getattr(model, "config", None), "hidden_size", c["hidden_size"])
+    if hidden != c["hidden_size"]:
+        raise ValueError(f"load_xlora: the classifier was saved for hidden_size "
+                         f"{c['hidden_size']} but the model has {hidden}")
+    clf_state = load_file(clf_path)
+    # keys and shapes checked on a meta-device twin before the model is touched
+    XLoRAClassifier(**c, device="meta").load_peft_state_dict(clf_state)
+    xm = apply_xlora_from_adapters(
+        model, ads, dropout=L["dropout"], per_token_softmax_topk=L["per_token_softmax_topk"],
+        dtype=dtype or getattr(torch, meta["dtype"]), hidden_size=c["hidden_size"],
+        enable_softmax=c["enable_softmax"], enable_softmax_topk=L["enable_softmax_topk"],
+        layerwise_scalings=c["layerwise_scalings"], xlora_depth=c["depth"],
+        xlora_size=c["hidden"], xlora_dropout_p=c["dropout"],
+        use_trainable_adapters=L["trainable_adapters"],
+        softmax_temperature=c["softmax_temperature"], top_k_lora=L["top_k_lora"],
+        scaling_pass_value=meta["scaling_pass_value"],
+        global_scaling_weight=L["global_scaling_weight"])
+    if not c["relu_and_dropout"] or not c["bias"]:  # not PEFT's layout: rebuild it as saved
+        p = xm.classifier.last.weight
+        xm.classifier = XLoRAClassifier(**c, dtype=p.dtype, device=p.device)
+    xm.classifier.load_peft_state_dict(clf_state)
+    return xm
 
 
 # --------------------------------------------------------------------------------------------
@@ -669,6 +839,26 @@ def _find_xlora_model(model: nn.Module):
     return found[0]
 
 
+def _check_xlora_adapter_names(xmodel: nn.Module) -> None:
+    """ValueError when PEFT's X-LoRA model cannot run its own adapters: PEFT loads adapter i of
+    ``XLoraConfig.adapters`` under the name ``str(i)`` but then activates the config's KEYS, so
+    any key other than "0", "1", ... names no loaded adapter (PEFT's own forward fails with a
+    KeyError, and a fused layer would silently add nothing)."""
+    cfg = getattr(xmodel, "xlora_config", None)
+    names = [str(k) for k in (getattr(cfg, "adapters", None) or {})]
+    lora_model = xmodel.__dict__.get("_modules", {}).get("lora_model")
+    loaded = sorted(getattr(lora_model, "peft_config", {}) or {})
+    unknown = [n for n in names if n not in loaded]
+    if unknown:
+        raise ValueError(f"accelerate_xlora: the XLoraConfig names its adapters {names} but PEFT "
+                         f"loaded them as {[n for n in loaded if n.isdigit()]} (PEFT's XLoraModel "
+                         f"stores adapter i under the name str(i) and activates the config's "
+                         f"keys), so {unknown} name no adapter and PEFT itself cannot run this "
+                         f"model (KeyError in disable_adapter_layers). Build it with adapters="
+                         f"{{'0': path_0, '1': path_1, ...}}, or use apply_xlora_from_adapters "
+                         f"(any names)")
+
+
 def accelerate_xlora(model: nn.Module) -> nn.Module:
     """Runs a PEFT X-LoRA model's adapters through molora's fused ops, in place.
 
@@ -681,11 +871,14 @@ def accelerate_xlora(model: nn.Module) -> nn.Module:
     modules, parameters, classifier, hooks, config setters (``set_topk_lora``,
     ``set_global_scaling_weight``, ``set_scaling_pass_value``), saving and ``generate`` are
     untouched and keep working. X-LoRA embedding / Conv2d layers keep PEFT's loop (a warning
-    says so). Checks every layer first (DoRA and ``lora_bias`` adapters raise before any change).
+    says so). Checks everything first and raises before any change for what it cannot serve:
+    DoRA and ``lora_bias`` adapters, and adapter names PEFT's X-LoRA cannot run (an
+    ``XLoraConfig.adapters`` key other than "0", "1", ...: PEFT loads adapter i as ``str(i)``).
     Idempotent. Returns ``model``; ``restore_xlora(model)`` puts PEFT's forwards back.
     """
     XLoraLayer, XLoraLinearLayer, LoraLinear = _peft_xlora_classes()
     xmodel = _find_xlora_model(model)
+    _check_xlora_adapter_names(xmodel)
     todo, others = [], 0
     for name, m in xmodel.named_modules():
         owner = getattr(m.__dict__.get("forward"), "__self__", None)

@@ -26,11 +26,12 @@ exactly as the module it replaced (``x [..., d_in] -> y [..., d_out]``). Everyth
 
 Aux losses (MixLoRA's Mixtral load balance, MoLA's balance loss): a forward pre-hook and an
 always-called forward hook on the top-level model collect the routing of every MoE-LoRA layer
-during one top-level forward and reduce them to ONE 0-d fp32 tensor ``aux`` (see
-``MoLoRAConfig.aux_loss_reduction``). The hook then sets ``outputs["aux_loss"] = aux``
-(differentiable) and, when the model computed a loss (labels given), ``outputs["loss"] = loss +
-aux``. ``molora_aux_loss(model)`` returns a DETACHED copy of the last forward's ``aux`` (for
-logging). The routings are dropped when the top-level forward returns, so no graph outlives the
+(with its decoder-layer index) during one top-level forward and reduce them to ONE 0-d fp32
+tensor ``aux`` (see ``MoLoRAConfig.aux_loss_reduction``; MoLA: one loss per decoder layer over
+the rows of all that layer's MoLA modules, as the MoLA authors). The hook then sets
+``outputs["aux_loss"] = aux`` (differentiable) and, when the model computed a loss (labels
+given), ``outputs["loss"] = loss + aux``. ``molora_aux_loss(model)`` returns a DETACHED copy of
+the last forward's ``aux`` (for logging). The routings are dropped when the top-level forward returns, so no graph outlives the
 step; a layer called outside a top-level forward (e.g. ``model.model(...)`` directly, or the
 recomputation of gradient checkpointing) records nothing.
 
@@ -128,7 +129,8 @@ _METHODS: Dict[str, _Method] = {
 }
 
 METHOD_NAMES = tuple(_METHODS)
-_AUX_REDUCTIONS = ("pooled", "sum")
+# aux-loss reductions each method accepts (the first is its default)
+_AUX_REDUCTIONS = {"mixlora": ("pooled", "sum"), "mola": ("per_layer", "per_module")}
 
 
 def _class_default(cls: type, name: str) -> Any:
@@ -164,10 +166,13 @@ class MoLoRAConfig:
             ``mola_experts_per_layer(num_layers)`` (2/4/6/8 over four blocks of layers).
         aux_loss_coef: the router aux-loss coefficient (mixlora: Mixtral load balance, default
             0.01; mola: balance loss, default 0.001). Only for methods with an aux loss.
-        aux_loss_reduction: how the layers' aux losses become one number. ``"pooled"`` (mixlora
-            default, as HF Mixtral / MoE-PEFT): the routings of ALL layers concatenated along the
-            tokens, then one loss. ``"sum"`` (mola default, as MoLA; allowed for mixlora): the
-            sum over layers / modules of each one's loss.
+        aux_loss_reduction: how the layers' aux losses become one number. mixlora:
+            ``"pooled"`` (default, as HF Mixtral / MoE-PEFT): the routings of ALL layers
+            concatenated along the tokens, then one loss; ``"sum"``: the sum over decoder layers
+            of each layer's loss. mola: ``"per_layer"`` (default, as the MoLA authors): per
+            decoder layer, the router rows of all its MoLA modules concatenated along the tokens
+            and ONE loss, summed over layers; ``"per_module"``: one loss per adapted linear,
+            summed (NOT the authors' loss: about n_modules times larger).
         method_kwargs: further keyword arguments of the method's class (JSON-serialisable), e.g.
             ``{"routing": "dynamic", "top_p": 0.8}`` for MixLoRA or ``{"rank_partition": 2}``
             for SMoRA. Names the fields above already set are refused.
@@ -259,12 +264,13 @@ class MoLoRAConfig:
             raise ValueError(f"MoLoRAConfig: smora needs top_k <= rank, got top_k={self.top_k}, "
                              f"rank={self.rank}")
         if self.aux_loss_reduction is not None:
-            if self.aux_loss_reduction not in _AUX_REDUCTIONS:
-                raise ValueError(f"MoLoRAConfig: aux_loss_reduction must be one of "
-                                 f"{list(_AUX_REDUCTIONS)}, got {self.aux_loss_reduction!r}")
-            if self.aux_loss_reduction == "pooled" and self.method != "mixlora":
-                raise ValueError("MoLoRAConfig: aux_loss_reduction='pooled' needs equal expert "
-                                 "counts and one loss form across layers: mixlora only")
+            allowed = _AUX_REDUCTIONS.get(self.method, ())
+            if self.aux_loss_reduction not in allowed:
+                hint = (" ('sum' is ambiguous for mola: 'per_layer' is MoLA's loss, "
+                        "'per_module' the old per-linear sum)"
+                        if self.method == "mola" and self.aux_loss_reduction == "sum" else "")
+                raise ValueError(f"MoLoRAConfig: aux_loss_reduction for {self.method!r} must be "
+                                 f"one of {list(allowed)}, got {self.aux_loss_reduction!r}{hint}")
         reserved = set(spec.fields.values()) | set(spec.reserved)
         clash = sorted(reserved & set(self.method_kwargs))
         if clash:
@@ -276,7 +282,7 @@ class MoLoRAConfig:
         """The reduction in effect (None for a method without an aux loss)."""
         if not _METHODS[self.method].aux:
             return None
-        return self.aux_loss_reduction or ("pooled" if self.method == "mixlora" else "sum")
+        return self.aux_loss_reduction or _AUX_REDUCTIONS[self.method][0]
 
     @property
     def resolved_target_modules(self) -> Tuple[str, ...]:
@@ -362,7 +368,7 @@ class MoLoRALayer(nn.Module):
         collector = self._collector
         if self.with_aux_loss and collector is not None and collector.records is not None:
             y, routing = self.molora(x, return_routing=True)
-            collector.records.append((self.molora, routing))
+            collector.records.append((self.molora, routing, self.layer_index))
             return y
         return self.molora(x)
 
@@ -406,11 +412,12 @@ class MoLoRALayer(nn.Module):
 
 class _AuxLossCollector:
     """Routings of the MoE-LoRA layers during one top-level forward (``records`` is None outside
-    one), plus the reduction and the last forward's detached aux loss."""
+    one: (method module, Routing, decoder-layer index) in call order), plus the reduction and the
+    last forward's detached aux loss."""
 
     def __init__(self, reduction: Optional[str]):
         self.reduction = reduction
-        self.records: Optional[List[Tuple[nn.Module, Routing]]] = None
+        self.records: Optional[List[Tuple[nn.Module, Routing, int]]] = None
         self.attention_mask: Optional[torch.Tensor] = None
         self.labels_given = False
         self.last_aux_loss: Optional[torch.Tensor] = None
@@ -468,26 +475,51 @@ def _token_mask(attention_mask: Optional[torch.Tensor], num_tokens: int
     return attention_mask[:, attention_mask.shape[1] - num_tokens // B:]
 
 
-def _reduce_aux_losses(records: List[Tuple[nn.Module, Routing]], reduction: str,
+def _cat_routings(routings: List[Routing]) -> Routing:
+    """Routings concatenated along the tokens (a field absent in any of them stays None)."""
+    def cat(name):
+        parts = [getattr(r, name) for r in routings]
+        return None if any(t is None for t in parts) else torch.cat(parts)
+
+    return Routing(cat("weights"), cat("ids"), cat("logits"), cat("probs"))
+
+
+def _reduce_aux_losses(records: List[Tuple[nn.Module, Routing, int]], reduction: str,
                        attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """One 0-d fp32 tensor from every recorded (layer, Routing); coefficients included."""
+    """One 0-d fp32 tensor from every recorded (layer, Routing, layer index); coefficients
+    included. A concatenation of n modules' routings gets the [B, S] mask of ONE module (the
+    losses repeat it per module); every grouping is on Python metadata (no host read)."""
+    def mask_for(routing: Routing) -> Optional[torch.Tensor]:
+        return _token_mask(attention_mask, routing.weights.shape[0])
+
     if reduction == "pooled":
-        # HF Mixtral / MoE-PEFT: all layers' tokens concatenated, then one load-balance loss (the
-        # mask is repeated per layer by the loss). Every layer is a MixLoRA of the same config.
-        layer = records[0][0]
-        routings = [r for _, r in records]
-
-        def cat(name):
-            parts = [getattr(r, name) for r in routings]
-            return None if parts[0] is None else torch.cat(parts)
-
-        pooled = Routing(cat("weights"), cat("ids"), cat("logits"), cat("probs"))
-        return layer.aux_loss(pooled, attention_mask=_token_mask(
-            attention_mask, routings[0].weights.shape[0]))
+        # HF Mixtral / MoE-PEFT: all layers' tokens concatenated, then one load-balance loss.
+        # Every layer is a MixLoRA of the same config.
+        routings = [r for _, r, _ in records]
+        return records[0][0].aux_loss(_cat_routings(routings),
+                                      attention_mask=mask_for(routings[0]))
+    if reduction == "per_layer":
+        # MoLA: per decoder layer, the rows of all its modules concatenated (the authors'
+        # ``torch.cat(router_logits, dim=0)``), one loss each, summed over layers.
+        groups: Dict[int, List[Tuple[nn.Module, Routing]]] = {}
+        for layer, routing, index in records:
+            groups.setdefault(index, []).append((layer, routing))
+        total = None
+        for index, group in groups.items():
+            widths = {r.probs.shape[-1] for _, r in group}
+            if len(widths) != 1:
+                raise ValueError(f"aux loss: the MoE-LoRA modules of decoder layer {index} have "
+                                 f"different expert counts {sorted(widths)}; use "
+                                 f"aux_loss_reduction='per_module'")
+            routings = [r for _, r in group]
+            loss = group[0][0].aux_loss(_cat_routings(routings),
+                                        attention_mask=mask_for(routings[0]))
+            total = loss if total is None else total + loss
+        return total
+    # "sum" (mixlora: one MixLoRA per layer) / "per_module": every module's own loss, summed
     total = None
-    for layer, routing in records:
-        loss = layer.aux_loss(routing, attention_mask=_token_mask(attention_mask,
-                                                                  routing.weights.shape[0]))
+    for layer, routing, _ in records:
+        loss = layer.aux_loss(routing, attention_mask=mask_for(routing))
         total = loss if total is None else total + loss
     return total
 

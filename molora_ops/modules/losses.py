@@ -46,6 +46,7 @@ __all__ = [
     "tsallis_entropy",
     "dynmole_loss",
     "mola_balance_loss",
+    "mola_balance_loss_per_module",
     "llava_mole_balance_loss",
     "loramoe_lbc_loss",
     "mole_gate_balance_loss",
@@ -271,9 +272,12 @@ def mixtral_load_balancing_loss(probs: TensorOrList, ids: TensorOrList, num_expe
     ``L = E * sum_{j, e} f[j, e] * P[e]`` (means over unmasked tokens). Uniform routing gives k.
     Reproduces HF ``transformers.models.mixtral.modeling_mixtral.load_balancing_loss_func`` and
     MoE-PEFT ``moe_peft/adapters/mixlora/model.py :: _mixtral_load_balancing_loss_func`` (which take
-    logits and re-run softmax / top-k; here the router's probs and ids are passed in). Multiply by
-    the coefficient (MixLoRA: 0.001 in code, 0.01 in the README). Returns a 0-d fp32 (fp64) tensor,
-    differentiable w.r.t. probs.
+    logits and re-run softmax / top-k; here the router's probs and ids are passed in), padding
+    masked as they do. MoE-PEFT's ``mixlora-dynamic`` loss (``_dynamic_load_balancing_loss_func``)
+    is this form with ids [T, E] (-1 for a token's unused slots) but WITHOUT the mask (its
+    ``DynamicRouterLoss`` ignores it): pass ``attention_mask=None`` for its value. Multiply by
+    the coefficient (MixLoRA: 0.001 in code, 0.01 in the README). Returns a 0-d fp32 (fp64)
+    tensor, differentiable w.r.t. probs.
     """
     fn = "mixtral_load_balancing_loss"
     p, idx, keep = _routing_inputs(fn, probs, ids, num_experts, attention_mask)
@@ -288,9 +292,12 @@ def switch_load_balancing_loss(probs: TensorOrList, ids: TensorOrList, num_exper
     e.g. over capacity), attention_mask as in the module doc.
 
     ``f_e = mean_t 1[id_t == e]``, ``P_e = mean_t probs[t, e]``, ``L = E^2 * mean_e(f_e * P_e)``
-    (= ``E * sum_e f_e P_e``, the Mixtral form with k = 1). Reproduces Switch Transformer eq. (4)-(6)
-    and MoE-PEFT ``mixlora/model.py :: SwitchSparseMoe`` (``_switch_load_balancing_loss_func``).
-    Returns a 0-d fp32 (fp64) tensor.
+    (= ``E * sum_e f_e P_e``, the Mixtral form with k = 1): Switch Transformer eq. (4)-(6).
+    Without ``attention_mask`` it equals MoE-PEFT ``mixlora/model.py ::
+    _switch_load_balancing_loss_func`` (``SwitchRouterLoss``). MoE-PEFT takes the mask and
+    IGNORES it (padded tokens count); here a given mask excludes padded tokens from f and P,
+    so on a padded batch the two differ: pass ``attention_mask=None`` for MoE-PEFT's value
+    (``MixLoRA(aux_loss_form="moe_peft")`` does). Returns a 0-d fp32 (fp64) tensor.
     """
     fn = "switch_load_balancing_loss"
     p, idx, keep = _routing_inputs(fn, probs, ids, num_experts, attention_mask, top1=True)
@@ -301,8 +308,10 @@ def router_z_loss(logits: TensorOrList, attention_mask: Optional[torch.Tensor] =
     """Router z-loss (ST-MoE; MoE-PEFT ``mixlora-switch``, METHODS.md 2.1), no coefficient.
 
     logits [T, E] float router logits (or a list of per-layer tensors), attention_mask as in the
-    module doc. ``L = mean_t logsumexp(logits[t])^2``. Reproduces MoE-PEFT
-    ``mixlora/model.py :: _switch_router_z_loss_func``. Returns a 0-d fp32 (fp64) tensor.
+    module doc. ``L = mean_t logsumexp(logits[t])^2`` (mean over unmasked tokens). Without
+    ``attention_mask`` it equals MoE-PEFT ``mixlora/model.py :: _switch_router_z_loss_func``,
+    which averages over every token, padding included (its ``SwitchRouterLoss`` ignores the
+    mask). Returns a 0-d fp32 (fp64) tensor.
     """
     fn = "router_z_loss"
     z, layer_rows = _rows(fn, "logits", logits)
@@ -310,27 +319,82 @@ def router_z_loss(logits: TensorOrList, attention_mask: Optional[torch.Tensor] =
     return _masked_mean(torch.logsumexp(z, dim=-1) ** 2, keep, 0)
 
 
-def mola_balance_loss(probs: TensorOrList, ids: TensorOrList, num_experts: Optional[int] = None) -> torch.Tensor:
-    """MoLA load-balancing loss (METHODS.md 2.2), coefficient NOT applied (MoLA uses 0.001).
+def _mola_layer(fn: str, probs: TensorOrList, ids: TensorOrList, num_experts) -> torch.Tensor:
+    """MoLA's balance loss of ONE decoder layer: the rows of all its modules concatenated."""
+    pl = list(probs) if isinstance(probs, (list, tuple)) else [probs]
+    if isinstance(probs, (list, tuple)):
+        widths = [p.shape[-1] for p in pl if isinstance(p, torch.Tensor) and p.dim() >= 1]
+        if len(set(widths)) > 1:
+            _fail(ValueError, fn, f"the modules of one decoder layer must share E, got expert "
+                                  f"counts {widths}; for several decoder layers pass one list "
+                                  f"per layer ([[layer 0 modules], [layer 1 modules], ...])")
+    p, idx, _ = _routing_inputs(fn, probs, ids, num_experts, None)
+    # f_e = count_e / (number of routed (row, slot) pairs): MoLA divides by the total count
+    f = _fraction_per_expert(idx, p.shape[1], idx >= 0, (0, 1), p.dtype)
+    return _balance(f, _masked_mean(p, None, 0))
 
-    probs [T, E] float, ids [T, k] int (-1 ignored). ``f_e = count_e / sum_e count_e``: the fraction
-    of all routed (token, slot) pairs that went to expert e (= ``count_e / (T*k)`` when no slot is
-    dropped; MoLA normalises by the total count), ``P_e = mean_t probs[t, e]``,
-    ``L = E * sum_e f_e P_e``. With lists (one entry per MoE module, each with its own E, as MoLA's
-    per-layer expert counts) the per-module losses are SUMMED, as MoLA does; num_experts, if given,
-    must match every module. Reproduces MoLA ``src/mola_modeling_llama_hacked.py ::
-    load_balancing_loss_func``. Returns a 0-d fp32 (fp64) tensor.
+
+def _pair_lists(fn: str, probs, ids):
+    is_list = isinstance(probs, (list, tuple))
+    if is_list != isinstance(ids, (list, tuple)) or (is_list and (len(probs) != len(ids)
+                                                                  or not len(probs))):
+        _fail(ValueError, fn, "probs and ids must both be tensors or non-empty lists of the "
+                              "same length")
+    return is_list
+
+
+def mola_balance_loss(probs, ids, num_experts: Optional[int] = None) -> torch.Tensor:
+    """MoLA load-balancing loss as the authors compute it (METHODS.md 2.2): ONE loss per decoder
+    layer, coefficient NOT applied (MoLA uses 0.001). Padding is not masked (as MoLA).
+
+    Inputs, three forms:
+
+    * ``probs [T, E]`` float, ``ids [T, k]`` int: the routing rows of one decoder layer (already
+      concatenated over its modules);
+    * lists ``[probs_m]``, ``[ids_m]`` (one ``[T_m, E]`` / ``[T_m, k]`` per MoLA module of ONE
+      decoder layer; all share E and k): the rows are concatenated along the tokens (MoLA's
+      decoder layer does ``torch.cat(router_logits, dim=0)``) and ONE loss is computed;
+    * lists of such lists (one inner list per decoder layer, each layer its own E_l): the sum
+      over layers of the per-layer losses.
+
+    Per layer, over the concatenated rows: ``f_e = count_e / sum_e count_e`` (the share of all
+    routed (row, slot) pairs that went to expert e; ``-1`` slots count for none),
+    ``P_e = mean over rows of probs[:, e]``, ``L_l = E_l * sum_e f_e P_e``; ``L = sum_l L_l``.
+    Reproduces ``GCYZSL/MoLA: src/mola_modeling_llama_hacked.py :: load_balancing_loss_func``
+    fed by the decoder layer's concatenation. num_experts, if given, must match every layer.
+    ``mola_balance_loss_per_module`` is the per-module form (about n_modules times larger).
+    Returns a 0-d fp32 (fp64) tensor, differentiable w.r.t. probs.
     """
     fn = "mola_balance_loss"
-    pl = list(probs) if isinstance(probs, (list, tuple)) else [probs]
-    il = list(ids) if isinstance(ids, (list, tuple)) else [ids]
-    if isinstance(probs, (list, tuple)) != isinstance(ids, (list, tuple)) or len(pl) != len(il) or not pl:
-        _fail(ValueError, fn, "probs and ids must both be tensors or non-empty lists of the same length")
+    if not _pair_lists(fn, probs, ids) or not isinstance(probs[0], (list, tuple)):
+        return _mola_layer(fn, probs, ids, num_experts)
+    total = None
+    for l, (p_l, i_l) in enumerate(zip(probs, ids)):
+        if not isinstance(p_l, (list, tuple)) or not isinstance(i_l, (list, tuple)):
+            _fail(ValueError, fn, f"probs[{l}] / ids[{l}] must be lists (one per module of "
+                                  f"decoder layer {l}) like probs[0]")
+        _pair_lists(fn, p_l, i_l)
+        loss = _mola_layer(fn, p_l, i_l, num_experts)
+        total = loss if total is None else total + loss
+    return total
+
+
+def mola_balance_loss_per_module(probs: TensorOrList, ids: TensorOrList,
+                                 num_experts: Optional[int] = None) -> torch.Tensor:
+    """MoLA's balance formula applied to EACH module separately and summed: NOT the authors'
+    loss (``mola_balance_loss`` concatenates a decoder layer's modules first). Kept for
+    comparison and for old runs; with all 7 projections it is about 7-8x the authors' value.
+
+    probs [T, E] float and ids [T, k] int, or lists with one entry per module (each its own E):
+    ``sum_m E_m * sum_e f_{m,e} P_{m,e}`` with ``f`` and ``P`` as in ``mola_balance_loss``
+    computed over module m's rows only. No coefficient. Returns a 0-d fp32 (fp64) tensor.
+    """
+    fn = "mola_balance_loss_per_module"
+    is_list = _pair_lists(fn, probs, ids)
+    pl, il = (list(probs), list(ids)) if is_list else ([probs], [ids])
     total = None
     for p_m, i_m in zip(pl, il):
-        p, idx, _ = _routing_inputs(fn, p_m, i_m, num_experts, None)
-        f = _fraction_per_expert(idx, p.shape[1], idx >= 0, (0, 1), p.dtype)  # count_e / #routed
-        loss = _balance(f, _masked_mean(p, None, 0))
+        loss = _mola_layer(fn, p_m, i_m, num_experts)
         total = loss if total is None else total + loss
     return total
 

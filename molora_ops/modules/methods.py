@@ -60,6 +60,16 @@ class MixLoRA(MoELoRAFFN):
     residual passes); its aux loss recomputes the argmax (dropped tokens count, as MoE-PEFT's
     ``SwitchRouterLoss``) and adds the router z-loss). MoE-PEFT's switch block returns its
     INPUT unchanged in inference mode (a bug we do not reproduce).
+
+    ``aux_loss_form`` (what ``aux_loss`` does with an ``attention_mask``):
+
+    * ``"masked"`` (DEFAULT, ours): padded tokens are excluded from every mean of every routing
+      mode's loss. For ``"topk"`` this is MoE-PEFT's loss; for ``"dynamic"`` and ``"switch"`` it
+      is NOT: MoE-PEFT's ``DynamicRouterLoss`` / ``SwitchRouterLoss`` take the mask and ignore
+      it, so on a padded batch the two forms differ (on an unpadded batch they are equal).
+    * ``"moe_peft"``: MoE-PEFT's exact losses: ``"topk"`` masks padding (as
+      ``_mixtral_load_balancing_loss_func``), ``"dynamic"`` and ``"switch"`` ignore the mask
+      (padded tokens count in f, P and the z-loss).
     Defaults: E=8, k=2, r=16, alpha=32, dropout 0.05 (MoE-PEFT ``templates/mixlora.json``),
     router_init_range 0.02, aux coefficient 0.01 (README examples; the code default is 0.001).
     """
@@ -70,7 +80,7 @@ class MixLoRA(MoELoRAFFN):
                  expert_capacity: Optional[int] = None, jitter_noise: float = 0.0,
                  router_init_range: float = 0.02, aux_coef: float = 0.01,
                  z_loss_coef: float = 0.001, act: str = "silu", ffn_dropout: float = 0.0,
-                 switch_dropped: str = "input", **bank_kw):
+                 switch_dropped: str = "input", aux_loss_form: str = "masked", **bank_kw):
         gating = {"topk": lambda: TopK(k, True),
                   "dynamic": lambda: TopP(top_p, 1, include_crossing=True),
                   "switch": lambda: SwitchTop1(expert_capacity)}
@@ -79,6 +89,10 @@ class MixLoRA(MoELoRAFFN):
         if switch_dropped not in ("input", "zero"):
             raise ValueError(f"MixLoRA: switch_dropped must be 'input' or 'zero', got "
                              f"{switch_dropped!r}")
+        if aux_loss_form not in ("masked", "moe_peft"):
+            raise ValueError(f"MixLoRA: aux_loss_form must be 'masked' (padding excluded, the "
+                             f"default) or 'moe_peft' (MoE-PEFT's exact losses), got "
+                             f"{aux_loss_form!r}")
         router = Router(gate_proj.in_features, num_experts, init="normal",
                         init_range=router_init_range, jitter=jitter_noise,
                         device=gate_proj.weight.device)
@@ -88,9 +102,21 @@ class MixLoRA(MoELoRAFFN):
                          dropped_passthrough=routing == "switch" and switch_dropped == "input",
                          **bank_kw)
         self.routing_mode, self.aux_coef, self.z_loss_coef = routing, aux_coef, z_loss_coef
+        self.aux_loss_form = aux_loss_form
 
     def aux_loss(self, routing: Routing, attention_mask=None) -> torch.Tensor:
-        """Mixtral load balance (``coef * E * sum f P``); switch: Switch loss + router z-loss."""
+        """The routing mode's aux loss WITH its coefficients, a 0-d fp32 tensor.
+
+        routing: this module's ``Routing`` over T tokens (probs / logits [T, E], ids [T, k]);
+        attention_mask: [T] or [B, S] (nonzero = real token) or None.
+        ``"topk"`` / ``"dynamic"``: ``aux_coef * E * sum_{j,e} f[j, e] P[e]`` (Mixtral form; a
+        dynamic token's unused slots are -1 and count for no expert, as MoE-PEFT's
+        ``_dynamic_load_balancing_loss_func``). ``"switch"``: ``aux_coef * E^2 mean_e(f_e P_e)``
+        (f from the argmax, capacity-dropped tokens included, as ``SwitchRouterLoss``) ``+
+        z_loss_coef * mean_t logsumexp(z_t)^2``. Padding: see ``aux_loss_form`` (class doc).
+        """
+        if self.aux_loss_form == "moe_peft" and self.routing_mode != "topk":
+            attention_mask = None  # MoE-PEFT's dynamic / switch losses ignore the mask
         if self.routing_mode == "switch":
             # MoE-PEFT's SwitchRouterLoss re-takes the argmax: capacity-dropped tokens count too.
             return (self.aux_coef * losses.switch_load_balancing_loss(
@@ -161,7 +187,8 @@ class MoLA(_RoutedLinear):
     ``p = softmax(x W_g^T)`` (fp32, kaiming, no bias); ``(w, e) = top-k(p)``, ``w /= sum w``;
     ``y = W0 x + sum_j w_j (alpha/r) B_{e_j} A_{e_j} drop(x)`` (``mola_lora_hacked.py ::
     Linear_MoE.forward``). Defaults r=8, alpha=16, dropout 0.05, k=2; optional balance loss
-    (``obalance``) with coefficient 0.001.
+    (``obalance``) with coefficient 0.001, ONE per decoder layer over all its MoLA modules'
+    router rows (``layer_routing``; ``losses.mola_balance_loss``), padding not masked.
     """
 
     def __init__(self, base: nn.Linear, num_experts: int, k: int = 2, r: int = 8,
@@ -171,8 +198,34 @@ class MoLA(_RoutedLinear):
         self.balance_coef = balance_coef
 
     def aux_loss(self, routing: Routing, attention_mask=None) -> torch.Tensor:
+        """``balance_coef * E * sum_e f_e P_e`` over the rows of ``routing`` (padding not
+        masked, as MoLA: ``attention_mask`` is accepted and ignored).
+
+        MoLA's loss is ONE term per decoder layer over the rows of ALL that layer's MoLA
+        modules: pass ``layer_routing`` of their routings (what ``apply_molora`` does); on one
+        module's routing alone this is the per-module term
+        (``losses.mola_balance_loss_per_module``).
+        """
         return self.balance_coef * losses.mola_balance_loss(routing.probs, routing.ids,
                                                             self.num_experts)
+
+    @staticmethod
+    def layer_routing(routings: Sequence[Routing]) -> Routing:
+        """The routings of one decoder layer's MoLA modules concatenated along the tokens
+        (MoLA's decoder layer ``torch.cat(router_logits, dim=0)``): weights / ids [sum T_m, k],
+        logits / probs [sum T_m, E]. ``aux_loss`` of it is MoLA's per-layer balance loss."""
+        if not routings:
+            raise ValueError("MoLA.layer_routing: no routing given")
+        widths = {r.probs.shape[-1] for r in routings}
+        if len(widths) != 1:
+            raise ValueError(f"MoLA.layer_routing: the modules of one decoder layer must share "
+                             f"E, got {sorted(widths)}")
+
+        def cat(name):
+            parts = [getattr(r, name) for r in routings]
+            return None if any(t is None for t in parts) else torch.cat(parts)
+
+        return Routing(cat("weights"), cat("ids"), cat("logits"), cat("probs"))
 
 
 def mola_experts_per_layer(num_layers: int, groups: Sequence[int] = (2, 4, 6, 8)) -> list:

@@ -18,7 +18,8 @@ Three pieces:
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+import weakref
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -43,6 +44,14 @@ class XLoRAClassifier(nn.Module):
 
     Without ``layerwise_scalings`` the last layer has N outputs and its logits [B, S, N] are
     broadcast to all L modules. Without ``enable_softmax`` the raw logits are the scalings.
+
+    The MLP is ``self.layers``, an ``nn.Sequential`` laid out exactly as PEFT's
+    ``XLoraClassifier.layers`` (Linear, ReLU, Dropout only when ``dropout > 0``, ..., last
+    Linear), so the state-dict keys are PEFT's (``layers.0.weight``, ..., e.g. ``layers.3.weight``
+    for the last Linear of a depth-2 classifier with dropout): a PEFT X-LoRA classifier's
+    ``state_dict()`` loads as it is (``load_state_dict``, or ``load_peft_state_dict`` for the
+    prefixed keys of a whole PEFT model). ``inner`` / ``last`` are views of the hidden layers /
+    the last Linear.
 
     Args (PEFT ``XLoraConfig`` names in brackets, defaults as there):
         hidden_size: d [hidden_size]. num_adapters: N (number of adapters). num_layers: L, the
@@ -74,25 +83,85 @@ class XLoRAClassifier(nn.Module):
         self.hidden_size, self.num_adapters, self.num_layers = hidden_size, num_adapters, num_layers
         self.depth, self.layerwise_scalings = depth, layerwise_scalings
         self.enable_softmax, self.softmax_temperature = enable_softmax, softmax_temperature
+        self.hidden, self.dropout_p = hidden, dropout
+        self.relu_and_dropout, self.use_bias = relu_and_dropout, bias
         factory = dict(bias=bias, dtype=dtype, device=device)
-        inner: List[nn.Module] = []
+        layers: List[nn.Module] = []
         width = hidden_size
         for _ in range(depth - 1):
-            inner.append(nn.Linear(width, hidden, **factory))
+            layers.append(nn.Linear(width, hidden, **factory))
             if relu_and_dropout:
-                inner += [nn.ReLU(), nn.Dropout(dropout)]
+                # PEFT adds the Dropout only for p > 0: the same indices give the same keys
+                layers.append(nn.ReLU())
+                if dropout > 0:
+                    layers.append(nn.Dropout(dropout))
             width = hidden
-        self.inner = nn.Sequential(*inner)
         out = num_adapters * num_layers if layerwise_scalings else num_adapters
-        self.last = nn.Linear(width, out, **factory)
+        layers.append(nn.Linear(width, out, **factory))
+        self.layers = nn.Sequential(*layers)
+
+    @property
+    def inner(self) -> nn.Sequential:
+        """The hidden layers (everything before the last Linear), sharing ``self.layers``."""
+        return nn.Sequential(*list(self.layers)[:-1])
+
+    @property
+    def last(self) -> nn.Linear:
+        """The last Linear (``[N*L, width]`` or ``[N, width]``)."""
+        return self.layers[-1]
 
     def logits(self, hidden_state: torch.Tensor) -> torch.Tensor:
         """Classifier logits reshaped to [..., L, N] (before the softmax)."""
-        logits = self.last(self.inner(hidden_state))
+        logits = self.layers(hidden_state)
         lead = logits.shape[:-1]
         if not self.layerwise_scalings:
             return logits.unsqueeze(-2).expand(*lead, self.num_layers, self.num_adapters)
         return logits.reshape(*lead, self.num_layers, self.num_adapters)
+
+    def config_dict(self) -> Dict[str, Any]:
+        """The constructor arguments (JSON-serialisable; dtype / device excluded)."""
+        return dict(hidden_size=self.hidden_size, num_adapters=self.num_adapters,
+                    num_layers=self.num_layers, depth=self.depth, hidden=self.hidden,
+                    dropout=self.dropout_p, layerwise_scalings=self.layerwise_scalings,
+                    enable_softmax=self.enable_softmax,
+                    softmax_temperature=self.softmax_temperature,
+                    relu_and_dropout=self.relu_and_dropout, bias=self.use_bias)
+
+    @torch.no_grad()
+    def load_peft_state_dict(self, state_dict: Union[Mapping[str, torch.Tensor], nn.Module]
+                             ) -> "XLoRAClassifier":
+        """Loads PEFT X-LoRA classifier weights as PEFT names them.
+
+        ``state_dict``: PEFT's ``XLoraClassifier.state_dict()`` (``layers.0.weight``, ...), or
+        a whole PEFT model's state dict / the model itself (keys ``...internal_xlora_classifier.
+        layers.N.*``: everything up to ``internal_xlora_classifier.`` is dropped and the other
+        keys are ignored), or any module whose ``state_dict()`` is one of those. Values are cast
+        to this classifier's dtype / device. ValueError (before anything is copied) when the
+        keys or shapes differ, e.g. another ``xlora_depth``, ``layerwise_scalings``, number of
+        adapters or of X-LoRA modules. Returns self.
+        """
+        if isinstance(state_dict, nn.Module):
+            state_dict = state_dict.state_dict()
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"XLoRAClassifier.load_peft_state_dict: state_dict must be a mapping "
+                            f"or a module, got {type(state_dict).__name__}")
+        tag = "internal_xlora_classifier."
+        if any(tag in k for k in state_dict):
+            sd = {k[k.index(tag) + len(tag):]: v for k, v in state_dict.items() if tag in k}
+        else:
+            sd = dict(state_dict)
+        own = self.state_dict()
+        missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+        shapes = [f"{k}: {tuple(sd[k].shape)} vs ours {tuple(own[k].shape)}" for k in own
+                  if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or shapes:
+            raise ValueError(f"XLoRAClassifier.load_peft_state_dict: the weights do not fit this "
+                             f"classifier ({self.extra_repr()}): missing {missing}, unexpected "
+                             f"{unexpected}, wrong shape {shapes} (check xlora_depth, "
+                             f"layerwise_scalings, the adapters and the adapted modules)")
+        for k, t in own.items():
+            t.copy_(sd[k])
+        return self
 
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
         """hidden_state [..., d] -> scalings [..., L, N]."""
@@ -113,12 +182,13 @@ def xlora_topk_scalings(scalings: torch.Tensor, top_k_lora: Optional[int] = None
     """PEFT ``XLoraLayer.get_maybe_topk_scalings`` on one module's scalings [..., N].
 
     ``top_k_lora``: every scaling but the k largest of a token is zeroed (``x * mask``).
-    ``enable_softmax_topk``: the nonzero scalings are replaced by a softmax over them. PEFT (and
-    the original repo) do ``softmax(scalings[nonzero_mask], dim=-1)`` on the FLATTENED 1-D
-    selection, i.e. one softmax over the nonzero scalings of every token of the batch; that is
-    the default (``per_token_softmax_topk=False``). ``per_token_softmax_topk=True`` gives the
-    per-token softmax over each token's nonzero scalings (the evident intent). Out of place
-    (PEFT writes the result into the classifier's scalings tensor; nothing reads it afterwards).
+    ``enable_softmax_topk``: the nonzero scalings are replaced by a softmax over them. The
+    original repo (and older PEFT releases) do ``softmax(scalings[nonzero_mask], dim=-1)`` on the
+    FLATTENED 1-D selection, i.e. one softmax over the nonzero scalings of every token of the
+    batch; that is this function's default (``per_token_softmax_topk=False``).
+    ``per_token_softmax_topk=True`` gives the per-token softmax over each token's nonzero
+    scalings, which is what PEFT 0.21 does (``masked_fill(-inf)`` + softmax over the adapters;
+    ``apply_xlora_from_adapters`` defaults to it). Out of place.
     """
     s = scalings
     if top_k_lora is not None:
@@ -160,7 +230,8 @@ class XLoRALinear(MoLoRALinear):
             ``num_adapters``). alphas: LoRA alpha (one float or one per adapter).
         dropout: LoRA dropout (one p for all adapters; PEFT has one per adapter).
         top_k_lora: None (dense, the default) or k. enable_softmax_topk: False.
-        per_token_softmax_topk: False = PEFT's flattened softmax (see below).
+        per_token_softmax_topk: False = the original repo's flattened softmax (see below);
+            True = per token, as PEFT 0.21 (``apply_xlora_from_adapters``' default).
         global_scaling_weight: 1.0. trainable_adapters: False (PEFT ``use_trainable_adapters``).
         init: bank init (``"lora"``: B = 0; load the adapters with ``bank.load_expert`` or use
             ``from_peft_adapters``; ``"gaussian"``: random non-zero adapters).
@@ -172,10 +243,11 @@ class XLoRALinear(MoLoRALinear):
 
     Reference-code quirks:
 
-    * ``enable_softmax_topk`` normalises across ALL tokens of the batch (PEFT and the original
-      both softmax the flattened nonzero selection). Reproduced by default for parity with the
-      released checkpoints' code; ``per_token_softmax_topk=True`` gives the per-token softmax.
-      Both only matter when ``enable_softmax_topk=True`` (off in every released config).
+    * ``enable_softmax_topk`` normalises across ALL tokens of the batch in the original repo
+      (and older PEFT releases: a softmax of the flattened nonzero selection). Reproduced by
+      this class's default for parity with the released checkpoints' code;
+      ``per_token_softmax_topk=True`` gives the per-token softmax that PEFT 0.21 computes. Both
+      only matter when ``enable_softmax_topk=True`` (off in every released config).
     * X-LoRA scales the INPUT before dropout, ``B_n A_n drop(x * sigma_n)``; here the gate scales
       the adapter output, ``sigma_n B_n A_n drop(x)``. LoRA is linear and sigma_n is a per-token
       scalar, so the two are equal without dropout (eval, or dropout = 0, the released configs);
@@ -286,29 +358,47 @@ class XLoRAModel(nn.Module):
     ``forward(*args, **kwargs)``:
 
     1. scaling pass, under ``no_grad``: every ``XLoRALinear`` has its adapters off (PEFT's
-       ``disable_adapter_layers``; a base-only forward, no bank work), ``h = hidden_states_fn(
-       model(*args, **kwargs, **scaling_pass_kwargs))`` [B, S, d] (default: ``output.
-       hidden_states[-1]`` when the output has hidden states, else the output tensor);
+       scaling pass: its all-zero dummy scalings make every adapter add exactly 0; here a
+       base-only forward, no bank work), ``h = hidden_states_fn(model(*args, **kwargs,
+       **scaling_pass_kwargs))`` [B, S, d] (default: ``output.hidden_states[-1]`` when the output
+       has hidden states, else the output tensor);
     2. ``scalings = classifier(h)`` [B, S, L, N] (kept as ``last_scalings``);
     3. real pass: module l (the l-th ``XLoRALinear`` in ``model.modules()`` order, as PEFT
        numbers them) gets ``scalings[..., l, :]``; returns ``model(*args, **kwargs)``.
+
+    KV cache (transformers ``Cache`` objects): the scaling pass of a token needs the
+    ADAPTERS-OFF keys / values of the earlier tokens, the real pass the adapters-on ones, so
+    the two passes keep two caches. The real pass's cache is the one the caller sees (``past_
+    key_values`` in and out, as for the bare model); its scaling-pass twin is kept here, keyed
+    by that cache object (weakly), created when the real pass starts a cache (``use_cache``
+    with no ``past_key_values``, or an empty one) and advanced with it. A cache this model did
+    not start raises ValueError; twins whose lengths disagree (a cache cropped or reordered
+    outside this model, e.g. beam search) raise RuntimeError. Because both passes are causal,
+    incremental decoding gives the logits of the full-sequence forward (PEFT instead forces
+    ``use_cache=False`` and re-runs both passes on the whole sequence at every step).
+
+    ``generate(*args, **kwargs)``: the wrapped model's ``generate`` (transformers), every model
+    call of it running the two passes with the KV cache as above (greedy / sampling; beam
+    search and assisted decoding need ``use_cache=False``).
+
+    ``save_pretrained(directory)`` / ``XLoRAModel.from_pretrained(model, directory)``: the
+    classifier, the adapters (as PEFT LoRA adapters) and the X-LoRA settings
+    (``molora_ops.integrations.hf_peft.save_xlora`` / ``load_xlora``).
 
     Args:
         model: the model (its ``XLoRALinear`` modules are found in module order; L = their
             number must equal ``classifier.num_layers``).
         classifier: ``XLoRAClassifier``.
         hidden_states_fn: output of the scaling pass -> last hidden state.
-        scaling_pass_value: the scalings of the scaling pass. 0.0 (default; the original repo's
-            default, and PEFT runs adapters disabled) = adapters off, which is exactly equal and
-            skips the adapters; another value v runs the adapters with every scaling = v (the
-            original repo's ``set_scaling_pass_value``); None = 1/N (the original's "default").
+        scaling_pass_value: the scalings of the scaling pass. 0.0 (default; PEFT's and the
+            original repo's default) = adapters off, which is exactly equal and skips the
+            adapters; another value v runs the adapters with every scaling = v (PEFT's
+            ``set_scaling_pass_value``, through the layers' top-k / softmax-top-k as PEFT);
+            None = 1/N.
         scaling_pass_kwargs: extra kwargs of the scaling pass only (e.g.
-            ``{"output_hidden_states": True}`` for a HF model).
+            ``{"output_hidden_states": True, "return_dict": True}`` for a HF model).
         freeze_model: True: every parameter of ``model`` is frozen (PEFT trains the classifier
             only; adapters frozen unless ``use_trainable_adapters``).
-
-    PEFT forces ``use_cache=False``: each generation step re-runs both passes on the full
-    sequence; so does this helper (it keeps no cache).
     """
 
     def __init__(self, model: nn.Module, classifier: XLoRAClassifier,
@@ -316,8 +406,6 @@ class XLoRAModel(nn.Module):
                  scaling_pass_value: Optional[float] = 0.0,
                  scaling_pass_kwargs: Optional[dict] = None, freeze_model: bool = True):
         super().__init__()
-        self.model = model
-        self.classifier = classifier
         layers = [m for m in model.modules() if isinstance(m, XLoRALinear)]
         if not layers:
             raise ValueError("XLoRAModel: the model has no XLoRALinear module")
@@ -328,11 +416,19 @@ class XLoRAModel(nn.Module):
         if bad:
             raise ValueError(f"XLoRAModel: the classifier mixes {classifier.num_adapters} adapters"
                              f" but a module has {bad[0]}")
+        self.model = model
+        self.classifier = classifier
         self.__dict__["xlora_layers"] = layers  # not re-registered: they live in self.model
         self.hidden_states_fn = hidden_states_fn or _last_hidden_state
         self.scaling_pass_value = scaling_pass_value
         self.scaling_pass_kwargs = dict(scaling_pass_kwargs or {})
         self.last_scalings: Optional[torch.Tensor] = None
+        # adapter names / their PEFT configs (set by apply_xlora_from_adapters; used on save)
+        self.adapter_names: Optional[List[str]] = None
+        self.adapter_configs: Optional[Dict[str, dict]] = None
+        self._scaling_caches: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+        self._busy = False
+        self._hook_state: List[Any] = []
         if freeze_model:
             model.requires_grad_(False)
 
@@ -341,30 +437,158 @@ class XLoRAModel(nn.Module):
             layer.adapters_off = off
             layer.scalings = None if scalings is None else scalings[..., l, :]
 
+    # -- the KV-cache twins ----------------------------------------------------------------
+
+    def _cache_plan(self, kwargs: dict) -> Tuple[dict, bool]:
+        """(kwargs the scaling pass adds / overrides, whether the real pass returns a cache to
+        pair with the scaling pass's). Touches nothing."""
+        pkv = kwargs.get("past_key_values")
+        if pkv is None:
+            use_cache = kwargs.get("use_cache")
+            if use_cache is None:
+                use_cache = getattr(getattr(self.model, "config", None), "use_cache", False)
+            return ({}, True) if use_cache else ({}, False)
+        if not callable(getattr(pkv, "get_seq_length", None)):
+            raise TypeError(f"XLoRAModel: past_key_values must be a transformers Cache (e.g. "
+                            f"DynamicCache), got {type(pkv).__name__}")
+        twin = self._scaling_caches.get(pkv)
+        if twin is None:
+            if pkv.get_seq_length() != 0:
+                raise ValueError("XLoRAModel: past_key_values holds tokens but was not started by "
+                                 "this XLoRAModel, so its scaling pass has no adapters-off cache "
+                                 "of them; start with past_key_values=None (use_cache=True) or "
+                                 "an empty cache")
+            return {"past_key_values": None, "use_cache": True}, True
+        if twin.get_seq_length() != pkv.get_seq_length():
+            raise RuntimeError(f"XLoRAModel: the KV cache holds {pkv.get_seq_length()} tokens but "
+                               f"its scaling-pass twin {twin.get_seq_length()}: the cache was "
+                               f"cropped or reordered outside this model (beam search and "
+                               f"assisted decoding need use_cache=False)")
+        return {"past_key_values": twin, "use_cache": True}, True
+
+    def _pair(self, output: Any, scaling_output: Any) -> None:
+        cache, twin = _cache_of(output), _cache_of(scaling_output)
+        if cache is not None and twin is not None:
+            self._scaling_caches[cache] = twin
+
+    # -- the two passes --------------------------------------------------------------------
+
     @torch.no_grad()
-    def scaling_pass(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Pass 1: the last hidden state with the adapters off (or at ``scaling_pass_value``)."""
+    def _scaling_pass(self, args: tuple, kwargs: dict) -> Tuple[torch.Tensor, Any]:
         value = self.scaling_pass_value
+        kwargs = {**kwargs, **self.scaling_pass_kwargs}
+        busy, self._busy = self._busy, True   # generate's hooks skip this inner call
         try:
             if value == 0.0:
                 self._set_slots(off=True)
-                out = self.model(*args, **kwargs, **self.scaling_pass_kwargs)
             else:
                 v = 1.0 / self.classifier.num_adapters if value is None else float(value)
                 for layer in self.xlora_layers:
                     layer.scalings = v
-                out = self.model(*args, **kwargs, **self.scaling_pass_kwargs)
+            out = self.model(*args, **kwargs)
         finally:
             self._set_slots(None)
-        return self.hidden_states_fn(out)
+            self._busy = busy
+        return self.hidden_states_fn(out), out
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        hidden = self.scaling_pass(*args, **kwargs)
+    def scaling_pass(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Pass 1: the last hidden state with the adapters off (or at ``scaling_pass_value``).
+        Called on its own it keeps no cache (``past_key_values`` / ``use_cache`` as given)."""
+        return self._scaling_pass(args, kwargs)[0]
+
+    def _begin(self, args: tuple, kwargs: dict) -> Tuple[bool, Any]:
+        extra, caching = self._cache_plan(kwargs)
+        hidden, scaling_out = self._scaling_pass(args, {**kwargs, **extra})
         scalings = self.classifier(hidden)
         self.last_scalings = scalings
+        self._set_slots(scalings)
+        return caching, scaling_out
+
+    def _end(self, state: Tuple[bool, Any], output: Any) -> None:
+        self._set_slots(None)
+        caching, scaling_out = state
+        if caching and output is not None:
+            self._pair(output, scaling_out)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        state = self._begin(args, kwargs)
+        out = None
         try:
-            self._set_slots(scalings)
-            return self.model(*args, **kwargs)
+            busy, self._busy = self._busy, True
+            try:
+                out = self.model(*args, **kwargs)
+            finally:
+                self._busy = busy
         finally:
+            self._end(state, out)
+        return out
+
+    # -- generation ------------------------------------------------------------------------
+
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self._busy:
+            self._hook_state.append(self._begin(args, kwargs))
+
+    def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not self._busy and self._hook_state:
+            self._end(self._hook_state.pop(), output)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``model.generate`` (transformers) with X-LoRA's two passes at every model call and
+        the KV cache of both passes (class doc); same arguments and return value. The cache is
+        on unless ``use_cache=False`` is passed (the model config's ``use_cache``, which PEFT's
+        X-LoRA requires to be False, is not consulted). ValueError
+        (before generating) for beam search or assisted decoding with the cache on: the
+        scaling pass's cache would not follow their reordering / cropping."""
+        gen = getattr(self.model, "generate", None)
+        if not callable(gen):
+            raise TypeError(f"XLoRAModel.generate: {type(self.model).__name__} has no generate "
+                            f"(a transformers PreTrainedModel has)")
+        cfg = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        # the cache is on unless asked off: a model prepared for PEFT's X-LoRA has
+        # config.use_cache = False (PEFT requires it), which must not turn it off here
+        use_cache = kwargs.setdefault("use_cache", True)
+        num_beams = kwargs.get("num_beams", getattr(cfg, "num_beams", 1)) or 1
+        if use_cache and num_beams > 1:
+            raise ValueError(f"XLoRAModel.generate: beam search (num_beams={num_beams}) with the "
+                             f"KV cache is not supported (the scaling pass's cache is not "
+                             f"reordered with the beams); pass use_cache=False")
+        assisted = [k for k in ("assistant_model", "prompt_lookup_num_tokens")
+                    if kwargs.get(k) is not None]
+        if use_cache and assisted:
+            raise ValueError(f"XLoRAModel.generate: assisted decoding ({assisted[0]}) with the KV "
+                             f"cache is not supported; pass use_cache=False")
+        if self._hook_state:
+            raise RuntimeError("XLoRAModel.generate: already generating")
+        handles = (self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
+                   self.model.register_forward_hook(self._post_hook, with_kwargs=True,
+                                                    always_call=True))
+        try:
+            return gen(*args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+            self._hook_state.clear()
             self._set_slots(None)
 
+    # -- save / load -----------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str) -> None:
+        """Writes the classifier, the adapters and the X-LoRA settings to ``directory`` (see
+        ``molora_ops.integrations.hf_peft.save_xlora``)."""
+        from ..integrations.hf_peft import save_xlora
+        save_xlora(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str, **kwargs: Any) -> "XLoRAModel":
+        """Rebuilds a saved X-LoRA model on ``model`` (a fresh base model; see
+        ``molora_ops.integrations.hf_peft.load_xlora``)."""
+        from ..integrations.hf_peft import load_xlora
+        return load_xlora(model, directory, **kwargs)
+
+
+def _cache_of(output: Any) -> Any:
+    """``output.past_key_values`` (HF ModelOutput or dict), else None."""
+    if isinstance(output, dict):
+        return output.get("past_key_values")
+    return getattr(output, "past_key_values", None)

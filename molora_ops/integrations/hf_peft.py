@@ -41,7 +41,8 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..modules.bank import Dispatched, LoRABank
+from ..functional import moe_lora_linear
+from ..modules.bank import LoRABank
 from ..modules.methods import LoRASoupsCAT
 from ..modules.xlora import XLoRAClassifier, XLoRALinear, XLoRAModel
 
@@ -815,11 +816,9 @@ class FusedXLoraLinear:
             # one dropped copy of x per adapter (PEFT's masks, in PEFT's order) -> grouped ops
             xd = torch.stack([d(xa) for d in drops], dim=-2).reshape(T * len(present), d_in)
             ids = torch.tensor(present, dtype=torch.int32, device=x.device).expand(T, -1)
-            disp = Dispatched(ids, N)
-            h = ops.sgmv_shrink(xd, A, offs, disp.order, disp.pair_pos, disp.expert_offsets,
-                                None, None, max_rank=max_rank)
-            y = ops.sgmv_expand(h, B, offs, disp.order, disp.pos, disp.expert_offsets,
-                                gate[:, present].contiguous(), scales, base)
+            y = moe_lora_linear(xd.reshape(T, len(present), d_in), A, B, offs,
+                                gate[:, present].contiguous(), ids, scales, base=base,
+                                max_rank=max_rank, x_per_slot=True)
         else:
             y = ops.stacked_gated_lora(xa.reshape(T, d_in), A, B, gate, offs, scales, base)
         if base is None:

@@ -69,15 +69,14 @@ GroupedArgs check_grouped(const char* op, const at::Tensor& data, int64_t num_to
 
 // One column block of the expert-major expand (AVX2 copy for fp32 where the CPU has it).
 template <typename scalar_t, typename acc_t>
-void expand_cols(const at::Tensor& h, const at::Tensor& Bt, const kernels::GroupedMeta& meta,
-                 const GroupedArgs& g, int64_t n, int64_t max_rank, int64_t n0, int64_t nb,
-                 acc_t* acc) {
+void expand_cols(const int32_t* row_token, const acc_t* hs, const at::Tensor& Bt,
+                 const kernels::GroupedMeta& meta, int64_t n, int64_t max_rank, int64_t n0,
+                 int64_t nb, acc_t* acc) {
   MOLORA_AVX2_OR_FALL_THROUGH(cpu::avx2::sgmv_expand_cols(
-      h.data_ptr<float>(), Bt.data_ptr<float>(), meta, cpu::ptr_or_null<float>(g.weights),
-      cpu::ptr_or_null<float>(g.scales), n, max_rank, n0, nb, reinterpret_cast<float*>(acc)))
-  kernels::sgmv_expand_cols(h.data_ptr<scalar_t>(), Bt.data_ptr<scalar_t>(), meta,
-                            cpu::ptr_or_null<acc_t>(g.weights), cpu::ptr_or_null<acc_t>(g.scales),
-                            n, max_rank, n0, nb, acc);
+      row_token, reinterpret_cast<const float*>(hs), Bt.data_ptr<float>(), meta, n, max_rank, n0,
+      nb, reinterpret_cast<float*>(acc)))
+  kernels::sgmv_expand_cols(row_token, hs, Bt.data_ptr<scalar_t>(), meta, n, max_rank, n0, nb,
+                            acc);
 }
 
 }  // namespace
@@ -139,20 +138,27 @@ at::Tensor sgmv_expand_cpu(const at::Tensor& h_in, const at::Tensor& B_in,
     using acc_t = at::opmath_type<scalar_t>;
     const auto meta = g.meta();
     if (T >= kExpandColsMinTokens) {
-      // Column blocks, each owned by one thread: [T, nb] opmath rows of the block.
+      // Rows prepared once (token, scaled h), then column blocks, each owned by one thread:
+      // [T, nb] opmath rows of the block.
+      const int64_t P = g.order.size(0);
+      std::vector<int32_t> row_token(P);
+      std::vector<acc_t> hs(P * max_rank);
+      at::parallel_for(0, P, cpu::grain_for(max_rank), [&](int64_t i0, int64_t i1) {
+        kernels::expand_rows_prepare(h.data_ptr<scalar_t>(), meta,
+                                     cpu::ptr_or_null<acc_t>(g.weights),
+                                     cpu::ptr_or_null<acc_t>(g.scales), max_rank, i0, i1,
+                                     row_token.data(), hs.data());
+      });
       const int64_t n_blocks = (n + kernels::kExpandCols - 1) / kernels::kExpandCols;
       const scalar_t* base_p = cpu::ptr_or_null<scalar_t>(base_c);
       at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
         std::vector<acc_t> acc(T * kernels::kExpandCols);
         for (int64_t blk = b0; blk < b1; ++blk) {
           const int64_t n0 = blk * kernels::kExpandCols, nb = std::min(kernels::kExpandCols, n - n0);
-          for (int64_t t = 0; t < T; ++t)
-            for (int64_t o = 0; o < nb; ++o)
-              acc[t * nb + o] = base_p != nullptr ? static_cast<acc_t>(base_p[t * n + n0 + o]) : acc_t(0);
-          expand_cols<scalar_t, acc_t>(h, Bt, meta, g, n, max_rank, n0, nb, acc.data());
-          scalar_t* yp = y.data_ptr<scalar_t>();
-          for (int64_t t = 0; t < T; ++t)
-            for (int64_t o = 0; o < nb; ++o) yp[t * n + n0 + o] = static_cast<scalar_t>(acc[t * nb + o]);
+          kernels::block_rows_load(base_p, T, n, n0, nb, acc.data());
+          expand_cols<scalar_t, acc_t>(row_token.data(), hs.data(), Bt, meta, n, max_rank, n0,
+                                       nb, acc.data());
+          kernels::block_rows_store(acc.data(), T, n, n0, nb, y.data_ptr<scalar_t>());
         }
       });
       return;

@@ -19,10 +19,10 @@ void sgmv_expand_range(const float* h, const float* Bt, const kernels::GroupedMe
                                            acc, y);
 }
 
-void sgmv_expand_cols(const float* h, const float* Bt, const kernels::GroupedMeta& m,
-                      const float* w, const float* scales, int64_t n, int64_t max_rank, int64_t n0,
+void sgmv_expand_cols(const int32_t* row_token, const float* hs, const float* Bt,
+                      const kernels::GroupedMeta& m, int64_t n, int64_t max_rank, int64_t n0,
                       int64_t nb, float* acc) {
-  kernels::sgmv_expand_cols<float, float>(h, Bt, m, w, scales, n, max_rank, n0, nb, acc);
+  kernels::sgmv_expand_cols<float, float>(row_token, hs, Bt, m, n, max_rank, n0, nb, acc);
 }
 
 void sgmv_weight_grad_range(const float* x, const float* h, const kernels::GroupedMeta& m,

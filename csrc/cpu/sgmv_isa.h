@@ -19,8 +19,8 @@ void sgmv_shrink_range(const float* x, const float* A, const kernels::GroupedMet
 void sgmv_expand_range(const float* h, const float* Bt, const kernels::GroupedMeta& m,
                        const int32_t* pos, const float* w, const float* scales, const float* base,
                        int64_t n, int64_t max_rank, int64_t t0, int64_t t1, float* acc, float* y);
-void sgmv_expand_cols(const float* h, const float* Bt, const kernels::GroupedMeta& m,
-                      const float* w, const float* scales, int64_t n, int64_t max_rank, int64_t n0,
+void sgmv_expand_cols(const int32_t* row_token, const float* hs, const float* Bt,
+                      const kernels::GroupedMeta& m, int64_t n, int64_t max_rank, int64_t n0,
                       int64_t nb, float* acc);
 void sgmv_weight_grad_range(const float* x, const float* h, const kernels::GroupedMeta& m,
                             const float* w, const float* scales, int64_t d, int64_t max_rank,

@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "isa.h"
 #include "simd.h"
@@ -124,21 +126,64 @@ void sgmv_expand_range(const scalar_t* h, const scalar_t* Bt, const GroupedMeta&
   }
 }
 
-// The expand for large batches, expert-major over one block of kExpandCols output columns
-// [n0, n0 + nb): acc[t, :nb] (opmath rows of the block, holding base or 0 on entry) += c_i *
-// h[i, :r_e] @ Bt[ro_e : ro_e + r_e, n0 : n0 + nb) for every dispatched row i (token t_i). A
-// block row is one 64-byte line of fp32, so the block's acc [T, 16] stays in L2 and the expert's
-// [r_e, 16] slice of Bt in L1 while its rows stream past; each row's 16 outputs stay in registers
-// through the rank loop (one load and one store of acc per row). The token-owned kernel above
-// instead reloads a token's whole [r_e, n] slice of Bt from L2 for every slot. A block is owned by
-// one thread and rows are added in dispatch order (experts ascending, then stable token order):
-// deterministic.
+// The expand for large batches, step 1 of 2, rows [i0, i1): the token of every dispatched row
+// (-1 on padding) and its coefficient-scaled h row, hs[i, a] = c_i * h[i, a] in opmath, so the
+// column blocks of step 2 neither divide nor multiply per row again (86 blocks at n = 1376).
 template <typename scalar_t, typename acc_t>
-void sgmv_expand_cols(const scalar_t* h, const scalar_t* Bt, const GroupedMeta& m, const acc_t* w,
-                      const acc_t* scales, int64_t n, int64_t max_rank, int64_t n0, int64_t nb,
+void expand_rows_prepare(const scalar_t* h, const GroupedMeta& m, const acc_t* w,
+                         const acc_t* scales, int64_t max_rank, int64_t i0, int64_t i1,
+                         int32_t* row_token, acc_t* hs) {
+  const int64_t covered = m.expert_offsets[m.num_experts];
+  for (int64_t i = i0; i < i1; ++i) {
+    const int32_t p = i < covered ? m.order[i] : -1;
+    row_token[i] = p < 0 ? -1 : static_cast<int32_t>(p / m.top_k);
+    if (p < 0) continue;
+    const int64_t e = expert_of_row(m.expert_offsets, m.num_experts, i);
+    const acc_t c = row_coef(w, scales, p, e);
+    for (int64_t a = 0; a < max_rank; ++a)
+      hs[i * max_rank + a] = c * static_cast<acc_t>(h[i * max_rank + a]);
+  }
+}
+
+// A column block's rows in and out: acc[t, :nb] = src[t, n0 : n0 + nb] (0 without src), and
+// back. Same-type rows are one memcpy each (the block is one cache line per row).
+template <typename scalar_t, typename acc_t>
+void block_rows_load(const scalar_t* src, int64_t T, int64_t n, int64_t n0, int64_t nb,
+                     acc_t* acc) {
+  if (src == nullptr) {
+    std::fill(acc, acc + T * nb, acc_t(0));
+  } else if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    for (int64_t t = 0; t < T; ++t) std::memcpy(acc + t * nb, src + t * n + n0, nb * sizeof(acc_t));
+  } else {
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t o = 0; o < nb; ++o) acc[t * nb + o] = static_cast<acc_t>(src[t * n + n0 + o]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void block_rows_store(const acc_t* acc, int64_t T, int64_t n, int64_t n0, int64_t nb,
+                      scalar_t* dst) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    for (int64_t t = 0; t < T; ++t) std::memcpy(dst + t * n + n0, acc + t * nb, nb * sizeof(acc_t));
+  } else {
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t o = 0; o < nb; ++o) dst[t * n + n0 + o] = static_cast<scalar_t>(acc[t * nb + o]);
+  }
+}
+
+// Step 2, expert-major over one block of kExpandCols output columns [n0, n0 + nb):
+// acc[t, :nb] (opmath rows of the block, holding base or 0 on entry) += hs[i, :r_e] @
+// Bt[ro_e : ro_e + r_e, n0 : n0 + nb) for every dispatched row i (token t_i). A block row is one
+// 64-byte line of fp32, so the block's acc [T, 16] stays in L2 and the expert's [r_e, 16] slice
+// of Bt in L1 while its rows stream past; each row's 16 outputs stay in registers through the
+// rank loop, four rows at a time (four independent FMA chains per B load). The token-owned
+// kernel above instead reloads a token's whole [r_e, n] slice of Bt from L2 for every slot. A
+// block is owned by one thread and rows are added in dispatch order (experts ascending, then
+// stable token order): deterministic.
+template <typename scalar_t, typename acc_t>
+void sgmv_expand_cols(const int32_t* row_token, const acc_t* hs, const scalar_t* Bt,
+                      const GroupedMeta& m, int64_t n, int64_t max_rank, int64_t n0, int64_t nb,
                       acc_t* acc) {
-  // Four rows at a time: four independent accumulator chains per B load (one chain per row
-  // would wait on the FMA latency at every rank step).
   constexpr int kRows = 4;
   for (int64_t e = 0; e < m.num_experts; ++e) {
     const int64_t r0 = m.rank_offsets[e], r = m.rank_offsets[e + 1] - r0;
@@ -148,15 +193,12 @@ void sgmv_expand_cols(const scalar_t* h, const scalar_t* Bt, const GroupedMeta& 
     const int64_t end = m.expert_offsets[e + 1];
     while (i < end) {
       acc_t* dst[kRows];
-      const scalar_t* hr[kRows];
-      acc_t c[kRows];
+      const acc_t* hr[kRows];
       int nr = 0;
       for (; i < end && nr < kRows; ++i) {
-        const int32_t p = m.order[i];
-        if (p < 0) continue;
-        dst[nr] = acc + (p / m.top_k) * nb;
-        hr[nr] = h + i * max_rank;
-        c[nr] = row_coef(w, scales, p, e);
+        if (row_token[i] < 0) continue;
+        dst[nr] = acc + static_cast<int64_t>(row_token[i]) * nb;
+        hr[nr] = hs + i * max_rank;
         ++nr;
       }
       if (nr == kRows && nb == kExpandCols) {
@@ -164,19 +206,16 @@ void sgmv_expand_cols(const scalar_t* h, const scalar_t* Bt, const GroupedMeta& 
         for (int64_t o = 0; o < kExpandCols; ++o) {
           v0[o] = 0; v1[o] = 0; v2[o] = 0; v3[o] = 0;
         }
+        const acc_t *h0 = hr[0], *h1 = hr[1], *h2 = hr[2], *h3 = hr[3];
         for (int64_t a = 0; a < r; ++a) {
-          const acc_t h0 = c[0] * static_cast<acc_t>(hr[0][a]);
-          const acc_t h1 = c[1] * static_cast<acc_t>(hr[1][a]);
-          const acc_t h2 = c[2] * static_cast<acc_t>(hr[2][a]);
-          const acc_t h3 = c[3] * static_cast<acc_t>(hr[3][a]);
           const scalar_t* br = bcol + a * n;
           MOLORA_SIMD
           for (int64_t o = 0; o < kExpandCols; ++o) {
             const acc_t bv = static_cast<acc_t>(br[o]);
-            v0[o] += h0 * bv;
-            v1[o] += h1 * bv;
-            v2[o] += h2 * bv;
-            v3[o] += h3 * bv;
+            v0[o] += h0[a] * bv;
+            v1[o] += h1[a] * bv;
+            v2[o] += h2[a] * bv;
+            v3[o] += h3[a] * bv;
           }
         }
         // Sequential adds: two rows of one token (a repeated expert id) both land.
@@ -188,7 +227,7 @@ void sgmv_expand_cols(const scalar_t* h, const scalar_t* Bt, const GroupedMeta& 
       }
       for (int b = 0; b < nr; ++b) {  // a partial group, or the last, narrower column block
         for (int64_t a = 0; a < r; ++a) {
-          const acc_t ha = c[b] * static_cast<acc_t>(hr[b][a]);
+          const acc_t ha = hr[b][a];
           const scalar_t* br = bcol + a * n;
           for (int64_t o = 0; o < nb; ++o) dst[b][o] += ha * static_cast<acc_t>(br[o]);
         }

@@ -317,3 +317,29 @@ def test_peft_format_errors_before_any_change(tmp_path):
     assert all(p.requires_grad for p in fresh.parameters())
     assert isinstance(fresh.model.layers[0].self_attn.q_proj, torch.nn.Linear)
     assert not isinstance(fresh.model.layers[0].self_attn.q_proj, MoLoRALayer)
+
+
+# --- the docs' examples run as written ----------------------------------------------------------
+
+_ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
+
+
+def _code_block(path, heading):
+    with open(os.path.join(_ROOT, path)) as f:
+        text = f.read()
+    section = text.split(heading + "\n", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize("path, heading", [
+    ("README.md", "### PEFT: expert banks from saved LoRA adapters, and a fused X-LoRA"),
+    ("docs/INTEGRATIONS.md", "## PEFT: expert banks from saved LoRA adapters, and a fused X-LoRA"),
+    ("docs/INTEGRATIONS.md", "### PEFT-shaped API"),
+    ("docs/MODULES.md", "## Meta-device init (FSDP2, accelerate)"),
+])
+def test_doc_example_runs(tmp_path, monkeypatch, path, heading):
+    code = _code_block(path, heading)
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(code, path, "exec"), {"__name__": "doc_example"})

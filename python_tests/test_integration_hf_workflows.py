@@ -130,6 +130,28 @@ def test_save_pretrained_is_adapter_only_and_unload_restores_it(tmp_path):
     assert "model.safetensors" in os.listdir(tmp_path / "b")
 
 
+def test_converted_model_pickles_and_deep_copies():
+    """The PEFT-shaped calls bound on the instance follow the model through torch.save / load
+    and deepcopy (bound to the copy, not to the original)."""
+    import io
+    ids, mask, labels = batch()
+    model = apply_molora(tiny_model(), config("mixlora"))
+    randomize_adapters(model)
+    model.eval()
+    want = logits(model, ids, mask)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for other in (torch.load(buf, weights_only=False), copy.deepcopy(model)):
+        torch.testing.assert_close(logits(other, ids, mask), want, rtol=0, atol=0)
+        assert other.save_pretrained.args[0] is other
+        with other.disable_adapter():
+            torch.testing.assert_close(logits(other, ids, mask), logits(tiny_model(), ids, mask),
+                                       rtol=0, atol=0)
+        assert not any(m._disabled for m in molora_layers(model).values())
+        assert other(ids, attention_mask=mask, labels=labels).aux_loss is not None
+
+
 # --- PEFT-shaped config -------------------------------------------------------------------------
 
 

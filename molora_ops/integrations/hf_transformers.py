@@ -44,10 +44,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import os
-import types
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -1032,7 +1032,9 @@ def _install_peft_api(model: nn.Module) -> None:
                  disable_adapter=disable_adapter, merge_and_unload=merge_and_unload,
                  unload=unload)
     for name in _PEFT_API:
-        model.__dict__[name] = types.MethodType(funcs[name], model)
+        # a partial, not a bound method: it pickles (torch.save of the whole model) and
+        # deep-copies onto the copy (a bound method pickles as getattr by its function's name)
+        model.__dict__[name] = functools.partial(funcs[name], model)
     # Trainer's resume warns about missing keys unless they are exactly _keys_to_ignore_on_save:
     # the base keys are missing from an adapter checkpoint by design.
     adapter = {f"{n}.molora.{k}" for n, m in _molora_layers(model)

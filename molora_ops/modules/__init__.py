@@ -18,7 +18,10 @@ Every method is importable from here: ``from molora_ops.modules import MixLoRA``
 from . import losses
 from .bank import Dispatched, LoRABank, lora_scaling
 from .ffn import MoELoRAFFN
-from .layers import LoRALinear, MoLoRALinear, base_dtype, base_forward, frozen_linear, is_quantized
+from torch import nn as _nn
+
+from .layers import (LoRALinear, MoLoRALinear, base_dtype, base_forward, frozen_linear,
+                     is_quantized)
 from .methods import *  # noqa: F401,F403
 from .methods import __all__ as _methods_all
 from .routing import (DenseSoftmax, EqualWeightTopK, Router, Routing, SigmoidTopK, StaticGate,
@@ -36,7 +39,7 @@ __all__ = [
 ]
 
 
-def reset_parameters(module: "torch.nn.Module") -> "torch.nn.Module":
+def reset_parameters(module: _nn.Module) -> _nn.Module:
     """Calls ``reset_parameters()`` of every submodule that has one, children before parents
     (``module.apply``), and returns ``module``.
 

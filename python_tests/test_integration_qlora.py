@@ -157,3 +157,47 @@ def test_unsupported_quantized_base_and_merge_raise_before_any_change():
         with pytest.raises(ValueError, match="quantized"):
             fn(qm)
         assert molora_layers(qm) and not any(m.merged for m in molora_layers(qm).values())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_trainer_on_a_model_loaded_quantized(tmp_path, bits):
+    """``from_pretrained(quantization_config=BitsAndBytesConfig(...))`` + apply_molora trains
+    under transformers' Trainer (which refuses a quantized model without adapters), writes
+    adapter-only checkpoints and resumes; unload restores the model's flags."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from test_integration_hf_workflows import _Data
+
+    tiny_model().save_pretrained(str(tmp_path / "base"))
+
+    def load():
+        q = (transformers.BitsAndBytesConfig(load_in_4bit=True,
+                                             bnb_4bit_compute_dtype=torch.float32)
+             if bits == 4 else transformers.BitsAndBytesConfig(load_in_8bit=True))
+        m = transformers.LlamaForCausalLM.from_pretrained(
+            str(tmp_path / "base"), quantization_config=q, device_map="cpu",
+            dtype=torch.float32)
+        assert m.is_quantized
+        torch.manual_seed(5)
+        return apply_molora(m, config("mixlora", dropout=0.0)).train()
+
+    def trainer(model, steps):
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / "run"), max_steps=steps, save_steps=1,
+            per_device_train_batch_size=2, learning_rate=1e-2, report_to=[], use_cpu=True,
+            seed=0, disable_tqdm=True)
+        return transformers.Trainer(model=model, args=args, train_dataset=_Data())
+
+    model = load()
+    trainer(model, 3).train()
+    saved = load_file(str(tmp_path / "run" / "checkpoint-3" / "molora_adapter.safetensors"))
+    assert saved and not any("weight.absmax" in k or k.endswith("SCB") or ".base." in k
+                             for k in saved)
+    resumed = load()
+    trainer(resumed, 3).train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    for name, layer in molora_layers(resumed).items():
+        for key, t in layer.adapter_state_dict().items():
+            torch.testing.assert_close(t, saved[f"{name}.{key}"], rtol=0, atol=0)
+    resumed.unload()
+    assert not getattr(resumed, "_hf_peft_config_loaded", False)

@@ -945,6 +945,12 @@ def _restore(model: nn.Module, layers: List[Tuple[str, MoLoRALayer]], merged: bo
         h.remove()
     for attr in ("_molora_hooks", "_molora_collector", "molora_config", *_PEFT_API):
         model.__dict__.pop(attr, None)
+    flag = model.__dict__.pop("_molora_peft_flag", None)
+    if flag is not None:
+        if flag[0] is None:
+            model.__dict__.pop("_hf_peft_config_loaded", None)
+        else:
+            model._hf_peft_config_loaded = flag[0]
     keys = model.__dict__.pop("_molora_keys_to_ignore_on_save", None)
     if keys is not None:
         if keys[0] is None:
@@ -1043,6 +1049,11 @@ def _install_peft_api(model: nn.Module) -> None:
         model.__dict__.get("_keys_to_ignore_on_save"),)
     model._keys_to_ignore_on_save = [k for k in model.state_dict(keep_vars=True)
                                      if k not in adapter]
+    if getattr(model, "hf_quantizer", None) is not None:
+        # transformers' Trainer refuses a model loaded quantized (QLoRA) unless adapters are
+        # attached, which it reads from this flag of its PEFT integration
+        model.__dict__["_molora_peft_flag"] = (model.__dict__.get("_hf_peft_config_loaded"),)
+        model._hf_peft_config_loaded = True
 
 
 # --- save / load --------------------------------------------------------------------------------

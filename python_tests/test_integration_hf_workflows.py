@@ -119,6 +119,16 @@ def test_trainer_checkpoints_are_adapter_only_and_resume_exactly(tmp_path, metho
             transformers.LlamaForCausalLM.from_pretrained(str(final), **kw)
 
 
+def test_load_molora_refuses_a_meta_base(tmp_path):
+    model = _converted("lora")
+    model.save_pretrained(str(tmp_path))
+    with torch.device("meta"):
+        meta = transformers.LlamaForCausalLM(model.config)
+    with pytest.raises(ValueError, match="meta device"):
+        load_molora(meta, str(tmp_path))
+    assert not molora_layers(meta)
+
+
 def test_save_pretrained_is_adapter_only_and_unload_restores_it(tmp_path):
     model = _converted("lora")
     model.save_pretrained(str(tmp_path / "a"))

@@ -11,6 +11,9 @@ Two entry points for a user coming from PEFT:
   class built as ``cls(base, ranks, **kw)`` with a ``.bank``) in place of every adapted linear of a
   transformers model; ``apply_xlora_from_adapters`` builds the whole X-LoRA model
   (``XLoRAModel``) from the adapters and an ``XLoraConfig`` (or its fields as keywords).
+* **The ``lora`` method in PEFT's format**: ``export_peft_lora`` writes a model converted by
+  ``apply_molora(model, MoLoRAConfig("lora", ...))`` as a PEFT adapter directory;
+  ``import_peft_lora`` converts a base model from one.
 * **An existing PEFT X-LoRA model**: ``accelerate_xlora(peft_model)`` swaps the per-adapter Python
   loop of every ``XLoraLinearLayer`` for one fused ``stacked_gated_lora`` call (the same outputs and
   gradients, PEFT's parameters and classifier untouched); ``restore_xlora`` undoes it.

@@ -37,7 +37,13 @@ recomputation of gradient checkpointing) records nothing.
 Merging (``merge_molora`` / ``unmerge_molora``) folds static adapters (``LoRALinear``,
 ``LoRASoupsCAT``) into the base weights; routed layers depend on the input and cannot be merged.
 ``save_molora`` / ``load_molora`` write and read the config JSON plus the adapter / router tensors
-only (safetensors), never the base weights.
+only (safetensors), never the base weights; the converted model's ``save_pretrained`` writes the
+same (so ``transformers.Trainer`` checkpoints are adapter-only and resume: ``_save_pretrained``).
+
+PEFT-shaped: ``MoLoRAConfig`` takes PEFT's ``r`` / ``lora_alpha`` / ``lora_dropout`` and
+``target_modules="all-linear"``; ``print_trainable_parameters``, ``disable_adapter``,
+``merge_and_unload`` and ``unload`` exist as functions and as calls on the converted model.
+Quantized bitsandbytes bases (``Linear4bit`` / ``Linear8bitLt``) are called, never read.
 """
 
 from __future__ import annotations
@@ -1127,6 +1133,10 @@ def load_molora(model: nn.Module, directory: str) -> nn.Module:
     if getattr(model, "molora_config", None) is not None:
         raise ValueError("load_molora: the model is already converted; pass a fresh base model")
     targets, _ = _plan(model, config)
+    on_meta = [t.name for t in targets if any(p.is_meta for p in t.module.parameters())]
+    if on_meta:   # the adapters would be created on meta too and the loaded values dropped
+        raise ValueError(f"load_molora: {on_meta[0]} is on the meta device; materialise the base "
+                         f"model (load its weights) before loading adapters")
     have, saved = _fingerprint(targets), meta["modules"]
     if have != saved:
         diff = [f"{n}: saved {saved.get(n)}, model {have.get(n)}"

@@ -13,8 +13,8 @@ from torch import nn
 
 from molora_ops.modules import (CoMoL, DynMoLE, FlexMoRE, FlyLoRA, HydraLoRA, LLaVAMoLE,
                                 LoRALinear, LoRAMixer, LoRAMoE, LoRASoupsCAT, MeteoRA, MixLoRA,
-                                MoELoRA, MoLA, MoLE, MoRA, PolyLinear, ReMix, SMoRA,
-                                reset_parameters)
+                                MiLoRALinear, MoELoRA, MoLA, MoLE, MoRA, PolyLinear, ReMix,
+                                SMoRA, XLoRALinear, reset_parameters)
 from molora_ops.modules import methods as methods_module
 
 D, DFF, DOUT = 16, 24, 12
@@ -50,6 +50,9 @@ BUILDERS = {
     "MoRA": lambda: MoRA(lin(), r=8, k=2, init="gaussian"),
     "LoRALinear": lambda: LoRALinear(lin(), 4, 8.0, init="gaussian"),
     "PolyLinear": lambda: PolyLinear(lin(), 3, 2, 4, 8.0, init="gaussian"),
+    "MiLoRALinear": lambda: MiLoRALinear(lin(), 4, 8.0, init="gaussian"),
+    "XLoRALinear": lambda: XLoRALinear(lin(), [2, 3], [4.0, 9.0], trainable_adapters=True,
+                                       init="gaussian"),
 }
 
 
@@ -64,6 +67,8 @@ def test_every_method_class_is_covered():
 def forward(m, x):
     if isinstance(m, PolyLinear):
         return m(x, torch.tensor([2, 0]))
+    if isinstance(m, MiLoRALinear):
+        return m(x, torch.tensor([0.3, 0.9]))
     return m(x)
 
 

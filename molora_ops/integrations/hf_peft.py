@@ -14,6 +14,9 @@ Two entry points for a user coming from PEFT:
   equal to PEFT's X-LoRA over the same adapters, ``generate`` with a KV cache,
   ``save_pretrained`` / ``XLoRAModel.from_pretrained`` (``save_xlora`` / ``load_xlora``), PEFT
   classifier weights loaded as PEFT names them (``XLoRAClassifier.load_peft_state_dict``).
+* **The ``lora`` method in PEFT's format**: ``export_peft_lora`` writes a model converted by
+  ``apply_molora(model, MoLoRAConfig("lora", ...))`` as a PEFT adapter directory;
+  ``import_peft_lora`` converts a base model from one.
 * **An existing PEFT X-LoRA model**: ``accelerate_xlora(peft_model)`` swaps the per-adapter Python
   loop of every ``XLoraLinearLayer`` for one fused ``stacked_gated_lora`` call (the same outputs and
   gradients, PEFT's parameters and classifier untouched); ``restore_xlora`` undoes it.
@@ -49,6 +52,7 @@ from ..modules.xlora import XLoRAClassifier, XLoRALinear, XLoRAModel
 __all__ = [
     "PeftLoRAAdapter", "read_peft_adapter", "load_peft_adapters", "apply_peft_adapters",
     "apply_xlora_from_adapters", "save_xlora", "load_xlora", "accelerate_xlora", "restore_xlora",
+    "export_peft_lora", "import_peft_lora",
 ]
 
 AdapterLike = Union[str, os.PathLike, "PeftLoRAAdapter"]
@@ -926,4 +930,108 @@ def restore_xlora(model: nn.Module) -> nn.Module:
             m.forward = owner.original_forward
             if owner.tracker is not None:
                 owner.tracker.uninstall()
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# The ``lora`` method of hf_transformers in PEFT's saved format
+# --------------------------------------------------------------------------------------------
+
+_PEFT_WEIGHTS_NAME = WEIGHTS_NAMES[0]
+_PEFT_PREFIX = "base_model.model."
+
+
+def export_peft_lora(model: nn.Module, directory: Union[str, os.PathLike]) -> None:
+    """Writes a model converted by ``apply_molora(model, MoLoRAConfig("lora", ...))`` as a PEFT
+    LoRA adapter: ``adapter_config.json`` + ``adapter_model.safetensors`` with PEFT's key names
+    (``base_model.model.<module>.lora_A.weight`` [r, d_in] / ``lora_B.weight`` [d_out, r]), so
+    ``PeftModel.from_pretrained(base_model, directory)`` gives the same outputs.
+
+    ``target_modules`` is written as a regex of the exact module names (PEFT full-matches a
+    string), so PEFT adapts exactly the modules we did. Raises ValueError (nothing written) for
+    another method, merged layers, or layers whose rank / alpha / rsLoRA differ."""
+    from safetensors.torch import save_file
+
+    from .hf_transformers import _molora_layers
+
+    layers = _molora_layers(model)
+    config = model.molora_config
+    if config.method != "lora":
+        raise ValueError(f"export_peft_lora: only the 'lora' method has PEFT's format, the model "
+                         f"uses {config.method!r}")
+    merged = [n for n, m in layers if m.merged]
+    if merged:
+        raise ValueError(f"export_peft_lora: {merged[0]} (and {len(merged) - 1} more) is merged; "
+                         f"call unmerge_molora(model) first (PEFT would add the update again)")
+    shapes = {(m.molora.bank.total_rank, float(m.molora.bank.alpha), bool(m.molora.bank.rslora))
+              for _, m in layers}
+    if len(shapes) != 1:
+        raise ValueError(f"export_peft_lora: the layers differ in (rank, alpha, rslora): "
+                         f"{sorted(shapes)}")
+    (r, alpha, rslora), = shapes
+    tensors: Dict[str, torch.Tensor] = {}
+    for name, m in layers:
+        A, B = m.molora.bank.expert(0)
+        tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = A.detach().cpu().contiguous().clone()
+        tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = B.detach().cpu().contiguous().clone()
+    base_config = getattr(model, "config", None)
+    cfg = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
+        "lora_dropout": float(config.dropout or 0.0), "use_rslora": rslora,
+        "target_modules": "|".join(re.escape(n) for n, _ in layers),
+        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
+        "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False,
+        "layers_to_transform": None, "inference_mode": True,
+        "base_model_name_or_path": getattr(base_config, "_name_or_path", None) or None,
+    }
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+    save_file(tensors, os.path.join(directory, _PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def import_peft_lora(model: nn.Module, directory: Union[str, os.PathLike]) -> nn.Module:
+    """Converts ``model`` (the unconverted base the adapter was trained on) with
+    ``apply_molora(model, MoLoRAConfig("lora", ...))`` from a saved PEFT LoRA adapter and loads
+    its weights: the outputs equal ``PeftModel.from_pretrained(model, directory)``'s. In place;
+    returns the model.
+
+    Raises before the model changes: what ``read_peft_adapter`` refuses (DoRA, variants, ...),
+    NotImplementedError for per-module ranks / alphas (``rank_pattern`` / ``alpha_pattern``
+    with differing values) or ``fan_in_fan_out``, ValueError when the adapter's modules are not
+    exactly what ``apply_molora`` would replace (e.g. ``layers_to_transform``, ``lm_head``)."""
+    from .hf_transformers import MoLoRAConfig, _molora_layers, _plan, apply_molora
+
+    adapter = read_peft_adapter(directory)
+    where = f"import_peft_lora({os.fspath(directory)!r})"
+    if adapter.config.get("fan_in_fan_out"):
+        raise NotImplementedError(f"{where}: fan_in_fan_out (Conv1D) adapters are not supported")
+    ranks = {int(A.shape[0]) for A, _, _ in adapter.modules.values()}
+    scales = {s for _, _, s in adapter.modules.values()}
+    if len(ranks) != 1 or len(scales) != 1:
+        raise NotImplementedError(f"{where}: the modules have different ranks {sorted(ranks)} or "
+                                  f"scalings {sorted(scales)}; the 'lora' method uses one")
+    rslora = bool(adapter.config.get("use_rslora", False))
+    r, scale = ranks.pop(), scales.pop()
+    alpha = float(adapter.config.get("lora_alpha", 8))
+    if (alpha / math.sqrt(r) if rslora else alpha / r) != scale:   # a uniform alpha_pattern
+        alpha = scale * (math.sqrt(r) if rslora else r)
+    attrs = sorted({name.rsplit(".", 1)[-1] for name in adapter.modules})
+    config = MoLoRAConfig("lora", rank=r, alpha=alpha, dropout=adapter.lora_dropout,
+                          target_modules=attrs,
+                          method_kwargs={"rslora": True} if rslora else {})
+    targets, _ = _plan(model, config)
+    planned = {t.name for t in targets}
+    if planned != set(adapter.modules):
+        extra = sorted(set(adapter.modules) - planned)
+        lacking = sorted(planned - set(adapter.modules))
+        raise ValueError(f"{where}: the adapter's modules are not the ones apply_molora replaces "
+                         f"(in the adapter only: {extra[:3]}; would be adapted but the adapter "
+                         f"lacks: {lacking[:3]})")
+    apply_molora(model, config)
+    for name, layer in _molora_layers(model):
+        A, B, _ = adapter.modules[name]
+        bank = layer.molora.bank
+        bank.load_expert(0, A.to(bank.A), B.to(bank.B))
     return model

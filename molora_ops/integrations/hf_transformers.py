@@ -38,18 +38,26 @@ recomputation of gradient checkpointing) records nothing.
 Merging (``merge_molora`` / ``unmerge_molora``) folds static adapters (``LoRALinear``,
 ``LoRASoupsCAT``) into the base weights; routed layers depend on the input and cannot be merged.
 ``save_molora`` / ``load_molora`` write and read the config JSON plus the adapter / router tensors
-only (safetensors), never the base weights.
+only (safetensors), never the base weights; the converted model's ``save_pretrained`` writes the
+same (so ``transformers.Trainer`` checkpoints are adapter-only and resume: ``_save_pretrained``).
+
+PEFT-shaped: ``MoLoRAConfig`` takes PEFT's ``r`` / ``lora_alpha`` / ``lora_dropout`` and
+``target_modules="all-linear"``; ``print_trainable_parameters``, ``disable_adapter``,
+``merge_and_unload`` and ``unload`` exist as functions and as calls on the converted model.
+Quantized bitsandbytes bases (``Linear4bit`` / ``Linear8bitLt``) are called, never read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -57,16 +65,23 @@ from torch import nn
 from ..modules import (HydraLoRA, LoRALinear, LoRAMoE, LoRASoupsCAT, MixLoRA, MoLA, SMoRA,
                        mola_experts_per_layer)
 from ..modules.ffn import ACTIVATIONS
+from ..modules.layers import base_dtype, is_quantized
 from ..modules.routing import Routing
 
 __all__ = [
     "MoLoRAConfig", "MoLoRALayer", "apply_molora", "molora_aux_loss", "merge_molora",
     "unmerge_molora", "save_molora", "load_molora", "METHOD_NAMES", "CONFIG_NAME",
-    "WEIGHTS_NAME",
+    "WEIGHTS_NAME", "ALL_LINEAR", "get_nb_trainable_parameters", "print_trainable_parameters",
+    "disable_adapter", "merge_and_unload", "unload",
 ]
 
 CONFIG_NAME = "molora_config.json"
 WEIGHTS_NAME = "molora_adapter.safetensors"
+# PEFT's name for "every nn.Linear except the output layer" (here: every nn.Linear of the decoder
+# layers, which never include lm_head)
+ALL_LINEAR = "all-linear"
+# what Trainer's resume reads (see _save_pretrained); the shard it names is WEIGHTS_NAME
+_RESUME_INDEX_NAME = "model.safetensors.index.json"
 _FORMAT_VERSION = 1
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -147,7 +162,8 @@ class MoLoRAConfig:
 
     Args:
         method: one of ``METHOD_NAMES``: ``"mixlora"``, ``"mola"``, ``"smora"``,
-            ``"hydralora"``, ``"loramoe"``, ``"lora_soups"``, ``"lora"``.
+            ``"hydralora"``, ``"loramoe"``, ``"lora_soups"``, ``"lora"`` (the default, so a
+            PEFT ``LoraConfig(r=8, lora_alpha=16, ...)`` call reads the same).
         num_experts: E (HydraLoRA: heads; LoRA Soups: adapters; required for ``lora_soups``).
             Not for ``smora`` (every rank is an expert) or ``lora``.
         top_k: experts per token (mixlora, mola) or ranks per token (smora).
@@ -155,7 +171,9 @@ class MoLoRAConfig:
         alpha: LoRA alpha (scale alpha / rank; smora: alpha / top_k).
         dropout: LoRA dropout on the adapter input.
         target_modules: attribute names of the ``nn.Linear`` s to adapt inside each decoder
-            layer (every name must match at least one). mixlora: the linears that get PLAIN LoRA
+            layer (every name must match at least one), or ``"all-linear"`` (PEFT's: every
+            ``nn.Linear`` of the decoder layers, so never ``lm_head``; for mixlora every one
+            outside the MLP). mixlora: the linears that get PLAIN LoRA
             (default q/k/v/o_proj; ``()`` for none), the ``mlp`` is always replaced. Defaults:
             mola / smora / lora_soups / lora all 7 projections, hydralora / loramoe
             gate/up/down_proj.
@@ -176,9 +194,13 @@ class MoLoRAConfig:
         method_kwargs: further keyword arguments of the method's class (JSON-serialisable), e.g.
             ``{"routing": "dynamic", "top_p": 0.8}`` for MixLoRA or ``{"rank_partition": 2}``
             for SMoRA. Names the fields above already set are refused.
+        r, lora_alpha, lora_dropout: PEFT's names of ``rank``, ``alpha``, ``dropout`` (either
+            name may be given, both only with equal values); folded into ours on construction.
+        task_type: accepted for PEFT configs: None or ``"CAUSAL_LM"`` (no effect).
+        bias: PEFT's bias mode: only ``"none"`` (the base biases stay frozen).
     """
 
-    method: str
+    method: str = "lora"
     num_experts: Optional[int] = None
     top_k: Optional[int] = None
     rank: Optional[int] = None
@@ -191,8 +213,37 @@ class MoLoRAConfig:
     aux_loss_coef: Optional[float] = None
     aux_loss_reduction: Optional[str] = None
     method_kwargs: Dict[str, Any] = field(default_factory=dict)
+    # PEFT LoraConfig names (folded into the fields above by __post_init__)
+    r: Optional[int] = None
+    lora_alpha: Optional[float] = None
+    lora_dropout: Optional[float] = None
+    task_type: Optional[str] = None
+    bias: str = "none"
+
+    def _fold_peft_names(self) -> None:
+        """PEFT's names -> ours; refuses a PEFT field we cannot honour."""
+        for peft_name, name in (("r", "rank"), ("lora_alpha", "alpha"),
+                                ("lora_dropout", "dropout")):
+            v = getattr(self, peft_name)
+            if v is None:
+                continue
+            mine = getattr(self, name)
+            if mine is not None and mine != v:
+                raise ValueError(f"MoLoRAConfig: {peft_name}={v!r} and {name}={mine!r} disagree "
+                                 f"(PEFT's name and ours for the same field)")
+            setattr(self, name, v)
+            setattr(self, peft_name, None)
+        task = getattr(self.task_type, "value", self.task_type)   # peft.TaskType is a str enum
+        if task not in (None, "CAUSAL_LM"):
+            raise ValueError(f"MoLoRAConfig: task_type must be None or 'CAUSAL_LM' (decoder "
+                             f"LMs), got {self.task_type!r}")
+        self.task_type = task
+        if self.bias != "none":
+            raise ValueError(f"MoLoRAConfig: bias must be 'none' (training base biases is not "
+                             f"supported), got {self.bias!r}")
 
     def __post_init__(self):
+        self._fold_peft_names()
         if not isinstance(self.method, str) or self.method not in _METHODS:
             raise ValueError(f"MoLoRAConfig: unknown method {self.method!r}; choose one of "
                              f"{list(METHOD_NAMES)}")
@@ -213,11 +264,11 @@ class MoLoRAConfig:
                 isinstance(self.aux_loss_coef, (int, float)) and self.aux_loss_coef >= 0):
             raise ValueError(f"MoLoRAConfig: aux_loss_coef must be a number >= 0, got "
                              f"{self.aux_loss_coef!r}")
-        if self.target_modules is not None:
+        if self.target_modules is not None and self.target_modules != ALL_LINEAR:
             if isinstance(self.target_modules, str) or not all(
                     isinstance(t, str) and t for t in self.target_modules):
-                raise TypeError(f"MoLoRAConfig: target_modules must be a list of module names, "
-                                f"got {self.target_modules!r}")
+                raise TypeError(f"MoLoRAConfig: target_modules must be a list of module names "
+                                f"or {ALL_LINEAR!r}, got {self.target_modules!r}")
             self.target_modules = tuple(self.target_modules)
             if not self.target_modules and spec.kind == "linear":
                 raise ValueError(f"MoLoRAConfig: method {self.method!r} needs at least one "
@@ -239,7 +290,7 @@ class MoLoRAConfig:
                             f"({e})") from None
 
         # fields that do not apply to the method are refused rather than silently ignored
-        applicable = set(spec.fields) | {"target_modules", "method_kwargs"}
+        applicable = set(spec.fields) | {"target_modules", "method_kwargs", "task_type", "bias"}
         if self.method == "mixlora":
             applicable |= {"attention_rank", "attention_alpha", "aux_loss_reduction"}
         if self.method == "mola":
@@ -286,6 +337,9 @@ class MoLoRAConfig:
 
     @property
     def resolved_target_modules(self) -> Tuple[str, ...]:
+        """The attribute names targeted (``("all-linear",)`` for PEFT's all-linear)."""
+        if self.target_modules == ALL_LINEAR:
+            return (ALL_LINEAR,)
         return (self.target_modules if self.target_modules is not None
                 else _METHODS[self.method].targets)
 
@@ -332,6 +386,14 @@ class MoLoRALayer(nn.Module):
         # state-dict keys (relative to ``molora``) of the ORIGINAL module's tensors: never saved
         self._base_keys = frozenset(base_keys)
         self._collector: Optional[_AuxLossCollector] = None
+        # a checkpoint written by save_molora keys a tensor "<layer name>.<key in molora>": let
+        # model.load_state_dict (Trainer's resume) take those keys too
+        self.register_load_state_dict_pre_hook(_accept_adapter_keys)
+
+    # disable_adapter() sets this; unload() / the disabled forward call the module replaced (set
+    # by apply_molora, held in a tuple so it is not registered twice as a submodule)
+    _disabled = False
+    _original_module: Tuple[nn.Module, ...] = ()
 
     # Read-only views of the frozen base linear: HF code of some versions reads
     # ``self.q_proj.weight.dtype`` (e.g. flash-attention's input cast).
@@ -363,6 +425,8 @@ class MoLoRALayer(nn.Module):
         return isinstance(self.molora, (LoRALinear, LoRASoupsCAT))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._disabled:                  # disable_adapter(): exactly the original module
+            return self._original_module[0](x)
         if self.merged and isinstance(self.molora, LoRALinear):
             return self.molora.base(x)      # W0 + s B A already in the weight
         collector = self._collector
@@ -380,6 +444,9 @@ class MoLoRALayer(nn.Module):
                              f"cannot be merged into the base weight")
         if self.merged:
             return
+        if is_quantized(self.molora.base):
+            raise ValueError(f"the base {type(self.molora.base).__name__} is quantized; the "
+                             f"adapter cannot be merged into its integer weight")
         if isinstance(self.molora, LoRASoupsCAT):
             self.molora.merge()
         else:
@@ -405,6 +472,19 @@ class MoLoRALayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, layer_index={self.layer_index}, merged={self.merged}"
+
+
+def _accept_adapter_keys(module: "MoLoRALayer", state_dict: Dict[str, Any], prefix: str,
+                         *args: Any) -> None:
+    """Load pre-hook: ``<prefix><key>`` (save_molora's naming, the ``molora.`` level left out)
+    -> ``<prefix>molora.<key>`` for the adapter keys, so a save_molora checkpoint loads with
+    ``model.load_state_dict(tensors, strict=False)``."""
+    adapter_keys = {k for k in module.molora.state_dict(keep_vars=True)
+                    if k not in module._base_keys}
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        if rest in adapter_keys:
+            state_dict[f"{prefix}molora.{rest}"] = state_dict.pop(key)
 
 
 # --- aux losses -----------------------------------------------------------------------------------
@@ -588,7 +668,8 @@ def _plan(model: nn.Module, config: MoLoRAConfig) -> Tuple[List[_Target], int]:
     if not lists:
         raise ValueError(f"apply_molora: found no decoder layers in {type(model).__name__} (an "
                          f"nn.ModuleList of layers with an `mlp` or `self_attn` child)")
-    targets_wanted = set(config.resolved_target_modules)
+    all_linear = config.target_modules == ALL_LINEAR
+    targets_wanted = set() if all_linear else set(config.resolved_target_modules)
     targets: List[_Target] = []
     matched, seen = set(), set()
     num_layers = 0
@@ -606,10 +687,15 @@ def _plan(model: nn.Module, config: MoLoRAConfig) -> Tuple[List[_Target], int]:
                         f"with nn.Linear gate_proj / up_proj / down_proj and an act_fn, which "
                         f"{config.method!r} needs")
                 seen.add(id(mlp))
+                for p in _FFN:
+                    _check_quantized(getattr(mlp, p), f"{prefix}.mlp.{p}")
                 targets.append(_Target(f"{prefix}.mlp", layer, "mlp", mlp, i, "mlp",
                                        mlp.gate_proj.in_features, mlp.gate_proj.out_features))
             for sub_name, sub in layer.named_modules():
                 attr = sub_name.rsplit(".", 1)[-1]
+                if all_linear and isinstance(sub, nn.Linear) and id(sub) not in seen and \
+                        sub_name and not (spec.kind == "mlp" and sub_name.startswith("mlp.")):
+                    targets_wanted.add(attr)
                 if attr not in targets_wanted or id(sub) in seen or not sub_name:
                     continue
                 if spec.kind == "mlp" and sub_name.startswith("mlp."):
@@ -618,6 +704,7 @@ def _plan(model: nn.Module, config: MoLoRAConfig) -> Tuple[List[_Target], int]:
                 if not isinstance(sub, nn.Linear):
                     raise ValueError(f"apply_molora: {prefix}.{sub_name} is a "
                                      f"{type(sub).__name__}; only nn.Linear can be targeted")
+                _check_quantized(sub, f"{prefix}.{sub_name}")
                 parent = layer.get_submodule(sub_name.rsplit(".", 1)[0]) if "." in sub_name \
                     else layer
                 seen.add(id(sub))
@@ -636,12 +723,22 @@ def _plan(model: nn.Module, config: MoLoRAConfig) -> Tuple[List[_Target], int]:
     return targets, num_layers
 
 
+def _check_quantized(linear: nn.Module, where: str) -> None:
+    """A quantized base must be a bitsandbytes layer (``Linear4bit`` / ``Linear8bitLt``, which
+    are called, never read); other integer-weight linears are refused before any change."""
+    if is_quantized(linear) and not type(linear).__module__.startswith("bitsandbytes"):
+        raise ValueError(f"apply_molora: {where} ({type(linear).__name__}) has a "
+                         f"{linear.weight.dtype} weight; of quantized bases only bitsandbytes "
+                         f"Linear4bit / Linear8bitLt are supported")
+
+
 def _activation_name(mlp: nn.Module, where: str) -> str:
     """The name in ``ACTIVATIONS`` of the function ``mlp.act_fn`` computes, found numerically
     (no dependence on transformers' activation class names), checked on the whole MLP."""
     w = mlp.gate_proj.weight
     if w.device.type == "meta":
         raise ValueError(f"apply_molora: {where} is on the meta device; load the weights first")
+    dtype = base_dtype(mlp.gate_proj)     # a quantized projection computes in its compute dtype
     grid = torch.linspace(-6.0, 6.0, 241, device=w.device)
     with torch.no_grad():
         ref = mlp.act_fn(grid)
@@ -652,10 +749,10 @@ def _activation_name(mlp: nn.Module, where: str) -> str:
                              f"one of {sorted(ACTIVATIONS)}")
         # the MLP must compute down(act(gate x) * up x): same modules, so equal up to rounding
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn(3, mlp.gate_proj.in_features, generator=gen).to(w)
+        x = torch.randn(3, mlp.gate_proj.in_features, generator=gen).to(w.device, dtype)
         got = mlp(x).float()
         want = mlp.down_proj(ACTIVATIONS[name](mlp.gate_proj(x)) * mlp.up_proj(x)).float()
-        tol = 1e-4 if w.dtype in (torch.float32, torch.float64) else 2e-2
+        tol = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
         if not torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().max()) + 1e-6):
             raise ValueError(f"apply_molora: {where} ({type(mlp).__name__}) does not compute "
                              f"down_proj(act_fn(gate_proj(x)) * up_proj(x))")
@@ -677,9 +774,14 @@ def _method_kwargs(config: MoLoRAConfig, layer_index: int,
 
 
 def _base_state_keys(new: nn.Module, old: nn.Module) -> List[str]:
-    """Keys of ``new.state_dict()`` that are tensors of the original module ``old``."""
+    """Keys of ``new.state_dict()`` that are tensors of the original module ``old``, or that a
+    submodule of ``old`` writes itself (a bitsandbytes layer adds its quantization state, e.g.
+    ``weight.absmax``, as extra keys that are no parameter or buffer)."""
     old_ids = {id(t) for t in old.parameters()} | {id(t) for t in old.buffers()}
-    return [k for k, t in new.state_dict(keep_vars=True).items() if id(t) in old_ids]
+    old_modules = {id(m) for m in old.modules()}
+    prefixes = tuple(f"{n}." for n, m in new.named_modules() if n and id(m) in old_modules)
+    return [k for k, t in new.state_dict(keep_vars=True).items()
+            if id(t) in old_ids or k.startswith(prefixes)]
 
 
 def _build(target: _Target, config: MoLoRAConfig,
@@ -768,6 +870,7 @@ def apply_molora(model: nn.Module, config: MoLoRAConfig) -> nn.Module:
     collector = _AuxLossCollector(config.resolved_aux_loss_reduction)
     for target, layer in zip(targets, replacements):
         layer._collector = collector
+        layer._original_module = (target.module,)
         setattr(target.parent, target.attr, layer)
     model._molora_collector = collector
     model._molora_hooks = (
@@ -775,6 +878,7 @@ def apply_molora(model: nn.Module, config: MoLoRAConfig) -> nn.Module:
         model.register_forward_hook(_close_forward, with_kwargs=True, always_call=True),
     )
     model.molora_config = config
+    _install_peft_api(model)
     return model
 
 
@@ -809,6 +913,11 @@ def merge_molora(model: nn.Module, skip_routed: bool = False) -> nn.Module:
                          f"({type(dict(layers)[routed[0]].molora).__name__} at {routed[0]}, ...) "
                          f"and cannot be merged into the base weights; pass skip_routed=True to "
                          f"merge only the static LoRAs")
+    quantized = [n for n, m in layers if m.mergeable and is_quantized(m.molora.base)]
+    if quantized:
+        raise ValueError(f"merge_molora: the base of {quantized[0]} (and {len(quantized) - 1} "
+                         f"more) is quantized; the update cannot be merged into an integer "
+                         f"weight")
     for _, m in layers:
         if m.mergeable:
             m.merge()
@@ -820,6 +929,169 @@ def unmerge_molora(model: nn.Module) -> nn.Module:
     for _, m in _molora_layers(model):
         m.unmerge()
     return model
+
+
+# --- the PEFT-shaped API ------------------------------------------------------------------------
+
+
+def get_nb_trainable_parameters(model: nn.Module) -> Tuple[int, int]:
+    """``(trainable, total)`` parameter counts (PEFT's ``get_nb_trainable_parameters``). A
+    bitsandbytes 4-bit weight counts its logical elements (2 per stored byte), as PEFT does."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if n and type(p).__name__ == "Params4bit":
+            n *= 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Prints ``trainable params: T || all params: N || trainable%: P`` (PEFT's line)."""
+    trainable, total = get_nb_trainable_parameters(model)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+          f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: inside, every replaced module runs the ORIGINAL module it replaced (the
+    base linear / the base MLP), so the model's outputs equal the base model's, and no aux loss
+    is added. Merged layers must be unmerged first (ValueError)."""
+    layers = _molora_layers(model)
+    merged = [n for n, m in layers if m.merged]
+    if merged:
+        raise ValueError(f"disable_adapter: {len(merged)} layers are merged ({merged[0]}, ...); "
+                         f"call unmerge_molora(model) first")
+    for _, m in layers:
+        m._disabled = True
+    try:
+        yield model
+    finally:
+        for _, m in layers:
+            m._disabled = False
+
+
+def _restore(model: nn.Module, layers: List[Tuple[str, MoLoRALayer]], merged: bool) -> None:
+    for name, m in layers:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, m.molora.base if merged else m._original_module[0])
+    for h in model._molora_hooks:
+        h.remove()
+    for attr in ("_molora_hooks", "_molora_collector", "molora_config", *_PEFT_API):
+        model.__dict__.pop(attr, None)
+    flag = model.__dict__.pop("_molora_peft_flag", None)
+    if flag is not None:
+        if flag[0] is None:
+            model.__dict__.pop("_hf_peft_config_loaded", None)
+        else:
+            model._hf_peft_config_loaded = flag[0]
+    keys = model.__dict__.pop("_molora_keys_to_ignore_on_save", None)
+    if keys is not None:
+        if keys[0] is None:
+            model.__dict__.pop("_keys_to_ignore_on_save", None)
+        else:
+            model._keys_to_ignore_on_save = keys[0]
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merges every adapter into its base weight and puts the (merged) base modules back: the
+    result is the plain base model class with updated weights, no MoE-LoRA layer left. Only for
+    mergeable methods (``lora``, ``lora_soups``; PEFT's call of the same name); a routed layer
+    (input-dependent) or a quantized base raises ValueError before anything changes."""
+    layers = _molora_layers(model)
+    routed = [n for n, m in layers if not m.mergeable]
+    if routed:
+        raise ValueError(f"merge_and_unload: {len(routed)} layers are routed "
+                         f"({type(dict(layers)[routed[0]].molora).__name__} at {routed[0]}, "
+                         f"...): their update depends on the input and cannot be merged; "
+                         f"use unload() to remove the adapters instead")
+    quantized = [n for n, m in layers if is_quantized(m.molora.base)]
+    if quantized:
+        raise ValueError(f"merge_and_unload: the base of {quantized[0]} (and "
+                         f"{len(quantized) - 1} more) is quantized; the update cannot be merged "
+                         f"into an integer weight")
+    for _, m in layers:
+        m.merge()
+    _restore(model, layers, merged=True)
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Removes every MoE-LoRA layer and puts the original modules back (unmerging first), giving
+    the base model as it was (its parameters stay frozen); works for every method."""
+    layers = _molora_layers(model)
+    for _, m in layers:
+        m.unmerge()
+    _restore(model, layers, merged=False)
+    return model
+
+
+def _save_pretrained(model: nn.Module, save_directory: Union[str, os.PathLike],
+                     is_main_process: bool = True, state_dict: Optional[Dict[str, Any]] = None,
+                     **kwargs: Any) -> None:
+    """The converted model's ``save_pretrained`` (what ``Trainer.save_model`` and every
+    ``checkpoint-N`` call): the adapters only, as ``save_molora``, never the base weights.
+
+    Also writes ``model.safetensors.index.json`` mapping the adapter keys to
+    ``molora_adapter.safetensors``: Trainer's ``resume_from_checkpoint`` reads that index and
+    loads the adapters with ``model.load_state_dict(..., strict=False)``. No ``config.json`` and
+    no full weight file is written, and the index has no ``metadata`` entry, so
+    ``from_pretrained`` on the folder raises instead of random-initialising the base.
+    ``state_dict`` (Trainer passes a gathered one under FSDP / DeepSpeed) supplies the tensors
+    when given. Other keyword arguments of ``PreTrainedModel.save_pretrained`` are ignored."""
+    if kwargs.get("push_to_hub"):
+        raise ValueError("save_pretrained(push_to_hub=True) is not supported for a MoE-LoRA "
+                         "model; save, then upload the folder with huggingface_hub")
+    if not is_main_process:
+        return
+    save_directory = os.fspath(save_directory)
+    if os.path.isfile(save_directory):
+        raise ValueError(f"save_pretrained: {save_directory} is a file, not a directory")
+    save_molora(model, save_directory, state_dict=state_dict)
+    weight_map = {f"{name}.molora.{key}": WEIGHTS_NAME
+                  for name, m in _molora_layers(model) for key in m.adapter_state_dict()}
+    index = {"molora_ops": "adapter-only checkpoint: the base weights are NOT in this folder; "
+                           "load it with molora_ops.integrations.hf_transformers.load_molora("
+                           "base_model, folder)",
+             "weight_map": weight_map}
+    with open(os.path.join(save_directory, _RESUME_INDEX_NAME), "w") as f:
+        json.dump(index, f, indent=2, sort_keys=True)
+
+
+_PEFT_API = ("save_pretrained", "print_trainable_parameters", "get_nb_trainable_parameters",
+             "disable_adapter", "merge_and_unload", "unload")
+
+
+def _install_peft_api(model: nn.Module) -> None:
+    """Binds the PEFT-shaped calls on the converted model instance (``model.disable_adapter()``,
+    ``model.merge_and_unload()``, ...) and its adapter-only ``save_pretrained``; ``unload`` /
+    ``merge_and_unload`` remove them again."""
+    funcs = dict(save_pretrained=_save_pretrained,
+                 print_trainable_parameters=print_trainable_parameters,
+                 get_nb_trainable_parameters=get_nb_trainable_parameters,
+                 disable_adapter=disable_adapter, merge_and_unload=merge_and_unload,
+                 unload=unload)
+    for name in _PEFT_API:
+        # a partial, not a bound method: it pickles (torch.save of the whole model) and
+        # deep-copies onto the copy (a bound method pickles as getattr by its function's name)
+        model.__dict__[name] = functools.partial(funcs[name], model)
+    # Trainer's resume warns about missing keys unless they are exactly _keys_to_ignore_on_save:
+    # the base keys are missing from an adapter checkpoint by design.
+    adapter = {f"{n}.molora.{k}" for n, m in _molora_layers(model)
+               for k in m.adapter_state_dict()}
+    model.__dict__["_molora_keys_to_ignore_on_save"] = (
+        model.__dict__.get("_keys_to_ignore_on_save"),)
+    model._keys_to_ignore_on_save = [k for k in model.state_dict(keep_vars=True)
+                                     if k not in adapter]
+    if getattr(model, "hf_quantizer", None) is not None:
+        # transformers' Trainer refuses a model loaded quantized (QLoRA) unless adapters are
+        # attached, which it reads from this flag of its PEFT integration
+        model.__dict__["_molora_peft_flag"] = (model.__dict__.get("_hf_peft_config_loaded"),)
+        model._hf_peft_config_loaded = True
 
 
 # --- save / load --------------------------------------------------------------------------------
@@ -838,18 +1110,23 @@ def _layer_fingerprint(name: str, m: MoLoRALayer) -> Dict[str, Any]:
     return {"kind": m.kind, "in_features": d_in, "out_features": d_out}
 
 
-def save_molora(model: nn.Module, directory: str) -> None:
+def save_molora(model: nn.Module, directory: str,
+                state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
     """Writes ``directory/molora_config.json`` (the config, the replaced modules' names and
     shapes, the base ``model_type``) and ``directory/molora_adapter.safetensors`` (every adapter /
     router / static-gate tensor and the adapter buffers, keys ``<module name>.<key in the
     method's module>``; the base weights are NOT saved). Merged layers are saved as their
-    adapters (a loaded model starts unmerged)."""
+    adapters (a loaded model starts unmerged). ``state_dict``: the model's full state dict to
+    take the tensors from (keys ``<module name>.molora.<key>``, e.g. gathered by Trainer under
+    FSDP); default the modules' own tensors."""
     from safetensors.torch import save_file
 
     layers = _molora_layers(model)
     tensors: Dict[str, torch.Tensor] = {}
     for name, m in layers:
         for key, t in m.adapter_state_dict().items():
+            if state_dict is not None:
+                t = state_dict.get(f"{name}.molora.{key}", t)
             tensors[f"{name}.{key}"] = t.detach().to("cpu").contiguous().clone()
     meta = {
         "format_version": _FORMAT_VERSION,
@@ -888,6 +1165,10 @@ def load_molora(model: nn.Module, directory: str) -> nn.Module:
     if getattr(model, "molora_config", None) is not None:
         raise ValueError("load_molora: the model is already converted; pass a fresh base model")
     targets, _ = _plan(model, config)
+    on_meta = [t.name for t in targets if any(p.is_meta for p in t.module.parameters())]
+    if on_meta:   # the adapters would be created on meta too and the loaded values dropped
+        raise ValueError(f"load_molora: {on_meta[0]} is on the meta device; materialise the base "
+                         f"model (load its weights) before loading adapters")
     have, saved = _fingerprint(targets), meta["modules"]
     if have != saved:
         diff = [f"{n}: saved {saved.get(n)}, model {have.get(n)}"

@@ -18,7 +18,10 @@ Every method is importable from here: ``from molora_ops.modules import MixLoRA``
 from . import losses
 from .bank import Dispatched, LoRABank, lora_scaling
 from .ffn import MoELoRAFFN
-from .layers import LoRALinear, MoLoRALinear, frozen_linear
+from torch import nn as _nn
+
+from .layers import (LoRALinear, MoLoRALinear, base_dtype, base_forward, frozen_linear,
+                     is_quantized)
 from .methods import *  # noqa: F401,F403
 from .methods import __all__ as _methods_all
 from .routing import (DenseSoftmax, EqualWeightTopK, Router, Routing, SigmoidTopK, StaticGate,
@@ -30,7 +33,27 @@ from .xlora import __all__ as _xlora_all
 
 __all__ = [
     "losses", "LoRABank", "Dispatched", "lora_scaling", "MoLoRALinear", "LoRALinear",
-    "frozen_linear", "MoELoRAFFN", "Routing", "Router", "TopK", "TopKSoftmax", "TopP",
+    "frozen_linear", "is_quantized", "base_dtype", "base_forward", "MoELoRAFFN", "Routing", "Router", "TopK", "TopKSoftmax", "TopP",
     "SigmoidTopK", "DenseSoftmax", "SwitchTop1", "EqualWeightTopK", "StaticGate",
-    "StraightThroughTopK", *_methods_all, *_xlora_all, *_sequence_all,
+    "StraightThroughTopK", "reset_parameters", *_methods_all, *_xlora_all, *_sequence_all,
 ]
+
+
+def reset_parameters(module: _nn.Module) -> _nn.Module:
+    """Calls ``reset_parameters()`` of every submodule that has one, children before parents
+    (``module.apply``), and returns ``module``.
+
+    The meta-device path of FSDP2 / accelerate: build under ``with torch.device("meta"):``,
+    ``model.to_empty(device=...)`` (parameters AND buffers then hold uninitialised memory), then
+    ``reset_parameters(model)``: every parameter gets its constructor's init and every buffer
+    (``LoRABank.rank_offsets`` / ``scales``, selection biases, CoMoL's core offsets) its
+    constructor's value. The order does not matter for our modules (a plain ``for m in
+    model.modules(): m.reset_parameters()`` loop gives the same result); base linears are
+    re-initialised randomly too: load the pre-trained weights afterwards.
+    """
+    def reset(m):
+        fn = getattr(m, "reset_parameters", None)
+        if callable(fn):
+            fn()
+
+    return module.apply(reset)

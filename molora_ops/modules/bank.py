@@ -17,7 +17,7 @@ paths, each a fixed composition of the fused ops:
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -105,14 +105,20 @@ class LoRABank(nn.Module):
         factory = dict(dtype=dtype, device=device)
         self.A = nn.Parameter(torch.empty(ranks[0] if shared_a else R, in_features, **factory))
         self.B = nn.Parameter(torch.empty(out_features, R, **factory))
-        offsets = torch.tensor([0] + ranks, dtype=torch.int64).cumsum(0).to(torch.int32)
-        self.register_buffer("rank_offsets", offsets.to(device))
         if scales is None:
             scales = [lora_scaling(alpha, r, rslora) for r in ranks]
         if len(scales) != E:
             raise ValueError(f"LoRABank: {len(scales)} scales given for {E} experts")
-        self.register_buffer("scales", torch.tensor(scales, dtype=torch.float32, device=device))
+        # Host copies of the constant buffers: reset_parameters rebuilds the buffers from them
+        # (after ``to_empty`` a buffer holds whatever the new memory held).
+        self._scales_init = [float(v) for v in scales]
+        self.register_buffer("rank_offsets", torch.empty(E + 1, dtype=torch.int32,
+                                                         device=device))
+        self.register_buffer("scales", torch.empty(E, dtype=torch.float32, device=device))
         self.init = init
+        # Optional replacement of A's init (FlyLoRA's frozen sparse A), called as fn(A): kept on
+        # the bank so any reset order (parents before children or after) gives the same A.
+        self.a_init_fn: Optional[Callable[[torch.Tensor], None]] = None
         self.reset_parameters()
 
     # -- shapes ---------------------------------------------------------------------------------
@@ -137,8 +143,16 @@ class LoRABank(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        # PEFT's nn.Linear-style init per expert (fan-in = d_in for A, r_e for B).
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        """Re-initialises ``A`` / ``B`` and rebuilds the constant buffers ``rank_offsets`` /
+        ``scales`` from the constructor's ranks and scalings (meta-device init: build under
+        ``torch.device("meta")``, ``to_empty(device=...)``, then reset)."""
+        offsets = torch.tensor([0] + self.ranks, dtype=torch.int64).cumsum(0)
+        self.rank_offsets.copy_(offsets.to(torch.int32))
+        self.scales.copy_(torch.tensor(self._scales_init, dtype=torch.float32))
+        if self.a_init_fn is not None:
+            self.a_init_fn(self.A)
+        else:  # PEFT's nn.Linear-style init per expert (fan-in = d_in for A, r_e for B).
+            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         if self.init == "lora":
             nn.init.zeros_(self.B)
             return

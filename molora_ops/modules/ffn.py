@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bank import Dispatched, LoRABank
-from .layers import check_last_dim, frozen_linear
+from .layers import base_dtype, base_forward, check_last_dim, frozen_linear
 from .routing import Router, Routing, SwitchTop1, TopK
 
 __all__ = ["MoELoRAFFN", "ACTIVATIONS"]
@@ -69,7 +69,7 @@ class MoELoRAFFN(nn.Module):
         self.gate_proj, self.up_proj = frozen_linear(gate_proj), frozen_linear(up_proj)
         self.down_proj = frozen_linear(down_proj)
         device = gate_proj.weight.device
-        dtype = bank_dtype or gate_proj.weight.dtype
+        dtype = bank_dtype or base_dtype(gate_proj)
         bank = dict(num_experts=num_experts, alpha=alpha, rslora=rslora, init=init, dtype=dtype,
                     device=device)
         self.gate_lora = LoRABank(d, d_ff, r, **bank)
@@ -140,5 +140,6 @@ class MoELoRAFFN(nn.Module):
         return self.down_lora.dense(self.lora_dropout(a), gate, self._base(self.down_proj, a))
 
     def _base(self, proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        # The frozen base runs in its own dtype (bf16, say); the banks may be fp32 (MoE-PEFT).
-        return proj(x.to(proj.weight.dtype)).to(x.dtype)
+        # The frozen base runs in its own dtype (bf16, say); the banks may be fp32 (MoE-PEFT). A
+        # quantized projection (bitsandbytes) is CALLED, never read: its weight holds codes.
+        return base_forward(proj, x)

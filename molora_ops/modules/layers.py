@@ -24,7 +24,8 @@ from torch import nn
 from .bank import LoRABank
 from .routing import Routing
 
-__all__ = ["MoLoRALinear", "LoRALinear", "frozen_linear", "check_last_dim"]
+__all__ = ["MoLoRALinear", "LoRALinear", "frozen_linear", "check_last_dim", "is_quantized",
+           "base_dtype", "base_forward"]
 
 
 def check_last_dim(module: nn.Module, x: torch.Tensor, in_features: int) -> None:
@@ -32,6 +33,34 @@ def check_last_dim(module: nn.Module, x: torch.Tensor, in_features: int) -> None
     if tuple(x.shape[-1:]) != (in_features,):
         raise ValueError(f"{type(module).__name__}: x must have last dim {in_features}, got shape "
                          f"{tuple(x.shape)}")
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether ``module`` is a quantized linear (its ``weight`` holds integer codes: bitsandbytes
+    ``Linear4bit`` packs nf4/fp4 into uint8, ``Linear8bitLt`` stores int8 rows)."""
+    w = getattr(module, "weight", None)
+    return isinstance(w, torch.Tensor) and not w.dtype.is_floating_point
+
+
+def base_dtype(module: nn.Module) -> torch.dtype:
+    """The floating dtype a base linear computes in, which the adapters default to.
+
+    A float weight's own dtype; for a quantized base its ``compute_dtype`` (bitsandbytes
+    ``Linear4bit``) when set, else fp32 (PEFT keeps QLoRA adapters in fp32 too)."""
+    w = module.weight
+    if w.dtype.is_floating_point:
+        return w.dtype
+    cd = getattr(module, "compute_dtype", None)
+    return cd if isinstance(cd, torch.dtype) and cd.is_floating_point else torch.float32
+
+
+def base_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` returned in x's dtype. A float base runs in its weight's dtype (bf16, say);
+    a quantized base is called on x as is (bitsandbytes casts to its compute dtype itself, and
+    casting x to the integer weight dtype would destroy it)."""
+    if is_quantized(module):
+        return module(x).to(x.dtype)
+    return module(x.to(module.weight.dtype)).to(x.dtype)
 
 
 def frozen_linear(base: Union[nn.Linear, int, Sequence[int]], bias: bool = False, dtype=None,
@@ -116,7 +145,7 @@ class MoLoRALinear(nn.Module):
             routing = self.route(x2, xd)
         base = None
         if self.base is not None:  # the frozen base runs in its own dtype (bf16, say)
-            base = self.base(x2.to(self.base.weight.dtype)).to(bank_dtype)
+            base = base_forward(self.base, x2).to(bank_dtype)
         y = self.adapters(xd, routing, base).to(x.dtype).reshape(*lead, self.out_features)
         return (y, routing) if return_routing else y
 
@@ -125,6 +154,9 @@ class MoLoRALinear(nn.Module):
         """``W0 + sum_e gate_e s_e B_e A_e`` [d_out, d_in] for a static gate [E] (default 1)."""
         if self.base is None:
             raise ValueError(f"{type(self).__name__}: no base layer to merge into")
+        if is_quantized(self.base):
+            raise ValueError(f"{type(self).__name__}: the base {type(self.base).__name__} is "
+                             f"quantized; the update cannot be merged into its integer weight")
         return self.base.weight + self.bank.delta_weight(gate).to(self.base.weight.dtype)
 
 
@@ -136,7 +168,7 @@ class LoRALinear(MoLoRALinear):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, *,
                  rslora: bool = False, init: str = "lora", dtype=None):
         bank = LoRABank(base.in_features, base.out_features, r, 1, alpha, rslora=rslora,
-                        init=init, dtype=dtype or base.weight.dtype, device=base.weight.device)
+                        init=init, dtype=dtype or base_dtype(base), device=base.weight.device)
         super().__init__(base, bank, None, None, dropout)
 
     def forward(self, x: torch.Tensor, routing: Optional[Routing] = None,

@@ -12,6 +12,7 @@ Shapes: x [..., d_in] -> y [..., d_out]; ``Routing`` tensors are over the flatte
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -23,7 +24,7 @@ from .. import ops
 from . import losses
 from .bank import Dispatched, LoRABank
 from .ffn import MoELoRAFFN
-from .layers import MoLoRALinear, check_last_dim, frozen_linear
+from .layers import MoLoRALinear, base_dtype, check_last_dim, frozen_linear
 from .routing import (DenseSoftmax, EqualWeightTopK, Router, Routing, StaticGate,
                       StraightThroughTopK, SwitchTop1, TopK, TopKSoftmax, TopP)
 
@@ -35,7 +36,7 @@ __all__ = [
 
 
 def _bank(base: nn.Linear, ranks, num_experts, alpha, **kw) -> LoRABank:
-    kw.setdefault("dtype", base.weight.dtype)
+    kw.setdefault("dtype", base_dtype(base))
     return LoRABank(base.in_features, base.out_features, ranks, num_experts, alpha,
                     device=base.weight.device, **kw)
 
@@ -506,17 +507,26 @@ class CoMoL(nn.Module):
                  dropout: float = 0.05, *, k: Optional[int] = None, init: str = "lora"):
         super().__init__()
         self.base = frozen_linear(base)
-        dev, dt = base.weight.device, base.weight.dtype
+        dev, dt = base.weight.device, base_dtype(base)
         self.lora = LoRABank(base.in_features, base.out_features, r, 1, alpha, init=init,
                              dtype=dt, device=dev)
-        cores = torch.eye(r, dtype=dt, device=dev).repeat(num_experts, 1)
-        self.cores = nn.Parameter(cores + 0.02 * torch.randn_like(cores))        # [E*r, r]
-        self.register_buffer("core_offsets", torch.arange(num_experts + 1, dtype=torch.int32,
-                                                          device=dev) * r)
+        self.cores = nn.Parameter(torch.empty(num_experts * r, r, dtype=dt, device=dev))
+        self.register_buffer("core_offsets", torch.empty(num_experts + 1, dtype=torch.int32,
+                                                         device=dev))
+        self.reset_parameters()
         self.router = Router(r, num_experts, device=dev)
         self.k = k
         self.gating = DenseSoftmax() if k is None else TopK(k, True)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Cores = identity + N(0, 0.02) noise, ``core_offsets`` = [0, r, 2r, ...] (rebuilt: meta
+        init). The LoRA bank and the router reset themselves."""
+        E_r, r = self.cores.shape
+        eye = torch.eye(r, dtype=self.cores.dtype, device=self.cores.device)
+        self.cores.copy_(eye.repeat(E_r // r, 1) + 0.02 * torch.randn_like(self.cores))
+        self.core_offsets.copy_(torch.arange(E_r // r + 1, dtype=torch.int32) * r)
 
     @property
     def num_experts(self) -> int:
@@ -562,11 +572,17 @@ class RankwiseLoRALinear(nn.Module):
             raise ValueError(f"{type(self).__name__}: need 1 <= k <= r, got k={k}, r={r}")
         self.base = frozen_linear(base)
         self.lora = LoRABank(base.in_features, base.out_features, r, 1, alpha, init=init,
-                             dtype=base.weight.dtype, device=base.weight.device)
+                             dtype=base_dtype(base), device=base.weight.device)
         self.r, self.k, self.bias_rate = r, k, bias_rate
         self.sync_statistics = sync_statistics
         self.register_buffer("rank_bias", torch.zeros(r, device=base.weight.device))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Zeroes the selection bias (its initial value; meta-device init). The bank and the
+        router reset themselves."""
+        self.rank_bias.zero_()
 
     @property
     def A(self) -> torch.Tensor:
@@ -632,6 +648,19 @@ class SMoRA(RankwiseLoRALinear):
         return values, gates, ids, self.scaling
 
 
+@torch.no_grad()
+def _flylora_sparse_a(A: torch.Tensor, k: int, generator: Optional[torch.Generator] = None
+                      ) -> None:
+    """FlyLoRA's frozen sparse A [r, d_in] in place: each row ``d_in // (r/k)`` non-zeros
+    ~ N(0, 1/r^2) (drawn on the CPU, so a seeded generator gives the same A on any device)."""
+    r, d_in = A.shape
+    nnz = max(1, d_in // max(1, r // k))
+    cols = torch.rand(r, d_in, generator=generator, device="cpu").argsort(1)[:, :nnz]
+    dense = torch.zeros(r, d_in, device="cpu")
+    dense.scatter_(1, cols, torch.randn(r, nnz, generator=generator, device="cpu") / r)
+    A.copy_(dense)
+
+
 class FlyLoRA(RankwiseLoRALinear):
     """FlyLoRA (Zou et al., arXiv 2510.08396): a FROZEN sparse random A (each row has
     ``d_in // (r/k)`` non-zeros ~ N(0, 1/r^2)), trainable B, router-free rank top-k.
@@ -658,16 +687,13 @@ class FlyLoRA(RankwiseLoRALinear):
         self.update_bias_in_eval = update_bias_in_eval
         self.scaling = alpha / r
         self.lora.A.requires_grad_(False)
+        # the bank's own reset draws this sparse A (meta init, any reset order)
+        self.lora.a_init_fn = functools.partial(_flylora_sparse_a, k=k)
         self.reset_sparse_a(generator)
 
     @torch.no_grad()
     def reset_sparse_a(self, generator: Optional[torch.Generator] = None) -> None:
-        r, d_in = self.A.shape
-        nnz = max(1, d_in // max(1, r // self.k))
-        cols = torch.rand(r, d_in, generator=generator).argsort(1)[:, :nnz]
-        A = torch.zeros(r, d_in)
-        A.scatter_(1, cols, torch.randn(r, nnz, generator=generator) / r)
-        self.A.copy_(A)
+        _flylora_sparse_a(self.A, self.k, generator)
 
     def select(self, xd):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.block_input_grad):

@@ -60,6 +60,29 @@ class Routing:
         return gate[:, :num_experts]
 
 
+class _RouterLinear(nn.Linear):
+    """The router's fp32 ``nn.Linear`` whose ``reset_parameters`` applies the router's init, so
+    resetting modules in any order (``model.apply`` visits children first, a ``for m in
+    model.modules()`` loop parents first) gives the router's init, not nn.Linear's."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, init: str,
+                 init_range: float, device=None):
+        # set before nn.Linear.__init__, which calls reset_parameters
+        self.init_mode, self.init_range = init, init_range
+        super().__init__(in_features, out_features, bias=bias, dtype=torch.float32,
+                         device=device)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        # nn.Linear's init first even for "normal": the same random stream as before this class
+        # existed, so seeded models keep their values.
+        super().reset_parameters()
+        if self.init_mode == "normal":  # MixLoRA: N(0, init_range), zero bias
+            nn.init.normal_(self.weight, 0.0, self.init_range)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+
+
 class Router(nn.Module):
     """``logits = x W_g^T (+ b)`` in fp32 (MoE-PEFT casts the router and its input to fp32).
 
@@ -76,14 +99,9 @@ class Router(nn.Module):
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"Router: num_experts must be >= 1, got {num_experts}")
-        self.linear = nn.Linear(in_features, num_experts, bias=bias, dtype=torch.float32,
-                                device=device)
-        if init == "normal":
-            nn.init.normal_(self.linear.weight, 0.0, init_range)
-            if bias:
-                nn.init.zeros_(self.linear.bias)
-        elif init != "kaiming":
+        if init not in ("normal", "kaiming"):
             raise ValueError(f"Router: init must be 'normal' or 'kaiming', got {init!r}")
+        self.linear = _RouterLinear(in_features, num_experts, bias, init, init_range, device)
         self.jitter = jitter
 
     @property
@@ -183,6 +201,11 @@ class SigmoidTopK(nn.Module):
         self.k, self.normalize, self.bias_in_weights = k, normalize, bias_in_weights
         self.scale = float(k) if scale is None else float(scale)
         self.register_buffer("bias", torch.zeros(num_experts, device=device))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Zeroes the selection bias (its initial value; meta-device init)."""
+        self.bias.zero_()
 
     def forward(self, logits: torch.Tensor) -> Routing:
         w, ids = ops.sigmoid_topk(logits, self.k, self.bias, self.normalize,
@@ -290,7 +313,12 @@ class StaticGate(nn.Module):
 
     def __init__(self, num_experts: int, init: float = 1.0, device=None):
         super().__init__()
-        self.alpha = nn.Parameter(torch.full((num_experts,), float(init), device=device))
+        self.init = float(init)
+        self.alpha = nn.Parameter(torch.full((num_experts,), self.init, device=device))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.alpha.fill_(self.init)
 
     def forward(self, x: torch.Tensor) -> Routing:
         gate = self.alpha.float().expand(x.shape[0], -1)

@@ -277,6 +277,11 @@ class PolyLinear(MoLoRALinear):
         self.module_logits = nn.Parameter(torch.empty(
             n_tasks, n_splits * n_skills, device=base.weight.device).uniform_(-1e-3, 1e-3))
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """``module_logits`` ~ U(-1e-3, 1e-3) as in the constructor (meta-device init)."""
+        self.module_logits.uniform_(-1e-3, 1e-3)
+
     def mixing_weights(self, task_ids: torch.Tensor) -> torch.Tensor:
         """``w [B, Q, K]`` for the task ids [B] (mttl ``PolytroponSelector.forward``)."""
         if task_ids.numel():

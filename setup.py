@@ -100,9 +100,11 @@ if not SKIP_EXT:
         # pip's build isolation (a plain `pip install .`): no torch to compile against. Build the
         # pure-Python package, which works (reference on CPU, Triton kernels on CUDA).
         SKIP_EXT = True
-        _say("torch is not importable in this build environment (pip's build isolation?): "
-             "installing the pure-Python package (reference + Triton kernels). For the native "
-             "kernels: pip install --no-build-isolation .")
+        building = {"bdist_wheel", "build_ext", "editable_wheel", "build", "install", "develop"}
+        if building & set(sys.argv[1:]):  # not for an sdist or the metadata steps
+            _say("torch is not importable in this build environment (pip's build isolation?): "
+                 "installing the pure-Python package (reference + Triton kernels). For the native "
+                 "kernels: pip install --no-build-isolation .")
 
 
 def _tool(name: str) -> str | None:

@@ -29,7 +29,6 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 IN_CI = os.environ.get("MOLORA_REQUIRE_EMU", "0") not in ("", "0")
 
-pytestmark = pytest.mark.slow
 
 
 def readme_install_lines():
@@ -76,6 +75,30 @@ def _base_python() -> str:
     return getattr(sys, "_base_executable", None) or sys.executable
 
 
+def test_old_cmake_fails_fast_with_one_line(tmp_path):
+    """The system CMake 3.25 used to be rejected deep inside CMake's own output: setup.py now
+    checks the version before configuring and stops with one line naming the fix."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    # an interpreter whose environment's cmake is too old (setup.py looks next to the interpreter
+    # first); torch from this interpreter's site-packages
+    (tmp_path / "pyvenv.cfg").write_text(f"home = {Path(_base_python()).parent}\n"
+                                         "include-system-site-packages = false\n")
+    (bindir / "python").symlink_to(_base_python())
+    for tool, text in (("cmake", "cmake version 3.25.1"), ("ninja", "1.11.1")):
+        (bindir / tool).write_text(f"#!/bin/sh\necho '{text}'\n")
+        (bindir / tool).chmod(0o755)
+    env = _clean_env(tmp_path)
+    env["PYTHONPATH"] = str(Path(torch.__file__).resolve().parent.parent)
+    out, took = _run([str(bindir / "python"), str(ROOT / "setup.py"), "-q", "build_ext"], env=env,
+                     cwd=tmp_path, timeout=300, check=False)
+    assert out.returncode != 0
+    ours = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("molora_ops:")]
+    assert ours == [f"molora_ops: {bindir / 'cmake'} is cmake 3.25.1, the native build needs "
+                    "cmake>=3.26: pip install 'cmake>=3.26,<4' ninja"], out.stdout + out.stderr
+    assert "Building CXX" not in out.stdout and took < 120
+
+
 @pytest.fixture(scope="module")
 def fresh_venv(tmp_path_factory):
     venv = tmp_path_factory.mktemp("install") / "venv"
@@ -118,6 +141,7 @@ def _cmake_sources() -> list:
     return sorted(set(re.findall(r"\b(csrc/[\w/.-]+\.(?:cpp|cu))\b", text)))
 
 
+@pytest.mark.slow
 def test_sdist_holds_everything_the_build_reads(sdist):
     with tarfile.open(sdist) as tf:
         names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
@@ -133,6 +157,7 @@ def test_sdist_holds_everything_the_build_reads(sdist):
     assert not junk, junk[:10]
 
 
+@pytest.mark.slow
 def test_plain_pip_install_gives_the_pure_python_package(fresh_venv, sdist, tmp_path):
     """Build isolation on (no torch in the build env): a working package that says what to do."""
     src = _unpack(sdist, tmp_path)
@@ -155,6 +180,7 @@ def test_plain_pip_install_gives_the_pure_python_package(fresh_venv, sdist, tmp_
     assert str(fresh_venv) in out.stdout, out.stdout  # the installed copy, not the source tree
 
 
+@pytest.mark.slow
 def test_readme_install_line_builds_the_native_package(fresh_venv, sdist, tmp_path):
     """The README's first install line, run in the unpacked sdist (pip builds the wheel from the
     sdist's content and installs it): the native extension loads, _C_emu is not installed."""

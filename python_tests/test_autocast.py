@@ -185,6 +185,27 @@ def test_backward_inside_autocast_and_grouped_path():
         torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
+def test_compiled_under_autocast_equals_eager(dynamo_reset):
+    """torch.compile traces the rule (its Python-dispatcher form) inside an autocast region."""
+    x, A, B, gate, ro = _gated_inputs()
+    base = torch.randn(x.shape[0], B.shape[0])
+
+    def f(x, A, B):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return mo.stacked_gated_lora(x, A, B, gate.detach(), ro, None, base)
+
+    y = torch.compile(f, fullgraph=True, backend="aot_eager")(x, A, B)
+    gy = torch.randn(y.shape).bfloat16()
+    got = torch.autograd.grad(y, (x, A, B), gy)
+    e = f(x, A, B)
+    exp = torch.autograd.grad(e, (x, A, B), gy)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, e, rtol=0, atol=0)
+    for g, h in zip(got, exp):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, h, rtol=0, atol=0)
+
+
 def test_reference_kernels_follow_the_rule_without_the_extension():
     """MOLORA_DISABLE_EXT=1: the Python reference serves the CPU kernels; its matmuls must not be
     autocast either (same result as the explicitly cast call)."""

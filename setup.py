@@ -1,56 +1,110 @@
 """Build driver for molora_ops: setuptools runs CMake (Ninja) to build molora_ops._C.
 
-The native sources are listed ONLY in CMakeLists.txt. Build with the environment's torch:
+The native sources are listed ONLY in CMakeLists.txt. Build against the environment's torch:
 
-    pip install --no-build-isolation -e .     # editable (developers, CI)
-    pip install --no-build-isolation .        # regular install
+    pip install --no-build-isolation .        # users: the C++ CPU kernels (+ CUDA with a CUDA torch)
+    pip install --no-build-isolation -e .     # editable
+    MOLORA_DEV_BUILD=1 pip install --no-build-isolation -e .   # developers / CI (scripts/setup.sh)
+
+A plain ``pip install .`` builds in pip's isolated environment, which has no torch: that gives the
+pure-Python package (reference + Triton kernels) and says how to get the native kernels.
 
 Environment:
+    MOLORA_DEV_BUILD=1       developer / CI build: also the test-only molora_ops._C_emu and (CPU torch
+                             + nvcc) the nvcc compile-check of the .cu sources; a missing torch fails
+    MOLORA_BUILD_EMU=0|1     build molora_ops._C_emu, the CPU emulation of the CUDA kernels (tests);
+                             default: MOLORA_DEV_BUILD
+    MOLORA_CUDA_CHECK=0|1    CPU torch + nvcc: compile-check the .cu sources; default: MOLORA_DEV_BUILD
     MOLORA_SKIP_EXT=1        pure-Python install, no molora_ops._C
+    MOLORA_REQUIRE_EXT=1     fail (instead of a pure-Python install) when torch is not importable;
+                             implied by MOLORA_DEV_BUILD
     MAX_JOBS=N               parallel compile jobs (default: number of CPUs)
     CMAKE_ARGS="..."         extra arguments for the CMake configure step (override ours)
-    MOLORA_CUDA_CHECK=OFF    with a CPU torch, do not compile-check the .cu sources with nvcc
     TORCH_CUDA_ARCH_LIST     with a CUDA torch, target architectures (default "9.0")
     CUDA_HOME                CUDA toolkit root (default: found from the nvcc on PATH)
     MOLORA_BUILD_DIR         CMake build directory (default: build/cmake-<platform>-<python>)
-    MOLORA_BUILD_EMU=0       do not build molora_ops._C_emu (CPU emulation of the CUDA kernels,
-                             test-only; built by default)
 """
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+MIN_CMAKE = (3, 26)
 
 
-def _env_flag(name: str, default: str = "") -> bool:
-    return os.environ.get(name, default).strip().lower() in ("1", "on", "true", "yes")
+def _env_flag(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    return value in ("1", "on", "true", "yes")
 
 
+def _tty(line: str) -> None:
+    """pip captures the build's output (it shows it with -v or on failure): progress lines also
+    go to the terminal when there is one, so a minute-long build is not silent."""
+    if sys.stdout.isatty():
+        return
+    try:
+        with open("/dev/tty", "w") as tty:
+            tty.write(line + "\n")
+    except OSError:  # no controlling terminal (CI, IDEs): the captured output is all there is
+        pass
+
+
+def _say(msg: str) -> None:
+    """A stage line: on stdout, and on the terminal under pip."""
+    line = f"molora_ops: {msg}"
+    print(line, flush=True)
+    _tty(line)
+
+
+def _run_ninja(cmd: list, env: dict) -> None:
+    """Runs the build, echoing its output; ninja's "[k/N] ..." steps also go to the terminal."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+        if re.match(r"\[\d+/\d+\] ", line):
+            _tty("molora_ops:   " + line.rstrip()[:150])
+    if proc.wait() != 0:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+
+
+DEV_BUILD = _env_flag("MOLORA_DEV_BUILD")
+# The test-only CUDA emulation module and the nvcc compile-check: developer / CI switches.
+BUILD_EMU = _env_flag("MOLORA_BUILD_EMU", DEV_BUILD)
+CUDA_CHECK = _env_flag("MOLORA_CUDA_CHECK", DEV_BUILD)
 SKIP_EXT = _env_flag("MOLORA_SKIP_EXT")
-# The second extension module, molora_ops._C_emu (CPU emulation of the CUDA kernels, tests), comes out of the same CMake build (target _C_emu); MOLORA_BUILD_EMU=0 skips it.
-BUILD_EMU = _env_flag("MOLORA_BUILD_EMU", "1")
+REQUIRE_EXT = _env_flag("MOLORA_REQUIRE_EXT", DEV_BUILD)
 
 if not SKIP_EXT:
     try:
         import torch  # noqa: F401  (the build compiles against this torch)
-    except ImportError as exc:  # fail fast, before any build work
-        sys.exit(
-            f"molora_ops: cannot import torch ({exc}).\n"
-            "Building molora_ops._C needs PyTorch already installed in this environment:\n"
-            "    pip install torch ninja 'cmake>=3.26,<4' setuptools wheel\n"
-            "    pip install --no-build-isolation -e .\n"
-            "(--no-build-isolation lets the build see that torch; torch is deliberately not a build\n"
-            "requirement.) Set MOLORA_SKIP_EXT=1 for a pure-Python install without the extension."
-        )
+    except ImportError as exc:
+        if REQUIRE_EXT:  # developers / CI: fail fast, before any build work
+            sys.exit(
+                f"molora_ops: cannot import torch ({exc}); the native build needs the environment's "
+                "torch: pip install torch, then pip install --no-build-isolation -e ."
+            )
+        # pip's build isolation (a plain `pip install .`): no torch to compile against. Build the
+        # pure-Python package, which works (reference on CPU, Triton kernels on CUDA).
+        SKIP_EXT = True
+        building = {"bdist_wheel", "build_ext", "editable_wheel", "build", "install", "develop"}
+        if building & set(sys.argv[1:]):  # not for an sdist or the metadata steps
+            _say("torch is not importable in this build environment (pip's build isolation?): "
+                 "installing the pure-Python package (reference + Triton kernels). For the native "
+                 "kernels: pip install --no-build-isolation .")
 
 
 def _tool(name: str) -> str | None:
@@ -98,6 +152,29 @@ def _find_nvcc() -> str | None:
     return _real_nvcc(nvcc) if nvcc else None
 
 
+def _version_of(tool: str) -> tuple:
+    try:
+        out = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", out)
+    return tuple(int(g) for g in m.groups() if g is not None) if m else ()
+
+
+def _build_tools() -> tuple:
+    """cmake >= 3.26 and ninja, or exit with ONE line saying what to install."""
+    cmake, ninja = _tool("cmake"), _tool("ninja")
+    fix = "pip install 'cmake>=3.26,<4' ninja"
+    if cmake is None or ninja is None:
+        missing = " and ".join(n for n, t in (("cmake", cmake), ("ninja", ninja)) if t is None)
+        sys.exit(f"molora_ops: {missing} not found; the native build needs cmake>=3.26 and ninja: {fix}")
+    version = _version_of(cmake)
+    if version[:2] < MIN_CMAKE:
+        found = ".".join(map(str, version)) or "unknown version"
+        sys.exit(f"molora_ops: {cmake} is cmake {found}, the native build needs cmake>=3.26: {fix}")
+    return cmake, ninja
+
+
 class CMakeExtension(Extension):
     """An extension whose sources CMakeLists.txt owns."""
 
@@ -119,10 +196,7 @@ class CMakeBuild(build_ext):
     def _cmake_build(self) -> Path:
         import torch
 
-        cmake = _tool("cmake")
-        ninja = _tool("ninja")
-        if cmake is None or ninja is None:
-            sys.exit("molora_ops: cmake>=3.26 and ninja are needed: pip install ninja 'cmake>=3.26,<4'")
+        cmake, ninja = _build_tools()
 
         build_dir = Path(
             os.environ.get("MOLORA_BUILD_DIR")
@@ -144,8 +218,9 @@ class CMakeBuild(build_ext):
             f"-DMOLORA_TORCH_CUDA={'ON' if torch_cuda else 'OFF'}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={lib_dir}",
             f"-DMOLORA_BUILD_EMU={'ON' if BUILD_EMU else 'OFF'}",  # _C_emu
+            f"-DMOLORA_CUDA_CHECK={'ON' if CUDA_CHECK else 'OFF'}",
         ]
-        want_cuda = torch_cuda or _env_flag("MOLORA_CUDA_CHECK", "1")
+        want_cuda = torch_cuda or CUDA_CHECK
         if want_cuda and not any(a.startswith("-DCMAKE_CUDA_COMPILER") for a in user_args):
             nvcc = _find_nvcc()
             if nvcc:
@@ -155,9 +230,23 @@ class CMakeBuild(build_ext):
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         env = dict(os.environ)
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        # CMake reads these too (a bare `cmake -S .`); ours are already decided above.
+        env.pop("MOLORA_CUDA_CHECK", None)
+        env.pop("MOLORA_BUILD_EMU", None)
+        what = ["_C (C++ CPU kernels" + (" + CUDA kernels)" if torch_cuda else ")")]
+        if BUILD_EMU:
+            what.append("_C_emu (test-only)")
+        if CUDA_CHECK and not torch_cuda:
+            what.append("nvcc compile-check of the .cu files (if nvcc is found)")
+        t0 = time.monotonic()
+        _say(f"[1/2] configuring {', '.join(what)} with CMake in {build_dir} "
+             f"(torch {torch.__version__}){'; developer build' if DEV_BUILD else ''}")
         print("molora_ops: " + shlex.join(args), flush=True)
         subprocess.run(args, check=True, env=env)
-        subprocess.run([cmake, "--build", str(build_dir), "-j", jobs], check=True, env=env)
+        _say(f"[2/2] compiling with ninja, {jobs} jobs (about 1 minute on 2 cores for the CPU "
+             "kernels; pip -v shows each step)")
+        _run_ninja([cmake, "--build", str(build_dir), "-j", jobs], env)
+        _say(f"native build done in {time.monotonic() - t0:.0f} s")
         return lib_dir
 
     def _copy_module(self, ext: Extension, lib_dir: Path) -> None:

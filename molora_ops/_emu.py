@@ -4,8 +4,9 @@ The emulation library compiles the CUDA kernels + launchers (csrc/cuda/*.cu) wit
 (csrc/emu/cuda_emu.h: every CUDA thread is a host thread) and registers them as
 ``torch.ops.molora_emu.<op>`` taking CPU tensors. Two builds exist:
 
-* ``molora_ops._C_emu``: every launcher file, built with the package (CMake target ``_C_emu``,
-  on by default; ``MOLORA_BUILD_EMU=0`` turns it off);
+* ``molora_ops._C_emu``: every launcher file, built with the package by developer / CI builds
+  only (CMake target ``_C_emu``; ``MOLORA_DEV_BUILD=1`` or ``MOLORA_BUILD_EMU=1``, as
+  scripts/setup.sh does; a user install never has it);
 * a library built by ``scripts/build_emu.py --source csrc/cuda/<family>.cu --build-dir DIR`` from
   some launcher files only; point ``MOLORA_EMU_LIB`` at the printed path to use it instead.
 
@@ -49,9 +50,11 @@ def load_emu() -> str:
             import molora_ops._C_emu  # noqa: F401  (static initialisers register torch.ops.molora_emu)
         except ImportError as exc:
             raise ImportError(
-                "molora_ops._C_emu (CPU emulation of the CUDA kernels) is not built: build the package "
-                "with MOLORA_BUILD_EMU unset/1 (scripts/setup.sh, pip install -e .), or build some launcher "
-                "files with scripts/build_emu.py and set MOLORA_EMU_LIB to the printed path "
+                "molora_ops._C_emu (CPU emulation of the CUDA kernels, test-only) is not built: a "
+                "user install does not have it; build the package as developers do "
+                "(scripts/setup.sh, or MOLORA_DEV_BUILD=1 pip install --no-build-isolation -e .), or "
+                "build some launcher files with scripts/build_emu.py and set MOLORA_EMU_LIB to the "
+                "printed path "
                 f"({exc})"
             ) from exc
         _loaded = "molora_ops._C_emu"

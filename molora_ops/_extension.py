@@ -26,10 +26,17 @@ else:
         add_native_module(_C)
 
 if _EXT_ERROR is not None:
+    import importlib.util
+
+    if importlib.util.find_spec(f"{__package__}._C") is None and "MOLORA_DISABLE_EXT" not in _EXT_ERROR:
+        # A pure-Python install: a plain `pip install .` builds in pip's isolated environment,
+        # which has no torch to compile against.
+        _EXT_ERROR = ("molora_ops was installed without it (pure-Python install; a plain "
+                      "`pip install .` builds without torch)")
     warnings.warn(
         f"molora_ops: native extension not loaded ({_EXT_ERROR}); the ops run the pure-PyTorch "
-        "reference on CPU and the Triton kernels (or the reference) on CUDA. Build it with "
-        "`pip install --no-build-isolation -e .`.",
+        "reference on CPU and the Triton kernels (or the reference) on CUDA. For the native "
+        "kernels install with `pip install --no-build-isolation .` in the torch environment.",
         RuntimeWarning,
         stacklevel=2,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import platform
 
 import torch
@@ -42,6 +43,9 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if cuda else "none"
     print(f"CUDA       available: {cuda}; device: {device}")
     print(f"extension  {'molora_ops._C loaded' if has_extension() else 'NOT loaded: ' + str(extension_error())}")
+    emu = importlib.util.find_spec(f"{__package__}._C_emu") is not None
+    print(f"test-only  molora_ops._C_emu (CPU emulation of the CUDA kernels): "
+          f"{'present (developer build)' if emu else 'absent'}")
     print(f"backend    {backend.get_backend()} (MOLORA_BACKEND / molora_ops.set_backend / use_backend; "
           f"one of {', '.join(backend.BACKENDS)})")
     print(f"values     {value_checks()} (MOLORA_CHECK_VALUES / molora_ops.set_value_checks; "

@@ -22,8 +22,8 @@ DT_IDS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 def require_emu():
     """Load the emulation library and return ``torch.ops.molora_emu``.
 
-    Skips the calling test module when molora_ops._C_emu is not built (MOLORA_BUILD_EMU=0, or a
-    pure-Python install), unless MOLORA_REQUIRE_EMU=1 (then it fails). A MOLORA_EMU_LIB that cannot
+    Skips the calling test module when molora_ops._C_emu is not built (a user build: no
+    MOLORA_DEV_BUILD / MOLORA_BUILD_EMU, or a pure-Python install), unless MOLORA_REQUIRE_EMU=1 (then it fails). A MOLORA_EMU_LIB that cannot
     be loaded is always an error: somebody asked for that library.
     """
     try:

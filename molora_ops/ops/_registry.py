@@ -54,6 +54,7 @@ class OpDef:
     backward: Optional[Callable] = None
     setup_context: Optional[Callable] = None
     kind: str = "forward"  # "forward" (public, differentiable) or "backward" (used by autograd)
+    autocast: Tuple[str, ...] = ()  # the matmul operands cast to the autocast dtype (see below)
     op: Optional[torch._ops.OpOverload] = field(default=None, repr=False)
     native_kernels: Tuple[str, ...] = ()  # dispatch keys served by C++ kernels of molora_ops._C
 
@@ -119,13 +120,18 @@ def gpu_entry(opdef: OpDef) -> Callable:
 def define(schema: str, *, check: Callable, fake: Callable, reference: Callable,
            values: Optional[Callable] = None, triton: Optional[str] = None,
            backward: Optional[Callable] = None, setup_context: Optional[Callable] = None,
-           kind: str = "forward") -> OpDef:
-    """Declares op ``molora::<name>`` (see the module docstring) and returns its ``OpDef``."""
+           kind: str = "forward", autocast: Tuple[str, ...] = ()) -> OpDef:
+    """Declares op ``molora::<name>`` (see the module docstring) and returns its ``OpDef``.
+
+    ``autocast`` names the arguments that one matmul reads together (activation, bank, ``base``;
+    they must share a dtype): under CPU / CUDA autocast they are cast to the autocast dtype, as
+    ``torch.mm`` would cast them; every other argument keeps its dtype. See ``_register_autocast``.
+    """
     name = schema.split("(", 1)[0]
     if name in OPS:
         raise RuntimeError(f"molora op {name!r} is defined twice")
     opdef = OpDef(name, schema, check, fake, reference, values, triton, backward, setup_context,
-                  kind)
+                  kind, tuple(autocast))
     _LIB.define(schema)
     _REF_LIB.define(schema)
     _REF_LIB.impl(name, opdef.reference_entry, "CompositeExplicitAutograd")
@@ -137,15 +143,80 @@ def define(schema: str, *, check: Callable, fake: Callable, reference: Callable,
 
     torch.library.register_fake(f"molora::{name}", fake_kernel, lib=_LIB)
     if backward is not None:
-        torch.library.register_autograd(f"molora::{name}", backward, setup_context=setup_context,
-                                        lib=_LIB)
+        torch.library.register_autograd(f"molora::{name}", _without_autocast(backward),
+                                        setup_context=setup_context, lib=_LIB)
     if "CPU" not in opdef.native_kernels:
         _LIB.impl(name, opdef.reference_entry, "CPU")
     if "CUDA" not in opdef.native_kernels:
         _LIB.impl(name, _lazy_gpu_entry(opdef), "CUDA")
     opdef.op = getattr(torch.ops.molora, name).default
+    _register_autocast(opdef)
     OPS[name] = opdef
     return opdef
+
+
+def _without_autocast(backward: Callable) -> Callable:
+    """The autograd formula run with autocast off: a backward computes in the dtypes the forward
+    ran in (autocast chose them then) and keeps its opmath parts in fp32, also when
+    ``.backward()`` is called inside an autocast region."""
+    def run(ctx, *grads):
+        with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
+            return backward(ctx, *grads)
+
+    run.__name__ = getattr(backward, "__name__", "backward")
+    return run
+
+
+# Autocast keys of the devices whose kernels we register (the CPU and CUDA kernels).
+_AUTOCAST_DEVICES = (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA"))
+# Dtypes autocast may cast (as torch's own autocast: float64 and integer tensors never are).
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+_AUTOCAST_KEYS = (torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+                  | torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCUDA))
+
+
+def _register_autocast(opdef: OpDef) -> None:
+    """The op's rule under ``torch.autocast`` (CPU and CUDA, any autocast dtype).
+
+    Without an Autocast kernel the dispatcher falls through with autocast still on, so every
+    ``mm`` inside our kernels (the C++ CPU kernels call ``at::mm``) would be autocast behind the
+    kernel's back and return a dtype the kernel does not expect. The rule: the arguments named in
+    ``opdef.autocast`` (the operands of the op's matmuls) are cast to the autocast dtype when they
+    are fp32 / fp16 / bf16 tensors on that device, like ``torch.mm``'s operands; the others
+    (routing weights, gates, scales, logits, ids) keep their dtype; then the op runs with autocast
+    off for that device, so nothing inside it is cast again. Ops with no such argument (routers,
+    dispatch, gather / combine, the selection ops) just run in their input dtypes.
+    """
+    names = [a.name for a in opdef.op._schema.arguments]
+    unknown = [n for n in opdef.autocast if n not in names]
+    if unknown:
+        raise RuntimeError(f"molora op {opdef.name!r}: autocast names unknown arguments {unknown}")
+    cast_at = tuple(names.index(n) for n in opdef.autocast)
+    op = opdef.op
+
+    for device_type, key_name in _AUTOCAST_DEVICES:
+        key = getattr(torch._C.DispatchKey, key_name)
+        keyset = torch._C.DispatchKeySet(key)
+
+        def run(*args, _device_type=device_type, _keyset=keyset):
+            if cast_at:
+                dtype = torch.get_autocast_dtype(_device_type)
+                args = list(args)
+                for i in cast_at:
+                    t = args[i]
+                    if (isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_ELIGIBLE
+                            and t.dtype != dtype and t.device.type == _device_type):
+                        args[i] = t.to(dtype)
+            with torch._C._ExcludeDispatchKeyGuard(_keyset):
+                return op(*args)
+
+        run.__name__ = f"{opdef.name}_{key_name}"
+        # The dispatcher's kernel, and the same rule for the Python dispatcher (torch.compile
+        # traces autocast regions through it), as torch.library.register_autocast does.
+        _LIB.impl(opdef.name, lambda _ks, *args, _run=run: _run(*args), key_name, with_keyset=True)
+        if op.has_kernel_for_dispatch_key(key):
+            op.py_kernels.pop(key, None)
+        op.py_impl(key)(run)
 
 
 def _lazy_gpu_entry(opdef: OpDef) -> Callable:

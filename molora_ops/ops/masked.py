@@ -166,13 +166,15 @@ define("rank_sparse_shrink(Tensor x, Tensor A, Tensor ids) -> Tensor",
        values=_ids_values("rank_sparse_shrink", 2, lambda a: a[1].shape[0]),
        check=_check_rank_sparse_shrink, fake=_fake_rank_sparse_shrink,
        reference=reference.rank_sparse_shrink, triton="masked:rank_sparse_shrink",
-       backward=_rank_sparse_shrink_backward, setup_context=_save_sparse_shrink)
+       backward=_rank_sparse_shrink_backward, setup_context=_save_sparse_shrink,
+       autocast=("x", "A"))
 define("rank_sparse_expand(Tensor values, Tensor ids, Tensor B, Tensor? weights, "
        "float scale, Tensor? base) -> Tensor",
        values=_ids_values("rank_sparse_expand", 1, lambda a: a[2].shape[1]),
        check=_check_rank_sparse_expand, fake=_fake_rank_sparse_expand,
        reference=reference.rank_sparse_expand, triton="masked:rank_sparse_expand",
-       backward=_rank_sparse_expand_backward, setup_context=_save_sparse_expand)
+       backward=_rank_sparse_expand_backward, setup_context=_save_sparse_expand,
+       autocast=("values", "B", "base"))
 define("id_histogram(Tensor ids, int num_bins) -> Tensor",
        check=_check_id_histogram, fake=_fake_id_histogram, reference=reference.id_histogram)
 define("rank_scatter(Tensor src, Tensor ids, int num_ranks) -> Tensor",
@@ -183,7 +185,8 @@ define("rank_sparse_weight_grad(Tensor x, Tensor g, Tensor ids, int num_ranks) -
        values=_ids_values("rank_sparse_weight_grad", 2, lambda a: a[3]),
        check=_check_rank_sparse_weight_grad, fake=_fake_rank_sparse_weight_grad,
        reference=reference.rank_sparse_weight_grad,
-       triton="masked:rank_sparse_weight_grad", kind="backward")
+       triton="masked:rank_sparse_weight_grad", kind="backward",
+       autocast=("x", "g"))
 
 
 # --- wrappers ------------------------------------------------------------------------------------

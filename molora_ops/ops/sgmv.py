@@ -233,35 +233,39 @@ define("sgmv_shrink(Tensor x, Tensor A, Tensor rank_offsets, Tensor order, Tenso
        check=_check_sgmv_shrink, fake=_fake_sgmv_shrink,
        reference=lambda *a: reference.sgmv_shrink(*a[:-1], max_rank=a[-1]),
        values=_sgmv_shrink_values, triton="sgmv:sgmv_shrink",
-       backward=_sgmv_shrink_backward, setup_context=_save_grouped)
+       backward=_sgmv_shrink_backward, setup_context=_save_grouped,
+       autocast=("x", "A"))
 define("sgmv_expand(Tensor h, Tensor B, Tensor rank_offsets, Tensor order, Tensor pos, "
        "Tensor expert_offsets, Tensor? weights, Tensor? scales, Tensor? base) -> Tensor",
        check=_check_sgmv_expand, fake=_fake_sgmv_expand, reference=reference.sgmv_expand,
        values=_sgmv_expand_values, triton="sgmv:sgmv_expand",
-       backward=_sgmv_expand_backward, setup_context=_save_grouped)
+       backward=_sgmv_expand_backward, setup_context=_save_grouped,
+       autocast=("h", "B", "base"))
 define("sgmv_weight_grad(Tensor x, Tensor h, Tensor rank_offsets, Tensor order, Tensor pos, "
        "Tensor expert_offsets, Tensor? weights, Tensor? scales, int total_rank) -> Tensor",
        check=_check_sgmv_weight_grad, fake=_fake_sgmv_weight_grad,
        reference=reference.sgmv_weight_grad, values=_sgmv_weight_grad_values,
-       triton="sgmv:sgmv_weight_grad", kind="backward")
+       triton="sgmv:sgmv_weight_grad", kind="backward", autocast=("x", "h"))
 define("stacked_gated_lora(Tensor x, Tensor A, Tensor B, Tensor gate, Tensor rank_offsets, "
        "Tensor? scales, Tensor? base, bool shared_a) -> Tensor",
        check=_check_stacked_gated_lora, fake=_fake_stacked_gated_lora,
        reference=reference.stacked_gated_lora, values=_stacked_gated_lora_values,
        triton="gated:stacked_gated_lora",
-       backward=_stacked_gated_lora_backward, setup_context=_save_gated)
+       backward=_stacked_gated_lora_backward, setup_context=_save_gated,
+       autocast=("x", "A", "B", "base"))
 define("fused_moe_lora(Tensor x, Tensor A, Tensor B, Tensor rank_offsets, Tensor? weights, "
        "Tensor ids, Tensor? scales, Tensor? base) -> Tensor",
        check=_check_fused_moe_lora, fake=_fake_fused_moe_lora, reference=reference.fused_moe_lora,
        values=_fused_moe_lora_values, triton="sgmv:fused_moe_lora",
-       backward=_fused_moe_lora_backward, setup_context=_save_fused)
+       backward=_fused_moe_lora_backward, setup_context=_save_fused,
+       autocast=("x", "A", "B", "base"))
 define("stacked_gated_lora_backward(Tensor grad_y, Tensor x, Tensor A, Tensor B, Tensor gate, "
        "Tensor rank_offsets, Tensor? scales, bool shared_a) -> "
        "(Tensor grad_x, Tensor grad_A, Tensor grad_B, Tensor grad_gate)",
        check=_check_stacked_gated_lora_backward, fake=_fake_stacked_gated_lora_backward,
        reference=reference.stacked_gated_lora_backward,
        values=_stacked_gated_lora_backward_values, triton="gated:stacked_gated_lora_backward",
-       kind="backward")
+       kind="backward", autocast=("grad_y", "x", "A", "B"))
 
 
 # --- wrappers ------------------------------------------------------------------------------------

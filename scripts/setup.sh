@@ -25,11 +25,11 @@ PY="$VENV/bin/python"
 # transformers / peft / kernels: the integrations (molora_ops.integrations) and their tests, which
 # build tiny models from configs (no hub downloads).
 # build: python_tests/test_install.py builds the sdist (python -m build).
-echo "setup: pip install torch==2.13.0 triton==3.6.0 'numpy<2.4' pytest hypothesis expecttest tqdm matplotlib pytest-benchmark transformers==5.23.0 peft==0.21.2 kernels==0.17.2 ninja 'cmake>=3.26,<4' setuptools wheel build"
+echo "setup: pip install torch==2.13.0 triton==3.6.0 'numpy<2.4' pytest hypothesis expecttest tqdm matplotlib pytest-benchmark transformers==5.23.0 peft==0.21.2 kernels==0.17.2 bitsandbytes==0.50.2 ninja 'cmake>=3.26,<4' setuptools wheel build"
 # (-qq: this machine's pip config names index folders that do not exist; pip warns per package.)
 "$PY" -m pip install -qq --disable-pip-version-check \
   torch==2.13.0 triton==3.6.0 "numpy<2.4" pytest hypothesis expecttest tqdm matplotlib pytest-benchmark \
-  transformers==5.23.0 peft==0.21.2 kernels==0.17.2 ninja \
+  transformers==5.23.0 peft==0.21.2 kernels==0.17.2 bitsandbytes==0.50.2 ninja \
   "cmake>=3.26,<4" \
   "setuptools>=64" wheel build
 

@@ -42,9 +42,8 @@ def _fail(exc, op, msg):
 
 
 # What the rows and columns of the ops' 2-D operands are (for the error message).
-_LAYOUTS = {"x": "[T, d_in]", "logits": "[T, E]", "ids": "[T, k]", "weights": "[T, k]",
-            "gate": "[T, E]", "g": "[T, d_out]", "h": "[P, r]", "values": "[T, k]",
-            "grad_y": "[T, d_out]", "y_perm": "[P, d]", "src": "[T, d]"}
+_LAYOUTS = {"x": "[T, d_in]", "logits": "[T, E]", "ids": "[T, k]", "gate": "[T, E]",
+            "grad_y": "[T, d_out]", "y_perm": "[P, d]"}
 
 
 def dim_message(name: str, shape, n: int) -> str:

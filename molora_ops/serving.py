@@ -38,8 +38,8 @@ methods, DynMoLE, ReMix, LoRA-Mixer, MoLE, CoMoL, merged layers, banks of anothe
 adapters already loaded. Serving is inference: dropout and router jitter are not applied, and
 the adapter weights are copied (frozen) into the stacked banks.
 
-Adding or removing an adapter rebuilds the stacked banks of the modules it touches (the model's
-modules are installed once, by the constructor, and stay).
+Adding or removing an adapter re-stacks the banks and routers (copies of the adapters' tensors;
+no model rebuild): the model's modules are installed once, by the constructor, and stay.
 """
 
 from __future__ import annotations

@@ -165,6 +165,35 @@ def test_source_model_equals_source_directory(adapter_dirs):
     assert (a - b).abs().max() <= TOL
 
 
+def test_one_dispatch_per_module_whatever_the_number_of_adapters(served, monkeypatch):
+    """The pairs of every adapter of the batch go through one dispatch per adapted module: a
+    MultiTenantLinear 1, a MultiTenantFFN 2 (gate+up bank, down bank); the count does not grow
+    with the number of distinct adapters in the batch."""
+    import molora_ops.ops as ops_mod
+    calls = []
+    real = ops_mod.dispatch
+
+    def counting(ids, num_experts, block_size=1):
+        calls.append(num_experts)
+        return real(ids, num_experts, block_size)
+
+    monkeypatch.setattr(ops_mod, "dispatch", counting)
+    ids, mask = batch(8, 5, seed=7)
+    counts = {}
+    for rows in (["mola"] * 8,
+                 ["mixlora_k3", "lora", "mola", "mixlora", "loramoe", "lora_soups",
+                  "hydralora", "lora_r2"]):
+        calls.clear()
+        with torch.no_grad():
+            served(ids, attention_mask=mask, adapter_names=rows)
+        counts[len(set(rows))] = list(calls)
+    n_linear = sum(isinstance(m, MultiTenantLinear) and m.site.bank is not None
+                   for m in served.modules())
+    n_ffn = sum(isinstance(m, MultiTenantFFN) for m in served.modules())
+    assert len(counts[8]) == len(counts[1]) == n_linear + 2 * n_ffn
+    assert counts[8] == counts[1]          # same banks: all adapters' experts, one layout each
+
+
 # --- adding and removing adapters -------------------------------------------------------------
 
 

@@ -153,6 +153,25 @@ def test_adapter_names_none_runs_the_base_model(served):
         assert (got - want).abs().max() <= TOL
 
 
+def test_bf16_model_and_adapters():
+    """A bf16 base with bf16 adapters: each row within bf16 rounding of the request alone."""
+    srcs = {n: randomize(apply_molora(tiny_model().bfloat16(), MoLoRAConfig(**ADAPTERS[n])),
+                         20 + i).eval() for i, n in enumerate(["lora", "mola", "mixlora"])}
+    model = MultiAdapterModel(tiny_model().bfloat16())
+    for n, m in srcs.items():
+        model.add_adapter(n, m)
+    ids, mask = batch(3, 6, seed=8)
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask, adapter_names=list(srcs)).logits
+        assert got.dtype == torch.bfloat16
+        base = tiny_model().bfloat16()(ids, attention_mask=mask).logits.float()
+        for b, m in enumerate(srcs.values()):
+            want = m(ids[b:b + 1], attention_mask=mask[b:b + 1]).logits[0].float()
+            err = (got[b].float() - want).abs().max()
+            assert err <= 2 ** -5 * want.abs().max()
+            assert err <= 0.25 * (want - base[b]).abs().max()     # far below the adapter's effect
+
+
 def test_source_model_equals_source_directory(adapter_dirs):
     """add_adapter takes a converted model as well as a save_molora directory."""
     model = MultiAdapterModel(tiny_model())

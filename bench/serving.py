@@ -110,7 +110,6 @@ def run(adapter_counts: Sequence[int] = (1, 4, 16), batch: int = 16, seq: int = 
         ours_ms = _best_ms(lambda: served(ids, adapter_names=rows), repeats, warmup)
         peft_ms = _best_ms(lambda: peft_model(input_ids=ids, adapter_names=rows), repeats,
                              warmup)
-        del lora, served, peft_model
 
         # MoE-LoRA (MoLA / MixLoRA alternating): mixed batch vs the per-adapter loop
         moe_cfgs = [MoLoRAConfig("mola", num_experts=4, top_k=2, rank=rank, alpha=2.0 * rank),
@@ -130,7 +129,6 @@ def run(adapter_counts: Sequence[int] = (1, 4, 16), batch: int = 16, seq: int = 
 
         moe_ms = _best_ms(lambda: served(ids, adapter_names=rows), repeats, warmup)
         loop_ms = _best_ms(loop, repeats, warmup)
-        del moe, served
         results.append(dict(adapters=n, molora_ms=ours_ms, peft_ms=peft_ms,
                             max_abs_diff_vs_peft=diff, moe_mixed_ms=moe_ms, moe_loop_ms=loop_ms))
     _print(results, batch, seq, hidden, layers, rank)
@@ -139,7 +137,8 @@ def run(adapter_counts: Sequence[int] = (1, 4, 16), batch: int = 16, seq: int = 
 
 def _print(results: List[dict], batch, seq, hidden, layers, rank) -> None:
     print(f"multi-tenant serving, CPU prefill, batch {batch} x {seq} tokens, Llama hidden "
-          f"{hidden}, {layers} layers, rank {rank}, {torch.get_num_threads()} threads; best of the repeats, ms")
+          f"{hidden}, {layers} layers, rank {rank}, {torch.get_num_threads()} threads; best of "
+          f"the repeats, ms")
     head = (f"{'adapters':>8} | {'LoRA: molora':>12} {'PEFT names':>10} {'speedup':>7} "
             f"{'|diff|':>8} | {'MoE: mixed':>10} {'per-adapter loop':>16} {'speedup':>7}")
     print(head)

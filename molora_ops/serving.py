@@ -48,7 +48,7 @@ import contextlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -405,18 +405,17 @@ class MultiTenantFFN(nn.Module):
         T, K, dev = x2.shape[0], self.slots, x2.device
         act = ACTIVATIONS[self.act_name]
 
-        # MixLoRA rows: K routed experts per token (local ids, -1 past the adapter's k)
+        # MixLoRA rows: K routed experts per token (local ids, -1 past the adapter's k); the
+        # other rows: slot 0 with weight 1
+        slot0 = (torch.arange(K, device=dev) == 0).expand(T, K)
+        ffn_w = slot0.to(torch.float64 if dtype == torch.float64 else torch.float32)
+        m_ids = ml = mix_w = None
+        is_mix = torch.zeros(T, dtype=torch.bool, device=dev)
         if self.mix_table is not None:
             m_loc = _where_local(self.mix_slot_map, tokens)
             is_mix = m_loc >= 0
-            m_ids, m_w = self.mix_table.route(x2, m_loc)                          # [T, K]
+            m_ids, mix_w = self.mix_table.route(x2, m_loc)                         # [T, K]
             ml = m_loc.clamp_min(0).unsqueeze(1)
-            mix_w = m_w
-        else:
-            is_mix = torch.zeros(T, dtype=torch.bool, device=dev)
-        slot0 = (torch.arange(K, device=dev) == 0).expand(T, K)
-        ffn_w = slot0.to(torch.float64 if dtype == torch.float64 else torch.float32)
-        if self.mix_table is not None:
             ffn_w = torch.where(is_mix.unsqueeze(1), mix_w, ffn_w)
 
         g0 = _base(mlp.gate_proj, x2)
@@ -429,9 +428,7 @@ class MultiTenantFFN(nn.Module):
             parts = []
             for site, off, shift in ((self.gate_site, "mix_off_g", 0),
                                      (self.up_site, "mix_off_u", n_gate)):
-                parts.append(self._slot_ids(site, x2, tokens, is_mix,
-                                            m_ids if self.mix_table is not None else None,
-                                            ml if self.mix_table is not None else None,
+                parts.append(self._slot_ids(site, x2, tokens, is_mix, m_ids, ml,
                                             getattr(self, off), shift, None, K))
             Wgu = max(p[0].shape[-1] for p in parts)
             ids = torch.stack([_pad3(p[0], Wgu, -1) for p in parts], 2)        # [T, K, 2, W]
@@ -455,11 +452,8 @@ class MultiTenantFFN(nn.Module):
             y = y + (wa.sum(1, keepdim=True) - 1) * mlp.down_proj.bias.to(y.dtype)
         down = self.down_site.bank
         if down is not None:
-            ids, w = self._slot_ids(self.down_site, a[:, 0], tokens, is_mix,
-                                    m_ids if self.mix_table is not None else None,
-                                    ml if self.mix_table is not None else None,
-                                    self.mix_off_d, 0,
-                                    mix_w if self.mix_table is not None else None, K)
+            ids, w = self._slot_ids(self.down_site, a[:, 0], tokens, is_mix, m_ids, ml,
+                                    self.mix_off_d, 0, mix_w, K)
             Wd = ids.shape[-1]
             route = Dispatched(ids.reshape(T * K, Wd), down.num_experts)
             h = ops.sgmv_shrink(a.reshape(T * K, d_ff), down.A, down.rank_offsets, route.order,

@@ -5,7 +5,6 @@ The reference of every row is the request run ALONE through a model built by ``l
 decisive routers, so every expert contributes. Tiny random Llama, CPU, fp32.
 """
 
-import os
 
 import pytest
 import torch

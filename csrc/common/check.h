@@ -38,11 +38,11 @@ inline const char* dim_layout(const char* name) {
 inline void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
   if (t.dim() == dim) return;
   const bool flatten = dim == 2 && t.dim() > 2;
-  MOLORA_CHECK_VALUE(false, op, ": ", name, " must be ", dim, "-D", dim == 2 ? dim_layout(name) : "",
-                     ", got shape ", t.sizes(),
-                     flatten ? std::string("; flatten the leading dims: ") + name + ".reshape(-1, " +
-                                   name + ".shape[-1])"
-                             : std::string());
+  const std::string hint = flatten ? std::string("; flatten the leading dims: ") + name +
+                                         ".reshape(-1, " + name + ".shape[-1])"
+                                   : std::string();
+  MOLORA_CHECK_VALUE(false, op, ": ", name, " must be ", dim, "-D",
+                     dim == 2 ? dim_layout(name) : "", ", got shape ", t.sizes(), hint);
 }
 
 inline void check_size(const char* op, const char* name, const at::Tensor& t, int64_t d,

@@ -171,6 +171,34 @@ def test_bf16_model_and_adapters():
             assert err <= 0.25 * (want - base[b]).abs().max()     # far below the adapter's effect
 
 
+def test_qwen2_attention_biases(tmp_path):
+    """Qwen2 (q/k/v biases): the multi-tenant linears keep the base bias once per row."""
+    def qwen():
+        torch.manual_seed(0)
+        cfg = transformers.Qwen2Config(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            pad_token_id=0, attn_implementation="eager")
+        return transformers.Qwen2ForCausalLM(cfg).float().eval()
+
+    names = ["lora", "mola", "mixlora"]
+    for i, n in enumerate(names):
+        save_molora(randomize(apply_molora(qwen(), MoLoRAConfig(**ADAPTERS[n])), 30 + i),
+                    str(tmp_path / n))
+    model = MultiAdapterModel(qwen())
+    for n in names:
+        model.add_adapter(n, str(tmp_path / n))
+    rows = names + [None]
+    ids, mask = batch(len(rows), 6, seed=9, pad={0: 2})
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask, adapter_names=rows).logits
+        for b, n in enumerate(rows):
+            ref = qwen() if n is None else load_molora(qwen(), str(tmp_path / n)).eval()
+            want = ref(ids[b:b + 1], attention_mask=mask[b:b + 1]).logits[0]
+            keep = mask[b].bool()
+            assert (got[b][keep] - want[keep]).abs().max() <= TOL, n
+
+
 def test_source_model_equals_source_directory(adapter_dirs):
     """add_adapter takes a converted model as well as a save_molora directory."""
     model = MultiAdapterModel(tiny_model())

@@ -41,9 +41,24 @@ def _fail(exc, op, msg):
     raise exc(f"molora.{op}: {msg}")
 
 
+# What the rows and columns of the ops' 2-D operands are (for the error message).
+_LAYOUTS = {"x": "[T, d_in]", "logits": "[T, E]", "ids": "[T, k]", "gate": "[T, E]",
+            "grad_y": "[T, d_out]", "y_perm": "[P, d]"}
+
+
+def dim_message(name: str, shape, n: int) -> str:
+    """``name must be n-D ...``; a 2-D operand given with extra leading dims (a [B, S, d]
+    activation, say) gets the reshape that flattens them (the ops take the tokens as rows)."""
+    layout = f" {_LAYOUTS[name]}" if n == 2 and name in _LAYOUTS else ""
+    msg = f"{name} must be {n}-D{layout}, got shape {tuple(shape)}"
+    if n == 2 and len(shape) > 2:
+        msg += f"; flatten the leading dims: {name}.reshape(-1, {name}.shape[-1])"
+    return msg
+
+
 def dim(op, name, t, n):
     if t.dim() != n:
-        _fail(ValueError, op, f"{name} must be {n}-D, got shape {tuple(t.shape)}")
+        _fail(ValueError, op, dim_message(name, t.shape, n))
 
 
 def size(op, name, t, d, expected):

@@ -22,8 +22,27 @@ namespace molora {
 bool host_value_checks();
 void set_host_value_checks(bool enabled);
 
+// The layout of the ops' 2-D operands, for the error message ("" for the others).
+inline const char* dim_layout(const char* name) {
+  static const char* const layouts[][2] = {
+      {"x", " [T, d_in]"}, {"logits", " [T, E]"}, {"ids", " [T, k]"},
+      {"gate", " [T, E]"},  {"grad_y", " [T, d_out]"}, {"y_perm", " [P, d]"}};
+  for (const auto& entry : layouts) {
+    if (std::string(entry[0]) == name) return entry[1];
+  }
+  return "";
+}
+
+// A 2-D operand given with extra leading dims (a [B, S, d] activation) gets the reshape that
+// flattens them in the message: the ops take the tokens as rows.
 inline void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
-  MOLORA_CHECK_VALUE(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
+  if (t.dim() == dim) return;
+  const bool flatten = dim == 2 && t.dim() > 2;
+  const std::string hint = flatten ? std::string("; flatten the leading dims: ") + name +
+                                         ".reshape(-1, " + name + ".shape[-1])"
+                                   : std::string();
+  MOLORA_CHECK_VALUE(false, op, ": ", name, " must be ", dim, "-D",
+                     dim == 2 ? dim_layout(name) : "", ", got shape ", t.sizes(), hint);
 }
 
 inline void check_size(const char* op, const char* name, const at::Tensor& t, int64_t d,

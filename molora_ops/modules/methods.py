@@ -367,6 +367,7 @@ class MoELoRA(_RoutedLinear):
                 return_routing: bool = False, return_expert_outputs: bool = False):
         if not return_expert_outputs:
             return super().forward(x, routing, return_routing)
+        check_last_dim(self, x, self.in_features)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         xd = self.lora_dropout(x2).to(self.bank.B.dtype)

@@ -7,6 +7,8 @@ A *router* maps the layer input to logits ``[T, E]`` (``Router``: PEFT/MoE-PEFT'
   ``LoRABank.routed`` (grouped dispatch path);
 * dense: ``weights [T, E]`` and ``ids = None``, consumed by ``LoRABank.dense``.
 
+Every policy takes logits with any leading dims (``[B, S, E]`` as well as ``[T, E]``) and returns
+the ``Routing`` of the flattened tokens (SwitchTop1 then counts its capacity per ``S``).
 ``probs`` / ``logits`` ride along for the aux losses (``modules.losses``). Every policy is a small
 ``nn.Module`` whose forward is one router op of ``molora_ops`` (plus, for a few, plain torch).
 """
@@ -117,6 +119,12 @@ class Router(nn.Module):
                         None if self.linear.bias is None else self.linear.bias.to(x.dtype))
 
 
+def _tokens(logits: torch.Tensor) -> torch.Tensor:
+    """logits [..., E] as [T, E]: a policy takes any leading dims (a [B, S, E] router output)
+    and returns the ``Routing`` of the flattened tokens, as the ops need 2-D operands."""
+    return logits if logits.dim() == 2 else logits.reshape(-1, logits.shape[-1])
+
+
 def _softmax(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """softmax(logits / temperature) in opmath (fp32; fp64 stays fp64)."""
     z = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -132,6 +140,7 @@ class TopK(nn.Module):
         self.k, self.renormalize = k, renormalize
 
     def forward(self, logits: torch.Tensor) -> Routing:
+        logits = _tokens(logits)
         w, ids = ops.softmax_topk(logits, self.k, self.renormalize)
         return Routing(w, ids, logits, _softmax(logits))
 
@@ -148,6 +157,7 @@ class TopKSoftmax(nn.Module):
         self.k, self.temperature = k, temperature
 
     def forward(self, logits: torch.Tensor) -> Routing:
+        logits = _tokens(logits)
         w, ids = ops.topk_softmax(logits, self.k, self.temperature)
         return Routing(w, ids, logits, _softmax(logits))
 
@@ -172,6 +182,7 @@ class TopP(nn.Module):
         self.include_crossing = include_crossing
 
     def forward(self, logits: torch.Tensor) -> Routing:
+        logits = _tokens(logits)
         if self.include_crossing:
             p = _softmax(logits)
             sp, ids = torch.sort(p, dim=-1, descending=True, stable=True)
@@ -208,6 +219,7 @@ class SigmoidTopK(nn.Module):
         self.bias.zero_()
 
     def forward(self, logits: torch.Tensor) -> Routing:
+        logits = _tokens(logits)
         w, ids = ops.sigmoid_topk(logits, self.k, self.bias, self.normalize,
                                   self.bias_in_weights, self.scale)
         return Routing(w, ids, logits, torch.sigmoid(logits.float()))
@@ -226,6 +238,7 @@ class DenseSoftmax(nn.Module):
         self.temperature = temperature
 
     def forward(self, logits: torch.Tensor) -> Routing:
+        logits = _tokens(logits)
         p = _softmax(logits, self.temperature)
         return Routing(p, None, logits, p)
 
@@ -251,6 +264,9 @@ class SwitchTop1(nn.Module):
         self.capacity, self.capacity_factor, self.weighted = capacity, capacity_factor, weighted
 
     def forward(self, logits: torch.Tensor, group_size: Optional[int] = None) -> Routing:
+        if logits.dim() > 2:  # [..., S, E]: the sequences are the dim before the experts
+            group_size = logits.shape[-2] if group_size is None else group_size
+            logits = _tokens(logits)
         w, ids = ops.softmax_topk(logits, 1, False)
         if not self.weighted:
             w = torch.ones_like(w)
@@ -284,6 +300,7 @@ class EqualWeightTopK(nn.Module):
 
     def forward(self, logits: torch.Tensor, generator: Optional[torch.Generator] = None
                 ) -> Routing:
+        logits = _tokens(logits)
         z = logits.float() / self.temperature
         if self.training:
             u = torch.rand(z.shape, generator=generator, device=z.device, dtype=z.dtype)
@@ -297,6 +314,7 @@ class EqualWeightTopK(nn.Module):
 
     def log_prob(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """log P(ids in this order) under sampling without replacement: [T]."""
+        logits, ids = _tokens(logits), _tokens(ids)
         z = logits.float() / self.temperature
         logp = z.new_zeros(z.shape[0])
         mask = torch.zeros_like(z, dtype=torch.bool)
@@ -321,7 +339,9 @@ class StaticGate(nn.Module):
         self.alpha.fill_(self.init)
 
     def forward(self, x: torch.Tensor) -> Routing:
-        gate = self.alpha.float().expand(x.shape[0], -1)
+        """x [..., d_in] (only its token count is used) -> a dense gate [T, E]."""
+        T = x.numel() // x.shape[-1] if x.dim() > 1 and x.shape[-1] else x.shape[0]
+        gate = self.alpha.float().expand(T, -1)
         return Routing(gate, None, None, None)
 
 
@@ -336,6 +356,7 @@ class StraightThroughTopK(nn.Module):
         self.k = k
 
     def forward(self, logits: torch.Tensor) -> Routing:
+        logits = _tokens(logits)
         w, ids = ops.softmax_topk(logits, self.k, True)
         p = _softmax(logits)
         p_sel = p.gather(1, ids.long())

@@ -513,7 +513,7 @@ def _bank_tensors(bank: LoRABank) -> Tuple[torch.Tensor, torch.Tensor, List[int]
 
 
 def _router_policy(where: str, m: nn.Module, router, gating, E: int) -> _Policy:
-    if not isinstance(router, Router) or type(router.linear) is not nn.Linear:
+    if not isinstance(router, Router) or not isinstance(router.linear, nn.Linear):
         raise _reject(where, m, f"its router is a {type(router).__name__}, not a Router")
     rw = router.linear.weight.detach()
     rb = None if router.linear.bias is None else router.linear.bias.detach()

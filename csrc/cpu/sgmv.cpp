@@ -34,6 +34,9 @@ namespace {
 // rows of an expert) from this batch size on. NOTE: untuned (the crossover lies between T = 16,
 // where the token-owned kernel wins, and 1024).
 constexpr int64_t kExpandColsMinTokens = 128;
+// Column blocks a thread prepares and writes back together (8 x 16 fp32 = 512 B of a row).
+// NOTE: untuned.
+constexpr int64_t kExpandGroup = 8;
 
 struct GroupedArgs {
   at::Tensor rank_offsets, order, pos, expert_offsets, weights, scales;
@@ -149,16 +152,30 @@ at::Tensor sgmv_expand_cpu(const at::Tensor& h_in, const at::Tensor& B_in,
                                      cpu::ptr_or_null<acc_t>(g.scales), max_rank, i0, i1,
                                      row_token.data(), hs.data());
       });
-      const int64_t n_blocks = (n + kernels::kExpandCols - 1) / kernels::kExpandCols;
+      // A thread takes kExpandGroup neighbouring blocks at once, so the base rows it reads and
+      // the y rows it writes are 512 contiguous bytes, not one line every n columns.
+      constexpr int64_t kCols = kernels::kExpandCols, kGroup = kExpandGroup;
+      const int64_t n_blocks = (n + kCols - 1) / kCols;
+      const int64_t n_groups = (n_blocks + kGroup - 1) / kGroup;
       const scalar_t* base_p = cpu::ptr_or_null<scalar_t>(base_c);
-      at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
-        std::vector<acc_t> acc(T * kernels::kExpandCols);
-        for (int64_t blk = b0; blk < b1; ++blk) {
-          const int64_t n0 = blk * kernels::kExpandCols, nb = std::min(kernels::kExpandCols, n - n0);
-          kernels::block_rows_load(base_p, T, n, n0, nb, acc.data());
-          expand_cols<scalar_t, acc_t>(row_token.data(), hs.data(), Bt, meta, n, max_rank, n0,
-                                       nb, acc.data());
-          kernels::block_rows_store(acc.data(), T, n, n0, nb, y.data_ptr<scalar_t>());
+      scalar_t* yp = y.data_ptr<scalar_t>();
+      at::parallel_for(0, n_groups, 1, [&](int64_t g0, int64_t g1) {
+        std::vector<acc_t> acc(kGroup * T * kCols);
+        for (int64_t grp = g0; grp < g1; ++grp) {
+          const int64_t b0 = grp * kGroup, b1 = std::min(n_blocks, b0 + kGroup);
+          for (int64_t blk = b0; blk < b1; ++blk) {
+            const int64_t n0 = blk * kCols, nb = std::min(kCols, n - n0);
+            kernels::block_rows_load(base_p, T, n, n0, nb, acc.data() + (blk - b0) * T * kCols);
+          }
+          for (int64_t blk = b0; blk < b1; ++blk) {
+            const int64_t n0 = blk * kCols, nb = std::min(kCols, n - n0);
+            expand_cols<scalar_t, acc_t>(row_token.data(), hs.data(), Bt, meta, n, max_rank, n0,
+                                         nb, acc.data() + (blk - b0) * T * kCols);
+          }
+          for (int64_t blk = b0; blk < b1; ++blk) {
+            const int64_t n0 = blk * kCols, nb = std::min(kCols, n - n0);
+            kernels::block_rows_store(acc.data() + (blk - b0) * T * kCols, T, n, n0, nb, yp);
+          }
         }
       });
       return;

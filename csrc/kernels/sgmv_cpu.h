@@ -146,14 +146,17 @@ void expand_rows_prepare(const scalar_t* h, const GroupedMeta& m, const acc_t* w
 }
 
 // A column block's rows in and out: acc[t, :nb] = src[t, n0 : n0 + nb] (0 without src), and
-// back. Same-type rows are one memcpy each (the block is one cache line per row).
+// back. A full block row is one cache line, copied with constant-size moves: a memcpy call per
+// 64-byte row cost as much as the block's FMAs.
 template <typename scalar_t, typename acc_t>
 void block_rows_load(const scalar_t* src, int64_t T, int64_t n, int64_t n0, int64_t nb,
                      acc_t* acc) {
   if (src == nullptr) {
     std::fill(acc, acc + T * nb, acc_t(0));
-  } else if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    for (int64_t t = 0; t < T; ++t) std::memcpy(acc + t * nb, src + t * n + n0, nb * sizeof(acc_t));
+  } else if (nb == kExpandCols) {  // a constant-size row: a few vector moves, no call
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t o = 0; o < kExpandCols; ++o)
+        acc[t * kExpandCols + o] = static_cast<acc_t>(src[t * n + n0 + o]);
   } else {
     for (int64_t t = 0; t < T; ++t)
       for (int64_t o = 0; o < nb; ++o) acc[t * nb + o] = static_cast<acc_t>(src[t * n + n0 + o]);
@@ -163,8 +166,10 @@ void block_rows_load(const scalar_t* src, int64_t T, int64_t n, int64_t n0, int6
 template <typename scalar_t, typename acc_t>
 void block_rows_store(const acc_t* acc, int64_t T, int64_t n, int64_t n0, int64_t nb,
                       scalar_t* dst) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    for (int64_t t = 0; t < T; ++t) std::memcpy(dst + t * n + n0, acc + t * nb, nb * sizeof(acc_t));
+  if (nb == kExpandCols) {
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t o = 0; o < kExpandCols; ++o)
+        dst[t * n + n0 + o] = static_cast<scalar_t>(acc[t * kExpandCols + o]);
   } else {
     for (int64_t t = 0; t < T; ++t)
       for (int64_t o = 0; o < nb; ++o) dst[t * n + n0 + o] = static_cast<scalar_t>(acc[t * nb + o]);

@@ -289,30 +289,30 @@ def fused_moe_lora(
 def moe_lora_linear(x, lora_A, lora_B, rank_offsets, routing_weights, expert_ids, scales=None, *,
                     base=None, weight=None, bias=None, algo="auto", max_rank=None,
                     dispatched=None, x_per_slot=False):
-    """The definition of ``molora_ops.functional.moe_lora_linear`` (same arguments; ``algo``,
-    ``max_rank`` and ``dispatched`` change nothing here): per slot, the stacked gated form of the
-    slot's routing, in opmath, summed over the slots, plus the frozen layer."""
-    del algo, max_rank, dispatched
-    k, d_out = expert_ids.shape[-1], lora_B.shape[0]
+    """The oracle of ``molora_ops.functional.moe_lora_linear`` (same arguments; ``algo`` and
+    ``dispatched`` change nothing here): the reference dispatch -> sgmv_shrink -> sgmv_expand of
+    the flattened tokens, with the frozen layer ``x W^T + bias`` (or ``base``) as the base."""
+    del algo, dispatched
+    from .dispatch import dispatch
+    k, d_in, d_out = expert_ids.shape[-1], x.shape[-1], lora_B.shape[0]
     lead = expert_ids.shape[:-1]
     T = 1
     for n in lead:
         T *= n
     ids = expert_ids.reshape(T, k)
     E = rank_offsets.shape[0] - 1
-    op = opmath_dtype(x.dtype)
-    w = None if routing_weights is None else routing_weights.reshape(T, k).to(op)
-    xs = x.reshape(T, k, x.shape[-1]) if x_per_slot else x.reshape(T, 1, x.shape[-1])
-    y = torch.zeros(T, d_out, dtype=op, device=x.device)
-    for j in range(k):
-        xj = xs[:, j if x_per_slot else 0].to(op)
-        gate = pair_gate(None if w is None else w[:, j:j + 1], ids[:, j:j + 1], E, op)
-        y = y + stacked_gated_lora(xj, lora_A.to(op), lora_B.to(op), gate, rank_offsets,
-                                   None if scales is None else scales.to(op))
+    if max_rank is None:
+        ro = rank_offsets.tolist()
+        max_rank = max(b - a for a, b in zip(ro[:-1], ro[1:]))
+    x2 = x.reshape(T * k if x_per_slot else T, d_in)
+    b2 = None if base is None else base.reshape(T, d_out)
     if weight is not None:
-        y = y + F.linear(xs[:, 0].to(op), weight.to(op), None if bias is None else bias.to(op))
+        b2 = F.linear(x2, weight, bias)
     elif bias is not None:
-        y = y + bias.to(op)
-    if base is not None:
-        y = y + base.reshape(T, d_out).to(op)
-    return y.to(x.dtype).reshape(*lead, d_out)
+        b2 = (bias if b2 is None else b2 + bias).expand(T, d_out)
+    order, pos, eo = dispatch(ids, E, 1)
+    pos_in = pos.reshape(-1, 1) if x_per_slot else pos
+    h = sgmv_shrink(x2, lora_A, rank_offsets, order, pos_in, eo, None, None, max_rank=max_rank)
+    w = None if routing_weights is None else routing_weights.reshape(T, k)
+    y = sgmv_expand(h, lora_B, rank_offsets, order, pos, eo, w, scales, b2)
+    return y.reshape(*lead, d_out)

@@ -34,6 +34,9 @@ namespace {
 // rows of an expert) from this batch size on. NOTE: untuned (the crossover lies between T = 16,
 // where the token-owned kernel wins, and 1024).
 constexpr int64_t kExpandColsMinTokens = 128;
+// Up to this batch size the expand is the dense form on BLAS (expand_rows_dense).
+// NOTE: untuned (T=16, E=8, r=16, n=1376: 177 -> ~60 us; the transposed copy of B dominated).
+constexpr int64_t kExpandDenseMaxTokens = 32;
 // Column blocks a thread prepares and writes back together (8 x 16 fp32 = 512 B of a row).
 // NOTE: untuned.
 constexpr int64_t kExpandGroup = 8;
@@ -134,8 +137,24 @@ at::Tensor sgmv_expand_cpu(const at::Tensor& h_in, const at::Tensor& B_in,
                      " columns, fewer than the largest expert rank ", g.max_rank);
   const int64_t T = g.pos.size(0), n = B_in.size(0), max_rank = h_in.size(1);
   check_base(op, base, T, n, h_in);
-  const at::Tensor h = h_in.contiguous(), Bt = B_in.t().contiguous();
+  const at::Tensor h = h_in.contiguous();
   const at::Tensor base_c = base.has_value() ? base->contiguous() : at::Tensor();
+  if (T <= kExpandDenseMaxTokens) {
+    const auto acc = opmath_dtype(h.scalar_type());
+    const int64_t R = B_in.size(1);
+    at::Tensor hd = at::zeros({T, R}, h.options().dtype(acc));
+    MOLORA_DISPATCH_FLOATING(h.scalar_type(), "molora_sgmv_expand_dense", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      kernels::expand_rows_dense(h.data_ptr<scalar_t>(), g.meta(), g.pos.data_ptr<int32_t>(),
+                                 cpu::ptr_or_null<acc_t>(g.weights),
+                                 cpu::ptr_or_null<acc_t>(g.scales), max_rank, R, 0, T,
+                                 hd.data_ptr<acc_t>());
+    });
+    const at::Tensor Bt_acc = B_in.to(acc).t();
+    at::Tensor y = base_c.defined() ? at::addmm(base_c.to(acc), hd, Bt_acc) : hd.mm(Bt_acc);
+    return y.to(h.scalar_type()).contiguous();
+  }
+  const at::Tensor Bt = B_in.t().contiguous();
   at::Tensor y = at::empty({T, n}, h.options());
   MOLORA_DISPATCH_FLOATING(h.scalar_type(), "molora_sgmv_expand", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -126,6 +126,28 @@ void sgmv_expand_range(const scalar_t* h, const scalar_t* Bt, const GroupedMeta&
   }
 }
 
+// The expand for small batches as the dense form: hd[t, ro_e + a] += c_i * h[i, a] over the
+// slots of tokens [t0, t1) (i = pos[t, j]); y = base + hd B^T is then one BLAS GEMM that reads B
+// in place (T * R * n FMAs, fewer than the R * n transposed copy of B the other kernels need
+// while T is small).
+template <typename scalar_t, typename acc_t>
+void expand_rows_dense(const scalar_t* h, const GroupedMeta& m, const int32_t* pos,
+                       const acc_t* w, const acc_t* scales, int64_t max_rank, int64_t R,
+                       int64_t t0, int64_t t1, acc_t* hd) {
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t j = 0; j < m.top_k; ++j) {
+      const int64_t p = t * m.top_k + j;
+      const int32_t i = pos[p];
+      if (i < 0) continue;
+      const int64_t e = expert_of_row(m.expert_offsets, m.num_experts, i);
+      const int64_t r0 = m.rank_offsets[e], r = m.rank_offsets[e + 1] - r0;
+      const acc_t c = row_coef(w, scales, static_cast<int32_t>(p), e);
+      for (int64_t a = 0; a < r; ++a)
+        hd[t * R + r0 + a] += c * static_cast<acc_t>(h[static_cast<int64_t>(i) * max_rank + a]);
+    }
+  }
+}
+
 // The expand for large batches, step 1 of 2, rows [i0, i1): the token of every dispatched row
 // (-1 on padding) and its coefficient-scaled h row, hs[i, a] = c_i * h[i, a] in opmath, so the
 // column blocks of step 2 neither divide nor multiply per row again (86 blocks at n = 1376).

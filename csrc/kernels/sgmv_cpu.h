@@ -37,6 +37,26 @@ inline acc_t row_coef(const acc_t* w, const acc_t* scales, int32_t p, int64_t e)
   return scales != nullptr ? c * scales[e] : c;
 }
 
+// The row of slot p = t * top_k + j of the token-owned layouts: (false when the slot is empty)
+// its dispatched row i = pos[p], expert e, bank columns [r0, r0 + r) and coefficient c.
+template <typename acc_t>
+struct SlotRow {
+  int64_t i, e, r0, r;
+  acc_t c;
+};
+
+template <typename acc_t>
+inline bool slot_row(const GroupedMeta& m, const int32_t* pos, const acc_t* w,
+                     const acc_t* scales, int64_t p, SlotRow<acc_t>& s) {
+  s.i = pos[p];
+  if (s.i < 0) return false;
+  s.e = expert_of_row(m.expert_offsets, m.num_experts, s.i);
+  s.r0 = m.rank_offsets[s.e];
+  s.r = m.rank_offsets[s.e + 1] - s.r0;
+  s.c = row_coef(w, scales, static_cast<int32_t>(p), s.e);
+  return true;
+}
+
 // h[i, a] = c_i * dot(A[ro_e + a], x[t_i]) for rows [i0, i1); zero beyond r_e and on padding.
 // A is [R, d] row-major (rank-major), x is [T, d]. Up to kRowBlock rows of one expert share each
 // load of A. NOTE: 1.88 -> 0.80 ms against one row at a time (T=1024, k=2, d=512, E=8, r=16, fp32,
@@ -97,13 +117,11 @@ void sgmv_expand_range(const scalar_t* h, const scalar_t* Bt, const GroupedMeta&
   for (int64_t t = t0; t < t1; ++t) {
     for (int64_t o = 0; o < n; ++o) acc[o] = base != nullptr ? static_cast<acc_t>(base[t * n + o]) : acc_t(0);
     for (int64_t j = 0; j < m.top_k; ++j) {
-      const int64_t p = t * m.top_k + j;
-      const int32_t i = pos[p];
-      if (i < 0) continue;
-      const int64_t e = expert_of_row(m.expert_offsets, m.num_experts, i);
-      const int64_t r0 = m.rank_offsets[e], r = m.rank_offsets[e + 1] - r0;
-      const acc_t c = row_coef(w, scales, static_cast<int32_t>(p), e);
-      const scalar_t* hr = h + static_cast<int64_t>(i) * max_rank;
+      SlotRow<acc_t> sr;
+      if (!slot_row(m, pos, w, scales, t * m.top_k + j, sr)) continue;
+      const int64_t r0 = sr.r0, r = sr.r;
+      const acc_t c = sr.c;
+      const scalar_t* hr = h + sr.i * max_rank;
       int64_t a = 0;
       // Four rank columns per pass over acc: a quarter of the acc loads and stores.
       for (; a + 4 <= r; a += 4) {
@@ -136,14 +154,10 @@ void expand_rows_dense(const scalar_t* h, const GroupedMeta& m, const int32_t* p
                        int64_t t0, int64_t t1, acc_t* hd) {
   for (int64_t t = t0; t < t1; ++t) {
     for (int64_t j = 0; j < m.top_k; ++j) {
-      const int64_t p = t * m.top_k + j;
-      const int32_t i = pos[p];
-      if (i < 0) continue;
-      const int64_t e = expert_of_row(m.expert_offsets, m.num_experts, i);
-      const int64_t r0 = m.rank_offsets[e], r = m.rank_offsets[e + 1] - r0;
-      const acc_t c = row_coef(w, scales, static_cast<int32_t>(p), e);
-      for (int64_t a = 0; a < r; ++a)
-        hd[t * R + r0 + a] += c * static_cast<acc_t>(h[static_cast<int64_t>(i) * max_rank + a]);
+      SlotRow<acc_t> sr;
+      if (!slot_row(m, pos, w, scales, t * m.top_k + j, sr)) continue;
+      for (int64_t a = 0; a < sr.r; ++a)
+        hd[t * R + sr.r0 + a] += sr.c * static_cast<acc_t>(h[sr.i * max_rank + a]);
     }
   }
 }

@@ -37,6 +37,9 @@ constexpr int64_t kExpandColsMinTokens = 128;
 // Up to this batch size the expand is the dense form on BLAS (expand_rows_dense).
 // NOTE: untuned (T=16, E=8, r=16, n=1376: 177 -> ~60 us; the transposed copy of B dominated).
 constexpr int64_t kExpandDenseMaxTokens = 32;
+// From this much work (rows x columns) the weight gradient runs per expert on BLAS.
+// NOTE: untuned (the row-blocked kernel reduced T=1024 rows at a third of the BLAS rate).
+constexpr int64_t kWeightGradBlasMinWork = int64_t(1) << 16;
 // Column blocks a thread prepares and writes back together (8 x 16 fp32 = 512 B of a row).
 // NOTE: untuned.
 constexpr int64_t kExpandGroup = 8;
@@ -71,6 +74,28 @@ GroupedArgs check_grouped(const char* op, const at::Tensor& data, int64_t num_to
   return {cpu::as_i32(rank_offsets), cpu::as_i32(order), cpu::as_i32(pos),
           cpu::as_i32(expert_offsets), opmath_or_undefined(weights, acc),
           opmath_or_undefined(scales, acc), E, max_rank};
+}
+
+// Every dispatched row's token (int32 [P], -1 on padding) and coefficient-scaled h row
+// (opmath [P, max_rank]: c_i * h[i], 0 on padding), computed once for the kernels that visit rows
+// many times (the expand's column blocks) or hand them to BLAS (the weight gradient).
+std::pair<at::Tensor, at::Tensor> prepare_rows(const at::Tensor& h, const GroupedArgs& g,
+                                               int64_t max_rank) {
+  const int64_t P = g.order.size(0);
+  const auto acc = opmath_dtype(h.scalar_type());
+  at::Tensor row_token = at::empty({P}, g.order.options());
+  at::Tensor hs = at::zeros({P, max_rank}, h.options().dtype(acc));
+  MOLORA_DISPATCH_FLOATING(h.scalar_type(), "molora_prepare_rows", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto meta = g.meta();
+    at::parallel_for(0, P, cpu::grain_for(max_rank), [&](int64_t i0, int64_t i1) {
+      kernels::expand_rows_prepare(h.data_ptr<scalar_t>(), meta,
+                                   cpu::ptr_or_null<acc_t>(g.weights),
+                                   cpu::ptr_or_null<acc_t>(g.scales), max_rank, i0, i1,
+                                   row_token.data_ptr<int32_t>(), hs.data_ptr<acc_t>());
+    });
+  });
+  return {row_token, hs};
 }
 
 // One column block of the expert-major expand (AVX2 copy for fp32 where the CPU has it).
@@ -162,15 +187,9 @@ at::Tensor sgmv_expand_cpu(const at::Tensor& h_in, const at::Tensor& B_in,
     if (T >= kExpandColsMinTokens) {
       // Rows prepared once (token, scaled h), then column blocks, each owned by one thread:
       // [T, nb] opmath rows of the block.
-      const int64_t P = g.order.size(0);
-      std::vector<int32_t> row_token(P);
-      std::vector<acc_t> hs(P * max_rank);
-      at::parallel_for(0, P, cpu::grain_for(max_rank), [&](int64_t i0, int64_t i1) {
-        kernels::expand_rows_prepare(h.data_ptr<scalar_t>(), meta,
-                                     cpu::ptr_or_null<acc_t>(g.weights),
-                                     cpu::ptr_or_null<acc_t>(g.scales), max_rank, i0, i1,
-                                     row_token.data(), hs.data());
-      });
+      const auto prepared = prepare_rows(h, g, max_rank);
+      const int32_t* row_token = prepared.first.data_ptr<int32_t>();
+      const acc_t* hs = prepared.second.data_ptr<acc_t>();
       // A thread takes kExpandGroup neighbouring blocks at once, so the base rows it reads and
       // the y rows it writes are 512 contiguous bytes, not one line every n columns.
       constexpr int64_t kCols = kernels::kExpandCols, kGroup = kExpandGroup;
@@ -188,8 +207,8 @@ at::Tensor sgmv_expand_cpu(const at::Tensor& h_in, const at::Tensor& B_in,
           }
           for (int64_t blk = b0; blk < b1; ++blk) {
             const int64_t n0 = blk * kCols, nb = std::min(kCols, n - n0);
-            expand_cols<scalar_t, acc_t>(row_token.data(), hs.data(), Bt, meta, n, max_rank, n0,
-                                         nb, acc.data() + (blk - b0) * T * kCols);
+            expand_cols<scalar_t, acc_t>(row_token, hs, Bt, meta, n, max_rank, n0, nb,
+                                         acc.data() + (blk - b0) * T * kCols);
           }
           for (int64_t blk = b0; blk < b1; ++blk) {
             const int64_t n0 = blk * kCols, nb = std::min(kCols, n - n0);
@@ -233,7 +252,26 @@ at::Tensor sgmv_weight_grad_cpu(const at::Tensor& x_in, const at::Tensor& h_in,
                      ": h must have shape (P=", g.order.size(0), ", >= ", g.max_rank, "), got ",
                      h_in.sizes());
   const at::Tensor x = x_in.contiguous(), h = h_in.contiguous();
-  const int64_t d = x.size(1), max_rank = h.size(1);
+  const int64_t d = x.size(1), max_rank = h.size(1), P = g.order.size(0);
+  if (P * d >= kWeightGradBlasMinWork) {
+    // Per expert, G_e = (c h_e)^T X_e on BLAS with X_e the expert's x rows gathered (one
+    // index_select): the long reduction over the expert's rows is what GEMMs are fast at.
+    const auto prepared = prepare_rows(h, g, max_rank);
+    const at::Tensor tokens = prepared.first.clamp_min(0).to(at::kLong);  // padding: hs row is 0
+    const at::Tensor& hs = prepared.second;
+    const at::Tensor xa = x.to(hs.scalar_type());
+    at::Tensor Ga = at::zeros({total_rank, d}, hs.options());
+    const int32_t* eo = g.expert_offsets.data_ptr<int32_t>();
+    const int32_t* ro = g.rank_offsets.data_ptr<int32_t>();
+    for (int64_t e = 0; e < g.num_experts; ++e) {
+      const int64_t r0 = ro[e], r = ro[e + 1] - r0, s0 = eo[e], n_e = eo[e + 1] - eo[e];
+      if (r == 0 || n_e == 0) continue;
+      at::Tensor Ge = Ga.narrow(0, r0, r);
+      at::mm_out(Ge, hs.narrow(0, s0, n_e).narrow(1, 0, r).t(),
+                 xa.index_select(0, tokens.narrow(0, s0, n_e)));
+    }
+    return Ga.to(x.scalar_type());
+  }
   at::Tensor G = at::empty({total_rank, d}, x.options());
   MOLORA_DISPATCH_FLOATING(x.scalar_type(), "molora_sgmv_weight_grad", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -200,20 +200,17 @@ at::Tensor sgmv_expand_cpu(const at::Tensor& h_in, const at::Tensor& B_in,
       at::parallel_for(0, n_groups, 1, [&](int64_t g0, int64_t g1) {
         std::vector<acc_t> acc(kGroup * T * kCols);
         for (int64_t grp = g0; grp < g1; ++grp) {
-          const int64_t b0 = grp * kGroup, b1 = std::min(n_blocks, b0 + kGroup);
-          for (int64_t blk = b0; blk < b1; ++blk) {
-            const int64_t n0 = blk * kCols, nb = std::min(kCols, n - n0);
-            kernels::block_rows_load(base_p, T, n, n0, nb, acc.data() + (blk - b0) * T * kCols);
+          // block b of the group: columns [n0 + 16 b, ...), rows at acc + b * T * 16 (the last
+          // block of the last group may be narrower; it is the group's last block)
+          const int64_t n0 = grp * kGroup * kCols, n1 = std::min(n, n0 + kGroup * kCols);
+          const int64_t nblk = (n1 - n0 + kCols - 1) / kCols;
+          kernels::group_rows_load(base_p, T, n, n0, n1, acc.data());
+          for (int64_t b = 0; b < nblk; ++b) {
+            const int64_t c0 = n0 + b * kCols, nb = std::min(kCols, n1 - c0);
+            expand_cols<scalar_t, acc_t>(row_token, hs, Bt, meta, n, max_rank, c0, nb,
+                                         acc.data() + b * T * kCols);
           }
-          for (int64_t blk = b0; blk < b1; ++blk) {
-            const int64_t n0 = blk * kCols, nb = std::min(kCols, n - n0);
-            expand_cols<scalar_t, acc_t>(row_token, hs, Bt, meta, n, max_rank, n0, nb,
-                                         acc.data() + (blk - b0) * T * kCols);
-          }
-          for (int64_t blk = b0; blk < b1; ++blk) {
-            const int64_t n0 = blk * kCols, nb = std::min(kCols, n - n0);
-            kernels::block_rows_store(acc.data() + (blk - b0) * T * kCols, T, n, n0, nb, yp);
-          }
+          kernels::group_rows_store(acc.data(), T, n, n0, n1, yp);
         }
       });
       return;

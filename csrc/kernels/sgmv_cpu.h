@@ -181,34 +181,39 @@ void expand_rows_prepare(const scalar_t* h, const GroupedMeta& m, const acc_t* w
   }
 }
 
-// A column block's rows in and out: acc[t, :nb] = src[t, n0 : n0 + nb] (0 without src), and
-// back. A full block row is one cache line, copied with constant-size moves: a memcpy call per
-// 64-byte row cost as much as the block's FMAs.
+// A group of column blocks in and out: block b of the group holds acc[b][t, :nb_b] =
+// src[t, n0 + 16 b : ...] (0 without src), and back. Rows outermost: each row's span of the group
+// (up to 512 B) is read or written in one piece; row by row per block, every row was a new page
+// (the row stride is n * 4 bytes) for every one of the group's blocks.
 template <typename scalar_t, typename acc_t>
-void block_rows_load(const scalar_t* src, int64_t T, int64_t n, int64_t n0, int64_t nb,
+void group_rows_load(const scalar_t* src, int64_t T, int64_t n, int64_t n0, int64_t n1,
                      acc_t* acc) {
+  const int64_t nblk = (n1 - n0 + kExpandCols - 1) / kExpandCols;
   if (src == nullptr) {
-    std::fill(acc, acc + T * nb, acc_t(0));
-  } else if (nb == kExpandCols) {  // a constant-size row: a few vector moves, no call
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t o = 0; o < kExpandCols; ++o)
-        acc[t * kExpandCols + o] = static_cast<acc_t>(src[t * n + n0 + o]);
-  } else {
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t o = 0; o < nb; ++o) acc[t * nb + o] = static_cast<acc_t>(src[t * n + n0 + o]);
+    std::fill(acc, acc + nblk * T * kExpandCols, acc_t(0));
+    return;
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    const scalar_t* row = src + t * n;
+    for (int64_t b = 0; b < nblk; ++b) {
+      const int64_t c0 = n0 + b * kExpandCols, nb = std::min(kExpandCols, n1 - c0);
+      acc_t* dst = acc + b * T * kExpandCols + t * nb;
+      for (int64_t o = 0; o < nb; ++o) dst[o] = static_cast<acc_t>(row[c0 + o]);
+    }
   }
 }
 
 template <typename scalar_t, typename acc_t>
-void block_rows_store(const acc_t* acc, int64_t T, int64_t n, int64_t n0, int64_t nb,
+void group_rows_store(const acc_t* acc, int64_t T, int64_t n, int64_t n0, int64_t n1,
                       scalar_t* dst) {
-  if (nb == kExpandCols) {
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t o = 0; o < kExpandCols; ++o)
-        dst[t * n + n0 + o] = static_cast<scalar_t>(acc[t * kExpandCols + o]);
-  } else {
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t o = 0; o < nb; ++o) dst[t * n + n0 + o] = static_cast<scalar_t>(acc[t * nb + o]);
+  const int64_t nblk = (n1 - n0 + kExpandCols - 1) / kExpandCols;
+  for (int64_t t = 0; t < T; ++t) {
+    scalar_t* row = dst + t * n;
+    for (int64_t b = 0; b < nblk; ++b) {
+      const int64_t c0 = n0 + b * kExpandCols, nb = std::min(kExpandCols, n1 - c0);
+      const acc_t* src = acc + b * T * kExpandCols + t * nb;
+      for (int64_t o = 0; o < nb; ++o) row[c0 + o] = static_cast<scalar_t>(src[o]);
+    }
   }
 }
 

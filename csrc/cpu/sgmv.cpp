@@ -40,6 +40,11 @@ constexpr int64_t kExpandDenseMaxTokens = 32;
 // From this much work (rows x columns) the weight gradient runs per expert on BLAS.
 // NOTE: untuned (the row-blocked kernel reduced T=1024 rows at a third of the BLAS rate).
 constexpr int64_t kWeightGradBlasMinWork = int64_t(1) << 16;
+// ... and from this expert rank: the gather copies every routed row of x once, which a rank-8
+// GEMM (M = 8) does not earn back. NOTE: E=64 k=8 r=8 T=1024 d=1024: 7.8 ms per call on BLAS,
+// the row-blocked kernel reads each row twice instead; E=8 r=16: BLAS faster (2-core CPU,
+// 2026-12-03).
+constexpr int64_t kWeightGradBlasMinRank = 16;
 // Column blocks a thread prepares and writes back together (8 x 16 fp32 = 512 B of a row).
 // NOTE: untuned.
 constexpr int64_t kExpandGroup = 8;
@@ -250,7 +255,7 @@ at::Tensor sgmv_weight_grad_cpu(const at::Tensor& x_in, const at::Tensor& h_in,
                      h_in.sizes());
   const at::Tensor x = x_in.contiguous(), h = h_in.contiguous();
   const int64_t d = x.size(1), max_rank = h.size(1), P = g.order.size(0);
-  if (P * d >= kWeightGradBlasMinWork) {
+  if (P * d >= kWeightGradBlasMinWork && g.max_rank >= kWeightGradBlasMinRank) {
     // Per expert, G_e = (c h_e)^T X_e on BLAS with X_e the expert's x rows gathered (one
     // index_select): the long reduction over the expert's rows is what GEMMs are fast at.
     const auto prepared = prepare_rows(h, g, max_rank);

@@ -17,6 +17,7 @@ FLOPs), all with the same forward and backward:
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -32,7 +33,12 @@ _OP = "moe_lora_linear"
 
 
 def _fail(exc, msg):
-    raise exc(f"molora_ops.{_OP}: {msg}")
+    _checks._fail(exc, _OP, msg)
+
+
+def _needs_grad(*tensors) -> bool:
+    """Whether autograd will differentiate a call on these tensors (None entries ignored)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _lead_check(name: str, t: torch.Tensor, lead: Tuple[int, ...], last: Optional[int],
@@ -58,14 +64,21 @@ def pick_algo(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, num_e
     T, d_in = x.reshape(-1, x.shape[-1]).shape
     R, d_out = lora_A.shape[0], lora_B.shape[0]
     if backward is None:
-        backward = torch.is_grad_enabled() and any(
-            t.requires_grad for t in (x, lora_A, lora_B))
+        backward = _needs_grad(x, lora_A, lora_B)
     options = tuple(a for a in allowed if a != "fused" or _fused_serves(x, R))
     return _choose(T, d_in, d_out, num_experts, top_k, R, max_rank, x.element_size(), has_base,
                    str(x.device), x.dtype, bool(backward), options)
 
 
-@torch._dynamo.assume_constant_result
+def _constant_when_traced(fn):
+    """``torch.compiler.assume_constant_result(fn)`` without its import of torch._dynamo (which
+    would add ~1.5 s to ``import molora_ops``): the mark it sets on ``fn`` is this attribute.
+    test_functional.py's fullgraph compile of algo="auto" fails if the mechanism changes."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_when_traced
 def _choose(T, d_in, d_out, E, k, R, max_rank, elem, has_base, device, dtype, backward,
             options) -> str:
     # A compiled graph takes the choice as a constant made at trace time (shapes are static
@@ -143,9 +156,7 @@ def moe_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     if x_per_slot and algo in ("dense", "fused"):
         _fail(ValueError, f"algo={algo!r} reads one x row per token; x_per_slot needs 'grouped'")
 
-    T = 1
-    for n in lead:
-        T *= n
+    T = math.prod(lead)
     x2 = x.reshape(T * (k if x_per_slot else 1), d_in)
     ids2 = expert_ids.reshape(T, k)
     w2 = None if routing_weights is None else routing_weights.reshape(T, k)
@@ -156,9 +167,7 @@ def moe_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     if algo == "auto":
         algo = "grouped" if x_per_slot or dispatched is not None else pick_algo(
             x2, lora_A, lora_B, E, k, max_rank, has_base=base2 is not None,
-            backward=torch.is_grad_enabled() and any(
-                t is not None and t.requires_grad
-                for t in (x, lora_A, lora_B, routing_weights, base, weight, bias)))
+            backward=_needs_grad(x, lora_A, lora_B, routing_weights, base, weight, bias))
 
     if algo == "grouped":
         order, pos, eo = dispatched if dispatched is not None else ops.dispatch(ids2, E, 1)

@@ -259,8 +259,9 @@ def _sync(device: torch.device) -> None:
 
 
 def measure_ceilings(device, n_copy: int = 1 << 23, n_mm: int = 512) -> Ceilings:
-    """Bandwidth from a copy of ``n_copy`` fp32 elements, FLOP/s from an ``n_mm``-cube fp32 and
-    bf16 matmul (best of 5 after a warm-up). Host synchronising: call it outside hot paths."""
+    """Bandwidth from a copy of ``n_copy`` fp32 elements, FLOP/s from an ``n_mm``-cube fp32 matmul
+    (and bf16 on a GPU), best of 5 after a warm-up. Host synchronising: call it outside hot
+    paths."""
     device = torch.device(device)
     src = torch.empty(n_copy, device=device).uniform_()
     dst = torch.empty_like(src)
@@ -277,10 +278,15 @@ def measure_ceilings(device, n_copy: int = 1 << 23, n_mm: int = 512) -> Ceilings
         return min(times)
 
     bw = 2 * src.numel() * 4 / best(lambda: dst.copy_(src))
-    flops = {}
-    for dt in (torch.float32, torch.bfloat16):
-        a = torch.randn(n_mm, n_mm, device=device).to(dt)
-        flops[dt] = 2 * n_mm ** 3 / best(lambda: a @ a)
+    a = torch.randn(n_mm, n_mm, device=device)
+    flops = {torch.float32: 2 * n_mm ** 3 / best(lambda: a @ a)}
+    if device.type == "cuda":
+        b = a.to(torch.bfloat16)
+        flops[torch.bfloat16] = 2 * n_mm ** 3 / best(lambda: b @ b)
+    else:
+        # The CPU kernels compute bf16 / fp16 in fp32 (opmath); a bf16 CPU matmul would take
+        # seconds to time and model nothing they run.
+        flops[torch.bfloat16] = flops[torch.float32]
     flops[torch.float16] = flops[torch.bfloat16]
     flops[torch.float64] = flops[torch.float32] / 2
     # NOTE: untuned: the per-op cost on a CPU is the wrapper's few microseconds (bench.overhead).

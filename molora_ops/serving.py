@@ -126,14 +126,14 @@ class _RouterTable(nn.Module):
                 fixed[i, :p.width] = p.fixed.float()
         routed = [i for i, p in enumerate(policies) if p.router_w is not None]
         slot = [-1] * N
-        rw = torch.zeros(max(len(routed), 1) * E, in_features)
-        rb = torch.zeros(max(len(routed), 1) * E)
+        rw = torch.zeros(max(len(routed), 1) * E, in_features, device=device)
+        rb = torch.zeros(max(len(routed), 1) * E, device=device)
         for j, i in enumerate(routed):
             p = policies[i]
             slot[i] = j
-            rw[j * E:j * E + p.num_experts] = p.router_w.float().cpu()
+            rw[j * E:j * E + p.num_experts] = p.router_w.float()
             if p.router_b is not None:
-                rb[j * E:j * E + p.num_experts] = p.router_b.float().cpu()
+                rb[j * E:j * E + p.num_experts] = p.router_b.float()
         kinds = [p.kind for p in policies]
         self.kinds_present = frozenset(kinds)
         self.has_router = bool(routed)

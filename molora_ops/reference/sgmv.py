@@ -10,6 +10,7 @@ Accumulation in opmath; data outputs in the data dtype.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -296,9 +297,7 @@ def moe_lora_linear(x, lora_A, lora_B, rank_offsets, routing_weights, expert_ids
     from .dispatch import dispatch
     k, d_in, d_out = expert_ids.shape[-1], x.shape[-1], lora_B.shape[0]
     lead = expert_ids.shape[:-1]
-    T = 1
-    for n in lead:
-        T *= n
+    T = math.prod(lead)
     ids = expert_ids.reshape(T, k)
     E = rank_offsets.shape[0] - 1
     if max_rank is None:

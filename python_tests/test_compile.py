@@ -111,6 +111,12 @@ def _case(name, T, dtype=torch.float32):
         base = rg(torch.randn(T, d).to(dtype))
         return (lambda x_, A_, B_, g_, r_, s_, b_: molora_ops.stacked_gated_lora(x_, A_, B_, g_, r_, s_, b_, False)), \
             [x, A, B, gate, ro, s, base]
+    if name == "fused_moe_lora":
+        A = rg(torch.randn(R, d).to(dtype))
+        B = rg(torch.randn(d, R).to(dtype))
+        base = rg(torch.randn(T, d).to(dtype))
+        return (lambda x_, A_, B_, r_, w_, i_, s_, b_: molora_ops.fused_moe_lora(
+            x_, A_, B_, r_, w_, i_, s_, b_)), [x, A, B, ro, w, ids, s, base]
     if name == "stacked_gated_lora_shared":
         ro_s = uniform_rank_offsets(E, 3)
         A = rg(torch.randn(3, d).to(dtype))
@@ -138,7 +144,8 @@ def _case(name, T, dtype=torch.float32):
 
 
 COMPILE_OPS = ["softmax_topk", "topk_softmax", "sigmoid_topk", "softmax_topp", "gather_rows", "combine_rows",
-               "sgmv_shrink", "sgmv_expand", "stacked_gated_lora", "stacked_gated_lora_shared", "rank_topk",
+               "sgmv_shrink", "sgmv_expand", "stacked_gated_lora", "stacked_gated_lora_shared",
+               "fused_moe_lora", "rank_topk",
                "rank_sparse_shrink", "rank_sparse_expand", "dispatch", "id_histogram"]
 
 

@@ -137,6 +137,18 @@ def test_gradcheck_stacked_gated_lora(variant):
            (leaf(T, d_in), A, leaf(d_out, R), leaf(T, E), leaf(T, d_out)))
 
 
+@pytest.mark.parametrize("kind", ["drop", "one"])
+@pytest.mark.parametrize("with_scales", [True, False])
+def test_gradcheck_fused_moe_lora(kind, with_scales):
+    T, E, k, d_in, d_out = 5, 4, 2, 5, 4
+    ids = make_ids(kind, T, E, k)
+    ro = rank_offsets_from_ranks([2, 0, 3, 1])
+    R = int(ro[-1])
+    s = torch.rand(E, dtype=F64) + 0.5 if with_scales else None
+    gc(lambda x, A, B, w, base: molora_ops.fused_moe_lora(x, A, B, ro, w, ids, s, base),
+       (leaf(T, d_in), leaf(R, d_in), leaf(d_out, R), leaf(T, k), leaf(T, d_out)))
+
+
 # ------------------------------------------------------------------ masked
 
 @pytest.mark.parametrize("variant", ["plain", "bias-abs", "scores"])

@@ -347,7 +347,8 @@ def test_triton_expand_has_no_row_buffer(monkeypatch):
     assert all(s[:1] != (T * k,) for s in shapes), shapes
 
 
-# --- the CPU expand's three paths (dense <= 32 tokens, token-owned, column blocks >= 128) ---------
+# --- the CPU expand's paths (dense <= 32 tokens; then token tiles on AVX2 fp32, else token-owned
+# below 128 tokens and column blocks from 128) and the weight gradient's ---------------------------
 
 
 @pytest.mark.parametrize("T", [1, 32, 33, 127, 128, 301])
@@ -375,3 +376,30 @@ def test_cpu_expand_paths(T, k, dtype):
         assert y.dtype == dtype
         scale = max(1.0, want.abs().max().item())
         assert (y.double() - want).abs().max().item() <= tol * scale
+
+
+@pytest.mark.parametrize("T", [1, 40, 301])
+@pytest.mark.parametrize("d", [16, 150])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cpu_weight_grad_paths(T, d, dtype):
+    """The C++ sgmv_weight_grad (fp32: the register-tiled kernel on AVX2; the row-blocked and BLAS
+    paths otherwise) against the reference: ragged ranks with a rank-0 expert, one of 70 (several
+    6-row blocks and a partial one) and a rank above 16 (BLAS), d = 150 (a narrow last column
+    chunk) and 16 (one chunk), dropped slots and repeated ids, with and without weights / scales."""
+    g = torch.Generator().manual_seed(T * 7 + d)
+    ranks = [3, 0, 70, 2, 17]
+    E, R, k = len(ranks), sum(ranks), 3
+    ro = torch.tensor([0] + ranks).cumsum(0).to(torch.int32)
+    ids = torch.randint(-1, E, (T, k), generator=g)
+    order, pos, eo = molora_ops.dispatch(ids, E, 1)
+    x = torch.randn(T, d, generator=g, dtype=torch.float64).to(dtype)
+    h = torch.randn(order.numel(), 70, generator=g, dtype=torch.float64).to(dtype)
+    w, s = torch.rand(T, k, generator=g), torch.rand(E, generator=g) + 0.5
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for args in ((w, s), (None, None)):
+        G = molora_ops.sgmv_weight_grad(x, h, ro, order, pos, eo, *args, total_rank=R)
+        want = ref.sgmv_weight_grad(x.double(), h.double(), ro, order, pos, eo,
+                                    *[a if a is None else a.double() for a in args], R)
+        assert G.dtype == dtype and G.shape == (R, d)
+        scale = max(1.0, want.abs().max().item())
+        assert (G.double() - want).abs().max().item() <= tol * scale

@@ -1,4 +1,5 @@
 // CPU launchers of the grouped low-rank matmuls (sgmv_*) and the dense stacked gated form.
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -115,6 +116,51 @@ void expand_cols(const int32_t* row_token, const acc_t* hs, const at::Tensor& Bt
                             acc);
 }
 
+#ifdef MOLORA_HAVE_AVX2_KERNELS
+// Tokens per tile of the fp32 register-tiled expand: about 32 slots per expert, so the 6-row
+// micro-tiles are mostly full. NOTE: untuned beyond T=1024 at (E=8, k=2) -> 128 and
+// (E=64, k=8) -> 256, both best of {32, 64, 128, 256} there.
+int64_t expand_tile_tokens(int64_t T, int64_t E, int64_t k) {
+  const int64_t want = std::clamp<int64_t>(32 * E / std::max<int64_t>(k, 1), 16, 512);
+  // at least one tile per thread
+  const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
+  return std::max<int64_t>(1, std::min(want, (T + threads - 1) / threads));
+}
+
+// y = base + the expand, fp32 on AVX2: slots prepared in token order (expert, scaled h), then
+// token tiles, each owned by one thread (csrc/kernels/sgmv_avx2_cpu.h).
+void expand_token_tiles(const at::Tensor& h, const at::Tensor& Bt, const GroupedArgs& g,
+                        const at::Tensor& base, at::Tensor& y) {
+  const auto meta = g.meta();
+  const int64_t T = g.pos.size(0), k = meta.top_k, E = g.num_experts, n = Bt.size(1);
+  const int64_t max_rank = h.size(1);
+  at::Tensor slot_expert = at::empty({T * k}, g.order.options());
+  at::Tensor hs = at::empty({T * k, max_rank}, h.options());
+  at::parallel_for(0, T * k, cpu::grain_for(max_rank), [&](int64_t p0, int64_t p1) {
+    kernels::expand_slots_prepare(h.data_ptr<float>(), meta, g.pos.data_ptr<int32_t>(),
+                                  cpu::ptr_or_null<float>(g.weights),
+                                  cpu::ptr_or_null<float>(g.scales), max_rank, p0, p1,
+                                  slot_expert.data_ptr<int32_t>(), hs.data_ptr<float>());
+  });
+  const int64_t tile = expand_tile_tokens(T, E, k), n_tiles = (T + tile - 1) / tile;
+  // Columns per panel: the tile's outputs of a panel stay in L2 (128 KiB). NOTE: untuned.
+  constexpr int64_t kCols = kernels::kExpandCols;
+  const int64_t panel = std::max<int64_t>(kCols, (int64_t(32768) / tile) / kCols * kCols);
+  const float* base_p = cpu::ptr_or_null<float>(base);
+  at::parallel_for(0, n_tiles, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<int32_t> slots(tile * k), bucket(E + 1);
+    std::vector<float> acc(tile * std::min(panel, (n + kCols - 1) / kCols * kCols));
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t0 = i * tile, t1 = std::min(T, t0 + tile);
+      cpu::avx2::expand_token_tile(hs.data_ptr<float>(), slot_expert.data_ptr<int32_t>(),
+                                   g.rank_offsets.data_ptr<int32_t>(), E, k, max_rank,
+                                   Bt.data_ptr<float>(), n, panel, base_p, t0, t1, slots.data(),
+                                   bucket.data(), acc.data(), y.data_ptr<float>());
+    }
+  });
+}
+#endif
+
 }  // namespace
 
 at::Tensor sgmv_shrink_cpu(const at::Tensor& x_in, const at::Tensor& A_in,
@@ -186,6 +232,12 @@ at::Tensor sgmv_expand_cpu(const at::Tensor& h_in, const at::Tensor& B_in,
   }
   const at::Tensor Bt = B_in.t().contiguous();
   at::Tensor y = at::empty({T, n}, h.options());
+#ifdef MOLORA_HAVE_AVX2_KERNELS
+  if (h.scalar_type() == at::kFloat && cpu::avx2::available()) {
+    expand_token_tiles(h, Bt, g, base_c, y);
+    return y;
+  }
+#endif
   MOLORA_DISPATCH_FLOATING(h.scalar_type(), "molora_sgmv_expand", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto meta = g.meta();
@@ -255,6 +307,23 @@ at::Tensor sgmv_weight_grad_cpu(const at::Tensor& x_in, const at::Tensor& h_in,
                      h_in.sizes());
   const at::Tensor x = x_in.contiguous(), h = h_in.contiguous();
   const int64_t d = x.size(1), max_rank = h.size(1), P = g.order.size(0);
+#ifdef MOLORA_HAVE_AVX2_KERNELS
+  if (x.scalar_type() == at::kFloat && cpu::avx2::available()) {
+    // Register-tiled per expert, x rows read in place (no gather, unlike the BLAS path below).
+    // NOTE: E=8 k=2 r=16 T=1024: d=1376 1.74 -> see bench; 2-core x86 CPU machine, 2026-12-04.
+    const auto prepared = prepare_rows(h, g, max_rank);
+    at::Tensor G = at::empty({total_rank, d}, x.options());
+    const int64_t chunks = (d + kernels::kExpandCols - 1) / kernels::kExpandCols;
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      cpu::avx2::weight_grad_chunks(x.data_ptr<float>(), prepared.second.data_ptr<float>(),
+                                    prepared.first.data_ptr<int32_t>(),
+                                    g.expert_offsets.data_ptr<int32_t>(),
+                                    g.rank_offsets.data_ptr<int32_t>(), g.num_experts, max_rank,
+                                    d, c0, c1, G.data_ptr<float>());
+    });
+    return G;
+  }
+#endif
   if (P * d >= kWeightGradBlasMinWork && g.max_rank >= kWeightGradBlasMinRank) {
     // Per expert, G_e = (c h_e)^T X_e on BLAS with X_e the expert's x rows gathered (one
     // index_select): the long reduction over the expert's rows is what GEMMs are fast at.

@@ -4,12 +4,17 @@
 // molora::kernels::isa_avx2 (csrc/kernels/isa.h).
 #include "sgmv_isa.h"
 
+#include "../kernels/sgmv_avx2_cpu.h"
+
 namespace molora::cpu::avx2 {
+
+// The launchers (csrc/cpu/sgmv.cpp) size the expand tile's acc rows with kExpandCols.
+static_assert(kernels::avx2::kTileCols == kernels::kExpandCols);
 
 void sgmv_shrink_range(const float* x, const float* A, const kernels::GroupedMeta& m,
                        const float* w, const float* scales, int64_t d, int64_t max_rank,
                        int64_t i0, int64_t i1, float* h) {
-  kernels::sgmv_shrink_range<float, float>(x, A, m, w, scales, d, max_rank, i0, i1, h);
+  kernels::avx2::shrink_rows(x, A, m, w, scales, d, max_rank, i0, i1, h);
 }
 
 void sgmv_expand_range(const float* h, const float* Bt, const kernels::GroupedMeta& m,
@@ -29,6 +34,21 @@ void sgmv_weight_grad_range(const float* x, const float* h, const kernels::Group
                             const float* w, const float* scales, int64_t d, int64_t max_rank,
                             int64_t g0, int64_t g1, float* acc, float* G) {
   kernels::sgmv_weight_grad_range<float, float>(x, h, m, w, scales, d, max_rank, g0, g1, acc, G);
+}
+
+void expand_token_tile(const float* hs, const int32_t* slot_expert, const int32_t* rank_offsets,
+                       int64_t E, int64_t k, int64_t max_rank, const float* Bt, int64_t n,
+                       int64_t panel, const float* base, int64_t t0, int64_t t1, int32_t* slots,
+                       int32_t* bucket, float* acc, float* y) {
+  kernels::avx2::expand_token_tile(hs, slot_expert, rank_offsets, E, k, max_rank, Bt, n, panel, base, t0,
+                                   t1, slots, bucket, acc, y);
+}
+
+void weight_grad_chunks(const float* X, const float* hs, const int32_t* row_token,
+                        const int32_t* expert_offsets, const int32_t* rank_offsets, int64_t E,
+                        int64_t max_rank, int64_t n, int64_t c_begin, int64_t c_end, float* G) {
+  kernels::avx2::weight_grad_chunks(X, hs, row_token, expert_offsets, rank_offsets, E, max_rank,
+                                    n, c_begin, c_end, G);
 }
 
 }  // namespace molora::cpu::avx2

@@ -22,6 +22,15 @@ void sgmv_expand_range(const float* h, const float* Bt, const kernels::GroupedMe
 void sgmv_expand_cols(const int32_t* row_token, const float* hs, const float* Bt,
                       const kernels::GroupedMeta& m, int64_t n, int64_t max_rank, int64_t n0,
                       int64_t nb, float* acc);
+// The register-tiled kernels (csrc/kernels/sgmv_avx2_cpu.h): one token tile of the expand, and
+// the weight gradient over a range of 16-column chunks.
+void expand_token_tile(const float* hs, const int32_t* slot_expert, const int32_t* rank_offsets,
+                       int64_t E, int64_t k, int64_t max_rank, const float* Bt, int64_t n,
+                       int64_t panel, const float* base, int64_t t0, int64_t t1, int32_t* slots,
+                       int32_t* bucket, float* acc, float* y);
+void weight_grad_chunks(const float* X, const float* hs, const int32_t* row_token,
+                        const int32_t* expert_offsets, const int32_t* rank_offsets, int64_t E,
+                        int64_t max_rank, int64_t n, int64_t c_begin, int64_t c_end, float* G);
 void sgmv_weight_grad_range(const float* x, const float* h, const kernels::GroupedMeta& m,
                             const float* w, const float* scales, int64_t d, int64_t max_rank,
                             int64_t g0, int64_t g1, float* acc, float* G);

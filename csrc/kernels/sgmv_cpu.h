@@ -162,6 +162,27 @@ void expand_rows_dense(const scalar_t* h, const GroupedMeta& m, const int32_t* p
   }
 }
 
+// The token-tiled expand's inputs for slots [p0, p1) (p = t * top_k + j): the expert of each slot
+// (-1 when empty) and its coefficient-scaled h row in slot order, hs[p, a] = c_p * h[pos[p], a]
+// (0 beyond r_e and on empty slots), so the tiles read neither pos nor the routing weights.
+template <typename scalar_t, typename acc_t>
+void expand_slots_prepare(const scalar_t* h, const GroupedMeta& m, const int32_t* pos,
+                          const acc_t* w, const acc_t* scales, int64_t max_rank, int64_t p0,
+                          int64_t p1, int32_t* slot_expert, acc_t* hs) {
+  for (int64_t p = p0; p < p1; ++p) {
+    acc_t* out = hs + p * max_rank;
+    SlotRow<acc_t> sr;
+    if (!slot_row(m, pos, w, scales, p, sr)) {
+      slot_expert[p] = -1;
+      for (int64_t a = 0; a < max_rank; ++a) out[a] = acc_t(0);
+      continue;
+    }
+    slot_expert[p] = static_cast<int32_t>(sr.e);
+    for (int64_t a = 0; a < max_rank; ++a)
+      out[a] = a < sr.r ? sr.c * static_cast<acc_t>(h[sr.i * max_rank + a]) : acc_t(0);
+  }
+}
+
 // The expand for large batches, step 1 of 2, rows [i0, i1): the token of every dispatched row
 // (-1 on padding) and its coefficient-scaled h row, hs[i, a] = c_i * h[i, a] in opmath, so the
 // column blocks of step 2 neither divide nor multiply per row again (86 blocks at n = 1376).

@@ -232,9 +232,13 @@ def _lazy_gpu_entry(opdef: OpDef) -> Callable:
     return entry
 
 
-def native(name: str):
-    """The OpOverload ``torch.ops.molora.<name>.default``."""
-    return OPS[name].op
+@functools.lru_cache(maxsize=None)
+def native(name: str) -> Callable:
+    """Op ``name`` as the backward formulas call it: through ``call``, so inside a backward
+    without ``create_graph`` (grad mode off) the call skips the op's own autograd kernel, a Python
+    function that would only find there is nothing to record. NOTE: rank_topk's backward at
+    T=256: 139 -> see bench (the rank_scatter kernel itself is 9 us)."""
+    return functools.partial(call, name)
 
 
 _any_requires_grad = torch._C._any_requires_grad

@@ -57,6 +57,7 @@ class Dims(Shape):
 
     elem: int = 4
     active: Optional[int] = None  # active experts (rank ops: distinct columns); None = all
+    weighted: bool = True  # gather / combine: routing weights read (False: gather_rows(..., None))
 
     @property
     def E_act(self) -> int:
@@ -120,7 +121,8 @@ def gather_rows(d: Dims) -> Dict[str, Cost]:
     bwd: dx[t] = sum_j w gx_perm[pos[t,j]] and dw[p] = dot(x[t], gx_perm[i]): 4 FLOPs per element;
     reads gx_perm, P rows of x, pos, weights; writes dx, dw."""
     P, T, n, b = d.P, d.T, d.d_in, d.elem
-    fwd = Cost(P * n, P * n * b + P * IDX + P * WGT + P * n * b)
+    w = P * WGT if d.weighted else 0
+    fwd = Cost(P * n if d.weighted else 0, P * n * b + P * IDX + w + P * n * b)
     bwd = Cost(4 * P * n, P * n * b + P * n * b + T * d.k * IDX + P * WGT + T * n * b + P * WGT)
     return {"fwd": fwd, "bwd": bwd}
 
@@ -132,7 +134,8 @@ def combine_rows(d: Dims) -> Dict[str, Cost]:
     bwd: dy_perm[i] = w gy[t] (1 FLOP) and dw = dot(gy[t], y_perm[i]) (2 FLOPs); reads P rows of gy,
     y_perm, order, weights; writes dy_perm, dw."""
     P, T, n, b = d.P, d.T, d.d_out, d.elem
-    fwd = Cost(2 * P * n, P * n * b + T * d.k * IDX + P * WGT + T * n * b)
+    w = P * WGT if d.weighted else 0
+    fwd = Cost(2 * P * n, P * n * b + T * d.k * IDX + w + T * n * b)
     bwd = Cost(3 * P * n, P * n * b + P * n * b + P * IDX + P * WGT + P * n * b + P * WGT)
     return {"fwd": fwd, "bwd": bwd}
 

@@ -30,9 +30,10 @@ must be off for timings: the run records it in meta.poison_outputs and warns whe
 
 Timing: bench/timing.py (CUDA events around every call after warm-up, input sets rotated so their
 bytes exceed 2x L2; torch.utils.benchmark on CPU); the median is reported. Achieved GB/s comes
-from a byte model of the compulsory traffic (the *_bytes functions below: every input read once,
-every output written once), the same for every implementation of a bench, so GB/s compares like
-with like and against the measured copy ceiling. Writes DIR/router_dispatch.json (and with
+from the benchmark's one byte model of compulsory traffic (bench/models.py, as the main bench and
+molora_ops.plan count it: every input read once, a tensor read through the dispatch layout once
+per routed pair, every output written once), the same for every implementation of a bench, so
+GB/s compares like with like and against the measured copy ceiling. Writes DIR/router_dispatch.json (and with
 --plot DIR/router_dispatch.png), prints a one-line `summary:` and a short table last.
 """
 
@@ -45,36 +46,39 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from . import report, timing
+from . import models, report, timing
 
 BENCHES = ("router", "dispatch", "gather", "combine")
 
 
-# --- byte models (compulsory traffic: inputs read once, outputs written once) ------------------
+# --- bytes: the benchmark's one byte model (bench/models.py), forward costs -----------------------
+
+
+def _fwd_bytes(op: str, T: int, E: int, k: int, d: int = 0, elem_bytes: int = 2,
+               weighted: bool = True) -> int:
+    return models.cost(op, models.Dims(T, d, d, E, k, 0, elem=elem_bytes, weighted=weighted),
+                       "fwd").bytes
 
 
 def router_bytes(T: int, E: int, k: int, logit_bytes: int = 2) -> int:
-    """logits [T, E] read; weights [T, k] fp32 + ids [T, k] int32 written."""
-    return T * E * logit_bytes + T * k * (4 + 4)
+    """softmax_topk: logits [T, E] read; weights [T, k] fp32 + ids [T, k] int32 written."""
+    return _fwd_bytes("softmax_topk", T, E, k, elem_bytes=logit_bytes)
 
 
 def dispatch_bytes(T: int, k: int, E: int) -> int:
-    """ids [T, k] int32 read; order [T*k] + pos [T, k] + expert_offsets [E+1] int32 written
-    (no padding: block_size = 1)."""
-    return T * k * 4 + T * k * 4 * 2 + (E + 1) * 4
+    """dispatch: ids [T, k] read; order [P] + pos [T, k] + expert_offsets [E+1] written."""
+    return _fwd_bytes("dispatch", T, E, k)
 
 
-def gather_bytes(T: int, k: int, d: int, elem_bytes: int = 2) -> int:
-    """x [T, d] read once (a token's k copies come from L2 in the ideal), order [P] + pos [T, k]
-    int32 read, x_perm [P, d] written; P = T * k."""
-    P = T * k
-    return T * d * elem_bytes + P * 4 * 2 + P * d * elem_bytes
+def gather_bytes(T: int, k: int, d: int, elem_bytes: int = 2, weighted: bool = False) -> int:
+    """gather_rows: P = T*k rows of x read through order, order read, x_perm [P, d] written
+    (+ weights when weighted; the bench gathers unweighted)."""
+    return _fwd_bytes("gather_rows", T, 0, k, d, elem_bytes, weighted)
 
 
 def combine_bytes(T: int, k: int, d: int, elem_bytes: int = 2, weighted: bool = True) -> int:
-    """y_perm [P, d] read, pos [T, k] int32 (+ weights [T, k] fp32) read, y [T, d] written."""
-    P = T * k
-    return P * d * elem_bytes + P * 4 + (P * 4 if weighted else 0) + T * d * elem_bytes
+    """combine_rows: y_perm [P, d] + pos [T, k] (+ weights [T, k] fp32) read, y [T, d] written."""
+    return _fwd_bytes("combine_rows", T, 0, k, d, elem_bytes, weighted)
 
 
 def gb_per_s(nbytes: int, seconds: float) -> float:

@@ -13,17 +13,24 @@ from bench import router_dispatch_gpu as rd  # noqa: E402
 from molora_ops import reference as ref  # noqa: E402
 
 
-def test_byte_models():
+def test_byte_models_are_the_bench_models():
+    """The script's bytes are bench/models.py's forward costs (one byte model), with the
+    conventions stated there: the gather reads P rows of x through order."""
+    from bench import models
     T, E, k, d = 16384, 64, 8, 4096
     P = T * k
     assert rd.router_bytes(T, E, k) == T * E * 2 + T * k * 8
     assert rd.router_bytes(T, E, k, logit_bytes=4) == T * E * 4 + T * k * 8
+    assert rd.router_bytes(T, E, k) == models.cost(
+        "softmax_topk", models.Dims(T, 0, 0, E, k, 0, elem=2), "fwd").bytes
     assert rd.dispatch_bytes(T, k, E) == P * 4 + 2 * P * 4 + (E + 1) * 4
-    assert rd.gather_bytes(T, k, d) == T * d * 2 + 2 * P * 4 + P * d * 2
+    assert rd.gather_bytes(T, k, d) == P * d * 2 + P * 4 + P * d * 2
+    assert rd.gather_bytes(T, k, d, weighted=True) == rd.gather_bytes(T, k, d) + P * 4
     assert rd.combine_bytes(T, k, d) == P * d * 2 + 2 * P * 4 + T * d * 2
     assert rd.combine_bytes(T, k, d, weighted=False) == P * d * 2 + P * 4 + T * d * 2
-    # gather/combine at d = 4096 are dominated by the P rows: ~ (k + 1) * T * d * 2 bytes
-    assert abs(rd.gather_bytes(T, k, d) / ((k + 1) * T * d * 2) - 1) < 1e-3
+    # gather/combine at d = 4096 are dominated by the rows: ~ 2k * T * d * 2 and (k + 1) * T * d * 2
+    assert abs(rd.gather_bytes(T, k, d) / (2 * k * T * d * 2) - 1) < 1e-3
+    assert abs(rd.combine_bytes(T, k, d) / ((k + 1) * T * d * 2) - 1) < 1e-3
     assert rd.gb_per_s(2_000_000_000, 1.0) == 2.0
 
 

@@ -354,28 +354,39 @@ def test_triton_expand_has_no_row_buffer(monkeypatch):
 @pytest.mark.parametrize("T", [1, 32, 33, 127, 128, 301])
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_cpu_expand_paths(T, k, dtype):
+@pytest.mark.parametrize("n", [150, 600])
+def test_cpu_expand_paths(T, k, dtype, n):
     """Every batch size regime of the C++ sgmv_expand against the reference: ragged ranks with a
-    rank-0 expert and one above 64, n = 150 (a narrow last column block, two block groups),
-    dropped slots, with and without weights / scales / base."""
-    g = torch.Generator().manual_seed(T * 10 + k)
-    ranks = [3, 0, 70, 2, 9]
-    E, R, n = len(ranks), sum(ranks), 150
-    ro = torch.tensor([0] + ranks).cumsum(0).to(torch.int32)
-    ids = torch.randint(-1, E, (T, k), generator=g)
-    order, pos, eo = molora_ops.dispatch(ids, E, 1)
-    h = torch.randn(order.numel(), 70, generator=g, dtype=torch.float64).to(dtype)
+    rank-0 expert and one above 64, n = 150 (a narrow last 16-column chunk, two block groups) and
+    600 (several column panels of the AVX2 token tiles, the last one partial), dropped slots and
+    repeated ids, with and without weights / scales / base."""
+    g, ro, meta, h, (w, s) = _ragged_grouped(T * 10 + k, T, k, [3, 0, 70, 2, 9], dtype)
+    R = int(ro[-1])
     B = torch.randn(n, R, generator=g, dtype=torch.float64).to(dtype)
     base = torch.randn(T, n, generator=g, dtype=torch.float64).to(dtype)
-    w, s = torch.rand(T, k, generator=g), torch.rand(E, generator=g) + 0.5
-    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
     for args in ((w, s, base), (None, None, None)):
-        y = molora_ops.sgmv_expand(h, B, ro, order, pos, eo, *args)
-        want = ref.sgmv_expand(h.double(), B.double(), ro, order, pos, eo,
+        y = molora_ops.sgmv_expand(h, B, ro, *meta, *args)
+        want = ref.sgmv_expand(h.double(), B.double(), ro, *meta,
                                *[a if a is None else a.double() for a in args])
-        assert y.dtype == dtype
-        scale = max(1.0, want.abs().max().item())
-        assert (y.double() - want).abs().max().item() <= tol * scale
+        _assert_near(y, want, dtype)
+
+
+def _ragged_grouped(seed, T, k, ranks, dtype):
+    """(generator, rank_offsets, (order, pos, expert_offsets), h [P, 70], (weights, scales)) of
+    random ids in [-1, E) (dropped slots, repeated ids) over the ragged `ranks`."""
+    g = torch.Generator().manual_seed(seed)
+    E = len(ranks)
+    ro = torch.tensor([0] + ranks).cumsum(0).to(torch.int32)
+    ids = torch.randint(-1, E, (T, k), generator=g)
+    meta = molora_ops.dispatch(ids, E, 1)
+    h = torch.randn(meta[0].numel(), 70, generator=g, dtype=torch.float64).to(dtype)
+    return g, ro, meta, h, (torch.rand(T, k, generator=g), torch.rand(E, generator=g) + 0.5)
+
+
+def _assert_near(got, want, dtype):
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    assert got.dtype == dtype
+    assert (got.double() - want).abs().max().item() <= tol * max(1.0, want.abs().max().item())
 
 
 @pytest.mark.parametrize("T", [1, 40, 301])
@@ -386,20 +397,12 @@ def test_cpu_weight_grad_paths(T, d, dtype):
     paths otherwise) against the reference: ragged ranks with a rank-0 expert, one of 70 (several
     6-row blocks and a partial one) and a rank above 16 (BLAS), d = 150 (a narrow last column
     chunk) and 16 (one chunk), dropped slots and repeated ids, with and without weights / scales."""
-    g = torch.Generator().manual_seed(T * 7 + d)
-    ranks = [3, 0, 70, 2, 17]
-    E, R, k = len(ranks), sum(ranks), 3
-    ro = torch.tensor([0] + ranks).cumsum(0).to(torch.int32)
-    ids = torch.randint(-1, E, (T, k), generator=g)
-    order, pos, eo = molora_ops.dispatch(ids, E, 1)
+    g, ro, meta, h, (w, s) = _ragged_grouped(T * 7 + d, T, 3, [3, 0, 70, 2, 17], dtype)
+    R = int(ro[-1])
     x = torch.randn(T, d, generator=g, dtype=torch.float64).to(dtype)
-    h = torch.randn(order.numel(), 70, generator=g, dtype=torch.float64).to(dtype)
-    w, s = torch.rand(T, k, generator=g), torch.rand(E, generator=g) + 0.5
-    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
     for args in ((w, s), (None, None)):
-        G = molora_ops.sgmv_weight_grad(x, h, ro, order, pos, eo, *args, total_rank=R)
-        want = ref.sgmv_weight_grad(x.double(), h.double(), ro, order, pos, eo,
+        G = molora_ops.sgmv_weight_grad(x, h, ro, *meta, *args, total_rank=R)
+        want = ref.sgmv_weight_grad(x.double(), h.double(), ro, *meta,
                                     *[a if a is None else a.double() for a in args], R)
-        assert G.dtype == dtype and G.shape == (R, d)
-        scale = max(1.0, want.abs().max().item())
-        assert (G.double() - want).abs().max().item() <= tol * scale
+        assert G.shape == (R, d)
+        _assert_near(G, want, dtype)

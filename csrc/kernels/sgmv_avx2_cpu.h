@@ -243,17 +243,8 @@ inline void shrink_rows(const float* x, const float* A, const GroupedMeta& m, co
       const float* xr[kShrinkRows];
       int64_t rows[kShrinkRows];
       float coef[kShrinkRows];
-      int nr = 0;
-      for (; i < seg_end && nr < kShrinkRows; ++i) {
-        const int32_t p = m.order[i];
-        if (p < 0) continue;
-        xr[nr] = x + (p / m.top_k) * d;
-        rows[nr] = i;
-        coef[nr] = row_coef(w, scales, p, e);
-        ++nr;
-      }
+      const int nr = next_expert_rows(m, x, d, w, scales, e, seg_end, i, xr, rows, coef);
       if (nr == 0) continue;
-      for (int b = nr; b < kShrinkRows; ++b) xr[b] = xr[0];  // idle rows: computed, not stored
       for (int64_t a0 = 0; a0 < r; a0 += kShrinkRanks) {
         const int na = static_cast<int>(std::min<int64_t>(kShrinkRanks, r - a0));
         const float* ar[kShrinkRanks];

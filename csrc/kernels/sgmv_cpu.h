@@ -57,6 +57,26 @@ inline bool slot_row(const GroupedMeta& m, const int32_t* pos, const acc_t* w,
   return true;
 }
 
+// The next (up to) N real rows of expert e from row i on, stopping at seg_end (i advances past
+// them; padding rows are skipped): their x rows, row indices and coefficients. Lanes past the
+// count repeat the first x row (computed by the callers' tiles, never stored). Returns the count.
+template <int N, typename scalar_t, typename acc_t>
+inline int next_expert_rows(const GroupedMeta& m, const scalar_t* x, int64_t d, const acc_t* w,
+                            const acc_t* scales, int64_t e, int64_t seg_end, int64_t& i,
+                            const scalar_t* (&xr)[N], int64_t (&rows)[N], acc_t (&coef)[N]) {
+  int n = 0;
+  for (; i < seg_end && n < N; ++i) {
+    const int32_t p = m.order[i];
+    if (p < 0) continue;
+    xr[n] = x + (p / m.top_k) * d;
+    rows[n] = i;
+    coef[n] = row_coef(w, scales, p, e);
+    ++n;
+  }
+  for (int b = n; b < N; ++b) xr[b] = n > 0 ? xr[0] : x;
+  return n;
+}
+
 // h[i, a] = c_i * dot(A[ro_e + a], x[t_i]) for rows [i0, i1); zero beyond r_e and on padding.
 // A is [R, d] row-major (rank-major), x is [T, d]. Up to kRowBlock rows of one expert share each
 // load of A. NOTE: 1.88 -> 0.80 ms against one row at a time (T=1024, k=2, d=512, E=8, r=16, fp32,
@@ -74,20 +94,11 @@ void sgmv_shrink_range(const scalar_t* x, const scalar_t* A, const GroupedMeta& 
     const int64_t e = expert_of_row(m.expert_offsets, m.num_experts, i);
     const int64_t seg_end = std::min<int64_t>(i1, m.expert_offsets[e + 1]);
     const int64_t r0 = m.rank_offsets[e], r = m.rank_offsets[e + 1] - r0;
-    // Collect the next (up to) kRowBlock real rows of expert e; padding rows stay zero.
+    // The next (up to) kRowBlock real rows of expert e; padding rows stay zero.
     const scalar_t* xr[kRowBlock];
     int64_t rows[kRowBlock];
     acc_t coef[kRowBlock];
-    int n = 0;
-    for (; i < seg_end && n < kRowBlock; ++i) {
-      const int32_t p = m.order[i];
-      if (p < 0) continue;
-      xr[n] = x + (p / m.top_k) * d;
-      rows[n] = i;
-      coef[n] = row_coef(w, scales, p, e);
-      ++n;
-    }
-    for (int b = n; b < kRowBlock; ++b) xr[b] = xr[0];  // idle lanes recompute row 0, unused
+    const int n = next_expert_rows(m, x, d, w, scales, e, seg_end, i, xr, rows, coef);
     if (n == 0) continue;
     for (int64_t a = 0; a < r; ++a) {
       const scalar_t* ar = A + (r0 + a) * d;

@@ -98,11 +98,20 @@ inline void expert_rows_accumulate(const int32_t* slots, int64_t s0, int64_t s1,
     }
     tile_accumulate<kTileRows, kTail>(coef, dst, bank, ld, r, m);
   }
-  for (; s < s1; ++s) {
-    const int64_t p = slots[s];
-    coef[0] = hs + p * max_rank;
-    dst[0] = acc + (p / k - t0) * kTileCols;
-    tile_accumulate<1, kTail>(coef, dst, bank, ld, r, m);
+  // The last 1-5 rows in one narrower tile (one row at a time ran 2 FMA chains per B load).
+  const int rest = static_cast<int>(s1 - s);
+  for (int b = 0; b < rest; ++b) {
+    const int64_t p = slots[s + b];
+    coef[b] = hs + p * max_rank;
+    dst[b] = acc + (p / k - t0) * kTileCols;
+  }
+  switch (rest) {
+    case 5: tile_accumulate<5, kTail>(coef, dst, bank, ld, r, m); break;
+    case 4: tile_accumulate<4, kTail>(coef, dst, bank, ld, r, m); break;
+    case 3: tile_accumulate<3, kTail>(coef, dst, bank, ld, r, m); break;
+    case 2: tile_accumulate<2, kTail>(coef, dst, bank, ld, r, m); break;
+    case 1: tile_accumulate<1, kTail>(coef, dst, bank, ld, r, m); break;
+    default: break;
   }
 }
 

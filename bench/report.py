@@ -10,7 +10,7 @@ import os
 import platform
 import subprocess
 from collections import defaultdict
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -159,15 +159,30 @@ def _plt():
     return plt
 
 
-def speedup_plot(results: dict, path: str) -> str:
-    """Horizontal bars per case and mode: speed-up of each implementation over the per-expert
-    loop (layer rows), or over the reference when no row has a loop baseline."""
+def speedup_bars(results: dict) -> Tuple[List[dict], str]:
+    """The bars of the speed-up plot: every timed row but its case's baseline, with ``speedup``
+    over the per-expert loop for the cases that have one (the layers) and over the reference for
+    the rest (the single ops, labelled "(vs ref)"); and the plot's name for the baselines."""
     rows = [r for r in results["rows"] if r.get("time")]
-    key, base = "speedup_vs_loop", "loop"
-    if not any(r.get(key) for r in rows):
-        key, base = "speedup_vs_reference", "reference"
-    rows = [{**r, "label": r["label"] if base == "loop" else f"{r['op']}: {r['label']}"}
-            for r in rows if r.get(key) is not None and r["impl"] != base]
+    with_loop = {(r["op"], r["label"]) for r in rows if r.get("speedup_vs_loop") is not None}
+
+    def baseline(r):
+        return "loop" if (r["op"], r["label"]) in with_loop else "reference"
+
+    bars = [{**r, "speedup": r.get(f"speedup_vs_{baseline(r)}"),
+             "label": f"{r['op']}: {r['label']}" + ("" if baseline(r) == "loop" else " (vs ref)")}
+            for r in rows if r["impl"] != baseline(r)]
+    bases = {baseline(r) for r in rows}
+    name = ("the loop (layers) / the reference (single ops)" if len(bases) == 2
+            else "the loop" if bases == {"loop"} else "the reference")
+    return [b for b in bars if b["speedup"] is not None], name
+
+
+def speedup_plot(results: dict, path: str) -> str:
+    """Horizontal bars per case and mode (``speedup_bars``): speed-up of each implementation over
+    the per-expert loop for the layer cases and over the reference for the single ops."""
+    rows, base = speedup_bars(results)
+    key = "speedup"
     modes = [m for m in ("fwd", "bwd", "fwd+bwd") if any(r["mode"] == m for r in rows)] or ["fwd"]
     labels = list(dict.fromkeys(r["label"] for r in rows))
     impls = list(dict.fromkeys(r["impl"] for r in rows))
@@ -188,7 +203,7 @@ def speedup_plot(results: dict, path: str) -> str:
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(mode)
-        ax.set_xlabel(f"speed-up over {base} (x)")
+        ax.set_xlabel("speed-up (x)")
         ax.grid(axis="x", which="both", alpha=0.3)
     axes[0][0].set_yticks([i + bar * (len(impls) - 1) / 2 for i in range(len(labels))])
     axes[0][0].set_yticklabels(labels, fontsize=7)
@@ -196,9 +211,9 @@ def speedup_plot(results: dict, path: str) -> str:
     handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=len(impls), fontsize=8,
                bbox_to_anchor=(0.5, -0.04))
-    fig.suptitle(f"molora_ops speed-up over the {base}: {results['meta']['device']}, "
+    fig.suptitle(f"molora_ops speed-up over {base}: {results['meta']['device']}, "
                  f"{results['meta']['dtype']}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))  # room for the title
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

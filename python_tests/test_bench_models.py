@@ -262,3 +262,25 @@ def test_quick_run_end_to_end(tmp_path):
             data = (tmp_path / name).read_bytes()
             assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert "moe_lora" in (tmp_path / "table.txt").read_text()
+
+
+def test_speedup_plot_shows_single_ops_against_the_reference():
+    """The speed-up plot's bars: layer cases over their loop, single ops over their reference
+    (without the baseline's own 1.0x bar); a row without a speed-up is left out."""
+    from bench import report
+
+    def row(op, label, impl, mode="fwd", **kw):
+        return {"op": op, "label": label, "impl": impl, "mode": mode, "time": {"median": 1.0}, **kw}
+
+    res = {"rows": [row("moe_lora", "L", "loop", speedup_vs_loop=1.0),
+                    row("moe_lora", "L", "native", speedup_vs_loop=2.5, speedup_vs_reference=9.0),
+                    row("moe_lora", "L", "reference", speedup_vs_loop=0.5),
+                    row("sgmv_shrink", "S", "reference", speedup_vs_reference=1.0),
+                    row("sgmv_shrink", "S", "native", "bwd", speedup_vs_reference=1.7),
+                    row("dispatch", "D", "native")]}
+    bars, name = report.speedup_bars(res)
+    got = {(b["label"], b["impl"], b["mode"]): b["speedup"] for b in bars}
+    assert got == {("moe_lora: L", "native", "fwd"): 2.5, ("moe_lora: L", "reference", "fwd"): 0.5,
+                   ("sgmv_shrink: S (vs ref)", "native", "bwd"): 1.7}
+    assert name == "the loop (layers) / the reference (single ops)"
+    assert report.speedup_bars({"rows": res["rows"][3:5]})[1] == "the reference"

@@ -160,13 +160,19 @@ def moe_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     x2 = x.reshape(T * (k if x_per_slot else 1), d_in)
     ids2 = expert_ids.reshape(T, k)
     w2 = None if routing_weights is None else routing_weights.reshape(T, k)
-    base2 = _base(x2 if not x_per_slot else None, base, weight, bias, T, d_out)
+    # On the CPU the frozen GEMM runs last and accumulates into the adapter's output (beta = 1):
+    # its read of that output rides in MKL's compute-bound GEMM, where the expand would otherwise
+    # stream base through memory once more. On a GPU the fused / grouped epilogue reads base.
+    # (Under autocast the op's output takes the autocast dtype, which F.linear's output matches.)
+    fold = (weight is not None and not x_per_slot and x.device.type == "cpu"
+            and not torch.is_autocast_enabled("cpu"))
+    base2 = None if fold else _base(x2 if not x_per_slot else None, base, weight, bias, T, d_out)
 
     if max_rank is None:
         max_rank = _max_rank(rank_offsets, R)
     if algo == "auto":
         algo = "grouped" if x_per_slot or dispatched is not None else pick_algo(
-            x2, lora_A, lora_B, E, k, max_rank, has_base=base2 is not None,
+            x2, lora_A, lora_B, E, k, max_rank, has_base=base2 is not None or fold,
             backward=_needs_grad(x, lora_A, lora_B, routing_weights, base, weight, bias))
 
     if algo == "grouped":
@@ -181,6 +187,8 @@ def moe_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
         y = ops.stacked_gated_lora(x2, lora_A, lora_B, gate, rank_offsets, scales, base2, False)
     else:
         y = ops.fused_moe_lora(x2, lora_A, lora_B, rank_offsets, w2, ids2, scales, base2)
+    if fold:
+        y = y.addmm_(x2, weight.t()) if bias is None else y.addmm_(x2, weight.t()).add_(bias)
     return y.reshape(*lead, d_out)
 
 

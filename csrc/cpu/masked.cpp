@@ -128,7 +128,7 @@ at::Tensor rank_scatter_cpu(const at::Tensor& src_in, const at::Tensor& ids_in, 
   const at::Tensor ids = cpu::as_i32(ids_in);
   const at::Tensor src = src_in.contiguous();
   const int64_t T = src.size(0), k = src.size(1);
-  at::Tensor out = at::zeros({T, num_ranks}, src.options());
+  at::Tensor out = at::empty({T, num_ranks}, src.options());  // every row written by the kernel
   MOLORA_DISPATCH_FLOATING(src.scalar_type(), "molora_rank_scatter", [&] {
     at::parallel_for(0, T, cpu::grain_for(k), [&](int64_t t0, int64_t t1) {
       kernels::rank_scatter_range(src.data_ptr<scalar_t>(), ids.data_ptr<int32_t>(), k, num_ranks,

@@ -2,6 +2,7 @@
 // token, gathered-row shrink, kept-column expand, and the rank-usage histogram. Framework-free.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -66,15 +67,18 @@ void rank_sparse_expand_range(const scalar_t* values, const int32_t* ids, const 
   }
 }
 
-// out[t, ids[t, j]] += src[t, j] for tokens [t0, t1) (out pre-zeroed, [T, R]).
+// out[t] = 0 except out[t, ids[t, j]] += src[t, j], for tokens [t0, t1) of out [T, R]: each row
+// zeroed and scattered in one pass (no separate fill of the whole output).
 template <typename scalar_t>
 void rank_scatter_range(const scalar_t* src, const int32_t* ids, int64_t k, int64_t R, int64_t t0,
                         int64_t t1, scalar_t* out) {
-  for (int64_t t = t0; t < t1; ++t)
+  for (int64_t t = t0; t < t1; ++t) {
+    std::fill(out + t * R, out + (t + 1) * R, scalar_t(0));
     for (int64_t j = 0; j < k; ++j) {
       const int32_t id = ids[t * k + j];
       if (id >= 0) out[t * R + id] += src[t * k + j];
     }
+  }
 }
 
 // G[g] = sum over pairs p with rank g of coef[p] * x[p / k], for bank rows [g0, g1). `order` and

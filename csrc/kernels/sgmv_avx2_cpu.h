@@ -1,10 +1,10 @@
-// fp32 register-tiled kernels of the grouped expand and weight gradient, written with AVX2 + FMA
-// intrinsics. Included only by csrc/cpu/sgmv_avx2.cpp (compiled with -mavx2 -mfma); the portable
-// kernels in sgmv_cpu.h serve every other dtype and CPU. Framework-free.
+// fp32 register-tiled kernels of the grouped expand, shrink and weight gradient, written with
+// AVX2 + FMA intrinsics. Included only by csrc/cpu/sgmv_avx2.cpp (compiled with -mavx2 -mfma); the
+// portable kernels in sgmv_cpu.h serve every other dtype and CPU. Framework-free.
 //
-// Both kernels run a GEMM micro-tile of kTileRows rows x 16 columns (12 ymm accumulators, one
-// broadcast and two loads per 12 FMAs) over the rows of one expert, which share that expert's
-// slice of the bank. NOTE: 6 x 16 beat 4 x 16 and the token-owned form (1 load per FMA, 4-cycle
+// The expand and the weight gradient run a GEMM micro-tile of kTileRows rows x 16 columns (12 ymm
+// accumulators, one broadcast and two loads per 12 FMAs) over the rows of one expert, which share
+// that expert's slice of the bank; the shrink, a dot-product form, runs 3 x 4 tiles (below). NOTE: 6 x 16 beat 4 x 16 and the token-owned form (1 load per FMA, 4-cycle
 // FMA chains) in a standalone harness: expand T=1024, n=1376, E=8, k=2, r=16: 1.06 ms vs 1.15
 // (4 x 16), 1.6-2.3 (token-owned); as the op, 1.7-1.9 -> 1.3-1.5 ms against the portable
 // expert-major kernel (E=64 k=8 r=8 n=1024: 2x). 2 threads, 2-core x86 CPU machine, 2026-12-04.

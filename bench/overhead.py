@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import os
 import sys
 import time
+from functools import partial
 from typing import Callable, Dict, List, Optional, Tuple
 
 if __package__ in (None, ""):  # `python bench/overhead.py`: make `bench` importable as a package
@@ -37,6 +37,8 @@ if __package__ in (None, ""):  # `python bench/overhead.py`: make `bench` import
     __package__ = "bench"
 
 import torch
+
+from .timing import interleaved
 
 SCHEMA = "molora_ops.bench.overhead/1"
 TARGET_US = 5.0
@@ -133,7 +135,7 @@ def measure(repeats: int = DEFAULTS["repeats"], calls: int = DEFAULTS["calls"],
     """Times every op x variant (module docstring); returns the result dict (``rows``: one per
     op x variant; ``summary``: per op, the overhead of each variant over ``direct``). Leaves
     torch's thread count and the garbage collector as it found them."""
-    threads_before, gc_was_on = torch.get_num_threads(), gc.isenabled()
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
     start = time.perf_counter()
     rows, summary = [], []
@@ -149,22 +151,11 @@ def measure(repeats: int = DEFAULTS["repeats"], calls: int = DEFAULTS["calls"],
                     outs[name] = fn(*args, **kwargs)
                 if warmup:
                     _block(fn, args, kwargs, warmup, inference)
-            samples: Dict[str, List[float]] = {name: [] for name in variants}
-            cpu: Dict[str, List[float]] = {name: [] for name in variants}
             names = list(variants)
-            gc.collect()
-            gc.disable()
-            try:
-                for rep in range(repeats):
-                    shift = rep % len(names)
-                    for name in names[shift:] + names[:shift]:
-                        fn, args, kwargs, inference = variants[name]
-                        wall, thread = _block(fn, args, kwargs, calls, inference)
-                        samples[name].append(wall)
-                        cpu[name].append(thread)
-            finally:
-                if gc_was_on:
-                    gc.enable()
+            timed = interleaved([partial(_block, *variants[name][:3], calls, variants[name][3])
+                                 for name in names], repeats)
+            samples = {name: [wall for wall, _ in timed[i]] for i, name in enumerate(names)}
+            cpu = {name: [thread for _, thread in timed[i]] for i, name in enumerate(names)}
             stats = {name: _stats_us(samples[name]) for name in names}
             cpu_stats = {name: _stats_us(cpu[name]) for name in names}
             base, cpu_base = stats["direct"]["median_us"], cpu_stats["direct"]["median_us"]

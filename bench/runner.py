@@ -20,7 +20,7 @@ from molora_ops import reference
 from .cases import Impl, OpSpec, Problem
 from .models import MODES, cost
 from .shapes import Case
-from .timing import Budget, Ceilings, cuda_graph, time_calls
+from .timing import Budget, Ceilings, cuda_graph, time_calls, time_cpu_interleaved
 
 # Largest error, relative to the largest magnitude of the reference tensor, an implementation may
 # have (index outputs must match exactly). fp32 leaves room for accumulation order over d = 16k.
@@ -208,6 +208,7 @@ def run_case(spec: OpSpec, case: Case, cfg: Config) -> Tuple[List[dict], List[di
     skipped = [{"op": case.op, "label": case.label, **s} for s in skipped]
     oracles: dict = {}
     rows = []
+    cpu_rows: dict = {}  # mode -> [(row, call)]: timed side by side once all are built
     for impl in impls:
         base = {"op": case.op, "label": case.label, "case": case.asdict(), "impl": impl.name,
                 "kind": impl.kind, "model": impl.model or case.op,
@@ -232,9 +233,14 @@ def run_case(spec: OpSpec, case: Case, cfg: Config) -> Tuple[List[dict], List[di
                 row["algo"] = spec.describe(p0.inputs, mode)
             try:
                 fns = calls(impl, grads_of(spec, impl, p0), problems, mode)
+                if cfg.device.type != "cuda":
+                    # CPU rows: hot-cache, the first input set; timed below, interleaved.
+                    row["timing"] = "interleaved blocks"
+                    cpu_rows.setdefault(mode, []).append((row, fns[0]))
+                    rows.append(row)
+                    continue
                 fns, note = _graphed(fns, cfg) if mode == "fwd" else (fns, None)
-                row["timing"] = note or ("cuda-events" if cfg.device.type == "cuda"
-                                         else "torch.utils.benchmark")
+                row["timing"] = note or "cuda-events"
                 row["time"] = time_calls(fns, cfg.device, cfg.budget).asdict()
                 del fns
             except torch.cuda.OutOfMemoryError as exc:
@@ -242,6 +248,14 @@ def run_case(spec: OpSpec, case: Case, cfg: Config) -> Tuple[List[dict], List[di
                 continue
             _rates(row, cfg)
             rows.append(row)
+    # On the CPU every implementation of one mode is timed in the same rounds, so a slow spell of
+    # the shared machine does not skew the ratios between them (x base, vs loop, vs reference).
+    for entries in cpu_rows.values():
+        stats = time_cpu_interleaved([fn for _, fn in entries], cfg.budget)
+        for (row, _), st in zip(entries, stats):
+            row["time"] = st.asdict()
+            _rates(row, cfg)
+    del cpu_rows
     _relative(rows)
     return rows, skipped
 

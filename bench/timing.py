@@ -1,5 +1,6 @@
-"""Timing (CUDA events on a GPU, torch.utils.benchmark on CPU), statistics, and the device's
-measured ceilings (copy bandwidth, matmul rate) that every row is compared against."""
+"""Timing (CUDA events on a GPU; on CPU torch.utils.benchmark, or blocks of calls interleaved
+across the implementations of a case), statistics, and the device's measured ceilings (copy
+bandwidth, matmul rate) that every row is compared against."""
 
 from __future__ import annotations
 
@@ -73,6 +74,66 @@ def time_cpu(fn: Callable[[], object], budget: Budget) -> Stats:
     while len(times) < budget.min_samples:
         times.extend(timer.timeit(m.number_per_run).times)
     return Stats.of(times)
+
+
+def interleaved(blocks: Sequence[Callable[[], object]], rounds: int) -> list:
+    """Runs `rounds` rounds of every block, round r starting at block r mod len(blocks) so no
+    block always runs first, with Python's garbage collector off (collected first, restored
+    after); returns each block's results in round order: results[i][r]. Blocks timed side by side
+    this way see a shared machine's slow spells alike, so the ratios between them stay fair."""
+    import gc
+
+    results: list = [[] for _ in blocks]
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            for j in range(len(blocks)):
+                i = (r + j) % len(blocks)
+                results[i].append(blocks[i]())
+    finally:
+        if was_enabled:
+            gc.enable()
+    return results
+
+
+# Rounds of the interleaved CPU timing (one block of calls per implementation per round).
+INTERLEAVED_ROUNDS = 10
+
+
+def time_cpu_interleaved(fns: Sequence[Callable[[], object]], budget: Budget,
+                         rounds: int = INTERLEAVED_ROUNDS) -> list:
+    """Stats of each of `fns`, timed side by side (`interleaved`): max(rounds,
+    budget.min_samples) rounds of one block of calls per fn (a block lasts about
+    budget.seconds / rounds, at least one call; its time per call is a sample). The same work as
+    `time_cpu`, but a neighbour loading the memory system for seconds at a time slows every fn
+    alike instead of whichever row was being timed then."""
+    import time
+
+    n_rounds = max(rounds, budget.min_samples)
+    block_s = budget.seconds / n_rounds
+
+    def block(fn, n):
+        def run():
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            return (time.perf_counter() - t0) / n
+        return run
+
+    blocks = []
+    for fn in fns:  # warm-up, and the time of one call (over at least 5 ms)
+        fn()
+        count, t0 = 0, time.perf_counter()
+        while True:
+            fn()
+            count += 1
+            elapsed = time.perf_counter() - t0
+            if elapsed >= 5e-3 or count >= 1000:
+                break
+        blocks.append(block(fn, max(1, round(block_s * count / elapsed))))
+    return [Stats.of(x) for x in interleaved(blocks, n_rounds)]
 
 
 def time_cuda(fns: Sequence[Callable[[], object]], budget: Budget) -> Stats:

@@ -21,7 +21,7 @@ from bench.models import Cost, Dims, cost  # noqa: E402
 from bench.runner import compare  # noqa: E402
 from bench.shapes import (Case, expert_probs, preset_cases, router_bias,  # noqa: E402
                           routing_ids)
-from bench.timing import Stats, quantile  # noqa: E402
+from bench.timing import Budget, Stats, interleaved, quantile, time_cpu_interleaved  # noqa: E402
 
 # The shape every hand count below uses: T=4 tokens, d_in=8, d_out=6, E=3 experts, k=2, r=2,
 # fp32 (4-byte) data, 2 of the 3 experts active. So P = T*k = 8 pairs, R = E*r = 6.
@@ -122,6 +122,54 @@ def test_quantile_and_stats():
     assert Stats.of([7.0]) == Stats(7.0, 7.0, 7.0, 1, 7.0, 7.0)
     with pytest.raises(ValueError):
         quantile([], 0.5)
+
+
+def test_interleaved_rounds_rotate_and_keep_order():
+    """`interleaved` runs every block once per round, each round starting one block further on,
+    with the garbage collector off inside and restored after; results come back per block in
+    round order."""
+    import gc
+
+    log = []
+
+    def block(name):
+        def run():
+            log.append((name, gc.isenabled()))
+            return len(log)
+        return run
+
+    gc.enable()
+    out = interleaved([block("a"), block("b"), block("c")], 4)
+    assert gc.isenabled()
+    assert [n for n, _ in log] == list("abc" "bca" "cab" "abc")
+    assert not any(on for _, on in log)
+    assert out == [[1, 6, 8, 10], [2, 4, 9, 11], [3, 5, 7, 12]]
+
+
+def test_time_cpu_interleaved_blocks():
+    """Each fn gets max(rounds, min_samples) samples from blocks sized to the budget (a fn 1000x
+    faster runs about 1000x more calls per block), and the blocks of the fns alternate: no fn's
+    calls all come before another's."""
+    calls = []
+
+    def fn(name, reps):
+        def run():
+            calls.append(name)
+            sum(range(reps))
+        return run
+
+    fast, slow = fn("fast", 10), fn("slow", 10_000)
+    stats = time_cpu_interleaved([fast, slow], Budget(0.05, 12), rounds=3)
+    assert [s.n for s in stats] == [12, 12]
+    assert all(0 < s.min <= s.median <= s.max for s in stats)
+
+    def runs(seq):
+        return [seq[0]] + [b for a, b in zip(seq, seq[1:]) if a != b]
+
+    # warm-ups (fast, then slow), then 12 rounds of one block each, in rotating order
+    want = ["fast", "slow"] + [("fast", "slow")[(r + j) % 2] for r in range(12) for j in range(2)]
+    assert runs(calls) == runs(want)
+    assert calls.count("fast") > 20 * calls.count("slow")
 
 
 @pytest.mark.parametrize("routing", ["uniform", "zipf"])

@@ -280,6 +280,30 @@ def test_plan_prefers_grouped_where_dense_flops_dominate():
                        c=slow) == "grouped"
 
 
+def test_plan_choice_is_remembered_until_set_ceilings(monkeypatch):
+    """plan.choose at the device's own ceilings models the formulations once per shape and
+    remembers the choice; set_ceilings forgets it, so new ceilings take effect at once."""
+    orig = plan.ceilings("cpu")
+    modeled = []
+    real_launches = plan.launches
+    monkeypatch.setattr(plan, "launches", lambda *a, **kw: modeled.append(a) or
+                        real_launches(*a, **kw))
+    shape = plan.Layer(T=1024, d_in=512, d_out=1376, E=8, k=2, R=128, max_rank=16, elem=4)
+    try:
+        # memory-starved: the dense form moves x once; compute-starved: grouped does 8x less math
+        plan.set_ceilings("cpu", plan.Ceilings("mem", 1e8, {torch.float32: 1e15}, 0.0))
+        assert plan.choose(shape, "cpu", torch.float32, True, ("grouped", "dense")) == "dense"
+        n = len(modeled)
+        assert n > 0
+        assert plan.choose(shape, "cpu", torch.float32, True, ("grouped", "dense")) == "dense"
+        assert len(modeled) == n
+        plan.set_ceilings("cpu", plan.Ceilings("math", 1e15, {torch.float32: 1e8}, 0.0))
+        assert plan.choose(shape, "cpu", torch.float32, True, ("grouped", "dense")) == "grouped"
+        assert len(modeled) > n
+    finally:
+        plan.set_ceilings("cpu", orig)
+
+
 def test_plan_launch_bytes_are_consistent():
     for algo in ALGOS:
         for bwd in (False, True):
@@ -406,3 +430,25 @@ def test_cpu_weight_grad_paths(T, d, dtype):
                                     *[a if a is None else a.double() for a in args], R)
         assert G.shape == (R, d)
         _assert_near(G, want, dtype)
+
+
+@pytest.mark.parametrize("T", [1, 40, 301])
+@pytest.mark.parametrize("d", [16, 150])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cpu_shrink_paths(T, d, dtype):
+    """The C++ sgmv_shrink (fp32: the register-tiled kernel on AVX2, which reads the bank
+    transposed; the portable kernel otherwise) against the reference: ragged ranks with a rank-0
+    expert, one of 70 (four full 16-rank chunks and a partial one) and 17 (a one-rank chunk),
+    the bank given rank-major and as the transposed view the backward's u passes (B^T), dropped
+    slots and repeated ids (partial 6-row tiles), with and without weights / scales."""
+    g, ro, meta, _, (w, s) = _ragged_grouped(T * 5 + d, T, 3, [3, 0, 70, 2, 17], dtype)
+    R = int(ro[-1])
+    x = torch.randn(T, d, generator=g, dtype=torch.float64).to(dtype)
+    A = torch.randn(R, d, generator=g, dtype=torch.float64).to(dtype)
+    for bank in (A, A.t().contiguous().t()):
+        for args in ((w, s), (None, None)):
+            h = molora_ops.sgmv_shrink(x, bank, ro, *meta, *args, max_rank=72)
+            want = ref.sgmv_shrink(x.double(), A.double(), ro, *meta,
+                                   *[a if a is None else a.double() for a in args], max_rank=72)
+            assert h.shape == (meta[0].numel(), 72)
+            _assert_near(h, want, dtype)

@@ -148,7 +148,7 @@ void expand_token_tiles(const at::Tensor& h, const at::Tensor& Bt, const Grouped
   const int64_t panel = std::max<int64_t>(kCols, (int64_t(32768) / tile) / kCols * kCols);
   const float* base_p = cpu::ptr_or_null<float>(base);
   at::parallel_for(0, n_tiles, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<int32_t> slots(tile * k), bucket(E + 1);
+    std::vector<int32_t> slots(2 * tile * k), bucket(E + 1);
     std::vector<float> acc(tile * std::min(panel, (n + kCols - 1) / kCols * kCols));
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t t0 = i * tile, t1 = std::min(T, t0 + tile);
@@ -177,16 +177,42 @@ at::Tensor sgmv_shrink_cpu(const at::Tensor& x_in, const at::Tensor& A_in,
                                       pos, expert_offsets, weights, scales);
   MOLORA_CHECK_VALUE(max_rank >= g.max_rank, op, ": max_rank = ", max_rank,
                      " is smaller than the largest expert rank ", g.max_rank);
-  const at::Tensor x = x_in.contiguous(), A = A_in.contiguous();
+  const at::Tensor x = x_in.contiguous();
   const int64_t P = g.order.size(0), d = x.size(1);
   at::Tensor h = at::empty({P, max_rank}, x.options());
+  const int64_t grain = cpu::grain_for(d * std::max<int64_t>(1, g.max_rank));
+#ifdef MOLORA_HAVE_AVX2_KERNELS
+  if (x.scalar_type() == at::kFloat && cpu::avx2::available()) {
+    // The register-tiled kernel reads the bank packed per expert (16-rank panels, about R * d floats,
+    // a few hundred KB), straight from A or from the transposed view the backward's
+    // u = shrink(grad_y, B^T) passes: no separate transpose.
+    const int64_t E = g.num_experts;
+    const int32_t* ro = g.rank_offsets.data_ptr<int32_t>();
+    std::vector<int64_t> pack_offsets(E + 1, 0);
+    for (int64_t e = 0; e < E; ++e)
+      pack_offsets[e + 1] = pack_offsets[e] + cpu::avx2::shrink_packed_size(ro[e + 1] - ro[e], d);
+    at::Tensor packed = at::empty({pack_offsets[E]}, x.options());
+    const float* bank = A_in.data_ptr<float>();
+    at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e)
+        cpu::avx2::pack_shrink_bank(bank, A_in.stride(0), A_in.stride(1), d, ro[e], ro[e + 1] - ro[e],
+                                    packed.data_ptr<float>() + pack_offsets[e]);
+    });
+    const auto meta = g.meta();
+    at::parallel_for(0, P, grain, [&](int64_t i0, int64_t i1) {
+      cpu::avx2::shrink_rows(x.data_ptr<float>(), packed.data_ptr<float>(), pack_offsets.data(),
+                             meta, cpu::ptr_or_null<float>(g.weights),
+                             cpu::ptr_or_null<float>(g.scales), d, max_rank, i0, i1,
+                             h.data_ptr<float>());
+    });
+    return h;
+  }
+#endif
+  const at::Tensor A = A_in.contiguous();
   MOLORA_DISPATCH_FLOATING(x.scalar_type(), "molora_sgmv_shrink", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto meta = g.meta();
-    at::parallel_for(0, P, cpu::grain_for(d * std::max<int64_t>(1, g.max_rank)), [&](int64_t i0, int64_t i1) {
-      MOLORA_AVX2_OR_FALL_THROUGH(cpu::avx2::sgmv_shrink_range(
-          x.data_ptr<float>(), A.data_ptr<float>(), meta, cpu::ptr_or_null<float>(g.weights),
-          cpu::ptr_or_null<float>(g.scales), d, max_rank, i0, i1, h.data_ptr<float>()))
+    at::parallel_for(0, P, grain, [&](int64_t i0, int64_t i1) {
       kernels::sgmv_shrink_range(x.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(), meta,
                                  cpu::ptr_or_null<acc_t>(g.weights), cpu::ptr_or_null<acc_t>(g.scales),
                                  d, max_rank, i0, i1, h.data_ptr<scalar_t>());
@@ -310,9 +336,9 @@ at::Tensor sgmv_weight_grad_cpu(const at::Tensor& x_in, const at::Tensor& h_in,
 #ifdef MOLORA_HAVE_AVX2_KERNELS
   if (x.scalar_type() == at::kFloat && cpu::avx2::available()) {
     // Register-tiled per expert, x rows read in place (no gather, unlike the BLAS path below).
-    // NOTE: against the BLAS path, T=1024 E=8 k=2 r=16: dB (d=1376) 2.16 -> 1.83 ms, dA (d=512)
-    // 0.92 -> 0.82 ms; against the row-blocked kernel at E=64 k=8 r=8 d=1024: on par (3.6 ms).
-    // Min of alternating runs, 2 threads, 2-core x86 CPU machine, 2026-12-04.
+    // NOTE: T=1024 E=8 k=2 r=16: dB (d=1376) 0.9-1.4 ms, dA (d=512) 0.4-0.45 ms, where the BLAS
+    // path ran 2.16 / 0.92 ms; E=64 k=8 r=8 d=1024: 1.5-2.3 ms, the row-blocked portable kernel
+    // 3.6 ms. Min of alternating runs, 2 threads, 2-core x86 CPU machine, 2026-12-04.
     const auto prepared = prepare_rows(h, g, max_rank);
     at::Tensor G = at::empty({total_rank, d}, x.options());
     const int64_t chunks = (d + kernels::kExpandCols - 1) / kernels::kExpandCols;

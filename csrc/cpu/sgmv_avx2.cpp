@@ -11,10 +11,19 @@ namespace molora::cpu::avx2 {
 // The launchers (csrc/cpu/sgmv.cpp) size the expand tile's acc rows with kExpandCols.
 static_assert(kernels::avx2::kTileCols == kernels::kExpandCols);
 
-void sgmv_shrink_range(const float* x, const float* A, const kernels::GroupedMeta& m,
-                       const float* w, const float* scales, int64_t d, int64_t max_rank,
-                       int64_t i0, int64_t i1, float* h) {
-  kernels::avx2::shrink_rows(x, A, m, w, scales, d, max_rank, i0, i1, h);
+int64_t shrink_packed_size(int64_t r, int64_t d) {
+  return kernels::avx2::shrink_packed_size(r, d);
+}
+
+void pack_shrink_bank(const float* bank, int64_t sa, int64_t sc, int64_t d, int64_t r0, int64_t r,
+                      float* out) {
+  kernels::avx2::pack_shrink_bank(bank, sa, sc, d, r0, r, out);
+}
+
+void shrink_rows(const float* x, const float* packed, const int64_t* pack_offsets,
+                 const kernels::GroupedMeta& m, const float* w, const float* scales, int64_t d,
+                 int64_t max_rank, int64_t i0, int64_t i1, float* h) {
+  kernels::avx2::shrink_rows(x, packed, pack_offsets, m, w, scales, d, max_rank, i0, i1, h);
 }
 
 void sgmv_expand_range(const float* h, const float* Bt, const kernels::GroupedMeta& m,

@@ -13,9 +13,14 @@ namespace molora::cpu::avx2 {
 // Whether this build has the AVX2 copies and the CPU runs them (checked once).
 bool available();
 
-void sgmv_shrink_range(const float* x, const float* A, const kernels::GroupedMeta& m,
-                       const float* w, const float* scales, int64_t d, int64_t max_rank,
-                       int64_t i0, int64_t i1, float* h);
+// The shrink: its bank packed per expert (pack_offsets[e] floats in, shrink_packed_size(r_e, d)
+// floats each), then the dispatched rows [i0, i1).
+int64_t shrink_packed_size(int64_t r, int64_t d);
+void pack_shrink_bank(const float* bank, int64_t sa, int64_t sc, int64_t d, int64_t r0, int64_t r,
+                      float* out);
+void shrink_rows(const float* x, const float* packed, const int64_t* pack_offsets,
+                 const kernels::GroupedMeta& m, const float* w, const float* scales, int64_t d,
+                 int64_t max_rank, int64_t i0, int64_t i1, float* h);
 void sgmv_expand_range(const float* h, const float* Bt, const kernels::GroupedMeta& m,
                        const int32_t* pos, const float* w, const float* scales, const float* base,
                        int64_t n, int64_t max_rank, int64_t t0, int64_t t1, float* acc, float* y);

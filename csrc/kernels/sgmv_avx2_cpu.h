@@ -2,10 +2,11 @@
 // AVX2 + FMA intrinsics. Included only by csrc/cpu/sgmv_avx2.cpp (compiled with -mavx2 -mfma); the
 // portable kernels in sgmv_cpu.h serve every other dtype and CPU. Framework-free.
 //
-// The expand and the weight gradient run a GEMM micro-tile of kTileRows rows x 16 columns (12 ymm
-// accumulators, one broadcast and two loads per 12 FMAs) over the rows of one expert, which share
-// that expert's slice of the bank; the shrink, a dot-product form, runs 3 x 4 tiles (below). NOTE: 6 x 16 beat 4 x 16 and the token-owned form (1 load per FMA, 4-cycle
-// FMA chains) in a standalone harness: expand T=1024, n=1376, E=8, k=2, r=16: 1.06 ms vs 1.15
+// All three run one GEMM micro-tile of kTileRows rows x 16 columns (12 ymm accumulators, one
+// broadcast and two loads per 12 FMAs) over the rows of one expert, which share that expert's
+// slice of the bank: in the expand and the weight gradient the 16 columns are output features,
+// in the shrink 16 ranks of the packed bank. NOTE: 6 x 16 beat 4 x 16 and the token-owned form
+// (1 load per FMA, 4-cycle FMA chains) in a standalone harness: expand T=1024, n=1376, E=8, k=2, r=16: 1.06 ms vs 1.15
 // (4 x 16), 1.6-2.3 (token-owned); as the op, 1.7-1.9 -> 1.3-1.5 ms against the portable
 // expert-major kernel (E=64 k=8 r=8 n=1024: 2x). 2 threads, 2-core x86 CPU machine, 2026-12-04.
 #pragma once
@@ -81,29 +82,27 @@ inline void tile_accumulate(const float* const* coef, float* const* dst, const f
   }
 }
 
-// The slots [s0, s1) of one expert (indices into slots[]) through tile_accumulate, kTileRows at a
-// time; acc row of slot p: acc + (p / k - t0) * 16.
+// The slots [s0, s1) of one expert through tile_accumulate, kTileRows at a time. slots[2 s] is
+// the slot p (its hs row), slots[2 s + 1] its token's row in the tile (acc + row * 16).
 template <bool kTail>
 inline void expert_rows_accumulate(const int32_t* slots, int64_t s0, int64_t s1, const float* hs,
-                                   int64_t max_rank, int64_t k, int64_t t0, const float* bank,
-                                   int64_t ld, int64_t r, const ChunkMask& m, float* acc) {
+                                   int64_t max_rank, const float* bank, int64_t ld, int64_t r,
+                                   const ChunkMask& m, float* acc) {
   const float* coef[kTileRows];
   float* dst[kTileRows];
   int64_t s = s0;
   for (; s + kTileRows <= s1; s += kTileRows) {
     for (int b = 0; b < kTileRows; ++b) {
-      const int64_t p = slots[s + b];
-      coef[b] = hs + p * max_rank;
-      dst[b] = acc + (p / k - t0) * kTileCols;
+      coef[b] = hs + int64_t{slots[2 * (s + b)]} * max_rank;
+      dst[b] = acc + int64_t{slots[2 * (s + b) + 1]} * kTileCols;
     }
     tile_accumulate<kTileRows, kTail>(coef, dst, bank, ld, r, m);
   }
   // The last 1-5 rows in one narrower tile (one row at a time ran 2 FMA chains per B load).
   const int rest = static_cast<int>(s1 - s);
   for (int b = 0; b < rest; ++b) {
-    const int64_t p = slots[s + b];
-    coef[b] = hs + p * max_rank;
-    dst[b] = acc + (p / k - t0) * kTileCols;
+    coef[b] = hs + int64_t{slots[2 * (s + b)]} * max_rank;
+    dst[b] = acc + int64_t{slots[2 * (s + b) + 1]} * kTileCols;
   }
   switch (rest) {
     case 5: tile_accumulate<5, kTail>(coef, dst, bank, ld, r, m); break;
@@ -125,7 +124,7 @@ inline void expert_rows_accumulate(const int32_t* slots, int64_t s0, int64_t s1,
 // of `panel` contiguous columns per row, so y is written once per element with no row buffer.
 // NOTE: per 64-byte chunk instead, the strided base/y row accesses took 40% of the kernel's time
 // (perf, T=1024, n=1376). Owned by one thread; slots are added in a fixed order: deterministic.
-// Scratch: slots [(t1 - t0) * k], bucket [E + 1], acc [(t1 - t0) * panel].
+// Scratch: slots [2 * (t1 - t0) * k], bucket [E + 1], acc [(t1 - t0) * panel].
 inline void expand_token_tile(const float* hs, const int32_t* slot_expert,
                               const int32_t* rank_offsets, int64_t E, int64_t k,
                               int64_t max_rank, const float* Bt, int64_t n, int64_t panel,
@@ -136,8 +135,14 @@ inline void expand_token_tile(const float* hs, const int32_t* slot_expert,
     if (slot_expert[p] >= 0) ++bucket[slot_expert[p] + 1];
   for (int64_t e = 0; e < E; ++e) bucket[e + 1] += bucket[e];
   // bucket[e] is the next free place of expert e while filling, then expert e's end: shift back.
-  for (int64_t p = t0 * k; p < t1 * k; ++p)
-    if (slot_expert[p] >= 0) slots[bucket[slot_expert[p]]++] = static_cast<int32_t>(p);
+  // Each place holds the slot and its token's row in the tile (no division in the tile loops).
+  for (int64_t t = t0; t < t1; ++t)
+    for (int64_t p = t * k; p < (t + 1) * k; ++p)
+      if (slot_expert[p] >= 0) {
+        int32_t* place = slots + 2 * bucket[slot_expert[p]]++;
+        place[0] = static_cast<int32_t>(p);
+        place[1] = static_cast<int32_t>(t - t0);
+      }
   for (int64_t e = E; e > 0; --e) bucket[e] = bucket[e - 1];
   bucket[0] = 0;
 
@@ -169,11 +174,11 @@ inline void expand_token_tile(const float* hs, const int32_t* slot_expert,
         if (r == 0 || bucket[e] == bucket[e + 1]) continue;
         const float* bank = Bt + r0 * n + c0;
         if (c + 1 < chunks)
-          expert_rows_accumulate<false>(slots, bucket[e], bucket[e + 1], hs, max_rank, k, t0,
-                                        bank, n, r, last, a);
+          expert_rows_accumulate<false>(slots, bucket[e], bucket[e + 1], hs, max_rank, bank, n,
+                                        r, last, a);
         else
-          expert_rows_accumulate<true>(slots, bucket[e], bucket[e + 1], hs, max_rank, k, t0,
-                                       bank, n, r, last, a);
+          expert_rows_accumulate<true>(slots, bucket[e], bucket[e + 1], hs, max_rank, bank, n, r,
+                                       last, a);
       }
     }
     for (int64_t t = 0; t < rows; ++t) {
@@ -190,108 +195,174 @@ inline void expand_token_tile(const float* hs, const int32_t* slot_expert,
   }
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+// The shrink reads the bank packed per expert: each 16-rank chunk of expert e as a panel of
+// 16-float steps, zero past the expert's ranks, so the reduction down d streams one contiguous
+// panel. A wide chunk (9-16 ranks) takes one step per column c: At[c, a0 : a0 + 16). A narrow one
+// (at most 8 ranks, only ever an expert's last) takes a step per column pair (c, c + 1), rank i
+// in lanes 2i (column c) and 2i + 1 (column c + 1), so a 64-bit broadcast of x[t, c : c + 2]
+// feeds 16 lanes too. NOTE: T=1024 E=8 k=2 r=16, the backward's u (d=1376): 0.78-1.0 ms, where
+// the dot-product form (3 rows x 4 ranks, horizontal sums, 7 loads per 12 FMAs) ran 0.98-1.45;
+// the forward (d=512) and E=64 k=8 r=8 d=1024 on par with it. One broadcast per 8-lane FMA (8
+// ranks x 12 rows) ran E=64 at 2.5-3.7 ms against 1.2-1.7: broadcasts from memory issue at one
+// per cycle here. Reading the transposed bank in place (one 64-byte piece every R floats) ran it
+// 3x slower than packed panels. Min of alternating runs, 2 threads, 2-core x86 CPU machine,
+// 2026-12-04.
+inline int64_t shrink_panel_steps(int64_t ranks, int64_t d) { return ranks > 8 ? d : (d + 1) / 2; }
+
+// Floats of an expert's packed panels: every chunk but a narrow last one is 16 * d.
+inline int64_t shrink_packed_size(int64_t r, int64_t d) {
+  const int64_t full = r / 16, rest = r % 16;
+  return 16 * (full * d + (rest == 0 ? 0 : shrink_panel_steps(rest, d)));
 }
 
-constexpr int kShrinkRows = 3, kShrinkRanks = 4;
-
-// out[b][a] = dot(xr[b], ar[a]) over d for a 3-row x 4-rank tile: 12 vector accumulators, 7 loads
-// per 12 FMAs (the portable kernel: one rank at a time, 5 loads per 4 FMAs on 4 dependent
-// chains). The last d % 8 columns through masked loads. NOTE: T=1024 E=8 k=2 r=16: d=512
-// 0.50 -> 0.30 ms, d=1376 (the backward's u) 1.37 -> 0.86 ms; E=64 k=8 r=8 d=1024: 2.53 -> 1.52.
-inline void shrink_tile(const float* const* xr, const float* const* ar, int64_t d,
-                        const ChunkMask& m, float out[kShrinkRows][kShrinkRanks]) {
-  __m256 acc[kShrinkRows][kShrinkRanks];
-  for (int b = 0; b < kShrinkRows; ++b)
-    for (int a = 0; a < kShrinkRanks; ++a) acc[b][a] = _mm256_setzero_ps();
-  int64_t c = 0;
-  for (; c + 8 <= d; c += 8) {
-    __m256 xv[kShrinkRows];
-    for (int b = 0; b < kShrinkRows; ++b) xv[b] = _mm256_loadu_ps(xr[b] + c);
-    for (int a = 0; a < kShrinkRanks; ++a) {
-      const __m256 av = _mm256_loadu_ps(ar[a] + c);
-      for (int b = 0; b < kShrinkRows; ++b) acc[b][a] = _mm256_fmadd_ps(xv[b], av, acc[b][a]);
+// Packs ranks [r0, r0 + r) of bank(a, c) = bank[a * sa + c * sc] (any strides: A [R, d], or the
+// transposed view B^T the backward passes) into the panels at `out` (shrink_packed_size floats).
+inline void pack_shrink_bank(const float* bank, int64_t sa, int64_t sc, int64_t d, int64_t r0,
+                             int64_t r, float* out) {
+  for (int64_t a0 = 0; a0 < r; a0 += 16) {
+    const int64_t w = std::min<int64_t>(16, r - a0);
+    float* o = out + a0 * d;
+    const float* src = bank + (r0 + a0) * sa;
+    const int64_t steps = shrink_panel_steps(w, d);
+    std::fill(o, o + 16 * steps, 0.0f);
+    for (int64_t c = 0; c < d; ++c) {
+      float* step = w > 8 ? o + c * 16 : o + (c / 2) * 16 + (c % 2);
+      const int64_t lane = w > 8 ? 1 : 2;
+      for (int64_t j = 0; j < w; ++j) step[j * lane] = src[j * sa + c * sc];
     }
   }
-  if (c < d) {
-    __m256 xv[kShrinkRows];
-    for (int b = 0; b < kShrinkRows; ++b) xv[b] = _mm256_maskload_ps(xr[b] + c, m.lo);
-    for (int a = 0; a < kShrinkRanks; ++a) {
-      const __m256 av = _mm256_maskload_ps(ar[a] + c, m.lo);
-      for (int b = 0; b < kShrinkRows; ++b) acc[b][a] = _mm256_fmadd_ps(xv[b], av, acc[b][a]);
-    }
-  }
-  for (int b = 0; b < kShrinkRows; ++b)
-    for (int a = 0; a < kShrinkRanks; ++a) out[b][a] = hsum(acc[b][a]);
 }
 
-// h[i, a] = c_i * dot(A[ro_e + a], x[t_i]) for the dispatched rows [i0, i1); 0 beyond r_e and on
-// padding rows. Three rows of one expert at a time, through all of the expert's ranks in blocks
-// of four: the x rows are read from memory once and the expert's [r_e, d] slice of A stays in
-// cache. Rows are owned by the caller's thread: deterministic.
-inline void shrink_rows(const float* x, const float* A, const GroupedMeta& m, const float* w,
-                        const float* scales, int64_t d, int64_t max_rank, int64_t i0, int64_t i1,
-                        float* h) {
+constexpr int64_t kShrinkAhead = 64;  // floats: 4 lines. NOTE: untuned
+
+// h[rows b, a0 : a0 + na) of one panel for 6 rows of one expert: the GEMM micro-tile of the
+// expand turned round, 12 accumulators while the reduction runs down d, per step two loads of the
+// panel and 6 broadcasts of x per 12 FMAs. Rows past `nr` repeat row 0 and are never stored.
+template <bool kWide>
+inline void shrink_tile(const float* const* xr, int nr, const float* panel, int64_t d, int64_t na,
+                        const float* coef, float* const* hrow) {
+  constexpr int RB = kTileRows;
+  __m256 v0[RB], v1[RB];
+  for (int b = 0; b < RB; ++b) {
+    v0[b] = _mm256_setzero_ps();
+    v1[b] = _mm256_setzero_ps();
+  }
+  for (int64_t c0 = 0; c0 < d; c0 += 16) {
+    // The x rows are scattered tokens, one stream each: their next lines are fetched ahead.
+    for (int b = 0; b < RB; ++b)
+      _mm_prefetch(reinterpret_cast<const char*>(xr[b] + c0 + kShrinkAhead), _MM_HINT_T0);
+    const int64_t c1 = std::min(d, c0 + 16);
+    if constexpr (kWide) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const __m256 p0 = _mm256_loadu_ps(panel + c * 16), p1 = _mm256_loadu_ps(panel + c * 16 + 8);
+        for (int b = 0; b < RB; ++b) {
+          const __m256 xv = _mm256_broadcast_ss(xr[b] + c);
+          v0[b] = _mm256_fmadd_ps(xv, p0, v0[b]);
+          v1[b] = _mm256_fmadd_ps(xv, p1, v1[b]);
+        }
+      }
+    } else {
+      for (int64_t c = c0; c + 1 < c1; c += 2) {
+        const __m256 p0 = _mm256_loadu_ps(panel + c * 8), p1 = _mm256_loadu_ps(panel + c * 8 + 8);
+        for (int b = 0; b < RB; ++b) {
+          const __m256 xv = _mm256_castpd_ps(
+              _mm256_broadcast_sd(reinterpret_cast<const double*>(xr[b] + c)));
+          v0[b] = _mm256_fmadd_ps(xv, p0, v0[b]);
+          v1[b] = _mm256_fmadd_ps(xv, p1, v1[b]);
+        }
+      }
+    }
+  }
+  if constexpr (!kWide) {
+    if (d % 2 == 1) {  // the last step's odd lanes are zero in the panel
+      const __m256 p0 = _mm256_loadu_ps(panel + (d - 1) * 8);
+      const __m256 p1 = _mm256_loadu_ps(panel + (d - 1) * 8 + 8);
+      for (int b = 0; b < RB; ++b) {
+        const __m256 xv = _mm256_broadcast_ss(xr[b] + d - 1);
+        v0[b] = _mm256_fmadd_ps(xv, p0, v0[b]);
+        v1[b] = _mm256_fmadd_ps(xv, p1, v1[b]);
+      }
+    }
+  }
+  // Constant trip counts (b < nr tested inside) keep the accumulators in registers.
+  const ChunkMask m(na);
+  for (int b = 0; b < RB; ++b) {
+    if (b >= nr) continue;
+    const __m256 cv = _mm256_set1_ps(coef[b]);
+    if constexpr (kWide) {
+      _mm256_maskstore_ps(hrow[b], m.lo, _mm256_mul_ps(cv, v0[b]));
+      _mm256_maskstore_ps(hrow[b] + 8, m.hi, _mm256_mul_ps(cv, v1[b]));
+    } else {
+      // Lane pairs (column c, c + 1) of ranks 0-3 | 4-7 summed: hadd gives ranks 0 1 4 5 2 3 6 7.
+      const __m256 sums = _mm256_castpd_ps(_mm256_permute4x64_pd(
+          _mm256_castps_pd(_mm256_hadd_ps(v0[b], v1[b])), 0xD8));
+      _mm256_maskstore_ps(hrow[b], m.lo, _mm256_mul_ps(cv, sums));
+    }
+  }
+}
+
+// h[i, a] = c_i * sum_c x[t_i, c] * A[ro_e + a, c] for the dispatched rows [i0, i1); 0 beyond r_e
+// and on padding rows. `packed` holds every expert's panels (pack_shrink_bank) from
+// packed + pack_offsets[e]. Six rows of one expert at a time (their x rows read from L1 as the
+// reduction runs down them), through the expert's ranks 16 at a time. Rows are owned by the
+// caller's thread and reduced in a fixed order: deterministic.
+inline void shrink_rows(const float* x, const float* packed, const int64_t* pack_offsets,
+                        const GroupedMeta& m, const float* w, const float* scales, int64_t d,
+                        int64_t max_rank, int64_t i0, int64_t i1, float* h) {
   std::fill(h + i0 * max_rank, h + i1 * max_rank, 0.0f);
-  const ChunkMask tail(d % 8);
   const int64_t covered = std::min<int64_t>(i1, m.expert_offsets[m.num_experts]);
   int64_t i = i0;
   while (i < covered) {
     const int64_t e = expert_of_row(m.expert_offsets, m.num_experts, i);
     const int64_t seg_end = std::min<int64_t>(covered, m.expert_offsets[e + 1]);
-    const int64_t r0 = m.rank_offsets[e], r = m.rank_offsets[e + 1] - r0;
+    const int64_t r = m.rank_offsets[e + 1] - m.rank_offsets[e];
     if (r == 0) {
       i = seg_end;
       continue;
     }
     while (i < seg_end) {
-      const float* xr[kShrinkRows];
-      int64_t rows[kShrinkRows];
-      float coef[kShrinkRows];
+      const float* xr[kTileRows];
+      int64_t rows[kTileRows];
+      float coef[kTileRows];
       const int nr = next_expert_rows(m, x, d, w, scales, e, seg_end, i, xr, rows, coef);
       if (nr == 0) continue;
-      for (int64_t a0 = 0; a0 < r; a0 += kShrinkRanks) {
-        const int na = static_cast<int>(std::min<int64_t>(kShrinkRanks, r - a0));
-        const float* ar[kShrinkRanks];
-        for (int a = 0; a < kShrinkRanks; ++a) ar[a] = A + (r0 + a0 + std::min(a, na - 1)) * d;
-        float out[kShrinkRows][kShrinkRanks];
-        shrink_tile(xr, ar, d, tail, out);
-        for (int b = 0; b < nr; ++b)
-          for (int a = 0; a < na; ++a) h[rows[b] * max_rank + a0 + a] = coef[b] * out[b][a];
+      float* hrow[kTileRows];
+      for (int64_t a0 = 0; a0 < r; a0 += 16) {
+        for (int b = 0; b < kTileRows; ++b)
+          hrow[b] = h + rows[std::min(b, nr - 1)] * max_rank + a0;
+        const int64_t na = std::min<int64_t>(16, r - a0);
+        const float* panel = packed + pack_offsets[e] + a0 * d;
+        if (na > 8)
+          shrink_tile<true>(xr, nr, panel, d, na, coef, hrow);
+        else
+          shrink_tile<false>(xr, nr, panel, d, na, coef, hrow);
       }
     }
   }
 }
 
-// G[ro_e + a0 + b, c0 : c0 + 16) for b < rb (<= RB) of one expert: 2 * RB accumulators while
-// the expert's dispatched rows [i0, i1) stream past (two loads of an X row chunk, RB broadcasts of
-// hs per 2 * RB FMAs). The rows are scattered over X, so the chunk of the row kAhead rows on
-// (up to row `rows`, the next experts' included) is prefetched. NOTE: without it the first load
-// of each row chunk took a quarter of the kernel.
+// G[ro_e + a0 + b, c0 : c0 + 16) for b < rb (<= RB) of one expert, over the dispatched rows
+// [i0, i1) of one row block: 2 * RB accumulators (loaded from G, or zero on the expert's first
+// block) while the rows stream past: two loads of an X row chunk, RB broadcasts of hs per 2 * RB
+// FMAs. Rows are added in dispatch order, whatever the blocking: deterministic.
 template <int RB, bool kTail>
-inline void weight_grad_block(const float* X, const float* hs, const int32_t* row_token,
-                              int64_t i0, int64_t i1, int64_t rows, int64_t max_rank, int64_t n,
-                              int64_t c0, int64_t a0, int rb, const ChunkMask& m, float* G) {
-  constexpr int64_t kAhead = 16;  // NOTE: untuned
+inline void weight_grad_tile(const float* X, const float* hs, const int32_t* row_token,
+                             int64_t i0, int64_t i1, int64_t max_rank, int64_t n, int64_t c0,
+                             int64_t a0, int rb, bool first, const ChunkMask& m, float* G) {
   __m256 v0[RB], v1[RB];
   for (int b = 0; b < RB; ++b) {
-    v0[b] = _mm256_setzero_ps();
-    v1[b] = _mm256_setzero_ps();
+    if (first || b >= rb) {
+      v0[b] = _mm256_setzero_ps();
+      v1[b] = _mm256_setzero_ps();
+    } else {
+      load16<kTail>(G + (a0 + b) * n + c0, m, v0[b], v1[b]);
+    }
   }
   // rb < RB only on an expert's last rank block: the idle lanes repeat the last bank row's
   // coefficient and are never stored.
   int64_t col[RB];
   for (int b = 0; b < RB; ++b) col[b] = a0 + std::min(b, rb - 1);
   for (int64_t i = i0; i < i1; ++i) {
-    if (i + kAhead < rows && row_token[i + kAhead] >= 0) {
-      const float* ahead = X + row_token[i + kAhead] * n + c0;
-      _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(ahead + kTileCols - 1), _MM_HINT_T0);
-    }
     const int32_t t = row_token[i];
     if (t < 0) continue;
     __m256 x0, x1;
@@ -303,46 +374,63 @@ inline void weight_grad_block(const float* X, const float* hs, const int32_t* ro
       v1[b] = _mm256_fmadd_ps(c, x1, v1[b]);
     }
   }
-  for (int b = 0; b < rb; ++b) store16<kTail>(G + (a0 + b) * n + c0, m, v0[b], v1[b]);
+  // Loops over the constant RB (b < rb tested inside) keep v0 / v1 in registers: a runtime trip
+  // count indexes the arrays and spilled all 12 accumulators to the stack (GCC -O3). NOTE: the
+  // spilled form ran T=1024 E=8 k=2 r=16 dB (d=1376) in 1.84-2.04 ms, dA (d=512) 0.91-1.02 ms;
+  // in registers 0.92-1.43 / 0.39-0.45 ms (E=64 k=8 r=8 d=1024: 3.3-3.7 -> 1.5-2.3 ms). Min of
+  // alternating runs, 2 threads, 2-core x86 CPU machine, 2026-12-04.
+  for (int b = 0; b < RB; ++b)
+    if (b < rb) store16<kTail>(G + (a0 + b) * n + c0, m, v0[b], v1[b]);
 }
 
 template <bool kTail>
-inline void weight_grad_expert(const float* X, const float* hs, const int32_t* row_token,
-                               int64_t i0, int64_t i1, int64_t rows, int64_t max_rank, int64_t n,
-                               int64_t c0, int64_t r, const ChunkMask& m, float* G) {
+inline void weight_grad_chunk(const float* X, const float* hs, const int32_t* row_token,
+                              int64_t i0, int64_t i1, int64_t max_rank, int64_t n, int64_t c0,
+                              int64_t r, bool first, const ChunkMask& m, float* G) {
   // Rank blocks of 6, or of 4 up to rank 8 (8 = 4 + 4 wastes no lanes; 6 + 2 would waste 4).
   const int block = r <= 8 ? 4 : kTileRows;
   for (int64_t a0 = 0; a0 < r; a0 += block) {
     const int rb = static_cast<int>(std::min<int64_t>(block, r - a0));
     if (block == 4)
-      weight_grad_block<4, kTail>(X, hs, row_token, i0, i1, rows, max_rank, n, c0, a0, rb, m, G);
+      weight_grad_tile<4, kTail>(X, hs, row_token, i0, i1, max_rank, n, c0, a0, rb, first, m, G);
     else
-      weight_grad_block<kTileRows, kTail>(X, hs, row_token, i0, i1, rows, max_rank, n, c0, a0,
-                                          rb, m, G);
+      weight_grad_tile<kTileRows, kTail>(X, hs, row_token, i0, i1, max_rank, n, c0, a0, rb,
+                                         first, m, G);
   }
 }
+
+// Dispatched rows per block of the weight gradient: the block's slices of X stay in L2 while
+// every column chunk of the thread passes over them. NOTE: untuned: 32, 64, 128 and one block per
+// expert were on par at T=1024 (E=8 k=2 r=16), within the machine's noise.
+constexpr int64_t kWeightGradRows = 64;
 
 // The grouped weight gradient over the column chunks [c_begin, c_end) (16 columns each):
 //   G[ro_e + a, c] = sum_{rows i of expert e} hs[i, a] * X[token_i, c]
 // hs [P, max_rank] holds the coefficient-scaled rows in dispatch order, row_token the token of
 // each dispatched row (-1 on padding). X rows are read in place: nothing is gathered or copied.
-// A chunk is owned by one thread and rows are summed in dispatch order: deterministic.
+// Row blocks are the outer loop, so each X row is read as one contiguous span (the thread's
+// columns) while it is in cache, not one 64-byte line per chunk pass over all rows. A chunk is owned by one thread and rows are summed in dispatch order: deterministic.
 inline void weight_grad_chunks(const float* X, const float* hs, const int32_t* row_token,
                                const int32_t* expert_offsets, const int32_t* rank_offsets,
                                int64_t E, int64_t max_rank, int64_t n, int64_t c_begin,
                                int64_t c_end, float* G) {
-  for (int64_t chunk = c_begin; chunk < c_end; ++chunk) {
-    const int64_t c0 = chunk * kTileCols, nb = std::min(kTileCols, n - c0);
-    const ChunkMask m(nb);
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t r0 = rank_offsets[e], r = rank_offsets[e + 1] - r0;
-      const int64_t i0 = expert_offsets[e], i1 = expert_offsets[e + 1], rows = expert_offsets[E];
-      if (nb == kTileCols)
-        weight_grad_expert<false>(X, hs, row_token, i0, i1, rows, max_rank, n, c0, r, m,
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t r0 = rank_offsets[e], r = rank_offsets[e + 1] - r0;
+    const int64_t i0 = expert_offsets[e], i1 = expert_offsets[e + 1];
+    if (r == 0) continue;
+    // An expert with no rows still gets its zero rows (one empty block).
+    for (int64_t b0 = i0; b0 < i1 || b0 == i0; b0 += kWeightGradRows) {
+      const int64_t b1 = std::min(i1, b0 + kWeightGradRows);
+      for (int64_t chunk = c_begin; chunk < c_end; ++chunk) {
+        const int64_t c0 = chunk * kTileCols, nb = std::min(kTileCols, n - c0);
+        const ChunkMask m(nb);
+        if (nb == kTileCols)
+          weight_grad_chunk<false>(X, hs, row_token, b0, b1, max_rank, n, c0, r, b0 == i0, m,
+                                   G + r0 * n);
+        else
+          weight_grad_chunk<true>(X, hs, row_token, b0, b1, max_rank, n, c0, r, b0 == i0, m,
                                   G + r0 * n);
-      else
-        weight_grad_expert<true>(X, hs, row_token, i0, i1, rows, max_rank, n, c0, r, m,
-                                 G + r0 * n);
+      }
     }
   }
 }

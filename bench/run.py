@@ -36,9 +36,10 @@ DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
 # Seconds of measurement per row (GPU: after a warm-up of a quarter of that), minimum samples.
-# cpu: 20 interleaved rounds, so the layer rows (one 10-50 ms call per block) get 20 samples: with
-# 10, two rows of the same computation (auto and grouped) differed by 23% in one run. NOTE: untuned.
-BUDGETS = {"full": Budget(0.1, 10, 1000), "cpu": Budget(0.2, 20), "tiny": Budget(0.05, 5)}
+# cpu: 40 interleaved rounds, so the layer rows (one 10-50 ms call per block) get 40 samples: with
+# 10, two rows of the same computation (auto and grouped) differed by 23% in one run, with 20 by up
+# to 12% (2-core CPU machine). NOTE: untuned beyond that.
+BUDGETS = {"full": Budget(0.1, 10, 1000), "cpu": Budget(0.2, 40), "tiny": Budget(0.05, 5)}
 QUICK = Budget(0.005, 3, 50)
 
 

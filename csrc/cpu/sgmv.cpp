@@ -183,8 +183,8 @@ at::Tensor sgmv_shrink_cpu(const at::Tensor& x_in, const at::Tensor& A_in,
   const int64_t grain = cpu::grain_for(d * std::max<int64_t>(1, g.max_rank));
 #ifdef MOLORA_HAVE_AVX2_KERNELS
   if (x.scalar_type() == at::kFloat && cpu::avx2::available()) {
-    // The register-tiled kernel reads the bank packed per expert (16-rank panels, about R * d floats,
-    // a few hundred KB), straight from A or from the transposed view the backward's
+    // The register-tiled kernel reads the bank packed per expert (16-rank panels, about R * d
+    // floats, a few hundred KB), straight from A or from the transposed view the backward's
     // u = shrink(grad_y, B^T) passes: no separate transpose.
     const int64_t E = g.num_experts;
     const int32_t* ro = g.rank_offsets.data_ptr<int32_t>();
@@ -195,8 +195,8 @@ at::Tensor sgmv_shrink_cpu(const at::Tensor& x_in, const at::Tensor& A_in,
     const float* bank = A_in.data_ptr<float>();
     at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
       for (int64_t e = e0; e < e1; ++e)
-        cpu::avx2::pack_shrink_bank(bank, A_in.stride(0), A_in.stride(1), d, ro[e], ro[e + 1] - ro[e],
-                                    packed.data_ptr<float>() + pack_offsets[e]);
+        cpu::avx2::pack_shrink_bank(bank, A_in.stride(0), A_in.stride(1), d, ro[e],
+                                    ro[e + 1] - ro[e], packed.data_ptr<float>() + pack_offsets[e]);
     });
     const auto meta = g.meta();
     at::parallel_for(0, P, grain, [&](int64_t i0, int64_t i1) {

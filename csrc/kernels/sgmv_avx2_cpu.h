@@ -6,9 +6,10 @@
 // broadcast and two loads per 12 FMAs) over the rows of one expert, which share that expert's
 // slice of the bank: in the expand and the weight gradient the 16 columns are output features,
 // in the shrink 16 ranks of the packed bank. NOTE: 6 x 16 beat 4 x 16 and the token-owned form
-// (1 load per FMA, 4-cycle FMA chains) in a standalone harness: expand T=1024, n=1376, E=8, k=2, r=16: 1.06 ms vs 1.15
-// (4 x 16), 1.6-2.3 (token-owned); as the op, 1.7-1.9 -> 1.3-1.5 ms against the portable
-// expert-major kernel (E=64 k=8 r=8 n=1024: 2x). 2 threads, 2-core x86 CPU machine, 2026-12-04.
+// (1 load per FMA, 4-cycle FMA chains) in a standalone harness: expand T=1024, n=1376, E=8, k=2,
+// r=16: 1.06 ms vs 1.15 (4 x 16), 1.6-2.3 (token-owned); as the op, 1.7-1.9 -> 1.3-1.5 ms against
+// the portable expert-major kernel (E=64 k=8 r=8 n=1024: 2x). 2 threads, 2-core x86 CPU machine,
+// 2026-12-04.
 #pragma once
 
 #include <immintrin.h>
@@ -433,7 +434,8 @@ constexpr int64_t kWeightGradRows = 64;
 // hs [P, max_rank] holds the coefficient-scaled rows in dispatch order, row_token the token of
 // each dispatched row (-1 on padding). X rows are read in place: nothing is gathered or copied.
 // Row blocks are the outer loop, so each X row is read as one contiguous span (the thread's
-// columns) while it is in cache, not one 64-byte line per chunk pass over all rows. A chunk is owned by one thread and rows are summed in dispatch order: deterministic.
+// columns) while it is in cache, not one 64-byte line per chunk pass over all rows. A chunk is
+// owned by one thread and rows are summed in dispatch order: deterministic.
 inline void weight_grad_chunks(const float* X, const float* hs, const int32_t* row_token,
                                const int32_t* expert_offsets, const int32_t* rank_offsets,
                                int64_t E, int64_t max_rank, int64_t n, int64_t c_begin,

@@ -4,8 +4,11 @@ bandwidth, matmul rate) that every row is compared against."""
 
 from __future__ import annotations
 
+import gc
 import math
 import os
+import random
+import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Sequence
 
@@ -84,9 +87,6 @@ def interleaved(blocks: Sequence[Callable[[], object]], rounds: int, seed: int =
     no block always follows the same one. NOTE: in a fixed rotation the layer's auto row, which
     always followed the reference (whose allocations and traffic evict the caches), ran 5-25%
     slower than the grouped row right after it, the same computation (2-core CPU machine)."""
-    import gc
-    import random
-
     order = list(range(len(blocks)))
     shuffle = random.Random(seed).shuffle
     results: list = [[] for _ in blocks]
@@ -115,8 +115,6 @@ def time_cpu_interleaved(fns: Sequence[Callable[[], object]], budget: Budget,
     budget.seconds / rounds, at least one call; its time per call is a sample). The same work as
     `time_cpu`, but a neighbour loading the memory system for seconds at a time slows every fn
     alike instead of whichever row was being timed then."""
-    import time
-
     n_rounds = max(rounds, budget.min_samples)
     block_s = budget.seconds / n_rounds
 

@@ -395,6 +395,25 @@ def test_cpu_expand_paths(T, k, dtype, n):
         _assert_near(y, want, dtype)
 
 
+@pytest.mark.parametrize("layout", ["rows", "padded", "strided", "transposed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_expand_bank_layouts(layout, dtype):
+    """The token-tile expand reads the bank as B^T [R, n]: B given row-major, as a narrow slice of
+    a wider bank (row stride > R), with strided columns, or as the transpose of a row-major
+    [R, n] (used in place). R = 85 and n = 150: partial 32 x 32 transpose blocks and a partial
+    4 x 4 piece on both sides."""
+    T, k, n = 301, 3, 150
+    g, ro, meta, h, (w, s) = _ragged_grouped(7, T, k, [3, 0, 70, 2, 10], dtype)
+    R = int(ro[-1])
+    full = torch.randn(R + 3, 2 * n, generator=g, dtype=torch.float64).to(dtype)
+    B = {"rows": full[:R, :n].t().contiguous(), "padded": full.t()[:n].contiguous()[:, :R],
+         "strided": full[:R, ::2].t(), "transposed": full[:R, :n].contiguous().t()}[layout]
+    assert B.shape == (n, R) and B.is_contiguous() == (layout == "rows")
+    y = molora_ops.sgmv_expand(h, B, ro, *meta, w, s, None)
+    want = ref.sgmv_expand(h.double(), B.double(), ro, *meta, w.double(), s.double(), None)
+    _assert_near(y, want, dtype)
+
+
 def _ragged_grouped(seed, T, k, ranks, dtype):
     """(generator, rank_offsets, (order, pos, expert_offsets), h [P, 70], (weights, scales)) of
     random ids in [-1, E) (dropped slots, repeated ids) over the ragged `ranks`."""

@@ -82,7 +82,7 @@ at::Tensor rank_sparse_expand_cpu(const at::Tensor& values_in, const at::Tensor&
                      values_in.sizes(), ", got ", ids.sizes());
   check_pair_weights(op, weights, ids, values_in);
   check_base(op, base, T, n, values_in);
-  const at::Tensor values = values_in.contiguous(), Bt = B.t().contiguous();
+  const at::Tensor values = values_in.contiguous(), Bt = cpu::transposed(B);
   const at::Tensor w = opmath_or_undefined(weights, opmath_dtype(values.scalar_type()));
   const at::Tensor base_c = base.has_value() ? base->contiguous() : at::Tensor();
   const int64_t k = ids.size(1);

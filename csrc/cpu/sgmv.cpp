@@ -256,7 +256,7 @@ at::Tensor sgmv_expand_cpu(const at::Tensor& h_in, const at::Tensor& B_in,
     at::Tensor y = base_c.defined() ? at::addmm(base_c.to(acc), hd, Bt_acc) : hd.mm(Bt_acc);
     return y.to(h.scalar_type()).contiguous();
   }
-  const at::Tensor Bt = B_in.t().contiguous();
+  const at::Tensor Bt = cpu::transposed(B_in);
   at::Tensor y = at::empty({T, n}, h.options());
 #ifdef MOLORA_HAVE_AVX2_KERNELS
   if (h.scalar_type() == at::kFloat && cpu::avx2::available()) {

@@ -34,7 +34,7 @@ def _version(module: str) -> str:
 
 
 def metadata(device: torch.device, device_name: str, dtype: torch.dtype, preset: str,
-             argv: List[str]) -> dict:
+             argv: List[str], malloc: Optional[str] = None) -> dict:
     import molora_ops
     status = _git("status", "--porcelain")
     return {
@@ -56,6 +56,7 @@ def metadata(device: torch.device, device_name: str, dtype: torch.dtype, preset:
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "platform": platform.platform(),
         "argv": argv,
+        "malloc": malloc,  # "retain" / "default" (bench/timing.retain_freed_memory), None: not set
     }
 
 

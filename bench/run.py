@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # `python bench/run.py`: make `bench` importable 
 
 import torch
 
-from . import overhead, plan, report
+from . import overhead, plan, report, timing
 from .backends import describe
 from .bench_layers import method_cases, method_specs
 from .cases import SPECS
@@ -64,6 +64,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's, but 1 with --quick, whose tiny ops "
                         "only lose to threading overhead, and 1 on a busy machine)")
+    p.add_argument("--malloc", default="retain", choices=["retain", "default"],
+                   help="CPU on glibc: 'retain' (default) keeps freed memory in the heap for reuse, "
+                        "as jemalloc / tcmalloc do; 'default' leaves glibc's settings "
+                        "(bench/timing.py: retain_freed_memory)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-overhead", action="store_true",
                    help="skip the per-call overhead section (bench/overhead.py, CPU, T=1)")
@@ -155,6 +159,8 @@ def _run(args: argparse.Namespace, argv: List[str]) -> int:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
+    malloc = (timing.retain_freed_memory() if device.type == "cpu" and args.malloc == "retain"
+              else "default")
     threads = args.threads or _default_threads(args.quick, device)
     if threads:
         torch.set_num_threads(threads)
@@ -173,7 +179,8 @@ def _run(args: argparse.Namespace, argv: List[str]) -> int:
     name = device_name(device)
 
     print(f"molora_ops bench: {name}, {str(dtype).replace('torch.', '')}, preset {preset}, "
-          f"{len(cases)} cases, modes {','.join(modes)}")
+          f"{len(cases)} cases, modes {','.join(modes)}"
+          + (", freed memory retained (--malloc)" if malloc == "retain" else ""))
     for note in notes:
         print(f"note: {note}")
     start = time.perf_counter()
@@ -205,7 +212,7 @@ def _run(args: argparse.Namespace, argv: List[str]) -> int:
 
     results = {
         "schema": report.SCHEMA,
-        "meta": report.metadata(device, name, dtype, preset, argv),
+        "meta": report.metadata(device, name, dtype, preset, argv, malloc),
         "config": {"budget": dataclasses.asdict(budget),
                    "modes": list(modes), "cuda_graph": args.cuda_graph,
                    "l2_bytes": cfg.l2_bytes, "notes": notes},

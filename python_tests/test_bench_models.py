@@ -179,6 +179,44 @@ def test_time_cpu_interleaved_blocks():
     assert calls.count("fast") > 20 * calls.count("slow")
 
 
+_RETAIN_PROBE = """
+import ctypes, ctypes.util, resource, sys
+sys.path.insert(0, sys.argv[1])
+from bench import timing
+mode = timing.retain_freed_memory() if sys.argv[2] == "retain" else "default"
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+faults = []
+for _ in range(3):  # 40 MiB: past the 32 MiB up to which glibc's own settings adapt
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    p = libc.malloc(40 << 20)
+    ctypes.memset(p, 1, 40 << 20)
+    libc.free(p)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(mode, min(faults[1:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_retain_freed_memory_reuses_pages():
+    """After `retain_freed_memory` (the bench's --malloc retain, glibc) a freed 40 MiB block is
+    reused: filling it again takes no page faults. With glibc's own settings it is a fresh
+    mapping every time (10k faults per fill), so the probe tells the two apart."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = {}
+    for mode in ("retain", "default"):
+        words = subprocess.run([sys.executable, "-c", _RETAIN_PROBE, root, mode], check=True,
+                               capture_output=True, text=True).stdout.split()
+        out[mode] = (words[0], int(words[1]))
+    if out["retain"][0] != "retain":
+        pytest.skip("the C library is not glibc")
+    assert out["retain"][1] < 100, out
+    assert out["default"][1] > 5000, out
+
+
 @pytest.mark.parametrize("routing", ["uniform", "zipf"])
 def test_routing_ids(routing):
     T, E, k = 2000, 8, 2
@@ -291,9 +329,10 @@ def test_quick_run_end_to_end(tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["schema"] == "molora_ops.bench/1"
     for key in ("date", "device", "device_type", "dtype", "torch", "triton", "python",
-                "git_commit", "preset", "threads"):
+                "git_commit", "preset", "threads", "malloc"):
         assert key in res["meta"], key
     assert res["meta"]["preset"] == "tiny"
+    assert res["meta"]["malloc"] in ("retain", "default")  # CPU run: --malloc retain, glibc or not
     assert res["ceilings"]["copy_gb_per_s"] > 0 and res["ceilings"]["matmul_gflop_per_s"] > 0
     assert res["backends"]["reference"]["available"]
     rows = res["rows"]

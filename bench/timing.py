@@ -82,8 +82,8 @@ def retain_freed_memory() -> str:
     fresh zero-filled pages back in: 1.4 us per 4 KiB page here (a 64 MiB fresh fill 25.5 ms
     against 2.8 ms reused). Whether it happens depends on the heap's layout: in 3 of 4
     processes the T=1024 MoE-LoRA layer took 255-544 faults per call (0.35-0.75 ms on a 7.9 ms
-    base linear) and the base linear 0; with this setting 0 in all. So the rows of a run are
-    timed on their kernels, not on where glibc happened to place their outputs."""
+    base linear) and the base linear 0 (0-230 in other processes); with this setting 0 in all.
+    So the rows of a run are timed on their kernels, not on where glibc placed their outputs."""
     import ctypes
     import ctypes.util
 

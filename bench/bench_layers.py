@@ -271,7 +271,9 @@ def _spec(method: Method, mods) -> OpSpec:
 
 
 def method_cases(preset: str) -> List[Case]:
-    """The method layers' cases of a preset (names as in METHODS)."""
+    """The method layers' cases of a preset (names as in METHODS); none in `layer`."""
+    if preset == "layer":
+        return []
     if preset == "full":
         cases = [Case(T, d, f, 8, 2, 16, op="mixlora_ffn", tag=f"{name}.ffn")
                  for name, (d, f) in MODELS.items() for T in (16, 4096)]

@@ -39,14 +39,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # cpu: 40 interleaved rounds, so the layer rows (one 10-50 ms call per block) get 40 samples: with
 # 10, two rows of the same computation (auto and grouped) differed by 23% in one run, with 20 by up
 # to 12% (2-core CPU machine). NOTE: untuned beyond that.
-BUDGETS = {"full": Budget(0.1, 10, 1000), "cpu": Budget(0.2, 40), "tiny": Budget(0.05, 5)}
+BUDGETS = {"full": Budget(0.1, 10, 1000), "cpu": Budget(0.2, 40), "tiny": Budget(0.05, 5),
+           "layer": Budget(0.1, 10, 1000)}
 QUICK = Budget(0.005, 3, 50)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
-                   help="case grid (auto: full on a GPU, cpu otherwise; tiny with --quick)")
+                   help="case grid (auto: full on a GPU, cpu otherwise; tiny with --quick; layer: the "
+                        "MoE-LoRA linear alone at the plan's shape)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: tiny shapes (unless --preset is given), short timing")
     p.add_argument("--ops", default=None,

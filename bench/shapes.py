@@ -167,7 +167,18 @@ def _tiny() -> List[Case]:
     return _dedupe(cases)
 
 
-PRESETS = {"full": _full, "cpu": _cpu, "tiny": _tiny}
+def _layer() -> List[Case]:
+    # The MoE-LoRA linear alone at the shape of `python -m bench --plan` (T=4096, 4096 -> 4096,
+    # E=8, k=2, r=16) with both routings, and at Llama-2-7B's up projection: the layer against
+    # the base linear, the per-expert loop and torch._grouped_mm in a minute on a GPU.
+    d, d_ff = MODELS["llama2-7b"]
+    cases = [Case(4096, d, d, op="moe_lora", routing=rt, tag="plan", **DEFAULT_MOE)
+             for rt in ROUTINGS]
+    cases.append(Case(4096, d, d_ff, op="moe_lora", tag="llama2-7b.up", **DEFAULT_MOE))
+    return cases
+
+
+PRESETS = {"full": _full, "cpu": _cpu, "tiny": _tiny, "layer": _layer}
 
 
 def preset_cases(name: str, ops: Iterable[str] | None = None) -> List[Case]:

@@ -23,7 +23,7 @@ from gpu_compare import assert_topk_ids, cpp_cuda_ops, cuda_kernels, smem_kernel
     topk_tie_mismatch  # noqa: E402
 import sanitize_kernels  # noqa: E402
 
-STEPS = ["build", "gpu_tests", "bench", "memcheck", "racecheck", "triton"]
+STEPS = ["build", "gpu_tests", "bench", "layer", "memcheck", "racecheck", "triton"]
 LINE = re.compile(r"^(\w+)\s+(PASS|FAIL|TIMEOUT|SKIPPED)\s+(\d+|-)\s+(\d+)\s+(.*)$")
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -84,8 +84,9 @@ def test_dry_run_layout_and_summary(tmp_path):
     p, out = _run(tmp_path)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
     files = _check_out_layout(out)
-    assert {"summary.txt", "logs.tgz", "router_dispatch.json"} <= set(files) <= \
-        {"summary.txt", "logs.tgz", "router_dispatch.json", "router_dispatch.png"}
+    assert {"summary.txt", "logs.tgz", "router_dispatch.json", "layer.json"} <= set(files) <= \
+        {"summary.txt", "logs.tgz", "router_dispatch.json", "router_dispatch.png", "layer.json",
+         "layer_ncu.json"}
     rows, passed, text = _summary(out)
     assert passed and all(r[0] == "PASS" for r in rows.values()), text
     for step, (_, secs, limit, note) in rows.items():
@@ -95,12 +96,15 @@ def test_dry_run_layout_and_summary(tmp_path):
     assert re.search(r"\d+ calls ok, 0 failed", rows["memcheck"][3])
     assert re.search(r"\d+ calls ok, 0 failed", rows["racecheck"][3])
     assert re.search(r"rows \(\d+ molora\), 0 failures", rows["bench"][3])
+    assert re.search(r"^\d+ rows, 0 failures;tiny T=\d+ uniform, native, fwd \d+\.\d+x base",
+                     rows["layer"][3]), rows["layer"]
     # the output ends with the summary (the device tool returns the tail of the output)
     assert p.stdout.rstrip().endswith(text.rstrip())
     with tarfile.open(out / "logs.tgz") as tar:
         names = set(tar.getnames())
         assert {f"logs/{s}.log" for s in STEPS} | {"logs/env.txt", "logs/summary.txt",
-                                                    "logs/router_dispatch_table.txt"} <= names
+                                                    "logs/router_dispatch_table.txt",
+                                                    "logs/layer_table.txt"} <= names
         memcheck = tar.extractfile("logs/memcheck.log").read().decode()
         racecheck = tar.extractfile("logs/racecheck.log").read().decode()
     # the sanitizer command lines carry the kernel filters: every kernel for memcheck, the
@@ -122,7 +126,7 @@ def test_dry_run_failed_build_skips_the_rest(tmp_path):
     assert rows["build"][0] == "FAIL" and rows["build"][3] == "broken on purpose", text
     for s in ("gpu_tests", "bench"):
         assert rows[s][0] == "SKIPPED" and "build" in rows[s][3], text
-    for s in ("memcheck", "racecheck", "triton"):
+    for s in ("layer", "memcheck", "racecheck", "triton"):
         assert rows[s][0] == "SKIPPED" and rows[s][3].startswith("not selected"), text
 
 
@@ -230,3 +234,60 @@ def test_sanitize_kernels_emulated_subset(capsys):
     out = capsys.readouterr().out
     assert re.search(r"sanitize_kernels: \d+ calls ok, 0 failed", out), out
     assert sanitize_kernels.main(["--emulate", "--ops", "no_such_op"]) == 2
+
+
+def test_ncu_layer_report_groups_kernels_by_stream(tmp_path):
+    """scripts/ncu_layer.py --report on a log in ncu's --csv format (one row per kernel and
+    metric, numbers with thousands separators, the profiler's own lines mixed in): kernels go to
+    the formulations by stream in the order the streams first appear, bytes are summed against
+    molora_ops.plan's planned and minimum bytes."""
+    import ncu_layer
+    from molora_ops import plan
+
+    head = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream",'
+            '"Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit",'
+            '"Metric Value"')
+    # (id, stream, kernel, read bytes, write bytes, ns)
+    kernels = [(0, 13, "sm90_gemm", 70_000_000, 33_000_000, 90_000),
+               (1, 14, "dispatch_kernel", 200_000, 100_000, 5_000),
+               (2, 14, "sgmv_shrink", 68_000_000, 300_000, 40_000),
+               (3, 14, "sgmv_expand", 35_000_000, 33_500_000, 30_000),
+               (4, 15, "fused_moe_lora", 67_000_000, 33_600_000, 35_000)]
+    lines = ["==PROF== Connected to process 1", "ncu_layer: profiled", head]
+    for i, st, name, rd, wr, ns in kernels:
+        for metric, unit, v in (("dram__bytes_read.sum", "byte", rd),
+                                ("dram__bytes_write.sum", "byte", wr),
+                                ("gpu__time_duration.sum", "nsecond", ns)):
+            lines.append(f'"{i}","1","python3","h","{name}","1","{st}","(256, 1, 1)","(9, 1, 1)",'
+                         f'"0","9.0","Command line profiler metrics","{metric}","{unit}","{v:,}"')
+    csv_path, order = tmp_path / "ncu.csv", tmp_path / "order"
+    csv_path.write_text("\n".join(lines) + "\n")
+    order.write_text("base_linear grouped fused\n")
+    out = ncu_layer.report(str(csv_path), str(order), str(tmp_path / "ncu.json"))
+    shape = ncu_layer._shape()
+    rows = out["rows"]
+    assert list(rows) == ["base_linear", "grouped", "fused"]
+    assert rows["grouped"]["kernels"] == ["dispatch_kernel", "sgmv_shrink", "sgmv_expand"]
+    g = rows["grouped"]
+    assert g["dram_read"] == 103_200_000 and g["dram_write"] == 33_900_000
+    planned = sum(l.bytes for l in plan.launches("grouped", shape))
+    assert g["x_planned"] == pytest.approx(137_100_000 / planned)
+    assert g["x_minimum"] == pytest.approx(137_100_000 / plan.minimum_bytes(shape))
+    assert rows["fused"]["kernel_us"] == 35.0
+    assert rows["fused"]["x_base_kernels"] == pytest.approx((35 + 90) / 90)
+    assert (tmp_path / "ncu.json").exists()
+    order.write_text("base_linear grouped dense fused\n")  # a window without kernels: an error
+    with pytest.raises(SystemExit, match="3 streams"):
+        ncu_layer.report(str(csv_path), str(order))
+
+
+def test_ncu_layer_run_calls_every_formulation(tmp_path):
+    """scripts/ncu_layer.py's profiled program at a small shape on the CPU (no profiler windows
+    there): the base linear and every formulation that runs here, in the order it writes."""
+    import ncu_layer
+    from molora_ops import plan
+
+    shape = plan.Layer(T=40, d_in=24, d_out=20, E=3, k=2, R=12, max_rank=4, elem=2)
+    ncu_layer.run(str(tmp_path / "order"), device="cpu", shape=shape)
+    order = (tmp_path / "order").read_text().split()
+    assert order[:3] == ["base_linear", "grouped", "dense"]  # fused: Triton on CUDA only

@@ -28,6 +28,14 @@
 #                   the GPU: 64 rows x 0.2 s of timing = 13 s, + warm-ups, input sets drawn on the
 #                   GPU, tie-aware checks, the copy/matmul ceilings (~3 s), imports and the plot.
 #                   Expect 35-45 s. NOTE: untuned
+#   layer      150  the MoE-LoRA linear alone (python -m bench --preset layer --ops moe_lora, bf16):
+#                   T=4096 at the plan's shape (4096 -> 4096, E=8, k=2, r=16, both routings) and
+#                   Llama-2-7B's up projection, against the base linear, the per-expert loop,
+#                   torch._grouped_mm and the reference; 3 cases x ~12 rows x 3 modes x 0.1 s of
+#                   timing = ~35 s + warm-ups, Triton compiles and fp64 checks. Then one forward of
+#                   each formulation and of the base linear under ncu (scripts/ncu_layer.py: DRAM
+#                   bytes read / written against molora_ops.plan, ~10 kernels x a few replay
+#                   passes, torch's start ~15 s). Expect 70-110 s. NOTE: untuned
 #   memcheck    90  compute-sanitizer --tool memcheck on scripts/sanitize_kernels.py (~100 calls of
 #                   the 13 ops with a CUDA C++ kernel), instrumenting only our kernels (one
 #                   --kernel-name kns=<kernel> per __global__ of csrc/kernels: torch's own kernels
@@ -51,8 +59,8 @@
 # Total budget GPU_VALIDATE_BUDGET_S=540 s: the device tool stops a command at 600 s; 540 s leaves
 # ~50 s for the last step's kill grace (10 s), packing the logs and the tool's own overhead, so the
 # summary is always written by this script. Critical path with every step at its limit:
-# 200 + 100 + 75 + max(165, 180) = 555 s, so the last lane is cut to what is left; expected
-# 60-120 + 30-60 + 35-45 + 60-90 = ~200-320 s.
+# 200 + 100 + 75 + 150 + max(165, 180) = 705 s, so the last lanes are cut to what is left;
+# expected 60-120 + 30-60 + 35-45 + 70-110 + 60-90 = ~270-430 s.
 #
 # Output ($OUT, the device tool's folder; /tmp/gpu_validate when unset): at most 8 files come back
 # from it, so this script writes exactly
@@ -62,6 +70,8 @@
 #                            after each step, so a hard stop still leaves the logs so far)
 #     router_dispatch.json   the benchmark's rows          (when the bench ran)
 #     router_dispatch.png    GB/s per row vs the copy ceiling (when matplotlib is there)
+#     layer.json             the layer step's bench results (its table goes into logs.tgz)
+#     layer_ncu.json         the layer's DRAM bytes per formulation against the plan (when ncu ran)
 # summary.txt is rewritten before and after each step: a step that is running shows TIMEOUT
 # ("stopped while it ran") and the steps after it SKIPPED ("not reached") until they finish.
 # Exit status: 0 when every selected step passed, 1 otherwise (any FAIL, TIMEOUT or a step skipped
@@ -108,19 +118,21 @@ done
 
 OUT="${OUT:-/tmp/gpu_validate}"
 mkdir -p "$OUT"
-rm -f "$OUT/summary.txt" "$OUT/logs.tgz" "$OUT/router_dispatch.json" "$OUT/router_dispatch.png"
+rm -f "$OUT/summary.txt" "$OUT/logs.tgz" "$OUT/router_dispatch.json" "$OUT/router_dispatch.png" \
+  "$OUT/layer.json" "$OUT/layer_ncu.json"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_validate.XXXXXX")"
 LOGS="$WORK/logs"
 STATE="$WORK/state"
-mkdir -p "$LOGS" "$STATE" "$WORK/bench"
+mkdir -p "$LOGS" "$STATE" "$WORK/bench" "$WORK/layer"
 export LOGS STATE WORK
 
 T0=$(date +%s)
 BUDGET="${GPU_VALIDATE_BUDGET_S:-540}"
 RESERVE=10     # seconds kept for packing the logs after the last step
 MIN_STEP=15    # a step with less than this left is SKIPPED (it could not answer anything)
-STEPS=(build gpu_tests bench memcheck racecheck triton)
-declare -A LIMIT=([build]=200 [gpu_tests]=100 [bench]=75 [memcheck]=90 [racecheck]=75 [triton]=180)
+STEPS=(build gpu_tests bench layer memcheck racecheck triton)
+declare -A LIMIT=([build]=200 [gpu_tests]=100 [bench]=75 [layer]=150 [memcheck]=90 [racecheck]=75
+                  [triton]=180)
 for s in "${STEPS[@]}"; do
   v="GPU_VALIDATE_LIMIT_$s"
   [ -n "${!v:-}" ] && LIMIT[$s]="${!v}"
@@ -230,6 +242,8 @@ render_summary() {
 pack_logs() {
   cp -f "$OUT/summary.txt" "$LOGS/summary.txt" 2>/dev/null
   [ -f "$WORK/bench/router_dispatch_table.txt" ] && cp -f "$WORK/bench/router_dispatch_table.txt" "$LOGS/"
+  [ -f "$WORK/layer/table.txt" ] && cp -f "$WORK/layer/table.txt" "$LOGS/layer_table.txt"
+  [ -f "$WORK/layer/ncu.csv" ] && cp -f "$WORK/layer/ncu.csv" "$LOGS/layer_ncu.csv"
   # keep the archive well under the 16 MiB a file may have: huge logs keep their head and tail
   local f
   for f in "$LOGS"/*; do
@@ -247,6 +261,10 @@ copy_bench() {
   for f in router_dispatch.json router_dispatch.png; do
     [ -f "$WORK/bench/$f" ] && cp -f "$WORK/bench/$f" "$OUT/.$f.tmp" && mv -f "$OUT/.$f.tmp" "$OUT/$f"
   done
+  [ -f "$WORK/layer/results.json" ] && cp -f "$WORK/layer/results.json" "$OUT/.layer.tmp" \
+    && mv -f "$OUT/.layer.tmp" "$OUT/layer.json"
+  [ -f "$WORK/layer/ncu.json" ] && cp -f "$WORK/layer/ncu.json" "$OUT/.layer_ncu.tmp" \
+    && mv -f "$OUT/.layer_ncu.tmp" "$OUT/layer_ncu.json"
   return 0
 }
 
@@ -267,6 +285,7 @@ note_sanitizer() {
 }
 note_bench() { grep -a '^summary: ' "$1" | tail -1 | sed 's/^summary: //' | cut -c1-200; }
 note_build() { grep -a '^build: ' "$1" | tail -1 | sed 's/^build: //'; }
+note_layer() { grep -a '^layer: ' "$1" | sed 's/^layer: //' | paste -sd';' | cut -c1-300; }
 
 # run_step STEP NOTE_FN CMD...: CMD under `timeout` within min(limit, what is left of the budget),
 # output in $LOGS/STEP.log; PASS / FAIL / TIMEOUT / SKIPPED into the summary
@@ -356,6 +375,58 @@ EOF
 }
 export -f check_build
 
+layer_summary() {   # "layer: " lines from the layer step's bench results (its step note)
+  "$PY" - <<'EOF'
+import json, os
+res = json.load(open(os.path.join(os.environ["WORK"], "layer", "results.json")))
+rows = [r for r in res["rows"] if r["op"] == "moe_lora"]
+print(f"layer: {len(rows)} rows, {len([r for r in rows if not r['check'].get('ok')])} failures")
+for label in dict.fromkeys(r["label"] for r in rows):
+    med = {(r["impl"], r["mode"]): r["time"]["median"] for r in rows if r["label"] == label}
+    xb = {(r["impl"], r["mode"]): r.get("x_base") for r in rows if r["label"] == label}
+    impl = "native" if ("native", "fwd") in med else next(i for i, _ in med if i not in (
+        "reference", "loop", "bmm", "grouped_mm", "base"))
+    parts = label.split(" ")
+    words = [" ".join(parts[:2] + parts[-1:]), impl]
+    for mode in ("fwd", "fwd+bwd"):
+        words.append(f"{mode} {xb.get((impl, mode)) or float('nan'):.3f}x base")
+    for other in ("loop", "grouped_mm"):
+        if (other, "fwd+bwd") in med and (impl, "fwd+bwd") in med:
+            words.append(f"fwd+bwd {med[(other, 'fwd+bwd')] / med[(impl, 'fwd+bwd')]:.2f}x vs {other}")
+    print("layer: " + ", ".join(words))
+EOF
+}
+export -f layer_summary
+
+layer_step() {   # the layer step: bench rows, then the DRAM bytes under ncu where it is there
+  local dir="$WORK/layer"
+  if [ "$DRY" = 1 ]; then
+    "$PY" -m bench --device cpu --quick --ops moe_lora --no-overhead --no-progress --no-plots \
+      --out "$dir" || return 1
+    layer_summary
+    echo "layer: ncu not run (dry run)"
+    return 0
+  fi
+  "$PY" -m bench --device cuda --preset layer --ops moe_lora --no-overhead --no-progress \
+    --no-plots --out "$dir" || return 1
+  layer_summary
+  local ncu="${NCU:-$(command -v ncu || echo "${CUDA_HOME:-/usr/local/cuda}/bin/ncu")}"
+  if [ ! -x "$ncu" ]; then echo "layer: no ncu ($ncu)"; return 0; fi
+  # --clock-control none: the card's clocks stay as they are
+  if timeout 100 "$ncu" --clock-control none --profile-from-start off --csv --print-units base \
+       --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
+       --log-file "$dir/ncu.csv" "$PY" scripts/ncu_layer.py --run --order "$dir/ncu.order" \
+     && "$PY" scripts/ncu_layer.py --report "$dir/ncu.csv" --order "$dir/ncu.order" \
+          --json "$dir/ncu.json" > "$dir/ncu.txt"; then
+    cat "$dir/ncu.txt"
+    awk '$1 ~ /^(grouped|dense|fused)$/ {printf "layer: ncu %s %.2fx plan %.2fx min\n", $1, $5, $6}' "$dir/ncu.txt"
+  else
+    echo "layer: ncu FAILED (see layer.log; the rows above stand)"
+  fi
+  return 0
+}
+export -f layer_step
+
 if [ "$DRY" = 1 ]; then
   export GPU_VALIDATE_DRY_RUN=1
   BUILD_CMD=(bash -c 'echo "dry run: the GPU build would be: $PY -m pip install --no-build-isolation --no-deps -v -e . (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MOLORA_BUILD_EMU=$MOLORA_BUILD_EMU); checking the existing build instead"; check_build')
@@ -413,7 +484,7 @@ export SAN DRY SAN_STANDIN
 # --- run ------------------------------------------------------------------------------------------
 if ! run_step build note_build "${BUILD_CMD[@]}"; then
   if selected build; then
-    for s in gpu_tests bench memcheck racecheck triton; do
+    for s in gpu_tests bench layer memcheck racecheck triton; do
       selected "$s" && set_state "$s" SKIPPED - "build did not pass (see build.log)"
     done
     BUILD_FAILED=1
@@ -424,6 +495,8 @@ if [ -z "${BUILD_FAILED:-}" ]; then
   MOLORA_POISON_OUTPUTS=1 run_step gpu_tests note_pytest "${GPU_TESTS_CMD[@]}"
   MOLORA_POISON_OUTPUTS=0 run_step bench note_bench "${BENCH_CMD[@]}"
   copy_bench   # now, so a hard stop later still leaves the numbers
+  MOLORA_POISON_OUTPUTS=0 run_step layer note_layer bash -c layer_step
+  copy_bench
   sanitizer_lane() {
     MOLORA_POISON_OUTPUTS=0 PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step memcheck note_sanitizer \
       bash -c 'sanitizer memcheck'
@@ -451,6 +524,8 @@ echo
 echo "================ gpu_validate ($([ "$DRY" = 1 ] && echo dry-run || echo gpu)): $(elapsed)s of ${BUDGET}s; in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 if [ -f "$OUT/logs.tgz" ]; then
   tar -xzOf "$OUT/logs.tgz" logs/router_dispatch_table.txt 2>/dev/null && echo
+  tar -xzOf "$OUT/logs.tgz" logs/layer.log 2>/dev/null | grep -a -A12 '^ncu_layer: DRAM' && echo
+  tar -xzOf "$OUT/logs.tgz" logs/layer.log 2>/dev/null | grep -a '^layer: ' && echo
   tar -xzOf "$OUT/logs.tgz" logs/gpu_tests.log logs/triton.log 2>/dev/null | grep -aE '^(FAILED|ERROR) ' | head -15
 fi
 cat "$OUT/summary.txt"

@@ -82,7 +82,9 @@ def _register_over(dispatch_key: str, kernels: Dict[str, Callable]):
     with warnings.catch_warnings():  # "Overriding a previously registered kernel": intended
         warnings.simplefilter("ignore")
         for name, fn in kernels.items():
-            lib.impl(name, fn, dispatch_key)
+            # allow_override: torch 2.11 refuses to put a kernel in front of one registered from
+            # Python (an op without a CUDA C++ kernel has the lazy GPU entry) unless told
+            lib.impl(name, fn, dispatch_key, allow_override=True)
     return lib
 
 

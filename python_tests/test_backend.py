@@ -100,6 +100,29 @@ def test_use_backend_restores_the_registrations(name):
     assert during != before  # the block did re-bind kernels
 
 
+@pytest.mark.parametrize("name", ["reference", "triton", "cuda"])
+def test_backend_override_is_allowed_under_the_older_torch(monkeypatch, name):
+    """torch 2.11 (the GPU machine's) refuses Library.impl over a kernel registered from Python
+    (an op without a CUDA C++ kernel has the lazy GPU entry) unless allow_override=True is
+    passed; torch 2.13 allows it by default. set_backend must work under either: run it with
+    2.11's default in force."""
+    if name == "triton" and not backend.has_triton():
+        pytest.skip("triton is not installed")
+    real = torch.library.Library.impl
+    calls = []
+
+    def strict(self, op_name, fn, dispatch_key="", *, with_keyset=False, allow_override=False):
+        calls.append(allow_override)
+        return real(self, op_name, fn, dispatch_key, with_keyset=with_keyset,
+                    allow_override=allow_override)
+
+    monkeypatch.setattr(torch.library.Library, "impl", strict)
+    torch.library._impls.add("molora/sgmv_shrink/CUDA")  # as the lazy GPU entry leaves it
+    with molora_ops.use_backend(name):
+        assert molora_ops.get_backend() == name
+    assert calls and all(calls)
+
+
 def test_use_backend_reference_serves_cpu_unchanged():
     """The override is the CUDA key's only: CPU tensors keep their kernels under any backend."""
     x = torch.randn(5, 6)

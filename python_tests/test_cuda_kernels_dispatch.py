@@ -13,6 +13,8 @@ os.environ.setdefault("MOLORA_POISON_OUTPUTS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import molora_ops  # noqa: E402
+
 from molora_ops import reference as ref  # noqa: E402
 from gpu_compare import cuda_kernel  # noqa: E402
 from utils import assert_close_fa  # noqa: E402
@@ -197,8 +199,10 @@ def test_errors_cuda():
     ids, order, pos = _routing(64, 8, 2, 4, gen)
     x = torch.randn(64, 32, device="cuda")
     with pytest.raises(TypeError):
-        _kernel("gather_rows")(x.double(), order, pos, None)  # fp64 is not a kernel dtype
-    with pytest.raises(IndexError):
+        _kernel("gather_rows")(x.int(), order, pos, None)  # not floating (fp64 runs the reference)
+    # Ids out of range: a clear IndexError in the opt-in host mode. By default the kernel asserts
+    # on the device, which ends the process's CUDA context (every later test here would fail).
+    with molora_ops.use_value_checks("host"), pytest.raises(IndexError):
         _kernel("dispatch")(torch.full((4, 2), 9, dtype=torch.int32, device="cuda"), 8, 1)
     with pytest.raises(ValueError):  # mixed devices
         _kernel("combine_rows")(torch.randn(order.numel(), 32, device="cuda"), order.cpu(), pos, None)

@@ -123,6 +123,13 @@ def test_backend_override_is_allowed_under_the_older_torch(monkeypatch, name):
     assert calls and all(calls)
 
 
+def test_cuda_op_test_knows_every_op():
+    """test_cuda.py casts each op's data arguments to bf16 from its DATA_ARGS table: an op
+    missing there fails only on a GPU machine (fused_moe_lora once did), so check it here."""
+    from test_cuda import DATA_ARGS
+    assert set(DATA_ARGS) == set(molora_ops.ALL_OPS)
+
+
 def test_use_backend_reference_serves_cpu_unchanged():
     """The override is the CUDA key's only: CPU tensors keep their kernels under any backend."""
     x = torch.randn(5, 6)

@@ -47,8 +47,8 @@ QUICK = Budget(0.005, 3, 50)
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
-                   help="case grid (auto: full on a GPU, cpu otherwise; tiny with --quick; layer: the "
-                        "MoE-LoRA linear alone at the plan's shape)")
+                   help="case grid (auto: full on a GPU, cpu otherwise; tiny with --quick; "
+                        "layer: the MoE-LoRA linear alone at the plan's shape)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: tiny shapes (unless --preset is given), short timing")
     p.add_argument("--ops", default=None,
@@ -67,8 +67,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="torch CPU threads (default: torch's, but 1 with --quick, whose tiny ops "
                         "only lose to threading overhead, and 1 on a busy machine)")
     p.add_argument("--malloc", default="retain", choices=["retain", "default"],
-                   help="CPU on glibc: 'retain' (default) keeps freed memory in the heap for reuse, "
-                        "as jemalloc / tcmalloc do; 'default' leaves glibc's settings "
+                   help="CPU on glibc: 'retain' (default) keeps freed memory in the heap for "
+                        "reuse, as jemalloc / tcmalloc do; 'default' leaves glibc's settings "
                         "(bench/timing.py: retain_freed_memory)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-overhead", action="store_true",

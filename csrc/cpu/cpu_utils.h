@@ -26,6 +26,14 @@ inline const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
+}  // namespace molora::cpu
+
+// fp32, fp64, fp16 and bf16: every floating dtype the CPU kernels accept.
+#define MOLORA_DISPATCH_FLOATING(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+namespace molora::cpu {
+
 // m^T as a contiguous [cols, rows] tensor: m.t() itself where that is already contiguous, else a
 // cache-blocked copy in parallel. NOTE: B [1376, 128] fp32 (the expand's bank): the strided
 // m.t().contiguous() took 0.13-0.22 ms of the expand's 1.1-1.5 (T=1024, 2 threads, 2-core x86 CPU
@@ -35,7 +43,7 @@ inline at::Tensor transposed(const at::Tensor& m) {
   if (mt.is_contiguous()) return mt;
   const int64_t rows = m.size(0), cols = m.size(1);
   at::Tensor out = at::empty({cols, rows}, m.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "molora_transpose", [&] {
+  MOLORA_DISPATCH_FLOATING(m.scalar_type(), "molora_transpose", [&] {
     const scalar_t* in = m.const_data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     const int64_t s0 = m.stride(0), s1 = m.stride(1);
@@ -47,7 +55,3 @@ inline at::Tensor transposed(const at::Tensor& m) {
 }
 
 }  // namespace molora::cpu
-
-// fp32, fp64, fp16 and bf16: every floating dtype the CPU kernels accept.
-#define MOLORA_DISPATCH_FLOATING(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)

@@ -37,8 +37,9 @@ void transpose_rows(const scalar_t* in, int64_t s0, int64_t s1, int64_t rows, in
           for (; i + 4 <= ie; i += 4) {
             int64_t j = jb;
             for (; j + 4 <= je; j += 4) {
-              __m128 r0 = _mm_loadu_ps(in + i * s0 + j), r1 = _mm_loadu_ps(in + (i + 1) * s0 + j);
-              __m128 r2 = _mm_loadu_ps(in + (i + 2) * s0 + j), r3 = _mm_loadu_ps(in + (i + 3) * s0 + j);
+              const float* src = in + i * s0 + j;
+              __m128 r0 = _mm_loadu_ps(src), r1 = _mm_loadu_ps(src + s0);
+              __m128 r2 = _mm_loadu_ps(src + 2 * s0), r3 = _mm_loadu_ps(src + 3 * s0);
               _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
               _mm_storeu_ps(out + j * rows + i, r0);
               _mm_storeu_ps(out + (j + 1) * rows + i, r1);

@@ -146,6 +146,46 @@ def test_dry_run_timeout_and_budget(tmp_path):
     assert _check_out_layout(out) == ["logs.tgz", "summary.txt"]
 
 
+FAKE_GDB = r"""#!/usr/bin/env bash
+# stand-in cuda-gdb: prints its command line and a native frame
+echo "fake-gdb $*"
+echo "#0  0x00007f in molora::check_index_range (op=0x1) at csrc/common/check.cpp:55"
+echo "#1  0x00007f in molora::dispatch_launch::dispatch_cuda () at csrc/cuda/dispatch.cu:79"
+"""
+
+
+def test_dry_run_crashed_worker_gets_a_native_stack(tmp_path):
+    """A test that crashed its xdist worker runs again alone under the debugger; its stack goes
+    into logs.tgz (crash_bt.log) and its innermost frame onto the console."""
+    gdb = tmp_path / "fake-gdb"
+    gdb.write_text(FAKE_GDB)
+    gdb.chmod(0o755)
+    crash = ("echo \"FAILED python_tests/test_cuda_kernels_dispatch.py::test_errors_cuda\"; "
+             "echo \"[gw3] node down: Not properly terminated\"; "
+             "echo \"worker 'gw3' crashed while running "
+             "'python_tests/test_cuda_kernels_dispatch.py::test_errors_cuda'\"; exit 1")
+    p, out = _run(tmp_path / "run", timeout=120, GPU_VALIDATE_STEPS="build,gpu_tests",
+                  GPU_VALIDATE_DRY_CMD_build="echo 'build: stand-in'",
+                  GPU_VALIDATE_DRY_CMD_gpu_tests=crash, GPU_VALIDATE_GDB=str(gdb))
+    assert p.returncode == 1, p.stdout[-3000:]
+    rows, passed, text = _summary(out)
+    assert rows["gpu_tests"][0] == "FAIL" and not passed, text
+    with tarfile.open(out / "logs.tgz") as tar:
+        bt = tar.extractfile("logs/crash_bt.log").read().decode()
+    assert "== gpu_tests: python_tests/test_cuda_kernels_dispatch.py::test_errors_cuda" in bt, bt
+    assert re.search(r"fake-gdb -q -batch .*-ex run -ex bt .*--args \S+ -m pytest .*-p no:xdist "
+                     r"python_tests/test_cuda_kernels_dispatch.py::test_errors_cuda$", bt, re.M), bt
+    assert "crash_bt: #0  0x00007f in molora::check_index_range" in p.stdout, p.stdout[-3000:]
+    # no crash, no rerun: the plain failure of a step leaves no crash_bt.log
+    p, out = _run(tmp_path / "plain", timeout=120, GPU_VALIDATE_STEPS="build,gpu_tests",
+                  GPU_VALIDATE_DRY_CMD_build="echo 'build: stand-in'",
+                  GPU_VALIDATE_DRY_CMD_gpu_tests="echo 'FAILED x.py::t'; exit 1",
+                  GPU_VALIDATE_GDB=str(gdb))
+    with tarfile.open(out / "logs.tgz") as tar:
+        assert "logs/crash_bt.log" not in tar.getnames()
+    assert "fake-gdb" not in p.stdout
+
+
 FAKE_SANITIZER = r"""#!/usr/bin/env bash
 # stand-in compute-sanitizer: refuses repeated --kernel-name filters, else runs the program
 echo "fake-sanitizer $*"

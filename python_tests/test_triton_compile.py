@@ -18,6 +18,9 @@ include the ones that used to spill: max_rank 128 (shrink, weight grad) and E = 
 backward). A CompiledKernel's own ``n_regs`` / ``n_spills`` cannot serve: Triton fills them in
 when it loads the cubin into a CUDA context, which needs a device.
 
+fp32 chains: the fp32 shrink and fused kernels must sum their long K reductions in chains
+(``sgmv.FP32_CHAIN_K``); their TTGIR is read for a dot nested two loops deep (``CHAINED_FP32``).
+
 Left out (``SKIPPED``), to keep the test under ~40 s on a 2-core CPU: the sm_80 fp16 and fp32
 variants of sgmv's four biggest kernels (shrink, expand, fused, weight grad).
 On sm_80 they are compiled in bf16, the same mma code path as fp16; fp32 runs its ieee dots as
@@ -137,9 +140,32 @@ _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
+# fp32 kernels whose long K loop must stay a sum of chains (sgmv.FP32_CHAIN_K): the TTGIR holds
+# their dot in a loop nested in another. Written as `acc += tl.dot(a, b)` in one loop, Triton
+# folds it back into one chain, silently.
+CHAINED_FP32 = {"sgmv._shrink_kernel", "sgmv._fused_moe_lora_kernel"}
+
+
+def dot_loop_depth(ttgir: str) -> int:
+    """The deepest scf.for nesting of a tt.dot in a TTGIR listing (0: no dot in a loop). Each op
+    prints on one line, with its attribute and layout braces balanced there; a region's braces
+    open on its op's line and close on a line of their own."""
+    stack, depth, deepest = [], 0, 0
+    for line in ttgir.splitlines():
+        if "tt.dot " in line:
+            deepest = max(deepest, len(stack))
+        net = line.count("{") - line.count("}")
+        if net > 0 and "scf.for " in line:
+            stack.append(depth)
+        depth += net
+        while stack and depth <= stack[-1]:
+            stack.pop()
+    return deepest
+
+
 def _compile(fn, sig, consts, arch, warps):
-    """(registers a thread, spill store bytes, spill load bytes) of one compile, read from the
-    ``ptxas -v`` report that Triton prints with ``knobs.nvidia.dump_ptxas_log`` (the compiled
+    """(registers a thread, spill store bytes, spill load bytes, TTGIR) of one compile, read from
+    the ``ptxas -v`` report that Triton prints with ``knobs.nvidia.dump_ptxas_log`` (the compiled
     kernel's own ``n_regs`` / ``n_spills`` come from loading the cubin into a CUDA context)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -147,17 +173,17 @@ def _compile(fn, sig, consts, arch, warps):
 
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
-        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                       target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                                target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
     regs, spills = _PTXAS_REGS.search(log.getvalue()), _PTXAS_SPILLS.search(log.getvalue())
     if regs is None or spills is None:
         raise RuntimeError(f"no ptxas -v report in the compile output: {log.getvalue()[-500:]!r}")
-    return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
+    return int(regs.group(1)), int(spills.group(1)), int(spills.group(2)), kernel.asm["ttgir"]
 
 
 def compile_all(verbose: bool = False) -> list:
-    """Compile the matrix; returns the failures (compile errors and register spills), one line
-    each."""
+    """Compile the matrix; returns the failures (compile errors, register spills, fp32 K loops
+    folded into one chain), one line each."""
     from triton import knobs
 
     # ptxas must run (and report) for every variant, also when a cache holds the kernel
@@ -177,10 +203,15 @@ def compile_all(verbose: bool = False) -> list:
                        for a in fn.arg_names}
                 t = time.perf_counter()
                 try:
-                    regs, spill_st, spill_ld = _compile(fn, sig, consts, arch, warps)
+                    regs, spill_st, spill_ld, ttgir = _compile(fn, sig, consts, arch, warps)
                 except Exception as e:  # noqa: BLE001  (report every failing variant)
                     failures.append(f"{what}: {type(e).__name__}: {str(e)[-1500:]}")
                     regs = spill_st = spill_ld = -1
+                    ttgir = None
+                if ttgir is not None and dt == "fp32" and kernel in CHAINED_FP32 \
+                        and dot_loop_depth(ttgir) < 2:
+                    failures.append(f"{what}: the fp32 K loop is one FMA chain (its dot sits "
+                                    f"at loop depth {dot_loop_depth(ttgir)}, not in chains)")
                 if spill_st > 0 or spill_ld > 0:
                     failures.append(f"{what}: spills ({regs} registers, {spill_st} B spill "
                                     f"stores, {spill_ld} B spill loads, {warps} warps)")

@@ -172,6 +172,28 @@ def test_shrink_split_k_ranks_over_64(split_k):
     _check(f"sgmv_shrink split_k={split_k}", h, ref.sgmv_shrink, *args, max_rank=c["mr"])
 
 
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_fp32_long_reductions_sum_chains(split_k):
+    """fp32 shrink and fused kernels reduce d_in in chains of ts.FP32_CHAIN_K columns: d_in = 1000
+    is three whole chains and a partial one that ends inside a K tile; split_k = 3 starts the
+    chains at each d_in chunk (384, 768: not multiples of the chain). A chain bound off by a tile
+    drops or repeats 32-64 columns of every output."""
+    d_in = 1000
+    chain = ts.FP32_CHAIN_K.value
+    assert d_in > 3 * chain and d_in % chain % 64
+    c = _setup(("long-k", 21, 5, 2, "drop", 1, ("rag", 17), d_in, 24, True, True, True, 0))
+    x, A = _data(21, d_in, dtype=torch.float32), _data(c["R"], d_in, dtype=torch.float32)
+    args = (x, A, *_meta(c), c["w"], c["s"])
+    h = _run(ts.sgmv_shrink, *args, c["mr"], split_k=split_k)
+    _check(f"sgmv_shrink d_in={d_in} split_k={split_k}", h, ref.sgmv_shrink, *args,
+           max_rank=c["mr"])
+    if split_k == 1:
+        B, base = _data(24, c["R"], dtype=torch.float32), _data(21, 24, dtype=torch.float32)
+        fused_args = (x, A, B, c["ro"], c["w"], c["ids"], c["s"], base)
+        _check(f"fused_moe_lora d_in={d_in}", _run(ts.fused_moe_lora, *fused_args),
+               ref.fused_moe_lora, *fused_args)
+
+
 def test_rank_tile_capped():
     """Larger ranks take more rank tiles, never a wider one (a 128-wide tile spills)."""
     for max_rank, tile in ((1, 16), (17, 32), (64, 64), (80, 64), (130, 64), (1024, 64)):

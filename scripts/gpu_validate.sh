@@ -67,7 +67,8 @@
 #     summary.txt            one line per step: name, PASS/FAIL/TIMEOUT/SKIPPED, seconds, limit,
 #                            the key numbers (pytest counts, sanitizer verdicts, bench summary)
 #     logs.tgz               every step's log, junit XML, env.txt, the bench table (rewritten
-#                            after each step, so a hard stop still leaves the logs so far)
+#                            after each step, so a hard stop still leaves the logs so far), and
+#                            crash_bt.log: the native stack of a test that crashed its worker
 #     router_dispatch.json   the benchmark's rows          (when the bench ran)
 #     router_dispatch.png    GB/s per row vs the copy ceiling (when matplotlib is there)
 #     layer.json             the layer step's bench results (its table goes into logs.tgz)
@@ -371,7 +372,26 @@ else:
 missing = sorted(set(ops) - set(have))
 print(f"build: _C loaded ({molora_ops.has_extension()}); {len(have)}/{len(ops)} csrc/cuda ops have "
       f"their {where}" + (f"; MISSING {','.join(missing)}" if missing else ""))
-sys.exit(0 if molora_ops.has_extension() and not missing and (dry or torch.cuda.is_available()) else 1)
+static_cudart = False
+if not dry and molora_ops.has_extension():
+    # _C must use torch's shared CUDA runtime (CMakeLists.txt: CUDA_RUNTIME_LIBRARY Shared), not
+    # carry a private static copy: its cudaLaunchKernel would be a local symbol of _C.
+    import re, subprocess
+    import molora_ops._C as ext
+
+    def tool(*cmd):
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+    syms, dyn = tool("nm", ext.__file__), tool("readelf", "-d", ext.__file__)
+    static_cudart = bool(syms and re.search(r" [tT] cudaLaunchKernel$", syms, re.M))
+    needed = re.findall(r"\[(libcudart[^\]]*)\]", dyn or "")
+    print(f"build: CUDA runtime of _C: "
+          f"{'a static copy inside _C (FAIL)' if static_cudart else 'no static copy' if syms else 'nm unavailable'}"
+          f"; NEEDED {','.join(needed) if needed else 'no libcudart' if dyn is not None else '? (no readelf)'}")
+sys.exit(0 if molora_ops.has_extension() and not missing and not static_cudart
+         and (dry or torch.cuda.is_available()) else 1)
 EOF
 }
 export -f check_build
@@ -485,6 +505,33 @@ sanitizer() {
 export -f sanitizer
 export SAN DRY SAN_STANDIN
 
+# crash_backtrace STEP: a test that killed its xdist worker (a signal: no Python exception, and
+# faulthandler shows only the Python frames) runs once more, alone, under cuda-gdb (the GPU
+# machine has no gdb) for the native stack, into $LOGS/crash_bt.log and a line of the step's note.
+# At most one per step, 90 s, and only with 150 s of the budget left. GPU_VALIDATE_GDB names a
+# stand-in debugger (this script's tests).
+crash_backtrace() {
+  local step="$1" log="$LOGS/$1.log" id gdb
+  [ -f "$log" ] || return 0
+  id="$(grep -aoE "crashed while running '[^']+'" "$log" | head -1 | sed -E "s/^.*running '(.*)'$/\1/")"
+  [ -n "$id" ] || return 0
+  if [ $(( BUDGET - RESERVE - $(elapsed) )) -lt 150 ]; then
+    echo "crash_bt: $step: $id crashed its worker; no budget left for its native stack" | tee -a "$LOGS/crash_bt.log"
+    return 0
+  fi
+  gdb="${GPU_VALIDATE_GDB:-$(command -v cuda-gdb || echo "${CUDA_HOME:-/usr/local/cuda}/bin/cuda-gdb")}"
+  echo "[+$(elapsed)s] crash_bt: $step: $id crashed its worker; again alone under $gdb"
+  {
+    echo "== $step: $id, alone under $gdb"
+    timeout --kill-after=10 90 "$gdb" -q -batch -ex "set pagination off" -ex run -ex bt \
+      -ex "info sharedlibrary" --args "$PY" -m pytest -q -p no:cacheprovider -p no:xdist "$id"
+    echo "== exit $?"
+  } >> "$LOGS/crash_bt.log" 2>&1
+  # the innermost native frame, for the console (the full stack is in logs.tgz)
+  grep -aE '^#0 ' "$LOGS/crash_bt.log" | tail -1 | cut -c1-200 | sed 's/^/crash_bt: /'
+  pack_logs
+}
+
 # --- run ------------------------------------------------------------------------------------------
 if ! run_step build note_build "${BUILD_CMD[@]}"; then
   if selected build; then
@@ -497,6 +544,7 @@ fi
 
 if [ -z "${BUILD_FAILED:-}" ]; then
   MOLORA_POISON_OUTPUTS=1 run_step gpu_tests note_pytest "${GPU_TESTS_CMD[@]}"
+  MOLORA_POISON_OUTPUTS=1 crash_backtrace gpu_tests
   MOLORA_POISON_OUTPUTS=0 run_step bench note_bench "${BENCH_CMD[@]}"
   copy_bench   # now, so a hard stop later still leaves the numbers
   MOLORA_POISON_OUTPUTS=0 run_step layer note_layer bash -c layer_step
@@ -516,6 +564,7 @@ if [ -z "${BUILD_FAILED:-}" ]; then
     sanitizer_lane
     MOLORA_POISON_OUTPUTS=1 run_step triton note_pytest "${TRITON_CMD[@]}"
   fi
+  MOLORA_POISON_OUTPUTS=1 crash_backtrace triton
 fi
 
 # --- results --------------------------------------------------------------------------------------
@@ -531,6 +580,7 @@ if [ -f "$OUT/logs.tgz" ]; then
   tar -xzOf "$OUT/logs.tgz" logs/layer.log 2>/dev/null | grep -a -A12 '^ncu_layer: DRAM' && echo
   tar -xzOf "$OUT/logs.tgz" logs/layer.log 2>/dev/null | grep -a '^layer: ' && echo
   tar -xzOf "$OUT/logs.tgz" logs/gpu_tests.log logs/triton.log 2>/dev/null | grep -aE '^(FAILED|ERROR) ' | head -15
+  tar -xzOf "$OUT/logs.tgz" logs/crash_bt.log 2>/dev/null | grep -aE '^(== |#[0-9]+ )' | head -30
 fi
 cat "$OUT/summary.txt"
 grep -q '^# result: PASS' "$OUT/summary.txt"

@@ -25,7 +25,9 @@ The expand with k > 1 is token-owned instead (a tile of tokens sums its k slots 
 ``fused_moe_lora`` tiles tokens too: neither needs a per-row buffer or atomics.
 
 Numerics: every product accumulates in fp32 (``tl.dot`` with an fp32 accumulator); for fp32 inputs
-the dot runs with ``input_precision="ieee"`` (no TF32: results must match the fp32 reference).
+the dot runs with ``input_precision="ieee"`` (no TF32: results must match the fp32 reference),
+and the long reductions of shrink and the fused kernel (over d_in, or d_out in the backward) sum
+chains of FP32_CHAIN_K columns (one FMA chain over all of K errs ~5x more than BLAS).
 The row coefficient ``c_i = w[p] * s_e`` is applied in fp32 to the fp32 result. float64 is not
 supported (the op's CUDA kernel routes it to the reference). The interpreter cannot run bf16 dots,
 so the CPU tests use fp32/fp16; bf16 is covered by the GPU tests.
@@ -104,13 +106,21 @@ def _row_coef(w, scales, p, valid, e, HAS_W: tl.constexpr, HAS_S: tl.constexpr):
     return c
 
 
+# fp32 ("ieee") dots run as FMAs on the CUDA cores: each output of a K loop that chains its
+# tiles into one accumulator is a single FMA chain over all of K, whose rounding error grows with
+# K. _shrink_acc sums chains of this many columns instead. In a numpy model of the orders (2048 x
+# 16 outputs, fp32 against fp64) one chain is off by up to 1.5e-4 at K = 4096 and 4.3e-4 at
+# K = 11008 (mean 1.3e-5 / 3.5e-5); 256-column chains by 2.4e-5 / 4.0e-5 (mean 3.8e-6 / 6.5e-6),
+# BLAS (numpy's sgemm) by 3.4e-5 / 4.4e-5. A partial sum is one tile add per 256 columns.
+# (Writing `acc += tl.dot(a, b)` per tile does not do it: Triton folds dot(a, b, 0) + acc back
+# into dot(a, b, acc).) NOTE: untuned (128 to 256 model equally well).
+FP32_CHAIN_K = tl.constexpr(256)
+
+
 @triton.jit
-def _shrink_acc(x, A, tok, valid, r_lo, a, a_ok, k_lo, k_hi, sxm, sxk, sam, sak,
-                DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                BLOCK_R: tl.constexpr):
-    """fp32 [BLOCK_M, BLOCK_R] = x[tok, k_lo:k_hi] @ A[r_lo + a, k_lo:k_hi]^T (masked)."""
-    x_rows = x + tok.to(tl.int64)[:, None] * sxm
-    a_rows = A + (r_lo + a).to(tl.int64)[None, :] * sam
+def _shrink_chain(x_rows, a_rows, valid, a_ok, k_lo, k_hi, sxk, sak, DOT_PREC: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One accumulator chained over the K tiles of [k_lo, k_hi) (masked)."""
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
@@ -118,6 +128,26 @@ def _shrink_acc(x, A, tok, valid, r_lo, a, a_ok, k_lo, k_hi, sxm, sxk, sam, sak,
         xt = tl.load(x_rows + kk[None, :] * sxk, mask=valid[:, None] & k_ok[None, :], other=0.0)
         at = tl.load(a_rows + kk[:, None] * sak, mask=k_ok[:, None] & a_ok[None, :], other=0.0)
         acc = tl.dot(xt, at, acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _shrink_acc(x, A, tok, valid, r_lo, a, a_ok, k_lo, k_hi, sxm, sxk, sam, sak,
+                DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                BLOCK_R: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_R] = x[tok, k_lo:k_hi] @ A[r_lo + a, k_lo:k_hi]^T (masked): one
+    chain on the tensor cores (fp16 / bf16), a sum of FP32_CHAIN_K-column chains for fp32."""
+    x_rows = x + tok.to(tl.int64)[:, None] * sxm
+    a_rows = A + (r_lo + a).to(tl.int64)[None, :] * sam
+    if DOT_PREC == "ieee":
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for c0 in range(k_lo, k_hi, FP32_CHAIN_K):
+            acc += _shrink_chain(x_rows, a_rows, valid, a_ok, c0,
+                                 tl.minimum(c0 + FP32_CHAIN_K, k_hi), sxk, sak, DOT_PREC,
+                                 BLOCK_M, BLOCK_K, BLOCK_R)
+    else:
+        acc = _shrink_chain(x_rows, a_rows, valid, a_ok, k_lo, k_hi, sxk, sak, DOT_PREC,
+                            BLOCK_M, BLOCK_K, BLOCK_R)
     return acc
 
 
@@ -267,15 +297,8 @@ def _fused_moe_lora_kernel(x, A, B, base, y, ids, w, scales, col_expert,
     t64 = t.to(tl.int64)
     c = tl.arange(0, BLOCK_R)
     c_ok = c < R
-    h = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, d_in, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = kk < d_in
-        xt = tl.load(x + t64[:, None] * sxm + kk[None, :] * sxk,
-                     mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-        at = tl.load(A + c.to(tl.int64)[None, :] * sam + kk[:, None] * sak,
-                     mask=k_ok[:, None] & c_ok[None, :], other=0.0)
-        h = tl.dot(xt, at, h, input_precision=DOT_PREC)
+    h = _shrink_acc(x, A, t, t_ok, 0, c, c_ok, 0, d_in, sxm, sxk, sam, sak, DOT_PREC, BLOCK_T,
+                    BLOCK_K, BLOCK_R)
     ec = tl.load(col_expert + c, mask=c_ok, other=-2)
     g = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     for j in range(0, K):

@@ -14,6 +14,10 @@
     messages with the offending values, for debugging);
   - ``"device"``: as on CUDA, for every device (tests of the GPU path on CPU tensors).
 
+  On CUDA the device checks of one Triton-served op call are gathered (``one_launch``) and run
+  as one Triton kernel (``molora_ops/triton/checks.py``) and one ``torch._assert_async``, not as
+  the 3-5 tiny kernels each condition costs as a torch composite (~30 a grouped matmul).
+
   The C++ CUDA launchers follow the same switch (their kernels assert on the device;
   ``MOLORA_CHECK_VALUES=1`` adds the host checks); the C++ CPU launchers always check on the host.
 
@@ -25,7 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable
+import threading
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -274,6 +279,87 @@ def on_host(ref: torch.Tensor) -> bool:
     return ref.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
+# --- device checks of one op call in one launch ----------------------------------------------------
+
+_NONE = 2**62  # an absent bound (molora_ops.triton.checks.UNBOUNDED)
+# Run the gathered checks of CPU tensors through the kernel too (tests: Triton's interpreter).
+_KERNEL_ON_CPU = [False]
+
+
+class _Gathered:
+    """The device checks of one op call: index sequences and ranges by tensor (a tensor checked
+    twice gets the intersection of the bounds), with the message of each condition."""
+
+    def __init__(self, op: str):
+        self.op = op
+        self.seqs: Dict[int, list] = {}    # id(t) -> [t, first_lo, first_hi, step_lo, ...]
+        self.ranges: Dict[int, list] = {}  # id(t) -> [t, lo, hi]
+        self.what: List[str] = []
+
+    def add(self, table: Dict[int, list], t: torch.Tensor, bounds: Tuple[int, ...],
+            what: str) -> None:
+        cur = table.get(id(t))
+        if cur is None:
+            table[id(t)] = [t, *bounds]
+        else:  # [lo, hi] pairs: the tighter of each
+            for i, b in enumerate(bounds):
+                cur[1 + i] = max(cur[1 + i], b) if i % 2 == 0 else min(cur[1 + i], b)
+        if what not in self.what:
+            self.what.append(what)
+
+    def run(self) -> None:
+        if not (self.seqs or self.ranges):
+            return
+        from .triton.checks import MAX_RANGES, MAX_SEQUENCES, values_ok
+        seqs = [tuple(v) for v in self.seqs.values()]
+        rngs = [tuple(v) for v in self.ranges.values()]
+        msg = f"molora.{self.op}: " + "; ".join(self.what)
+        while seqs or rngs:  # MAX_SEQUENCES + MAX_RANGES tensors a launch
+            ok = values_ok(seqs[:MAX_SEQUENCES], rngs[:MAX_RANGES])
+            torch._assert_async(ok if ok.numel() == 1 else ok.all(), msg)
+            seqs, rngs = seqs[MAX_SEQUENCES:], rngs[MAX_RANGES:]
+
+
+_GATHER = threading.local()
+
+
+@contextlib.contextmanager
+def one_launch(op: str):
+    """``with one_launch(op): <value checks>``: the device checks made inside on CUDA tensors (in
+    eager mode) run at the end as one kernel and one ``torch._assert_async`` whose message lists
+    every condition checked (the host mode names the one that failed). Host checks, CPU tensors
+    and traced code are unaffected. Used around the value checks of every Triton-served op."""
+    outer: Optional[_Gathered] = getattr(_GATHER, "current", None)
+    gathered = _Gathered(op)
+    _GATHER.current = gathered
+    try:
+        yield
+    finally:
+        _GATHER.current = outer
+    gathered.run()
+
+
+def _gathered(t: torch.Tensor) -> Optional[_Gathered]:
+    """The open gathering that takes a device check of ``t``, or None (check it now)."""
+    g = getattr(_GATHER, "current", None)
+    if g is None or torch.compiler.is_compiling():
+        return None
+    if t.device.type == "cuda" or (_KERNEL_ON_CPU[0] and t.device.type == "cpu"):
+        return g
+    return None
+
+
+def _sequence_on_device(op: str, name: str, t: torch.Tensor, what: str, composite,
+                        first=(-_NONE, _NONE), step=(-_NONE, _NONE), last=(-_NONE, _NONE)) -> None:
+    """Device check of the index sequence ``t``: gathered when a gathering is open, else
+    ``composite()`` (a 0-d bool) asserted now."""
+    g = _gathered(t)
+    if g is not None:
+        g.add(g.seqs, t, (*first, *step, *last), what)
+    else:
+        torch._assert_async(composite(), f"molora.{op}: {what}")
+
+
 def _verify(op: str, ref: torch.Tensor, exc, ok: Callable[[], torch.Tensor],
             detail: Callable[[], str], what: str) -> None:
     """Raises ``exc(detail())`` on the host when ``ok()`` is False (host mode), else asserts
@@ -296,8 +382,12 @@ def ids_in_range(op: str, name: str, ids: torch.Tensor, lo: int, hi: int) -> Non
         if mn < lo or mx >= hi:
             _fail(IndexError, op, f"{name} has values outside [{lo}, {hi}) (min {mn}, max {mx})")
         return
-    torch._assert_async(((ids >= lo) & (ids < hi)).all(),
-                        f"molora.{op}: {name} has values outside [{lo}, {hi}) (IndexError)")
+    what = f"{name} has values outside [{lo}, {hi}) (IndexError)"
+    g = _gathered(ids)
+    if g is not None:
+        g.add(g.ranges, ids, (lo, hi - 1), what)
+    else:
+        torch._assert_async(((ids >= lo) & (ids < hi)).all(), f"molora.{op}: {what}")
 
 
 def index_bound(op: str, name: str, hi: int) -> None:
@@ -321,9 +411,11 @@ def rank_offsets_values(op: str, rank_offsets: torch.Tensor, total_rank: int,
         _fail(ValueError, op, f"the bank's total rank R = {total_rank} exceeds the int32 indices "
                               "of the kernels (2^31 - 1)")
     if not on_host(ro):
-        ok = (ro[1:] >= ro[:-1]).all() & (ro[0] == 0) & (ro[-1] == total_rank)
-        torch._assert_async(ok, f"molora.{op}: {name} must be non-decreasing, start at 0 and end "
-                                f"at the bank's total rank R = {total_rank}")
+        _sequence_on_device(
+            op, name, ro, f"{name} must be non-decreasing, start at 0 and end at the bank's total "
+                          f"rank R = {total_rank}",
+            lambda: (ro[1:] >= ro[:-1]).all() & (ro[0] == 0) & (ro[-1] == total_rank),
+            first=(0, 0), step=(0, _NONE), last=(total_rank, total_rank))
         return
     ro = ro.long()
     if ro.numel() > 1 and bool((ro[1:] < ro[:-1]).any()):
@@ -341,6 +433,11 @@ def max_rank_values(op: str, rank_offsets: torch.Tensor, max_rank: int) -> None:
     if rank_offsets.numel() < 2:
         return
     ranks = lambda: rank_offsets[1:].long() - rank_offsets[:-1].long()  # noqa: E731
+    if not on_host(rank_offsets):
+        _sequence_on_device(op, "rank_offsets", rank_offsets,
+                            f"max_rank ({max_rank}) is smaller than the largest expert rank "
+                            "(ValueError)", lambda: ranks().max() <= max_rank, step=(-_NONE, max_rank))
+        return
     _verify(op, rank_offsets, ValueError, lambda: ranks().max() <= max_rank,
             lambda: f"max_rank ({max_rank}) is smaller than the largest expert rank "
                     f"({int(ranks().max())})",
@@ -353,6 +450,13 @@ def expert_offsets_values(op: str, expert_offsets: torch.Tensor, num_rows: int,
     before ``num_rows`` (= P, the dispatched row count)."""
     eo = expert_offsets
     if eo.numel() == 0:
+        return
+    if not on_host(eo):
+        _sequence_on_device(
+            op, name, eo, f"{name} has values outside [0, {num_rows}] or is not a non-decreasing "
+                          "sequence starting at 0 (IndexError)",
+            lambda: (eo[1:] >= eo[:-1]).all() & (eo[0] == 0) & (eo[-1] <= num_rows),
+            first=(0, 0), step=(0, _NONE), last=(-_NONE, num_rows))
         return
     _verify(op, eo, IndexError,
             lambda: (eo[1:] >= eo[:-1]).all() & (eo[0] == 0) & (eo[-1] <= num_rows),
@@ -391,6 +495,13 @@ def stacked_values(op: str, A, B, rank_offsets, shared_a: bool) -> None:
         return
     E, r = rank_offsets.numel() - 1, A.shape[0]
     expected = lambda: torch.arange(E + 1, device=rank_offsets.device) * r  # noqa: E731
+    if not on_host(rank_offsets):
+        _sequence_on_device(
+            op, "rank_offsets", rank_offsets,
+            f"with shared_a, rank_offsets must be arange(E+1) * r (r = A.shape[0] = {r}) "
+            "(ValueError)", lambda: (rank_offsets.long() == expected()).all(),
+            first=(0, 0), step=(r, r), last=(E * r, E * r))
+        return
     _verify(op, rank_offsets, ValueError, lambda: (rank_offsets.long() == expected()).all(),
             lambda: f"with shared_a, rank_offsets must be arange(E+1) * r (r = A.shape[0] = {r}), "
                     f"got {rank_offsets.tolist()}",

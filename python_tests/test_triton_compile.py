@@ -61,7 +61,7 @@ def _variants(dt: str):
     named; the flags as the launchers set them."""
     import triton.language as tl
 
-    from molora_ops.triton import gated, masked, sgmv
+    from molora_ops.triton import checks, gated, masked, sgmv
 
     d, f32 = "*" + dt, "*fp32"
     out = []
@@ -133,6 +133,16 @@ def _variants(dt: str):
                  base_ptr=y if not has_base else d, y_ptr=y, scale="fp32"),
             dict(masked.sparse_expand_config(128 if identity else 4096), B_IS_IDENTITY=identity,
                  HAS_W=has_w, HAS_BASE=has_base))
+
+    # checks: the one-launch value checks, int32 and int64 index tensors (no data dtype: with fp32)
+    if dt == "fp32":
+        for it in ("i32", "i64"):
+            bounds = {f"{t}_{b}": "i64" for t in ("s0", "s1") for b in
+                      ("f_lo", "f_hi", "d_lo", "d_hi", "l_lo", "l_hi")}
+            bounds.update({f"{t}_{b}": "i64" for t in ("r0", "r1") for b in ("lo", "hi")})
+            add(f"{it} indices", checks._values_ok_kernel,
+                dict(bounds, ok="*i1", s0="*" + it, s1="*" + it, r0="*" + it, r1="*" + it),
+                dict(BLOCK=checks.BLOCK))
     return out
 
 

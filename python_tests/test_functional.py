@@ -414,6 +414,29 @@ def test_cpu_expand_bank_layouts(layout, dtype):
     _assert_near(y, want, dtype)
 
 
+@pytest.mark.parametrize("strided", [False, True], ids=["rows", "padded"])
+@pytest.mark.parametrize("most_rows", [1, 3, 4, 9])
+def test_cpu_shrink_packs_only_experts_with_rows(most_rows, strided):
+    """fp32 shrink on the CPU: with fewer than 4 rows in every expert a row-major bank is read
+    where it lies; from 4 on, or for a bank with a padded row stride, it is packed, only for the
+    experts that have rows (here 2 of 6 are empty, one with rank 0). Against the reference."""
+    E, d, ranks = 6, 150, [16, 0, 17, 5, 70, 3]
+    ro = torch.tensor([0] + ranks).cumsum(0).to(torch.int32)
+    rows = {0: most_rows, 1: 1, 2: max(most_rows - 1, 1), 4: min(2, most_rows)}  # 3, 5 empty
+    ids = torch.tensor([e for e, n in rows.items() for _ in range(n)]).reshape(-1, 1)
+    order, pos, eo = molora_ops.dispatch(ids, E, 1)
+    assert int((eo[1:] - eo[:-1]).max()) == most_rows
+    g = torch.Generator().manual_seed(most_rows)
+    x = torch.randn(ids.shape[0], d, generator=g)
+    A = torch.randn(int(ro[-1]), d + 7, generator=g)[:, :d]  # row stride d + 7
+    A = A if strided else A.contiguous()
+    w, s = torch.rand(ids.shape, generator=g), torch.rand(E, generator=g) + 0.5
+    h = molora_ops.sgmv_shrink(x, A, ro, order, pos, eo, w, s, max_rank=70)
+    want = ref.sgmv_shrink(x.double(), A.double(), ro, order, pos, eo, w.double(), s.double(),
+                           max_rank=70)
+    _assert_near(h, want, torch.float32)
+
+
 def _ragged_grouped(seed, T, k, ranks, dtype):
     """(generator, rank_offsets, (order, pos, expert_offsets), h [P, 70], (weights, scales)) of
     random ids in [-1, E) (dropped slots, repeated ids) over the ragged `ranks`."""

@@ -50,6 +50,13 @@ constexpr int64_t kWeightGradBlasMinRank = 16;
 // NOTE: untuned.
 constexpr int64_t kExpandGroup = 8;
 
+// Below this many rows in every expert the shrink reads the bank where it lies (the portable
+// kernel) instead of packing it: a decode step's pack copies r x d floats per expert to use them
+// once or twice. NOTE: T = 1, d_in = 4096, E = 8, k = 2, r = 16, 2 threads, 2-core Xeon,
+// 2026-12-04: 266 us packing the whole bank, 72 us packing only the 2 experts with rows, 32 us
+// unpacked; T = 16 (~4 rows an expert) and T = 1024 timed the same as before. NOTE: untuned (4).
+constexpr int64_t kShrinkPackRows = 4;
+
 struct GroupedArgs {
   at::Tensor rank_offsets, order, pos, expert_offsets, weights, scales;
   int64_t num_experts, max_rank;
@@ -186,23 +193,36 @@ at::Tensor sgmv_shrink_cpu(const at::Tensor& x_in, const at::Tensor& A_in,
   at::Tensor h = at::empty({P, max_rank}, x.options());
   const int64_t grain = cpu::grain_for(d * std::max<int64_t>(1, g.max_rank));
 #ifdef MOLORA_HAVE_AVX2_KERNELS
-  if (x.scalar_type() == at::kFloat && cpu::avx2::available()) {
+  int64_t most_rows = 0;  // the largest expert's dispatched rows
+  const int32_t* eo = g.expert_offsets.data_ptr<int32_t>();
+  for (int64_t e = 0; e < g.num_experts; ++e)
+    most_rows = std::max<int64_t>(most_rows, eo[e + 1] - eo[e]);
+  // (A strided bank, e.g. the backward's B^T view, is packed anyway: the portable kernel would
+  // first copy all of it contiguous.)
+  const bool pack = most_rows >= kShrinkPackRows || !A_in.is_contiguous();
+  if (x.scalar_type() == at::kFloat && cpu::avx2::available() && pack) {
     // The register-tiled kernel reads the bank packed per expert (16-rank panels, about R * d
     // floats, a few hundred KB), straight from A or from the transposed view the backward's
     // u = shrink(grad_y, B^T) passes: no separate transpose.
+    // Only the experts that have rows are packed: a decode step (T = 1, k = 2) reads 2 of the E
+    // slices instead of copying the whole bank.
     const int64_t E = g.num_experts;
     const int32_t* ro = g.rank_offsets.data_ptr<int32_t>();
+    const auto meta = g.meta();
     std::vector<int64_t> pack_offsets(E + 1, 0);
-    for (int64_t e = 0; e < E; ++e)
-      pack_offsets[e + 1] = pack_offsets[e] + cpu::avx2::shrink_packed_size(ro[e + 1] - ro[e], d);
+    for (int64_t e = 0; e < E; ++e) {
+      const bool has_rows = meta.expert_offsets[e + 1] > meta.expert_offsets[e];
+      pack_offsets[e + 1] =
+          pack_offsets[e] + (has_rows ? cpu::avx2::shrink_packed_size(ro[e + 1] - ro[e], d) : 0);
+    }
     at::Tensor packed = at::empty({pack_offsets[E]}, x.options());
     const float* bank = A_in.data_ptr<float>();
     at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
       for (int64_t e = e0; e < e1; ++e)
-        cpu::avx2::pack_shrink_bank(bank, A_in.stride(0), A_in.stride(1), d, ro[e],
-                                    ro[e + 1] - ro[e], packed.data_ptr<float>() + pack_offsets[e]);
+        if (pack_offsets[e + 1] > pack_offsets[e])
+          cpu::avx2::pack_shrink_bank(bank, A_in.stride(0), A_in.stride(1), d, ro[e],
+                                      ro[e + 1] - ro[e], packed.data_ptr<float>() + pack_offsets[e]);
     });
-    const auto meta = g.meta();
     at::parallel_for(0, P, grain, [&](int64_t i0, int64_t i1) {
       cpu::avx2::shrink_rows(x.data_ptr<float>(), packed.data_ptr<float>(), pack_offsets.data(),
                              meta, cpu::ptr_or_null<float>(g.weights),

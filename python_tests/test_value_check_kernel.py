@@ -1,7 +1,9 @@
 """The gathered device-side value checks (molora_ops._checks.one_launch, the Triton kernel of
-molora_ops/triton/checks.py) against the torch composites they replace, in Triton's interpreter
-on CPU tensors: the same inputs are accepted and rejected, with one check kernel and one
-torch._assert_async per op call instead of ~30 tiny kernels."""
+molora_ops/triton/checks.py) against the torch composites they replace: the same inputs are
+accepted and rejected, with one check kernel and one torch._assert_async per op call instead of
+~30 tiny kernels. On CUDA tensors where a GPU is present, else on CPU tensors in Triton's
+interpreter. The verdicts are read by recording what reaches torch._assert_async (a failed device
+assert would end the CUDA context)."""
 import contextlib
 
 import pytest
@@ -13,6 +15,10 @@ from molora_ops import reference as ref
 from molora_ops.triton import checks as tc
 
 from utils import make_ids, ragged_rank_offsets
+
+pytestmark = pytest.mark.triton  # (scripts/gpu_validate.sh's triton step runs it on the GPU)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 # views and metadata: no kernel on a GPU
 _NO_KERNEL = {"aten.slice.Tensor", "aten.select.int", "aten.view.default", "aten.reshape.default",
@@ -32,26 +38,29 @@ class _Ops(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def _gathered(on: bool):
-    """Device mode on CPU tensors: the gathered kernel path (on) or the torch composites (off)."""
-    saved = _checks._KERNEL_ON_CPU[0]
-    _checks._KERNEL_ON_CPU[0] = on
+def _asserts(gathered: bool):
+    """Device mode, the gathered kernel path (on CPU tensors too: the interpreter) or the torch
+    composites; yields the list of (condition, message) of every torch._assert_async call (read
+    them after the block: reading is not part of what is counted)."""
+    seen = []
+    saved_assert, saved_cpu = torch._assert_async, _checks._KERNEL_ON_CPU[0]
+    torch._assert_async = lambda cond, msg="": seen.append((cond, msg))
+    _checks._KERNEL_ON_CPU[0] = gathered
     try:
         with _checks.use_value_checks("device"):
-            yield
+            yield seen
     finally:
-        _checks._KERNEL_ON_CPU[0] = saved
+        torch._assert_async, _checks._KERNEL_ON_CPU[0] = saved_assert, saved_cpu
 
 
-def _rejects(fn, on: bool) -> bool:
-    """Whether the checks in fn() fail (a RuntimeError from torch._assert_async on CPU)."""
-    with _gathered(on):
-        try:
-            with _checks.one_launch("op"):
-                fn()
-        except RuntimeError:
-            return True
-    return False
+def _rejects(fn, gathered: bool) -> bool:
+    """Whether the device checks made in fn() fail: through one_launch (gathered) or as the
+    composites."""
+    with _asserts(gathered) as seen:
+        with _checks.one_launch("op") if gathered else contextlib.nullcontext():
+            fn()
+    assert seen, "no device check ran"
+    return not all(bool(cond.all()) for cond, _ in seen)
 
 
 def _dispatched(T=37, E=7, k=3, seed=0):
@@ -59,7 +68,7 @@ def _dispatched(T=37, E=7, k=3, seed=0):
     ids = make_ids("drop", T, E, k)
     order, pos, eo = ref.dispatch(ids, E, 4)
     ro = ragged_rank_offsets(E, 17)
-    return ro, order, pos, eo
+    return tuple(t.to(DEV) for t in (ro, order, pos, eo))
 
 
 def _mutations(ro, order, pos, eo):
@@ -102,19 +111,19 @@ def test_dispatched_values_accept_and_reject_as_the_composite(index_dtype):
 
 def test_fused_stacked_and_pair_dot_values_as_the_composite():
     E, r, T, k = 5, 4, 9, 2
-    ro = torch.arange(E + 1, dtype=torch.int32) * r
-    A, B = torch.empty(r, 8), torch.empty(8, E * r)
-    ids = torch.randint(-1, E, (T, k), dtype=torch.int32)
+    ro = (torch.arange(E + 1, dtype=torch.int32) * r).to(DEV)
+    A, B = torch.empty(r, 8, device=DEV), torch.empty(8, E * r, device=DEV)
+    ids = torch.randint(-1, E, (T, k), dtype=torch.int32, device=DEV)
     bad_ro = ro.clone()
     bad_ro[2] += 1  # still non-decreasing, ends at R: only arange(E+1) * r fails
     cases = [
         ("fused", lambda ro, ids: (_checks.rank_offsets_values("f", ro, E * r),
                                    _checks.ids_in_range("f", "ids", ids, -1, E))),
         ("shared_a", lambda ro, ids: _checks.stacked_values("s", A, B, ro, True)),
-        ("stacked", lambda ro, ids: _checks.stacked_values("s", torch.empty(E * r, 8), B, ro,
-                                                          False)),
-        ("pair_dot", lambda ro, ids: _checks.pair_dot_values("p", torch.empty(T, 3),
-                                                             torch.empty(E, 3), ids, True)),
+        ("stacked", lambda ro, ids: _checks.stacked_values(
+            "s", torch.empty(E * r, 8, device=DEV), B, ro, False)),
+        ("pair_dot", lambda ro, ids: _checks.pair_dot_values(
+            "p", torch.empty(T, 3, device=DEV), torch.empty(E, 3, device=DEV), ids, True)),
     ]
     for name, fn in cases:
         for label, ro_i, ids_i in (("valid", ro, ids), ("ro", bad_ro, ids),
@@ -135,7 +144,7 @@ def test_one_kernel_and_one_assert_per_op_call(monkeypatch):
     output allocation and torch._assert_async, where the composites dispatch ~30 kernels."""
     ro, order, pos, eo = _dispatched()
     args = ("sgmv_shrink", int(ro[-1]), ro, order, pos, eo, int((ro[1:] - ro[:-1]).max()))
-    with _gathered(False), _Ops() as composite:
+    with _asserts(False), _Ops() as composite:
         _checks.dispatched_values(*args)
     launches = []
 
@@ -146,12 +155,13 @@ def test_one_kernel_and_one_assert_per_op_call(monkeypatch):
                 ok.fill_(True)
             return launch
     monkeypatch.setattr(tc, "_values_ok_kernel", _Stub())
-    with _gathered(True), _Ops() as gathered:
+    with _asserts(True) as seen, _Ops() as gathered:
         with _checks.one_launch("sgmv_shrink"):
             _checks.dispatched_values(*args)
     kernels = [op for op in gathered.ops if op not in ("aten.empty.memory_format",
                                                        "aten.fill_.Scalar")]
-    assert launches == [(1,)] and kernels == ["aten._assert_async.msg"], (launches, gathered.ops)
+    assert launches == [(1,)] and kernels == [] and len(seen) == 1, (launches, gathered.ops)
+    assert bool(seen[0][0].all())
     assert len(composite.ops) >= 25, composite.ops
 
 
@@ -161,8 +171,8 @@ def test_large_inputs_take_several_programs():
     n = tc.PER_PROGRAM + 3000
     programs, chunk = tc.grid(n)
     assert programs == 2 and chunk < n <= 2 * chunk
-    v = torch.randint(0, 50, (n,), dtype=torch.int32)
-    seq = torch.arange(n, dtype=torch.int64) * 2
+    v = torch.randint(0, 50, (n,), dtype=torch.int32, device=DEV)
+    seq = torch.arange(n, dtype=torch.int64, device=DEV) * 2
     for where in (0, chunk - 1, chunk, n - 1):
         ok = tc.values_ok([], [(v, 0, 49)])
         assert ok.numel() == 2 and bool(ok.all())
@@ -180,14 +190,15 @@ def test_large_inputs_take_several_programs():
 def test_more_tensors_than_slots_and_empty_ones():
     """Three ranges take two launches; empty tensors and non-contiguous ones are checked as
     their values."""
-    a, b = torch.randint(0, 4, (6, 5)).t(), torch.randint(0, 4, (7,))
-    empty = torch.empty(0, dtype=torch.int64)
+    a = torch.randint(0, 4, (6, 5), device=DEV).t()
+    b = torch.randint(0, 4, (7,), device=DEV)
+    empty = torch.empty(0, dtype=torch.int64, device=DEV)
 
     def fn(c):
         for name, t in (("a", a), ("b", b), ("c", c), ("empty", empty)):
             _checks.ids_in_range("op", name, t, 0, 4)
-    assert not _rejects(lambda: fn(torch.randint(0, 4, (3,))), True)
-    assert _rejects(lambda: fn(torch.tensor([0, 4, 1])), True)
+    assert not _rejects(lambda: fn(torch.randint(0, 4, (3,), device=DEV)), True)
+    assert _rejects(lambda: fn(torch.tensor([0, 4, 1], device=DEV)), True)
     assert bool(tc.values_ok([(empty, 0, 0, 0, 0, 0, 0)], [(empty, 0, 0)]).all())
     with pytest.raises(ValueError, match="at most"):
         tc.values_ok([], [(b, 0, 4)] * (tc.MAX_RANGES + 1))
@@ -195,24 +206,29 @@ def test_more_tensors_than_slots_and_empty_ones():
 
 def test_host_mode_and_traced_code_are_unaffected():
     """one_launch gathers only device checks: the host mode still raises the named error at once."""
-    ids = torch.tensor([[0, 9]], dtype=torch.int32)
+    ids = torch.tensor([[0, 9]], dtype=torch.int32, device=DEV)
     with _checks.use_value_checks("host"), pytest.raises(IndexError, match="outside"):
         with _checks.one_launch("op"):
             _checks.ids_in_range("op", "ids", ids, -1, 4)
 
 
 def test_a_triton_served_op_gathers_its_checks():
-    """Through the op (the Triton entry of molora_ops.ops): valid metadata passes, a bad order
-    stops the call with one assert whose message lists every condition of the op."""
+    """Through the op (the Triton entry of molora_ops.ops; on CPU tensors the GPU path's
+    emulation): valid metadata passes, and a bad order reaches one assert whose message lists
+    every condition of the op."""
     import molora_ops
     ro, order, pos, eo = _dispatched()
     mr = int((ro[1:] - ro[:-1]).max())
-    x, A = torch.randn(37, 16), torch.randn(int(ro[-1]), 16)
+    x = torch.randn(37, 16, device=DEV)
+    A = torch.randn(int(ro[-1]), 16, device=DEV)
     bad = order.clone()
     bad[0] = pos.numel()
-    with molora_ops.backend.gpu_path_on_cpu("triton"), _gathered(True):
+    gpu_path = molora_ops.backend.gpu_path_on_cpu("triton") if DEV == "cpu" else \
+        contextlib.nullcontext()
+    with gpu_path, _asserts(True) as seen:
         h = molora_ops.sgmv_shrink(x, A, ro, order, pos, eo, max_rank=mr)
-        torch.testing.assert_close(h, ref.sgmv_shrink(x, A, ro, order, pos, eo, max_rank=mr))
-        with pytest.raises(RuntimeError, match=r"molora\.sgmv_shrink: rank_offsets must be "
-                                               r"non-decreasing.*; order has values outside"):
-            molora_ops.sgmv_shrink(x, A, ro, bad, pos, eo, max_rank=mr)
+        molora_ops.sgmv_shrink(x, A, ro, bad, pos, eo, max_rank=mr)
+    torch.testing.assert_close(h, ref.sgmv_shrink(x, A, ro, order, pos, eo, max_rank=mr))
+    assert [bool(cond.all()) for cond, _ in seen] == [True, False], seen
+    assert seen[1][1].startswith("molora.sgmv_shrink: rank_offsets must be non-decreasing")
+    assert "; order has values outside" in seen[1][1] and "; pos has values outside" in seen[1][1]

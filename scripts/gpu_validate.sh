@@ -48,8 +48,10 @@
 #                   4 kernels that use shared memory (read from the sources) are instrumented, ~30
 #                   calls of dispatch / id_histogram / softmax_topp. Same start cost; expect
 #                   30-45 s. NOTE: untuned
-#   triton     180  pytest -m cuda test_cuda_triton.py test_cuda_hot_path.py under xdist (-n 8): 23 + 19
-#                   cases (the hot-path ones: whole layers, sync-debug "error", CUDA graphs), 124 distinct Triton
+#   triton     180  pytest -m "cuda or triton" test_cuda_triton.py test_cuda_hot_path.py
+#                   test_value_check_kernel.py under xdist (-n 8): 23 + 19 + 8 cases (the hot-path
+#                   ones: whole layers, sync-debug "error", CUDA graphs; the one-launch value checks
+#                   on CUDA tensors, 2 more small compiles), 124 distinct Triton
 #                   compiles (~1-1.5 s each: 130-180 s in one process, ~20-30 s over 8 workers),
 #                   fp64 references on the GPU and on-device comparisons (they used to copy ~1.3 G
 #                   elements to the host). Expect 60-90 s. NOTE: untuned
@@ -467,8 +469,10 @@ else
   BENCH_CMD=("$PY" -m bench.router_dispatch_gpu --out "$WORK/bench" --plot)
   # test_cuda_hot_path.py: whole layers (Triton matmuls + CUDA C++ routing) under
   # set_sync_debug_mode("error") and CUDA-graph capture: with the Triton step, whose JIT it shares.
-  TRITON_CMD=("${PYTEST[@]}" -m cuda --junitxml="$LOGS/triton.xml" python_tests/test_cuda_triton.py
-              python_tests/test_cuda_hot_path.py)
+  # test_value_check_kernel.py: the one-launch value checks on CUDA tensors against the composites.
+  TRITON_CMD=("${PYTEST[@]}" -m "cuda or triton" --junitxml="$LOGS/triton.xml"
+              python_tests/test_cuda_triton.py python_tests/test_cuda_hot_path.py
+              python_tests/test_value_check_kernel.py)
 fi
 
 # sanitizer TOOL [ARGS...]: compute-sanitizer, restricted to our kernels, around

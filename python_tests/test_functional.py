@@ -437,6 +437,31 @@ def test_cpu_shrink_packs_only_experts_with_rows(most_rows, strided):
     _assert_near(h, want, torch.float32)
 
 
+def test_cpu_avx2_copy_where_avx512_serves():
+    """On a CPU with AVX-512 the fp32 expand runs its AVX-512 copy (32-column chunks) in every
+    test; the AVX2 copy, what AVX2-only CPUs run, is tested here in a process started with
+    MOLORA_CPU_ISA=avx2: the expand tests of this file and test_sgmv.py. (Without AVX-512 every
+    test runs the AVX2 copy, and the AVX-512 one cannot run.)"""
+    import os
+    import subprocess
+    import sys
+    try:
+        with open("/proc/cpuinfo") as f:
+            avx512 = "avx512f" in f.read()
+    except OSError:
+        avx512 = False
+    if not avx512:
+        pytest.skip("no AVX-512 here: the other tests run the AVX2 copy")
+    assert os.environ.get("MOLORA_CPU_ISA") != "avx2", "must not run inside its own subprocess"
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "-k", "expand and not avx2_copy",
+         os.path.join(here, "test_functional.py"), os.path.join(here, "test_sgmv.py")],
+        env=dict(os.environ, MOLORA_CPU_ISA="avx2"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and " passed" in r.stdout, (r.stdout + r.stderr)[-4000:]
+
+
 def _ragged_grouped(seed, T, k, ranks, dtype):
     """(generator, rank_offsets, (order, pos, expert_offsets), h [P, 70], (weights, scales)) of
     random ids in [-1, E) (dropped slots, repeated ids) over the ragged `ranks`."""

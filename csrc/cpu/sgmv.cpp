@@ -1,5 +1,7 @@
 // CPU launchers of the grouped low-rank matmuls (sgmv_*) and the dense stacked gated form.
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -15,6 +17,20 @@ bool available() {
   return ok;
 }
 }  // namespace molora::cpu::avx2
+namespace molora::cpu::avx512 {
+bool available() {
+#ifdef MOLORA_HAVE_AVX512_KERNELS
+  static const bool ok = [] {
+    const char* isa = std::getenv("MOLORA_CPU_ISA");
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           !(isa != nullptr && std::string(isa) == "avx2");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+}  // namespace molora::cpu::avx512
 // fp32 on a CPU with AVX2 + FMA runs the AVX2 copy of a kernel (`call`, float pointers) and
 // returns from the enclosing lambda; every other case falls through to the baseline copy.
 #define MOLORA_AVX2_OR_FALL_THROUGH(call)                 \
@@ -154,19 +170,21 @@ void expand_token_tiles(const at::Tensor& h, const at::Tensor& Bt, const Grouped
                                   slot_expert.data_ptr<int32_t>(), hs.data_ptr<float>());
   });
   const int64_t tile = expand_tile_tokens(T, E, k), n_tiles = (T + tile - 1) / tile;
-  // Columns per panel: the tile's outputs of a panel stay in L2 (128 KiB). NOTE: untuned.
-  constexpr int64_t kCols = kernels::kExpandCols;
+  // Columns per panel: the tile's outputs of a panel stay in L2 (128 KiB), in whole chunks of
+  // the AVX-512 copy's 32 columns (two of the AVX2 copy's 16). NOTE: untuned.
+  constexpr int64_t kCols = 32;
   const int64_t panel = std::max<int64_t>(kCols, (int64_t(32768) / tile) / kCols * kCols);
   const float* base_p = cpu::ptr_or_null<float>(base);
+  const auto tile_fn = cpu::avx512::available() ? cpu::avx512::expand_token_tile
+                                                : cpu::avx2::expand_token_tile;
   at::parallel_for(0, n_tiles, 1, [&](int64_t i0, int64_t i1) {
     std::vector<int32_t> slots(2 * tile * k), bucket(E + 1);
     std::vector<float> acc(tile * std::min(panel, (n + kCols - 1) / kCols * kCols));
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t t0 = i * tile, t1 = std::min(T, t0 + tile);
-      cpu::avx2::expand_token_tile(hs.data_ptr<float>(), slot_expert.data_ptr<int32_t>(),
-                                   g.rank_offsets.data_ptr<int32_t>(), E, k, max_rank,
-                                   Bt.data_ptr<float>(), n, panel, base_p, t0, t1, slots.data(),
-                                   bucket.data(), acc.data(), y.data_ptr<float>());
+      tile_fn(hs.data_ptr<float>(), slot_expert.data_ptr<int32_t>(),
+              g.rank_offsets.data_ptr<int32_t>(), E, k, max_rank, Bt.data_ptr<float>(), n, panel,
+              base_p, t0, t1, slots.data(), bucket.data(), acc.data(), y.data_ptr<float>());
     }
   });
 }

@@ -8,8 +8,9 @@
 
 namespace molora::cpu::avx2 {
 
-// The launchers (csrc/cpu/sgmv.cpp) size the expand tile's acc rows with kExpandCols.
-static_assert(kernels::avx2::kTileCols == kernels::kExpandCols);
+// The launcher (csrc/cpu/sgmv.cpp) gives the expand panels of whole 32-column chunks: whole
+// 16-column chunks here.
+static_assert(32 % kernels::avx2::Ymm16::kCols == 0);
 
 int64_t shrink_packed_size(int64_t r, int64_t d) {
   return kernels::avx2::shrink_packed_size(r, d);
@@ -49,8 +50,9 @@ void expand_token_tile(const float* hs, const int32_t* slot_expert, const int32_
                        int64_t E, int64_t k, int64_t max_rank, const float* Bt, int64_t n,
                        int64_t panel, const float* base, int64_t t0, int64_t t1, int32_t* slots,
                        int32_t* bucket, float* acc, float* y) {
-  kernels::avx2::expand_token_tile(hs, slot_expert, rank_offsets, E, k, max_rank, Bt, n, panel, base, t0,
-                                   t1, slots, bucket, acc, y);
+  kernels::avx2::expand_token_tile<kernels::avx2::Ymm16>(hs, slot_expert, rank_offsets, E, k,
+                                                         max_rank, Bt, n, panel, base, t0, t1,
+                                                         slots, bucket, acc, y);
 }
 
 void weight_grad_chunks(const float* X, const float* hs, const int32_t* row_token,

@@ -41,3 +41,18 @@ void sgmv_weight_grad_range(const float* x, const float* h, const kernels::Group
                             int64_t g0, int64_t g1, float* acc, float* G);
 
 }  // namespace molora::cpu::avx2
+
+// The expand's token tile built a third time, for AVX-512 (csrc/cpu/sgmv_avx512.cpp): 32-column
+// chunks of two zmm per row. The panel it is given must be a multiple of 32.
+namespace molora::cpu::avx512 {
+
+// Whether this build has the AVX-512 copy and the CPU runs it (checked once); MOLORA_CPU_ISA=avx2
+// keeps the AVX2 copy (tests of that path on an AVX-512 machine).
+bool available();
+
+void expand_token_tile(const float* hs, const int32_t* slot_expert, const int32_t* rank_offsets,
+                       int64_t E, int64_t k, int64_t max_rank, const float* Bt, int64_t n,
+                       int64_t panel, const float* base, int64_t t0, int64_t t1, int32_t* slots,
+                       int32_t* bucket, float* acc, float* y);
+
+}  // namespace molora::cpu::avx512

@@ -1,6 +1,7 @@
 // fp32 register-tiled kernels of the grouped expand, shrink and weight gradient, written with
-// AVX2 + FMA intrinsics. Included only by csrc/cpu/sgmv_avx2.cpp (compiled with -mavx2 -mfma); the
-// portable kernels in sgmv_cpu.h serve every other dtype and CPU. Framework-free.
+// AVX2 + FMA intrinsics. Included only by csrc/cpu/sgmv_avx2.cpp (compiled with -mavx2 -mfma) and
+// by csrc/cpu/sgmv_avx512.cpp, which builds the expand once more with 32-column zmm chunks
+// (Zmm32); the portable kernels in sgmv_cpu.h serve every other dtype and CPU. Framework-free.
 //
 // All three run one GEMM micro-tile of kTileRows rows x 16 columns (12 ymm accumulators, one
 // broadcast and two loads per 12 FMAs) over the rows of one expert, which share that expert's
@@ -21,6 +22,9 @@
 #include "sgmv_cpu.h"
 
 namespace molora::kernels::avx2 {
+// (The expand below is also built for AVX-512 by csrc/cpu/sgmv_avx512.cpp: the ISA namespace
+// keeps the two copies of every inline function apart, csrc/kernels/isa.h.)
+inline namespace MOLORA_ISA {
 
 constexpr int64_t kTileCols = 16;  // two ymm of fp32
 constexpr int kTileRows = 6;
@@ -57,65 +61,130 @@ inline void store16(float* p, const ChunkMask& m, __m256 a, __m256 b) {
   }
 }
 
-// acc[row_of(i)] += sum_{a < r} coef[i, a] * bank[a * ld, :16] for the RB rows i of one tile
-// (row pointers in coef / dst), bank columns read 16 at a time (masked on the last chunk).
-template <int RB, bool kTail>
+// The expand's column chunk: two vector registers of fp32 per row. Ymm16 (AVX2): 16 columns.
+// Zmm32 (AVX-512, csrc/cpu/sgmv_avx512.cpp): 32 columns, so a micro-tile row still takes one
+// broadcast per two FMAs (a 16-column zmm row would take one per FMA, and broadcasts from memory
+// issue at one or two a cycle: no faster than the ymm tile).
+struct Ymm16 {
+  using reg = __m256;
+  static constexpr int64_t kCols = 16, kLanes = 8;
+  using Mask = ChunkMask;
+  static reg zero() { return _mm256_setzero_ps(); }
+  static reg bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static reg loadu(const float* p) { return _mm256_loadu_ps(p); }
+  static void storeu(float* p, reg v) { _mm256_storeu_ps(p, v); }
+  // p[0, lanes) + v, or v alone where keep == 0 (a row's first touch: acc's old value dropped)
+  static reg keep_add(const float* p, int32_t keep, reg v) {
+    return _mm256_add_ps(_mm256_and_ps(_mm256_loadu_ps(p), _mm256_castsi256_ps(_mm256_set1_epi32(keep))), v);
+  }
+  template <bool kTail>
+  static void load(const float* p, const Mask& m, reg& a, reg& b) { load16<kTail>(p, m, a, b); }
+  template <bool kTail>
+  static void store(float* p, const Mask& m, reg a, reg b) { store16<kTail>(p, m, a, b); }
+};
+
+// NOTE: the expand alone, T=1024, n=1376, E=8, k=2, r=16, 2 threads, 2-core Xeon with AVX-512,
+// 2026-12-04: 1.14 ms with Ymm16, 0.89 ms with Zmm32 (the layer forward 5.86 -> 5.58 ms).
+#if defined(__AVX512F__)
+struct Zmm32 {
+  using reg = __m512;
+  static constexpr int64_t kCols = 32, kLanes = 16;
+  struct Mask {  // lanes [0, nb) of a 32-wide chunk
+    __mmask16 lo, hi;
+    explicit Mask(int64_t nb)
+        : lo(static_cast<__mmask16>(nb >= 16 ? 0xffff : (1u << nb) - 1)),
+          hi(static_cast<__mmask16>(nb >= 32 ? 0xffff : nb <= 16 ? 0 : (1u << (nb - 16)) - 1)) {}
+  };
+  static reg zero() { return _mm512_setzero_ps(); }
+  static reg bcast(const float* p) { return _mm512_set1_ps(*p); }
+  static reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static reg loadu(const float* p) { return _mm512_loadu_ps(p); }
+  static void storeu(float* p, reg v) { _mm512_storeu_ps(p, v); }
+  static reg keep_add(const float* p, int32_t keep, reg v) {
+    return keep != 0 ? _mm512_add_ps(_mm512_loadu_ps(p), v) : v;
+  }
+  template <bool kTail>
+  static void load(const float* p, const Mask& m, reg& a, reg& b) {
+    if constexpr (kTail) {
+      a = _mm512_maskz_loadu_ps(m.lo, p);
+      b = _mm512_maskz_loadu_ps(m.hi, p + 16);
+    } else {
+      a = _mm512_loadu_ps(p);
+      b = _mm512_loadu_ps(p + 16);
+    }
+  }
+  template <bool kTail>
+  static void store(float* p, const Mask& m, reg a, reg b) {
+    if constexpr (kTail) {
+      _mm512_mask_storeu_ps(p, m.lo, a);
+      _mm512_mask_storeu_ps(p + 16, m.hi, b);
+    } else {
+      _mm512_storeu_ps(p, a);
+      _mm512_storeu_ps(p + 16, b);
+    }
+  }
+};
+#endif
+
+// acc[row_of(i)] += sum_{a < r} coef[i, a] * bank[a * ld, :V::kCols] for the RB rows i of one
+// tile (row pointers in coef / dst), bank columns read a chunk at a time (masked on the last).
+template <typename V, int RB, bool kTail>
 inline void tile_accumulate(const float* const* coef, float* const* dst, const int32_t* keep,
-                            const float* bank, int64_t ld, int64_t r, const ChunkMask& m) {
-  __m256 v0[RB], v1[RB];
+                            const float* bank, int64_t ld, int64_t r, const typename V::Mask& m) {
+  typename V::reg v0[RB], v1[RB];
   for (int b = 0; b < RB; ++b) {
-    v0[b] = _mm256_setzero_ps();
-    v1[b] = _mm256_setzero_ps();
+    v0[b] = V::zero();
+    v1[b] = V::zero();
   }
   for (int64_t a = 0; a < r; ++a) {
-    __m256 b0, b1;
-    load16<kTail>(bank + a * ld, m, b0, b1);
+    typename V::reg b0, b1;
+    V::template load<kTail>(bank + a * ld, m, b0, b1);
     for (int b = 0; b < RB; ++b) {
-      const __m256 c = _mm256_broadcast_ss(coef[b] + a);
-      v0[b] = _mm256_fmadd_ps(c, b0, v0[b]);
-      v1[b] = _mm256_fmadd_ps(c, b1, v1[b]);
+      const typename V::reg c = V::bcast(coef[b] + a);
+      v0[b] = V::fmadd(c, b0, v0[b]);
+      v1[b] = V::fmadd(c, b1, v1[b]);
     }
   }
   // Row by row: two rows of one token (a repeated expert id) both land. keep[b] = 0 on a row's
   // first touch in the panel: whatever acc held there is dropped, so acc needs no zero fill.
   for (int b = 0; b < RB; ++b) {
     float* d = dst[b];
-    const __m256 k = _mm256_castsi256_ps(_mm256_set1_epi32(keep[b]));
-    _mm256_storeu_ps(d, _mm256_add_ps(_mm256_and_ps(_mm256_loadu_ps(d), k), v0[b]));
-    _mm256_storeu_ps(d + 8, _mm256_add_ps(_mm256_and_ps(_mm256_loadu_ps(d + 8), k), v1[b]));
+    V::storeu(d, V::keep_add(d, keep[b], v0[b]));
+    V::storeu(d + V::kLanes, V::keep_add(d + V::kLanes, keep[b], v1[b]));
   }
 }
 
 // The slots [s0, s1) of one expert through tile_accumulate, kTileRows at a time. slots[2 s] is
 // the slot p (its hs row), slots[2 s + 1] its token's row in the tile (acc + row * 16), stored
 // as ~row where it is the row's first touch (its old acc value is dropped, not added).
-template <bool kTail>
+template <typename V, bool kTail>
 inline void expert_rows_accumulate(const int32_t* slots, int64_t s0, int64_t s1, const float* hs,
                                    int64_t max_rank, const float* bank, int64_t ld, int64_t r,
-                                   const ChunkMask& m, float* acc) {
+                                   const typename V::Mask& m, float* acc) {
   const float* coef[kTileRows];
   float* dst[kTileRows];
   int32_t keep[kTileRows];
   const auto place = [&](int b, int64_t s) {
     const int32_t row = slots[2 * s + 1];
     coef[b] = hs + int64_t{slots[2 * s]} * max_rank;
-    dst[b] = acc + int64_t{row < 0 ? ~row : row} * kTileCols;
+    dst[b] = acc + int64_t{row < 0 ? ~row : row} * V::kCols;
     keep[b] = row < 0 ? 0 : -1;
   };
   int64_t s = s0;
   for (; s + kTileRows <= s1; s += kTileRows) {
     for (int b = 0; b < kTileRows; ++b) place(b, s + b);
-    tile_accumulate<kTileRows, kTail>(coef, dst, keep, bank, ld, r, m);
+    tile_accumulate<V, kTileRows, kTail>(coef, dst, keep, bank, ld, r, m);
   }
   // The last 1-5 rows in one narrower tile (one row at a time ran 2 FMA chains per B load).
   const int rest = static_cast<int>(s1 - s);
   for (int b = 0; b < rest; ++b) place(b, s + b);
   switch (rest) {
-    case 5: tile_accumulate<5, kTail>(coef, dst, keep, bank, ld, r, m); break;
-    case 4: tile_accumulate<4, kTail>(coef, dst, keep, bank, ld, r, m); break;
-    case 3: tile_accumulate<3, kTail>(coef, dst, keep, bank, ld, r, m); break;
-    case 2: tile_accumulate<2, kTail>(coef, dst, keep, bank, ld, r, m); break;
-    case 1: tile_accumulate<1, kTail>(coef, dst, keep, bank, ld, r, m); break;
+    case 5: tile_accumulate<V, 5, kTail>(coef, dst, keep, bank, ld, r, m); break;
+    case 4: tile_accumulate<V, 4, kTail>(coef, dst, keep, bank, ld, r, m); break;
+    case 3: tile_accumulate<V, 3, kTail>(coef, dst, keep, bank, ld, r, m); break;
+    case 2: tile_accumulate<V, 2, kTail>(coef, dst, keep, bank, ld, r, m); break;
+    case 1: tile_accumulate<V, 1, kTail>(coef, dst, keep, bank, ld, r, m); break;
     default: break;
   }
 }
@@ -124,13 +193,15 @@ inline void expert_rows_accumulate(const int32_t* slots, int64_t s0, int64_t s1,
 //   y[t] = base[t] + sum_j hs[t * k + j, :r_e] @ Bt[ro_e : ro_e + r_e, :]   (e = slot_expert)
 // hs [T * k, max_rank] holds the coefficient-scaled h row of every slot (expand_slots_prepare),
 // Bt is the bank transposed to [R, n]. The tile's slots are bucketed by expert (counting sort,
-// stable), so each 6 x 16 micro-tile reads one [r_e, 16] slice of Bt for six rows. Outputs live
-// in acc, one panel of `panel` columns at a time (a multiple of 16), chunk-major: acc[c][t][16]
-// for the panel's 16-column chunk c (zero-padded past n). base enters and y leaves acc in spans
+// stable), so each 6 x V::kCols micro-tile reads one [r_e, V::kCols] slice of Bt for six rows.
+// Outputs live in acc, one panel of `panel` columns at a time (a multiple of V::kCols),
+// chunk-major: acc[c][t][V::kCols] for the panel's chunk c (zero-padded past n). base enters and y leaves acc in spans
 // of `panel` contiguous columns per row, so y is written once per element with no row buffer.
 // NOTE: per 64-byte chunk instead, the strided base/y row accesses took 40% of the kernel's time
 // (perf, T=1024, n=1376). Owned by one thread; slots are added in a fixed order: deterministic.
-// Scratch: slots [2 * (t1 - t0) * k], bucket [E + 1], acc [(t1 - t0) * panel].
+// Scratch: slots [2 * (t1 - t0) * k], bucket [E + 1], acc [(t1 - t0) * panel] (with n < panel:
+// n rounded up to V::kCols).
+template <typename V = Ymm16>
 inline void expand_token_tile(const float* hs, const int32_t* slot_expert,
                               const int32_t* rank_offsets, int64_t E, int64_t k,
                               int64_t max_rank, const float* Bt, int64_t n, int64_t panel,
@@ -173,48 +244,48 @@ inline void expand_token_tile(const float* hs, const int32_t* slot_expert,
   }
   for (int64_t n0 = 0; n0 < n; n0 += panel) {
     const int64_t n1 = std::min(n, n0 + panel);
-    const int64_t chunks = (n1 - n0 + kTileCols - 1) / kTileCols;
-    const ChunkMask last(n1 - n0 - (chunks - 1) * kTileCols);
+    const int64_t chunks = (n1 - n0 + V::kCols - 1) / V::kCols;
+    const typename V::Mask last(n1 - n0 - (chunks - 1) * V::kCols);
     for (int64_t t = 0; t < rows; ++t) {
       if (base == nullptr && touched[t]) continue;
       const float* src = base != nullptr ? base + (t0 + t) * n + n0 : nullptr;
       for (int64_t c = 0; c < chunks; ++c) {
-        float* a = acc + (c * rows + t) * kTileCols;
-        __m256 v0 = _mm256_setzero_ps(), v1 = _mm256_setzero_ps();
+        float* a = acc + (c * rows + t) * V::kCols;
+        typename V::reg v0 = V::zero(), v1 = V::zero();
         if (src != nullptr) {
           if (c + 1 < chunks)
-            load16<false>(src + c * kTileCols, last, v0, v1);
+            V::template load<false>(src + c * V::kCols, last, v0, v1);
           else
-            load16<true>(src + c * kTileCols, last, v0, v1);
+            V::template load<true>(src + c * V::kCols, last, v0, v1);
         }
-        _mm256_storeu_ps(a, v0);
-        _mm256_storeu_ps(a + 8, v1);
+        V::storeu(a, v0);
+        V::storeu(a + V::kLanes, v1);
       }
     }
     for (int64_t c = 0; c < chunks; ++c) {
-      float* a = acc + c * rows * kTileCols;
-      const int64_t c0 = n0 + c * kTileCols;
+      float* a = acc + c * rows * V::kCols;
+      const int64_t c0 = n0 + c * V::kCols;
       for (int64_t e = 0; e < E; ++e) {
         const int64_t r0 = rank_offsets[e], r = rank_offsets[e + 1] - r0;
         if (r == 0 || bucket[e] == bucket[e + 1]) continue;
         const float* bank = Bt + r0 * n + c0;
         if (c + 1 < chunks)
-          expert_rows_accumulate<false>(slots, bucket[e], bucket[e + 1], hs, max_rank, bank, n,
+          expert_rows_accumulate<V, false>(slots, bucket[e], bucket[e + 1], hs, max_rank, bank, n,
                                         r, last, a);
         else
-          expert_rows_accumulate<true>(slots, bucket[e], bucket[e + 1], hs, max_rank, bank, n, r,
+          expert_rows_accumulate<V, true>(slots, bucket[e], bucket[e + 1], hs, max_rank, bank, n, r,
                                        last, a);
       }
     }
     for (int64_t t = 0; t < rows; ++t) {
       float* dst = y + (t0 + t) * n + n0;
       for (int64_t c = 0; c < chunks; ++c) {
-        const float* a = acc + (c * rows + t) * kTileCols;
-        const __m256 v0 = _mm256_loadu_ps(a), v1 = _mm256_loadu_ps(a + 8);
+        const float* a = acc + (c * rows + t) * V::kCols;
+        const typename V::reg v0 = V::loadu(a), v1 = V::loadu(a + V::kLanes);
         if (c + 1 < chunks)
-          store16<false>(dst + c * kTileCols, last, v0, v1);
+          V::template store<false>(dst + c * V::kCols, last, v0, v1);
         else
-          store16<true>(dst + c * kTileCols, last, v0, v1);
+          V::template store<true>(dst + c * V::kCols, last, v0, v1);
       }
     }
   }
@@ -461,4 +532,5 @@ inline void weight_grad_chunks(const float* X, const float* hs, const int32_t* r
   }
 }
 
+}  // inline namespace MOLORA_ISA
 }  // namespace molora::kernels::avx2

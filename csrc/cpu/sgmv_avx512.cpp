@@ -1,0 +1,20 @@
+// The fp32 expand compiled for AVX-512 (this file only: -mavx512f -mavx512vl -mavx2 -mfma
+// -DMOLORA_ISA=isa_avx512, see CMakeLists.txt): the register-tiled token-tile expand of
+// csrc/kernels/sgmv_avx2_cpu.h with 32-column zmm chunks (Zmm32). As in sgmv_avx2.cpp, no torch
+// header is included here, and the kernels' symbols live in molora::kernels::avx2::isa_avx512.
+#include "sgmv_isa.h"
+
+#include "../kernels/sgmv_avx2_cpu.h"
+
+namespace molora::cpu::avx512 {
+
+void expand_token_tile(const float* hs, const int32_t* slot_expert, const int32_t* rank_offsets,
+                       int64_t E, int64_t k, int64_t max_rank, const float* Bt, int64_t n,
+                       int64_t panel, const float* base, int64_t t0, int64_t t1, int32_t* slots,
+                       int32_t* bucket, float* acc, float* y) {
+  kernels::avx2::expand_token_tile<kernels::avx2::Zmm32>(hs, slot_expert, rank_offsets, E, k,
+                                                         max_rank, Bt, n, panel, base, t0, t1,
+                                                         slots, bucket, acc, y);
+}
+
+}  // namespace molora::cpu::avx512

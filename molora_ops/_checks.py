@@ -282,6 +282,9 @@ def on_host(ref: torch.Tensor) -> bool:
 # --- device checks of one op call in one launch ----------------------------------------------------
 
 _NONE = 2**62  # an absent bound (molora_ops.triton.checks.UNBOUNDED)
+# Every device-side assert of this module goes through this name (tests record the conditions
+# here; patching torch._assert_async itself would confuse torch.compile's view of torch).
+_assert_async = torch._assert_async
 # Run the gathered checks of CPU tensors through the kernel too (tests: Triton's interpreter).
 _KERNEL_ON_CPU = [False]
 
@@ -316,7 +319,7 @@ class _Gathered:
         msg = f"molora.{self.op}: " + "; ".join(self.what)
         while seqs or rngs:  # MAX_SEQUENCES + MAX_RANGES tensors a launch
             ok = values_ok(seqs[:MAX_SEQUENCES], rngs[:MAX_RANGES])
-            torch._assert_async(ok if ok.numel() == 1 else ok.all(), msg)
+            _assert_async(ok if ok.numel() == 1 else ok.all(), msg)
             seqs, rngs = seqs[MAX_SEQUENCES:], rngs[MAX_RANGES:]
 
 
@@ -349,7 +352,7 @@ def _gathered(t: torch.Tensor) -> Optional[_Gathered]:
     return None
 
 
-def _sequence_on_device(op: str, name: str, t: torch.Tensor, what: str, composite,
+def _sequence_on_device(op: str, t: torch.Tensor, what: str, composite,
                         first=(-_NONE, _NONE), step=(-_NONE, _NONE), last=(-_NONE, _NONE)) -> None:
     """Device check of the index sequence ``t``: gathered when a gathering is open, else
     ``composite()`` (a 0-d bool) asserted now."""
@@ -357,18 +360,22 @@ def _sequence_on_device(op: str, name: str, t: torch.Tensor, what: str, composit
     if g is not None:
         g.add(g.seqs, t, (*first, *step, *last), what)
     else:
-        torch._assert_async(composite(), f"molora.{op}: {what}")
+        _assert_async(composite(), f"molora.{op}: {what}")
 
 
 def _verify(op: str, ref: torch.Tensor, exc, ok: Callable[[], torch.Tensor],
-            detail: Callable[[], str], what: str) -> None:
+            detail: Callable[[], str], what: str, sequence: Optional[dict] = None) -> None:
     """Raises ``exc(detail())`` on the host when ``ok()`` is False (host mode), else asserts
-    ``ok()`` on the device without synchronising (message: ``what``)."""
+    ``ok()`` on the device without synchronising (message: ``what``). ``sequence``: the same
+    condition as bounds of the index sequence ``ref`` (``first`` / ``step`` / ``last`` of
+    ``_sequence_on_device``), so an open gathering takes it instead."""
     if on_host(ref):
         if not bool(ok()):
             _fail(exc, op, detail())
+    elif sequence is not None:
+        _sequence_on_device(op, ref, f"{what} ({exc.__name__})", ok, **sequence)
     else:
-        torch._assert_async(ok(), f"molora.{op}: {what} ({exc.__name__})")
+        _assert_async(ok(), f"molora.{op}: {what} ({exc.__name__})")
 
 
 def ids_in_range(op: str, name: str, ids: torch.Tensor, lo: int, hi: int) -> None:
@@ -387,7 +394,7 @@ def ids_in_range(op: str, name: str, ids: torch.Tensor, lo: int, hi: int) -> Non
     if g is not None:
         g.add(g.ranges, ids, (lo, hi - 1), what)
     else:
-        torch._assert_async(((ids >= lo) & (ids < hi)).all(), f"molora.{op}: {what}")
+        _assert_async(((ids >= lo) & (ids < hi)).all(), f"molora.{op}: {what}")
 
 
 def index_bound(op: str, name: str, hi: int) -> None:
@@ -412,8 +419,8 @@ def rank_offsets_values(op: str, rank_offsets: torch.Tensor, total_rank: int,
                               "of the kernels (2^31 - 1)")
     if not on_host(ro):
         _sequence_on_device(
-            op, name, ro, f"{name} must be non-decreasing, start at 0 and end at the bank's total "
-                          f"rank R = {total_rank}",
+            op, ro, f"{name} must be non-decreasing, start at 0 and end at the bank's total "
+                    f"rank R = {total_rank}",
             lambda: (ro[1:] >= ro[:-1]).all() & (ro[0] == 0) & (ro[-1] == total_rank),
             first=(0, 0), step=(0, _NONE), last=(total_rank, total_rank))
         return
@@ -433,15 +440,11 @@ def max_rank_values(op: str, rank_offsets: torch.Tensor, max_rank: int) -> None:
     if rank_offsets.numel() < 2:
         return
     ranks = lambda: rank_offsets[1:].long() - rank_offsets[:-1].long()  # noqa: E731
-    if not on_host(rank_offsets):
-        _sequence_on_device(op, "rank_offsets", rank_offsets,
-                            f"max_rank ({max_rank}) is smaller than the largest expert rank "
-                            "(ValueError)", lambda: ranks().max() <= max_rank, step=(-_NONE, max_rank))
-        return
     _verify(op, rank_offsets, ValueError, lambda: ranks().max() <= max_rank,
             lambda: f"max_rank ({max_rank}) is smaller than the largest expert rank "
                     f"({int(ranks().max())})",
-            f"max_rank ({max_rank}) is smaller than the largest expert rank")
+            f"max_rank ({max_rank}) is smaller than the largest expert rank",
+            sequence=dict(step=(-_NONE, max_rank)))
 
 
 def expert_offsets_values(op: str, expert_offsets: torch.Tensor, num_rows: int,
@@ -451,19 +454,13 @@ def expert_offsets_values(op: str, expert_offsets: torch.Tensor, num_rows: int,
     eo = expert_offsets
     if eo.numel() == 0:
         return
-    if not on_host(eo):
-        _sequence_on_device(
-            op, name, eo, f"{name} has values outside [0, {num_rows}] or is not a non-decreasing "
-                          "sequence starting at 0 (IndexError)",
-            lambda: (eo[1:] >= eo[:-1]).all() & (eo[0] == 0) & (eo[-1] <= num_rows),
-            first=(0, 0), step=(0, _NONE), last=(-_NONE, num_rows))
-        return
     _verify(op, eo, IndexError,
             lambda: (eo[1:] >= eo[:-1]).all() & (eo[0] == 0) & (eo[-1] <= num_rows),
             lambda: f"{name} has values outside [0, {num_rows}] or is not a non-decreasing "
                     f"sequence starting at 0: {eo.tolist()}",
             f"{name} has values outside [0, {num_rows}] or is not a non-decreasing sequence "
-            "starting at 0")
+            "starting at 0",
+            sequence=dict(first=(0, 0), step=(0, _NONE), last=(-_NONE, num_rows)))
 
 
 def order_pos_values(op: str, order: torch.Tensor, pos: torch.Tensor, num_rows: int) -> None:
@@ -495,14 +492,8 @@ def stacked_values(op: str, A, B, rank_offsets, shared_a: bool) -> None:
         return
     E, r = rank_offsets.numel() - 1, A.shape[0]
     expected = lambda: torch.arange(E + 1, device=rank_offsets.device) * r  # noqa: E731
-    if not on_host(rank_offsets):
-        _sequence_on_device(
-            op, "rank_offsets", rank_offsets,
-            f"with shared_a, rank_offsets must be arange(E+1) * r (r = A.shape[0] = {r}) "
-            "(ValueError)", lambda: (rank_offsets.long() == expected()).all(),
-            first=(0, 0), step=(r, r), last=(E * r, E * r))
-        return
     _verify(op, rank_offsets, ValueError, lambda: (rank_offsets.long() == expected()).all(),
             lambda: f"with shared_a, rank_offsets must be arange(E+1) * r (r = A.shape[0] = {r}), "
                     f"got {rank_offsets.tolist()}",
-            f"with shared_a, rank_offsets must be arange(E+1) * r (r = A.shape[0] = {r})")
+            f"with shared_a, rank_offsets must be arange(E+1) * r (r = A.shape[0] = {r})",
+            sequence=dict(first=(0, 0), step=(r, r), last=(E * r, E * r)))

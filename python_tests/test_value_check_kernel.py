@@ -2,8 +2,8 @@
 molora_ops/triton/checks.py) against the torch composites they replace: the same inputs are
 accepted and rejected, with one check kernel and one torch._assert_async per op call instead of
 ~30 tiny kernels. On CUDA tensors where a GPU is present, else on CPU tensors in Triton's
-interpreter. The verdicts are read by recording what reaches torch._assert_async (a failed device
-assert would end the CUDA context)."""
+interpreter. The verdicts are read by recording what reaches molora_ops._checks._assert_async
+(a failed device assert would end the CUDA context)."""
 import contextlib
 
 import pytest
@@ -40,17 +40,17 @@ class _Ops(TorchDispatchMode):
 @contextlib.contextmanager
 def _asserts(gathered: bool):
     """Device mode, the gathered kernel path (on CPU tensors too: the interpreter) or the torch
-    composites; yields the list of (condition, message) of every torch._assert_async call (read
+    composites; yields the list of (condition, message) of every device assert (read
     them after the block: reading is not part of what is counted)."""
     seen = []
-    saved_assert, saved_cpu = torch._assert_async, _checks._KERNEL_ON_CPU[0]
-    torch._assert_async = lambda cond, msg="": seen.append((cond, msg))
+    saved_assert, saved_cpu = _checks._assert_async, _checks._KERNEL_ON_CPU[0]
+    _checks._assert_async = lambda cond, msg="": seen.append((cond, msg))
     _checks._KERNEL_ON_CPU[0] = gathered
     try:
         with _checks.use_value_checks("device"):
             yield seen
     finally:
-        torch._assert_async, _checks._KERNEL_ON_CPU[0] = saved_assert, saved_cpu
+        _checks._assert_async, _checks._KERNEL_ON_CPU[0] = saved_assert, saved_cpu
 
 
 def _rejects(fn, gathered: bool) -> bool:

@@ -229,9 +229,8 @@ at::Tensor sgmv_shrink_cpu(const at::Tensor& x_in, const at::Tensor& A_in,
     const auto meta = g.meta();
     std::vector<int64_t> pack_offsets(E + 1, 0);
     for (int64_t e = 0; e < E; ++e) {
-      const bool has_rows = meta.expert_offsets[e + 1] > meta.expert_offsets[e];
-      pack_offsets[e + 1] =
-          pack_offsets[e] + (has_rows ? cpu::avx2::shrink_packed_size(ro[e + 1] - ro[e], d) : 0);
+      const int64_t r_e = eo[e + 1] > eo[e] ? ro[e + 1] - ro[e] : 0;  // no rows: nothing packed
+      pack_offsets[e + 1] = pack_offsets[e] + cpu::avx2::shrink_packed_size(r_e, d);
     }
     at::Tensor packed = at::empty({pack_offsets[E]}, x.options());
     const float* bank = A_in.data_ptr<float>();

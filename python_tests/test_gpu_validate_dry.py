@@ -84,9 +84,10 @@ def test_dry_run_layout_and_summary(tmp_path):
     p, out = _run(tmp_path)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
     files = _check_out_layout(out)
-    assert {"summary.txt", "logs.tgz", "router_dispatch.json", "layer.json"} <= set(files) <= \
+    assert {"summary.txt", "logs.tgz", "router_dispatch.json", "layer.json",
+            "layer_graph.json"} <= set(files) <= \
         {"summary.txt", "logs.tgz", "router_dispatch.json", "router_dispatch.png", "layer.json",
-         "layer_ncu.json"}
+         "layer_graph.json", "layer_ncu.json"}
     rows, passed, text = _summary(out)
     assert passed and all(r[0] == "PASS" for r in rows.values()), text
     for step, (_, secs, limit, note) in rows.items():
@@ -104,9 +105,14 @@ def test_dry_run_layout_and_summary(tmp_path):
         names = set(tar.getnames())
         assert {f"logs/{s}.log" for s in STEPS} | {"logs/env.txt", "logs/summary.txt",
                                                     "logs/router_dispatch_table.txt",
-                                                    "logs/layer_table.txt"} <= names
+                                                    "logs/layer_table.txt",
+                                                    "logs/layer_graph_table.txt"} <= names
+        layer_log = tar.extractfile("logs/layer.log").read().decode()
         memcheck = tar.extractfile("logs/memcheck.log").read().decode()
         racecheck = tar.extractfile("logs/racecheck.log").read().decode()
+    # the forward rows again as (on a GPU) CUDA-graph replays, one summary line per case
+    assert re.search(r"^layer: graph tiny T=\d+ uniform fwd base \d+ us, native \d+\.\d+x", layer_log,
+                     re.M), layer_log[-2000:]
     # the sanitizer command lines carry the kernel filters: every kernel for memcheck, the
     # shared-memory ones for racecheck
     for name, _ in cuda_kernels():

@@ -123,11 +123,11 @@ done
 OUT="${OUT:-/tmp/gpu_validate}"
 mkdir -p "$OUT"
 rm -f "$OUT/summary.txt" "$OUT/logs.tgz" "$OUT/router_dispatch.json" "$OUT/router_dispatch.png" \
-  "$OUT/layer.json" "$OUT/layer_ncu.json"
+  "$OUT/layer.json" "$OUT/layer_ncu.json" "$OUT/layer_graph.json"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_validate.XXXXXX")"
 LOGS="$WORK/logs"
 STATE="$WORK/state"
-mkdir -p "$LOGS" "$STATE" "$WORK/bench" "$WORK/layer"
+mkdir -p "$LOGS" "$STATE" "$WORK/bench" "$WORK/layer" "$WORK/layer_graph"
 export LOGS STATE WORK
 
 T0=$(date +%s)
@@ -248,6 +248,7 @@ pack_logs() {
   [ -f "$WORK/bench/router_dispatch_table.txt" ] && cp -f "$WORK/bench/router_dispatch_table.txt" "$LOGS/"
   [ -f "$WORK/layer/table.txt" ] && cp -f "$WORK/layer/table.txt" "$LOGS/layer_table.txt"
   [ -f "$WORK/layer/ncu.csv" ] && cp -f "$WORK/layer/ncu.csv" "$LOGS/layer_ncu.csv"
+  [ -f "$WORK/layer_graph/table.txt" ] && cp -f "$WORK/layer_graph/table.txt" "$LOGS/layer_graph_table.txt"
   # keep the archive well under the 16 MiB a file may have: huge logs keep their head and tail
   local f
   for f in "$LOGS"/*; do
@@ -269,6 +270,8 @@ copy_bench() {
     && mv -f "$OUT/.layer.tmp" "$OUT/layer.json"
   [ -f "$WORK/layer/ncu.json" ] && cp -f "$WORK/layer/ncu.json" "$OUT/.layer_ncu.tmp" \
     && mv -f "$OUT/.layer_ncu.tmp" "$OUT/layer_ncu.json"
+  [ -f "$WORK/layer_graph/results.json" ] && cp -f "$WORK/layer_graph/results.json" "$OUT/.layer_graph.tmp" \
+    && mv -f "$OUT/.layer_graph.tmp" "$OUT/layer_graph.json"
   return 0
 }
 
@@ -421,6 +424,24 @@ EOF
 }
 export -f layer_summary
 
+graph_summary() {   # "layer: graph ..." lines: forward times as CUDA-graph replays (device time)
+  "$PY" - <<'EOF'
+import json, os
+res = json.load(open(os.path.join(os.environ["WORK"], "layer_graph", "results.json")))
+rows = [r for r in res["rows"] if r["op"] == "moe_lora" and r["mode"] == "fwd"]
+for label in dict.fromkeys(r["label"] for r in rows):
+    case = [r for r in rows if r["label"] == label]
+    eager = [r["impl"] for r in case if r.get("timing") != "cuda-graph"]
+    parts = label.split(" ")
+    words = [f"{r['impl']} {r.get('x_base') or float('nan'):.2f}x" for r in case
+             if r["impl"] not in ("reference", "loop", "bmm", "grouped_mm", "base")]
+    base = next((r["time"]["median"] * 1e6 for r in case if r["impl"] == "base"), float("nan"))
+    print(f"layer: graph {' '.join(parts[:2] + parts[-1:])} fwd base {base:.0f} us, "
+          + ", ".join(words) + (f" (eager: {','.join(eager)})" if eager else ""))
+EOF
+}
+export -f graph_summary
+
 layer_step() {   # the layer step: bench rows, then the DRAM bytes under ncu where it is there
   local dir="$WORK/layer"
   if [ "$DRY" = 1 ]; then
@@ -428,6 +449,9 @@ layer_step() {   # the layer step: bench rows, then the DRAM bytes under ncu whe
       --out "$dir" || return 1
     layer_summary
     echo "layer: ncu not run (dry run)"
+    "$PY" -m bench --device cpu --quick --ops moe_lora --modes fwd --cuda-graph --no-overhead \
+      --no-progress --no-plots --out "$WORK/layer_graph" || return 1
+    graph_summary
     return 0
   fi
   # A row that fails its check fails the step, but the other rows and the ncu pass still run:
@@ -449,6 +473,12 @@ layer_step() {   # the layer step: bench rows, then the DRAM bytes under ncu whe
   else
     echo "layer: ncu FAILED (see layer.log; the rows above stand)"
   fi
+  # The forward rows again as CUDA-graph replays: the device's time without the host's launch
+  # and dispatch cost, which the eager rows above include (the first H200 run: kernels 148-533 us
+  # by ncu against 0.9-1.7 ms by wall clock).
+  "$PY" -m bench --device cuda --preset layer --ops moe_lora --modes fwd --cuda-graph \
+    --no-overhead --no-progress --no-plots --out "$WORK/layer_graph" || rc=1
+  [ -f "$WORK/layer_graph/results.json" ] && graph_summary
   return "$rc"
 }
 export -f layer_step

@@ -285,6 +285,17 @@ _NONE = 2**62  # an absent bound (molora_ops.triton.checks.UNBOUNDED)
 # Every device-side assert of this module goes through this name (tests record the conditions
 # here; patching torch._assert_async itself would confuse torch.compile's view of torch).
 _assert_async = torch._assert_async
+# torch's CUDA _assert_async refuses a message of 255 characters or more (a RuntimeError, "Message
+# length must be smaller than 255", before anything is checked); on CPU any length passes. The
+# gathered message of one call lists every condition and can be longer: it then names the
+# operands checked (_Gathered.run), and any message is cut to fit as a last resort.
+ASSERT_MESSAGE_MAX = 254
+
+
+def _device_assert(cond: torch.Tensor, msg: str) -> None:
+    if len(msg) > ASSERT_MESSAGE_MAX:
+        msg = msg[:ASSERT_MESSAGE_MAX - 4] + " ..."
+    _assert_async(cond, msg)
 # Run the gathered checks of CPU tensors through the kernel too (tests: Triton's interpreter).
 _KERNEL_ON_CPU = [False]
 
@@ -317,9 +328,13 @@ class _Gathered:
         seqs = [tuple(v) for v in self.seqs.values()]
         rngs = [tuple(v) for v in self.ranges.values()]
         msg = f"molora.{self.op}: " + "; ".join(self.what)
+        if len(msg) > ASSERT_MESSAGE_MAX:  # each condition's operand (its first word) instead
+            names = ", ".join(dict.fromkeys(w.split(" ", 1)[0] for w in self.what))
+            msg = (f"molora.{self.op}: invalid values in one of {names} "
+                   "(molora_ops.use_value_checks('host') names it)")
         while seqs or rngs:  # MAX_SEQUENCES + MAX_RANGES tensors a launch
             ok = values_ok(seqs[:MAX_SEQUENCES], rngs[:MAX_RANGES])
-            _assert_async(ok if ok.numel() == 1 else ok.all(), msg)
+            _device_assert(ok if ok.numel() == 1 else ok.all(), msg)
             seqs, rngs = seqs[MAX_SEQUENCES:], rngs[MAX_RANGES:]
 
 
@@ -360,7 +375,7 @@ def _sequence_on_device(op: str, t: torch.Tensor, what: str, composite,
     if g is not None:
         g.add(g.seqs, t, (*first, *step, *last), what)
     else:
-        _assert_async(composite(), f"molora.{op}: {what}")
+        _device_assert(composite(), f"molora.{op}: {what}")
 
 
 def _verify(op: str, ref: torch.Tensor, exc, ok: Callable[[], torch.Tensor],
@@ -375,7 +390,7 @@ def _verify(op: str, ref: torch.Tensor, exc, ok: Callable[[], torch.Tensor],
     elif sequence is not None:
         _sequence_on_device(op, ref, f"{what} ({exc.__name__})", ok, **sequence)
     else:
-        _assert_async(ok(), f"molora.{op}: {what} ({exc.__name__})")
+        _device_assert(ok(), f"molora.{op}: {what} ({exc.__name__})")
 
 
 def ids_in_range(op: str, name: str, ids: torch.Tensor, lo: int, hi: int) -> None:
@@ -394,7 +409,7 @@ def ids_in_range(op: str, name: str, ids: torch.Tensor, lo: int, hi: int) -> Non
     if g is not None:
         g.add(g.ranges, ids, (lo, hi - 1), what)
     else:
-        _assert_async(((ids >= lo) & (ids < hi)).all(), f"molora.{op}: {what}")
+        _device_assert(((ids >= lo) & (ids < hi)).all(), f"molora.{op}: {what}")
 
 
 def index_bound(op: str, name: str, hi: int) -> None:

@@ -44,7 +44,13 @@ def _asserts(gathered: bool):
     them after the block: reading is not part of what is counted)."""
     seen = []
     saved_assert, saved_cpu = _checks._assert_async, _checks._KERNEL_ON_CPU[0]
-    _checks._assert_async = lambda cond, msg="": seen.append((cond, msg))
+
+    def record(cond, msg=""):
+        # torch's CUDA _assert_async refuses longer messages (CPU tensors take any): hold every
+        # message to it here, where the tests may run on CPU
+        assert len(msg) < 255, f"a {len(msg)}-character device assert message: {msg}"
+        seen.append((cond, msg))
+    _checks._assert_async = record
     _checks._KERNEL_ON_CPU[0] = gathered
     try:
         with _checks.use_value_checks("device"):
@@ -230,5 +236,40 @@ def test_a_triton_served_op_gathers_its_checks():
         molora_ops.sgmv_shrink(x, A, ro, bad, pos, eo, max_rank=mr)
     torch.testing.assert_close(h, ref.sgmv_shrink(x, A, ro, order, pos, eo, max_rank=mr))
     assert [bool(cond.all()) for cond, _ in seen] == [True, False], seen
-    assert seen[1][1].startswith("molora.sgmv_shrink: rank_offsets must be non-decreasing")
-    assert "; order has values outside" in seen[1][1] and "; pos has values outside" in seen[1][1]
+    # (every condition's operand: the conditions in full would pass CUDA's 254 characters)
+    assert seen[1][1] == ("molora.sgmv_shrink: invalid values in one of rank_offsets, max_rank, "
+                          "expert_offsets, order, pos (molora_ops.use_value_checks('host') "
+                          "names it)"), seen[1][1]
+
+
+def test_gathered_message_fits_the_cuda_assert():
+    """One op call's gathered message names every condition it checks while that fits torch's
+    CUDA _assert_async (fewer than 255 characters), else the operands checked; the real assert
+    accepts it (on the GPU where there is one). A message that is still too long is cut."""
+    ro, order, pos, eo = _dispatched()
+    max_rank = int((ro[1:] - ro[:-1]).max())
+    ids = torch.randint(-1, 7, (9, 2), device=DEV)
+    cases = {  # op: its checks, and whether their messages in full fit
+        "fused_moe_lora": (lambda op: (_checks.rank_offsets_values(op, ro, int(ro[-1])),
+                                       _checks.ids_in_range(op, "ids", ids, -1, 7)), True),
+        "sgmv_weight_grad": (lambda op: _checks.dispatched_values(
+            op, int(ro[-1]), ro, order, pos, eo, max_rank), False)}
+    for op, (fn, fits) in cases.items():
+        with _asserts(False) as composites:
+            fn(op)
+        full = f"molora.{op}: " + "; ".join(dict.fromkeys(m.split(": ", 1)[1]
+                                                         for _, m in composites))
+        assert (len(full) <= _checks.ASSERT_MESSAGE_MAX) == fits, full
+        with _asserts(True) as seen:
+            with _checks.one_launch(op):
+                fn(op)
+        (cond, msg), = seen
+        assert bool(cond.all())
+        assert msg == full if fits else msg == (
+            f"molora.{op}: invalid values in one of rank_offsets, max_rank, expert_offsets, "
+            "order, pos (molora_ops.use_value_checks('host') names it)"), msg
+        with _checks.use_value_checks("device"), _checks.one_launch(op):
+            fn(op)  # the real torch._assert_async (on CUDA: its message-length check)
+    with _asserts(True) as seen:
+        _checks._device_assert(torch.ones((), dtype=torch.bool), "m" * 300)
+    assert seen[0][1] == "m" * 250 + " ..."

@@ -395,6 +395,23 @@ if not dry and molora_ops.has_extension():
     print(f"build: CUDA runtime of _C: "
           f"{'a static copy inside _C (FAIL)' if static_cudart else 'no static copy' if syms else 'nm unavailable'}"
           f"; NEEDED {','.join(needed) if needed else 'no libcudart' if dyn is not None else '? (no readelf)'}")
+    # Which C++ runtime _C carries: libstdc++'s own (non-template) code defined inside _C means
+    # a static copy beside the process's libstdc++.so (a host-mode error message crashed in
+    # ostream code that cuda-gdb placed inside _C). Log only: the link line and the symbols.
+    demangled = tool("nm", "-C", "--defined-only", ext.__file__) or ""
+    own = [l.split(" ", 2)[2] for l in demangled.splitlines()
+           if re.search(r" [TtWw] std::(codecvt|locale|basic_ostream|ios_base|num_put)", l)
+           and "[clone " not in l]
+    print(f"build-diag: std:: runtime definitions inside _C: {len(own)}"
+          + (f" (e.g. {'; '.join(own[:4])})" if own else "")
+          + "; NEEDED " + ",".join(re.findall(r"\[(lib[^\]]*)\]", dyn or "")))
+    import glob
+    for ninja in glob.glob("build/*/build.ninja"):
+        lines = open(ninja).read().splitlines()
+        for i, l in enumerate(lines):
+            if l.startswith("build ") and "_C." in l.split(":")[0] and "LINKER" in l:
+                print("build-diag: link " + " ".join(x.strip() for x in lines[i + 1:i + 8]
+                                                     if x.strip().startswith("LINK"))[:1500])
 sys.exit(0 if molora_ops.has_extension() and not missing and not static_cudart
          and (dry or torch.cuda.is_available()) else 1)
 EOF
@@ -558,7 +575,8 @@ crash_backtrace() {
   {
     echo "== $step: $id, alone under $gdb"
     timeout --kill-after=10 90 "$gdb" -q -batch -ex "set pagination off" -ex run -ex bt \
-      -ex "info sharedlibrary" --args "$PY" -m pytest -q -p no:cacheprovider -p no:xdist "$id"
+      -ex 'info symbol $pc' -ex 'x/6i $pc' -ex 'info registers rip rsp' -ex 'frame 1' \
+      -ex 'info symbol $pc' -ex 'x/3i $pc-12' -ex "info sharedlibrary" --args "$PY" -m pytest -q -p no:cacheprovider -p no:xdist "$id"
     echo "== exit $?"
   } >> "$LOGS/crash_bt.log" 2>&1
   # the innermost native frame, for the console (the full stack is in logs.tgz)
@@ -614,7 +632,8 @@ if [ -f "$OUT/logs.tgz" ]; then
   tar -xzOf "$OUT/logs.tgz" logs/layer.log 2>/dev/null | grep -a -A12 '^ncu_layer: DRAM' && echo
   tar -xzOf "$OUT/logs.tgz" logs/layer.log 2>/dev/null | grep -a '^layer: ' && echo
   tar -xzOf "$OUT/logs.tgz" logs/gpu_tests.log logs/triton.log 2>/dev/null | grep -aE '^(FAILED|ERROR) ' | head -15
-  tar -xzOf "$OUT/logs.tgz" logs/crash_bt.log 2>/dev/null | grep -aE '^(== |#[0-9]+ )' | head -30
+  tar -xzOf "$OUT/logs.tgz" logs/crash_bt.log 2>/dev/null | grep -aE '^(== |#[0-9]+ )' | cut -c1-240 | head -14
+  tar -xzOf "$OUT/logs.tgz" logs/build.log 2>/dev/null | grep -a '^build-diag: ' | cut -c1-1600
 fi
 cat "$OUT/summary.txt"
 grep -q '^# result: PASS' "$OUT/summary.txt"

@@ -75,9 +75,8 @@ def _variants(dt: str):
     # whose single 128-wide rank tile used to spill in shrink and weight grad
     big = dict(P=1 << 16, E=8, d_in=4096, d_out=4096, max_rank=128)
     blk = sgmv._blocks(**big)
-    fused = sgmv._fused_blocks(4096, 4096, 4096, sgmv.FUSED_MAX_TOTAL_RANK,
-                               {"bf16": torch.bfloat16, "fp16": torch.float16,
-                                "fp32": torch.float32}[dt])
+    torch_dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
+    fused = sgmv._fused_blocks(4096, 4096, 4096, sgmv.FUSED_MAX_TOTAL_RANK, torch_dt)
     idx = {n: "*i32" for n in ("rank_offsets", "order", "expert_offsets", "pos")}
     idx.update(w=f32, scales=f32)
     prec = "ieee" if dt == "fp32" else "tf32"
@@ -94,9 +93,10 @@ def _variants(dt: str):
         dict(x=d, A=d, B=d, base=d, y=d, ids="*i32", w=f32, scales=f32, col_expert="*i32"),
         dict(HAS_W=True, HAS_S=True, HAS_BASE=True, DOT_PREC=prec, BLOCK_T=fused.M,
              BLOCK_K=fused.K, BLOCK_N=fused.N, BLOCK_R=fused.R, num_warps=sgmv.FUSED_WARPS))
+    wg = sgmv._weight_grad_blocks(big["P"], big["E"], big["d_out"], big["max_rank"], torch_dt)
     add("", sgmv._weight_grad_kernel, dict(idx, x=d, h=d, G=d),
-        dict(HAS_W=True, HAS_S=True, SPLIT_LO=dt != "fp32", DOT_PREC=prec, BLOCK_M=blk.M,
-             BLOCK_R=blk.R, BLOCK_D=blk.N, num_warps=sgmv.WEIGHT_GRAD_WARPS))
+        dict(HAS_W=True, HAS_S=True, SPLIT_LO=dt != "fp32", DOT_PREC=prec, BLOCK_M=wg.M,
+             BLOCK_R=wg.R, BLOCK_D=wg.N, num_warps=sgmv.WEIGHT_GRAD_WARPS))
     add("", sgmv._pair_dot_kernel, dict(a=d, b=d, out=f32, pos="*i32"),
         dict(A_BY_TOKEN=True, BLOCK_P=sgmv.BLOCK_T, BLOCK_D=64))
 
@@ -153,7 +153,8 @@ _PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 # fp32 kernels whose long K loop must stay a sum of chains (sgmv.FP32_CHAIN_K): the TTGIR holds
 # their dot in a loop nested in another. Written as `acc += tl.dot(a, b)` in one loop, Triton
 # folds it back into one chain, silently.
-CHAINED_FP32 = {"sgmv._shrink_kernel", "sgmv._fused_moe_lora_kernel"}
+CHAINED_FP32 = {"sgmv._shrink_kernel", "sgmv._fused_moe_lora_kernel",
+                "sgmv._weight_grad_kernel"}
 
 
 def dot_loop_depth(ttgir: str) -> int:

@@ -228,6 +228,25 @@ def test_weight_grad(case, dtype):
     _check("sgmv_weight_grad", G, ref.sgmv_weight_grad, *args)
 
 
+@pytest.mark.parametrize("case", [
+    ("one-expert-700-rows", 700, 3, 1, "one", 1, ("u", 16), 24, 8, True, True, False, 0),
+    ("two-experts-padded", 600, 2, 2, "router", 16, ("rag", 17), 24, 8, True, True, False, 0),
+], ids=["one-expert-700-rows", "two-experts-padded"])
+def test_fp32_weight_grad_sums_row_chains(case):
+    """The fp32 weight gradient reduces an expert's rows in chains of ts.FP32_CHAIN_K rows: 700
+    rows on one expert are two whole chains and a partial one that ends inside a row tile; 16-row
+    padding blocks put padding rows inside chains. A chain bound off by a tile drops or repeats
+    rows of every output."""
+    c = _setup(case)
+    chain = ts.FP32_CHAIN_K.value
+    assert int((c["eo"][1:] - c["eo"][:-1]).max()) > 2 * chain
+    P = c["order"].numel()
+    x, h = _data(c["T"], c["d_in"], dtype=torch.float32), _data(P, c["mr"], dtype=torch.float32)
+    args = (x, h, *_meta(c), c["w"], c["s"], c["R"])
+    _check(f"sgmv_weight_grad {case[0]}", _run(ts.sgmv_weight_grad, *args),
+           ref.sgmv_weight_grad, *args)
+
+
 def test_weight_grad_fp16_coefficients_not_rounded():
     """c_i * h[i] is not rounded to fp16 before the dot (hi + lo split): the result is the fp32
     reference rounded once, so it matches the fp16 reference almost everywhere (a rounded c * h

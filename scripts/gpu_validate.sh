@@ -291,7 +291,7 @@ note_sanitizer() {
   echo "${verdict:-$none}${calls:+; $calls}"
 }
 note_bench() { grep -a '^summary: ' "$1" | tail -1 | sed 's/^summary: //' | cut -c1-200; }
-note_build() { grep -a '^build: ' "$1" | tail -1 | sed 's/^build: //'; }
+note_build() { grep -a '^build: ' "$1" | sed 's/^build: //' | paste -sd';' | cut -c1-240; }
 note_layer() { grep -a '^layer: ' "$1" | sed 's/^layer: //' | paste -sd';' | cut -c1-300; }
 
 # run_step STEP NOTE_FN CMD...: CMD under `timeout` within min(limit, what is left of the budget),
@@ -377,7 +377,7 @@ else:
 missing = sorted(set(ops) - set(have))
 print(f"build: _C loaded ({molora_ops.has_extension()}); {len(have)}/{len(ops)} csrc/cuda ops have "
       f"their {where}" + (f"; MISSING {','.join(missing)}" if missing else ""))
-static_cudart = False
+static_cudart = static_cxx = False
 if not dry and molora_ops.has_extension():
     # _C must use torch's shared CUDA runtime (CMakeLists.txt: CUDA_RUNTIME_LIBRARY Shared), not
     # carry a private static copy: its cudaLaunchKernel would be a local symbol of _C.
@@ -402,6 +402,10 @@ if not dry and molora_ops.has_extension():
     own = [l.split(" ", 2)[2] for l in demangled.splitlines()
            if re.search(r" [TtWw] std::(codecvt|locale|basic_ostream|ios_base|num_put)", l)
            and "[clone " not in l]
+    # (cmake/SharedLibstdcxx.cmake names the runtime: a module without it fails the build step)
+    static_cxx = dyn is not None and "libstdc++.so.6" not in dyn
+    print("build: C++ runtime of _C: " + ("a static copy inside _C, NEEDED lacks libstdc++.so.6 "
+          "(FAIL)" if static_cxx else "libstdc++.so.6" if dyn is not None else "? (no readelf)"))
     print(f"build-diag: std:: runtime definitions inside _C: {len(own)}"
           + (f" (e.g. {'; '.join(own[:4])})" if own else "")
           + "; NEEDED " + ",".join(re.findall(r"\[(lib[^\]]*)\]", dyn or "")))
@@ -413,7 +417,7 @@ if not dry and molora_ops.has_extension():
                 print("build-diag: link " + " ".join(x.strip() for x in lines[i + 1:i + 8]
                                                      if x.strip().startswith("LINK"))[:1500])
 sys.exit(0 if molora_ops.has_extension() and not missing and not static_cudart
-         and (dry or torch.cuda.is_available()) else 1)
+         and not static_cxx and (dry or torch.cuda.is_available()) else 1)
 EOF
 }
 export -f check_build

@@ -26,8 +26,9 @@ The expand with k > 1 is token-owned instead (a tile of tokens sums its k slots 
 
 Numerics: every product accumulates in fp32 (``tl.dot`` with an fp32 accumulator); for fp32 inputs
 the dot runs with ``input_precision="ieee"`` (no TF32: results must match the fp32 reference),
-and the long reductions of shrink and the fused kernel (over d_in, or d_out in the backward) sum
-chains of FP32_CHAIN_K columns (one FMA chain over all of K errs ~5x more than BLAS).
+and the long reductions of shrink and the fused kernel (over d_in, or d_out in the backward) and
+of the weight gradient (over an expert's rows) sum chains of FP32_CHAIN_K columns / rows (one FMA
+chain over all of K errs ~5x more than BLAS).
 The row coefficient ``c_i = w[p] * s_e`` is applied in fp32 to the fp32 result. float64 is not
 supported (the op's CUDA kernel routes it to the reference). The interpreter cannot run bf16 dots,
 so the CPU tests use fp32/fp16; bf16 is covered by the GPU tests.
@@ -325,32 +326,12 @@ def _fused_moe_lora_kernel(x, A, B, base, y, ids, w, scales, col_expert,
 
 
 @triton.jit
-def _weight_grad_kernel(x, h, G, rank_offsets, order, expert_offsets, w, scales, d, K,
-                        sxm, sxd, shm, shr, sgr, sgd,
-                        HAS_W: tl.constexpr, HAS_S: tl.constexpr, SPLIT_LO: tl.constexpr,
-                        DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                        BLOCK_D: tl.constexpr):
-    """grid (E, rank tiles, d tiles): G[r_lo + a, dcol] = sum_{i in e} c_i h[i, a] x[t_i, dcol],
-    looping over the expert's rows in BLOCK_M chunks (each program owns its output tile: no
-    atomics, deterministic; an expert with no rows writes zeros). Ranks above BLOCK_R
-    (<= MAX_BLOCK_R) take several rank-tile programs: each owns a separate slice of G, so
-    parallel programs are free, while an in-program loop would re-read the x rows per rank tile
-    just the same.
-
-    c_i varies along the reduced dimension, so it scales h before the dot. For 16-bit inputs
-    c * h is split into hi + lo halves in the data dtype and both are dotted with x (SPLIT_LO):
-    twice the (tiny, rank-sized) tensor-core work, but no rounding of c * h beyond fp32 level."""
-    e = tl.program_id(0)
-    r_lo = tl.load(rank_offsets + e)
-    r_e = tl.load(rank_offsets + e + 1) - r_lo
-    a = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    if tl.program_id(1) * BLOCK_R >= r_e:
-        return
-    a_ok = a < r_e
-    dcol = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = dcol < d
-    row_lo = tl.load(expert_offsets + e)
-    row_hi = tl.load(expert_offsets + e + 1)
+def _weight_grad_chain(x, h, order, w, scales, e, a, a_ok, dcol, d_ok, row_lo, row_hi, K,
+                       sxm, sxd, shm, shr, HAS_W: tl.constexpr, HAS_S: tl.constexpr,
+                       SPLIT_LO: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One accumulator chained over the dispatched rows [row_lo, row_hi) of expert e:
+    sum_i c_i h[i, a]^T x[t_i, dcol]."""
     acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     for i0 in range(row_lo, row_hi, BLOCK_M):
         rows = i0 + tl.arange(0, BLOCK_M)
@@ -366,6 +347,51 @@ def _weight_grad_kernel(x, h, G, rank_offsets, order, expert_offsets, w, scales,
         if SPLIT_LO:
             lo = (hc - hi.to(tl.float32)).to(xt.dtype)
             acc = tl.dot(tl.trans(lo), xt, acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _weight_grad_kernel(x, h, G, rank_offsets, order, expert_offsets, w, scales, d, K,
+                        sxm, sxd, shm, shr, sgr, sgd,
+                        HAS_W: tl.constexpr, HAS_S: tl.constexpr, SPLIT_LO: tl.constexpr,
+                        DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
+    """grid (E, rank tiles, d tiles): G[r_lo + a, dcol] = sum_{i in e} c_i h[i, a] x[t_i, dcol],
+    looping over the expert's rows in BLOCK_M chunks (each program owns its output tile: no
+    atomics, deterministic; an expert with no rows writes zeros). Ranks above BLOCK_R
+    (<= MAX_BLOCK_R) take several rank-tile programs: each owns a separate slice of G, so
+    parallel programs are free, while an in-program loop would re-read the x rows per rank tile
+    just the same.
+
+    The rows are reduced in one chain (tensor cores), or for fp32 as a sum of FP32_CHAIN_K-row
+    chains: an expert's rows are up to T*k long (an fp32 dB at T=8192, k=2, E=8 erred by 2.79e-4
+    against a 2.77e-4 bound as one chain, on the GPU).
+
+    c_i varies along the reduced dimension, so it scales h before the dot. For 16-bit inputs
+    c * h is split into hi + lo halves in the data dtype and both are dotted with x (SPLIT_LO):
+    twice the (tiny, rank-sized) tensor-core work, but no rounding of c * h beyond fp32 level."""
+    e = tl.program_id(0)
+    r_lo = tl.load(rank_offsets + e)
+    r_e = tl.load(rank_offsets + e + 1) - r_lo
+    a = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    if tl.program_id(1) * BLOCK_R >= r_e:
+        return
+    a_ok = a < r_e
+    dcol = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = dcol < d
+    row_lo = tl.load(expert_offsets + e)
+    row_hi = tl.load(expert_offsets + e + 1)
+    if DOT_PREC == "ieee":  # fp32: a sum of FP32_CHAIN_K-row chains (see FP32_CHAIN_K)
+        acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+        for c0 in range(row_lo, row_hi, FP32_CHAIN_K):
+            acc += _weight_grad_chain(x, h, order, w, scales, e, a, a_ok, dcol, d_ok, c0,
+                                      tl.minimum(c0 + FP32_CHAIN_K, row_hi), K, sxm, sxd, shm,
+                                      shr, HAS_W, HAS_S, SPLIT_LO, DOT_PREC, BLOCK_M, BLOCK_R,
+                                      BLOCK_D)
+    else:
+        acc = _weight_grad_chain(x, h, order, w, scales, e, a, a_ok, dcol, d_ok, row_lo, row_hi,
+                                 K, sxm, sxd, shm, shr, HAS_W, HAS_S, SPLIT_LO, DOT_PREC, BLOCK_M,
+                                 BLOCK_R, BLOCK_D)
     tl.store(G + (r_lo + a).to(tl.int64)[:, None] * sgr + dcol[None, :] * sgd,
              acc.to(G.dtype.element_ty), mask=a_ok[:, None] & d_ok[None, :])
 
@@ -426,6 +452,14 @@ def _blocks(P: int, E: int, d_in: int, d_out: int, max_rank: int) -> _Blocks:
         N=dot_block(d_out, 64),
         R=dot_block(max_rank, MAX_BLOCK_R),
     )
+
+
+def _weight_grad_blocks(P: int, E: int, d: int, max_rank: int, dtype: torch.dtype) -> _Blocks:
+    """The weight gradient's tiles: those of _blocks, with row tiles of at most 32 rows in fp32,
+    whose FMA dot summed in row chains held 255 registers and spilled at 64 rows (sm_90).
+    NOTE: untuned."""
+    blk = _blocks(P, E, 0, d, max_rank)
+    return blk._replace(M=min(blk.M, 32)) if dtype == torch.float32 else blk
 
 
 # Warps a program of the fused and weight-grad kernels: with 4, their 64 x 64 tiles reach 255
@@ -623,7 +657,7 @@ def sgmv_weight_grad(x, h, rank_offsets, order, pos, expert_offsets, weights, sc
         return G
     if order.numel() == 0 or max_rank == 0:
         return G.zero_()
-    blk = _blocks(order.numel(), E, 0, d, max_rank)
+    blk = _weight_grad_blocks(order.numel(), E, d, max_rank, x.dtype)
     order, pos, eo, ro = map(index32, (order, pos, expert_offsets, rank_offsets))
     w, s, has_w, has_s = _coef(weights, scales, eo)
     grid = (E, triton.cdiv(max_rank, blk.R), triton.cdiv(d, blk.N))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,9 @@ class Impl:
     grads: Optional[Tuple[str, ...]] = None
     oracle: Optional[Callable[[Dict[str, Any]], Any]] = None
     optional: bool = False
+    # the process state its calls need, entered once around its check and its GPU timing (a
+    # backend's switch: bench/backends.py _Switched.scope)
+    scope: Optional[Callable[[], ContextManager]] = None
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,8 @@ class OpSpec:
             if ns is None:
                 skipped.append({"impl": backend.name, "reason": why})
             else:
-                impls.append(Impl(backend.name, "backend", partial(self.run, ns)))
+                impls.append(Impl(backend.name, "backend", partial(self.run, ns),
+                                  scope=getattr(ns, "scope", None)))
         return impls + (self.baselines(device, dtype) if self.baselines else []), skipped
 
 

@@ -8,6 +8,7 @@ backward alone), ``fwd+bwd`` (a training step of the op). Ops with nothing to di
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -199,6 +200,16 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
+def _scoped(fn: Callable[[], object], scope) -> Callable[[], object]:
+    if scope is None:
+        return fn
+
+    def call():
+        with scope():
+            return fn()
+    return call
+
+
 def run_case(spec: OpSpec, case: Case, cfg: Config) -> Tuple[List[dict], List[dict]]:
     """(rows, skipped) of one case: every available implementation x mode, checked then timed."""
     problems = input_sets(spec, case, cfg)
@@ -210,44 +221,48 @@ def run_case(spec: OpSpec, case: Case, cfg: Config) -> Tuple[List[dict], List[di
     rows = []
     cpu_rows: dict = {}  # mode -> [(row, call)]: timed side by side once all are built
     for impl in impls:
-        base = {"op": case.op, "label": case.label, "case": case.asdict(), "impl": impl.name,
-                "kind": impl.kind, "model": impl.model or case.op,
-                "active_experts": p0.dims.E_act, "input_sets": len(problems)}
-        try:
-            check = check_impl(spec, impl, p0, cfg.dtype, any(m != "fwd" for m in modes), oracles)
-        except (NotImplementedError, torch.cuda.OutOfMemoryError) as exc:
-            skipped.append({**base, "reason": _reason(exc)})
-            continue
-        except Exception as exc:
-            if impl.optional:
+        with impl.scope() if impl.scope is not None else contextlib.nullcontext():
+            base = {"op": case.op, "label": case.label, "case": case.asdict(), "impl": impl.name,
+                    "kind": impl.kind, "model": impl.model or case.op,
+                    "active_experts": p0.dims.E_act, "input_sets": len(problems)}
+            try:
+                check = check_impl(spec, impl, p0, cfg.dtype, any(m != "fwd" for m in modes),
+                                   oracles)
+            except (NotImplementedError, torch.cuda.OutOfMemoryError) as exc:
                 skipped.append({**base, "reason": _reason(exc)})
                 continue
-            check = {"ok": False, "error": _reason(exc)}
-            rows += [{**base, "mode": m, "check": check, "time": None} for m in modes]
-            continue
-        for mode in modes:
-            c = cost(base["model"], p0.dims, mode)
-            row = {**base, "mode": mode, "flops": c.flops, "bytes": c.bytes,
-                   "intensity": c.intensity, "check": check}
-            if spec.describe is not None and impl.kind == "backend" and impl.name != "reference":
-                row["algo"] = spec.describe(p0.inputs, mode)
-            try:
-                fns = calls(impl, grads_of(spec, impl, p0), problems, mode)
-                if cfg.device.type != "cuda":
-                    # CPU rows: hot-cache, the first input set; timed below, interleaved.
-                    row["timing"] = "interleaved blocks"
-                    cpu_rows.setdefault(mode, []).append((row, fns[0]))
-                    rows.append(row)
+            except Exception as exc:
+                if impl.optional:
+                    skipped.append({**base, "reason": _reason(exc)})
                     continue
-                fns, note = _graphed(fns, cfg) if mode == "fwd" else (fns, None)
-                row["timing"] = note or "cuda-events"
-                row["time"] = time_calls(fns, cfg.device, cfg.budget).asdict()
-                del fns
-            except torch.cuda.OutOfMemoryError as exc:
-                skipped.append({**base, "mode": mode, "reason": _reason(exc)})
+                check = {"ok": False, "error": _reason(exc)}
+                rows += [{**base, "mode": m, "check": check, "time": None} for m in modes]
                 continue
-            _rates(row, cfg)
-            rows.append(row)
+            for mode in modes:
+                c = cost(base["model"], p0.dims, mode)
+                row = {**base, "mode": mode, "flops": c.flops, "bytes": c.bytes,
+                       "intensity": c.intensity, "check": check}
+                if spec.describe is not None and impl.kind == "backend" \
+                        and impl.name != "reference":
+                    row["algo"] = spec.describe(p0.inputs, mode)
+                try:
+                    fns = calls(impl, grads_of(spec, impl, p0), problems, mode)
+                    if cfg.device.type != "cuda":
+                        # CPU rows: hot-cache, the first input set; timed below, interleaved
+                        # (outside this loop: a scoped implementation enters its scope per call)
+                        row["timing"] = "interleaved blocks"
+                        cpu_rows.setdefault(mode, []).append((row, _scoped(fns[0], impl.scope)))
+                        rows.append(row)
+                        continue
+                    fns, note = _graphed(fns, cfg) if mode == "fwd" else (fns, None)
+                    row["timing"] = note or "cuda-events"
+                    row["time"] = time_calls(fns, cfg.device, cfg.budget).asdict()
+                    del fns
+                except torch.cuda.OutOfMemoryError as exc:
+                    skipped.append({**base, "mode": mode, "reason": _reason(exc)})
+                    continue
+                _rates(row, cfg)
+                rows.append(row)
     # On the CPU every implementation of one mode is timed in the same rounds, so a slow spell of
     # the shared machine does not skew the ratios between them (x base, vs loop, vs reference).
     for entries in cpu_rows.values():

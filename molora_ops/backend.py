@@ -111,8 +111,14 @@ def set_backend(name: str) -> None:
 @contextlib.contextmanager
 def use_backend(name: str):
     """``with molora_ops.use_backend("triton"): ...`` runs the block's ops on that backend (for
-    the whole process while the block runs: a test and benchmark tool, not a per-thread switch)."""
+    the whole process while the block runs: a test and benchmark tool, not a per-thread switch).
+    A switch binds the CUDA kernels of every op anew (~0.4 ms of host time); inside a block of the
+    same backend nothing is switched."""
     saved = get_backend()
+    if saved == name:
+        _validate(name)
+        yield
+        return
     set_backend(name)
     try:
         yield

@@ -4,10 +4,12 @@ comparison, and a tiny end-to-end run (`python -m bench --quick`) whose JSON and
 """
 
 import importlib.util
+import contextlib
 import json
 import math
 import os
 import sys
+import types
 
 import pytest
 import torch
@@ -378,3 +380,65 @@ def test_speedup_plot_shows_single_ops_against_the_reference():
                    ("sgmv_shrink: S (vs ref)", "native", "bwd"): 1.7}
     assert name == "the loop (layers) / the reference (single ops)"
     assert report.speedup_bars({"rows": res["rows"][3:5]})[1] == "the reference"
+
+
+def test_backend_rows_switch_once_per_implementation():
+    """A backend switch binds every op's CUDA kernels anew (~0.4 ms of host time): the runner
+    enters an implementation's scope once around its check and timing, and the per-call switch
+    inside it is then free (molora_ops.use_backend of the backend in force does nothing). Every
+    call of a scoped implementation runs inside its scope, the interleaved CPU timing too."""
+    import molora_ops
+    from molora_ops import backend
+    from bench import backends, runner
+    from bench.cases import Impl, OpSpec, Problem
+    from bench.models import Dims
+
+    binds = []
+    saved = backend.set_backend
+    backend.set_backend = lambda name: (binds.append(name), saved(name))
+    try:
+        with molora_ops.use_backend("reference"):
+            with molora_ops.use_backend("reference"):  # the one in force: no second bind
+                pass
+            assert backend.get_backend() == "reference"
+        assert binds == ["reference", "auto"], binds
+        ns = backends._Switched(molora_ops, "reference")
+        binds.clear()
+        with ns.scope():
+            for _ in range(3):
+                ns.get_backend()  # each call through the namespace: inside the scope, no bind
+        assert binds == ["reference", "auto"], binds
+    finally:
+        backend.set_backend = saved
+    with pytest.raises(ValueError):
+        with molora_ops.use_backend("no-such-backend"):
+            pass
+
+    state = {"inside": False, "entries": 0, "calls": 0, "outside": 0}
+
+    @contextlib.contextmanager
+    def scope():
+        state["entries"] += 1
+        state["inside"] = True
+        try:
+            yield
+        finally:
+            state["inside"] = False
+
+    def fn(inputs):
+        state["calls"] += 1
+        state["outside"] += not state["inside"]
+        return inputs["x"] * 2
+
+    spec = OpSpec("scoped", lambda case, dev, dt, seed: Problem(
+        {"x": torch.randn(4, 3)}, Dims(T=4, d_in=3, d_out=3, E=1, k=1, r=1, elem=4)),
+        lambda ns, i: i["x"] * 2, use_backends=False,
+        baselines=lambda dev, dt: [Impl("scoped", "baseline", fn, model="linear",
+                                        oracle=lambda i: i["x"] * 2, scope=scope)])
+    case = Case(4, 3, 3, 1, 1, 1, op="scoped")
+    ceilings = types.SimpleNamespace(copy_gb_per_s=1.0, matmul_gflop_per_s=1.0)
+    cfg = runner.Config(torch.device("cpu"), torch.float32, Budget(0.001, 2, 4), ceilings,
+                        ("fwd",))
+    rows, skipped = runner.run_case(spec, case, cfg)
+    assert not skipped and rows and rows[0]["check"]["ok"], (rows, skipped)
+    assert state["calls"] > 2 and state["outside"] == 0, state

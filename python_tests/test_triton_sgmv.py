@@ -194,6 +194,39 @@ def test_fp32_long_reductions_sum_chains(split_k):
                ref.fused_moe_lora, *fused_args)
 
 
+@dtypes
+def test_fused_column_splits(dtype):
+    """Programs sharing a token tile's d_out (the fused kernel's second grid axis) write exactly
+    the columns of one program: every split count gives the same bits, the last program's range
+    ends inside a tile (d_out = 100), and a split count that does not divide the column tiles
+    leaves no program without columns."""
+    c = _setup(("splits", 70, 5, 2, "drop", 1, ("rag", 17), 40, 100, True, True, True, 0))
+    x, A = _data(70, 40, dtype=dtype), _data(c["R"], 40, dtype=dtype)
+    B, base = _data(100, c["R"], dtype=dtype), _data(70, 100, dtype=dtype)
+    args = (x, A, B, c["ro"], c["w"], c["ids"], c["s"], base)
+    one = _run(ts.fused_moe_lora, *args, col_splits=1)
+    _check("fused_moe_lora", one, ref.fused_moe_lora, *args)
+    for splits in (2, 3, 4, 7):
+        assert torch.equal(_run(ts.fused_moe_lora, *args, col_splits=splits), one), splits
+
+
+def test_fused_column_split_rule(monkeypatch):
+    """Column splits fill one wave of SMs when the token tiles alone do not (H200: 132 SMs), never
+    more splits than column tiles, and none on CPU."""
+    monkeypatch.setattr(ts, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    assert ts._fused_col_splits(64, 64, cuda) == 2      # T=4096 at 64 tokens a tile
+    assert ts._fused_col_splits(1, 64, cuda) == 64      # decode: every column tile its program
+    assert ts._fused_col_splits(200, 64, cuda) == 1     # the token tiles fill the SMs
+    assert ts._fused_col_splits(64, 1, cuda) == 1
+    assert ts._fused_col_splits(4, 64, torch.device("cpu")) == 1
+    for tiles in range(1, 140):
+        for cols in range(1, 70):
+            n = ts._fused_col_splits(tiles, cols, cuda)
+            per = -(-cols // n)
+            assert 1 <= n <= cols and (n - 1) * per < cols and tiles * n <= max(132, tiles)
+
+
 def test_rank_tile_capped():
     """Larger ranks take more rank tiles, never a wider one (a 128-wide tile spills)."""
     for max_rank, tile in ((1, 16), (17, 32), (64, 64), (80, 64), (130, 64), (1024, 64)):

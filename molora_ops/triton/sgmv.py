@@ -36,6 +36,7 @@ so the CPU tests use fp32/fp16; bf16 is covered by the GPU tests.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -282,17 +283,19 @@ def _expand_token_kernel(h, B, base, y, rank_offsets, pos, expert_offsets, w, sc
 
 @triton.jit
 def _fused_moe_lora_kernel(x, A, B, base, y, ids, w, scales, col_expert,
-                           T, d_in, d_out, R, K,
+                           T, d_in, d_out, R, K, cols_per_program,
                            sxm, sxk, sam, sak, sbn, sbr, sbm, sbo, sym, syn,
                            HAS_W: tl.constexpr, HAS_S: tl.constexpr, HAS_BASE: tl.constexpr,
                            DOT_PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """grid (token tiles,), the dense form with h on chip: h = x[t] A^T over every bank column
+    """grid (token tiles, column splits), the dense form with h on chip: h = x[t] A^T over every
+    bank column
     (all of d_in, into a [BLOCK_T, BLOCK_R] fp32 register tile), each column c scaled by
     g[t, c] = s_e * sum_j w[t, j] [ids[t, j] == e] with e = col_expert[c] (0 outside the token's
     experts), rounded to the data dtype (as the grouped path's h), then
-    y[t] = base[t] + h_g B^T one d_out tile at a time. x, base and y cross HBM once each; A and B
-    (R rows) are re-read per token tile from L2. No dispatch, no atomics, deterministic."""
+    y[t] = base[t] + h_g B^T one d_out tile at a time, over this program's cols_per_program
+    columns (a multiple of BLOCK_N). x, base and y cross HBM once each; A and B (R rows) are
+    re-read per token tile from L2, x per column split. No dispatch, no atomics, deterministic."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < T
     t64 = t.to(tl.int64)
@@ -312,10 +315,18 @@ def _fused_moe_lora_kernel(x, A, B, base, y, ids, w, scales, col_expert,
     if HAS_S:
         g = g * tl.load(scales + ec, mask=ec >= 0, other=0.0)[None, :]
     hg = (h * g).to(x.dtype.element_ty)
+    # this program's columns [n_lo, n_lo + n_len), as int32 offsets of the column-indexed bases
+    # (column indices are int32 throughout): the loop is that of a whole-d_out program (a loop
+    # from n_lo, or int64 offsets, cost the sm_80 bf16 build 20 B of spills at 255 registers)
+    n_lo = tl.program_id(1) * cols_per_program
+    n_len = tl.minimum(cols_per_program, d_out - n_lo)
+    B += n_lo * sbn
+    base += n_lo * sbo
+    y += n_lo * syn
     b_rows = B + c.to(tl.int64)[:, None] * sbr
-    for n0 in range(0, d_out, BLOCK_N):
+    for n0 in range(0, n_len, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = n < d_out
+        n_ok = n < n_len
         m = t_ok[:, None] & n_ok[None, :]
         bt = tl.load(b_rows + n[None, :] * sbn, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(hg, bt, input_precision=DOT_PREC)
@@ -616,10 +627,37 @@ def _expand_by_token(h, B, rank_offsets, order, pos, expert_offsets, weights, sc
     return y
 
 
-def fused_moe_lora(x, A, B, rank_offsets, weights, ids, scales, base):
+def _fused_col_splits(token_tiles: int, col_tiles: int, device: torch.device) -> int:
+    """Column splits of the fused kernel's grid: while the token tiles alone leave SMs idle (T=4096
+    is 64 tiles of 64 tokens for 132 SMs on an H200), each token tile's d_out is shared by as
+    many programs as fit in one wave. Each recomputes its tile's h (shrink work and x reads from
+    L2 per split) on an SM that would otherwise idle, and the wave's longest program, which sets
+    the time, streams fewer columns. 1 on CPU (the interpreter). NOTE: untuned (the model of one
+    wave; measured neither way)."""
+    if device.type != "cuda":
+        return 1
+    sms = _sm_count(device)
+    splits = max(1, min(col_tiles, sms // max(token_tiles, 1)))
+    return triton.cdiv(col_tiles, triton.cdiv(col_tiles, splits))  # no program without columns
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def fused_moe_lora(x, A, B, rank_offsets, weights, ids, scales, base, *,
+                   col_splits: Optional[int] = None):
     """y [T, d_out] (dtype x) = base + sum_j w[t, j] s_e B_e A_e x[t] over e = ids[t, j] (-1: no
     expert), in one launch with h on chip (``_fused_moe_lora_kernel``): the dense form, no
-    dispatch. Bank total rank R = A.shape[0] <= FUSED_MAX_TOTAL_RANK."""
+    dispatch. Bank total rank R = A.shape[0] <= FUSED_MAX_TOTAL_RANK.
+
+    ``col_splits`` (not in the op schema; tests): programs sharing a token tile's d_out; None
+    picks it with ``_fused_col_splits``."""
     reject_float64(x, A, B, base)
     T, d_in = x.shape
     R, d_out = A.shape[0], B.shape[0]
@@ -635,9 +673,13 @@ def fused_moe_lora(x, A, B, rank_offsets, weights, ids, scales, base):
     y = torch.empty(T, d_out, dtype=x.dtype, device=x.device)
     b = y if base is None else base
     blk = _fused_blocks(T, d_in, d_out, R, x.dtype)
-    _fused_moe_lora_kernel[(triton.cdiv(T, blk.M),)](
+    token_tiles, col_tiles = triton.cdiv(T, blk.M), triton.cdiv(d_out, blk.N)
+    if col_splits is None:
+        col_splits = _fused_col_splits(token_tiles, col_tiles, x.device)
+    cols_per_program = triton.cdiv(col_tiles, col_splits) * blk.N
+    _fused_moe_lora_kernel[(token_tiles, triton.cdiv(d_out, cols_per_program))](
         x, A, B, b, y, ids32, w, s, col_expert,
-        T, d_in, d_out, R, ids32.shape[1],
+        T, d_in, d_out, R, ids32.shape[1], cols_per_program,
         x.stride(0), x.stride(1), A.stride(0), A.stride(1), B.stride(0), B.stride(1),
         b.stride(0), b.stride(1), y.stride(0), y.stride(1),
         HAS_W=has_w, HAS_S=has_s, HAS_BASE=base is not None, DOT_PREC=_dot_precision(x.dtype),

@@ -296,6 +296,8 @@ def _device_assert(cond: torch.Tensor, msg: str) -> None:
     if len(msg) > ASSERT_MESSAGE_MAX:
         msg = msg[:ASSERT_MESSAGE_MAX - 4] + " ..."
     _assert_async(cond, msg)
+
+
 # Run the gathered checks of CPU tensors through the kernel too (tests: Triton's interpreter).
 _KERNEL_ON_CPU = [False]
 

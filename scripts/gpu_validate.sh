@@ -35,7 +35,9 @@
 #                   timing = ~35 s + warm-ups, Triton compiles and fp64 checks. Then one forward of
 #                   each formulation and of the base linear under ncu (scripts/ncu_layer.py: DRAM
 #                   bytes read / written against molora_ops.plan, ~10 kernels x a few replay
-#                   passes, torch's start ~15 s). Expect 70-110 s. NOTE: untuned
+#                   passes, torch's start ~15 s). Then the forward rows again as CUDA-graph
+#                   replays (--cuda-graph: the device's time without the host's), ~15 s.
+#                   Measured 42-62 s on the H200. NOTE: untuned
 #   memcheck    90  compute-sanitizer --tool memcheck on scripts/sanitize_kernels.py (~100 calls of
 #                   the 13 ops with a CUDA C++ kernel), instrumenting only our kernels (one
 #                   --kernel-name kns=<kernel> per __global__ of csrc/kernels: torch's own kernels
@@ -75,6 +77,7 @@
 #     router_dispatch.png    GB/s per row vs the copy ceiling (when matplotlib is there)
 #     layer.json             the layer step's bench results (its table goes into logs.tgz)
 #     layer_ncu.json         the layer's DRAM bytes per formulation against the plan (when ncu ran)
+#     layer_graph.json       the layer's forward rows as CUDA-graph replays (its table: logs.tgz)
 # summary.txt is rewritten before and after each step: a step that is running shows TIMEOUT
 # ("stopped while it ran") and the steps after it SKIPPED ("not reached") until they finish.
 # Exit status: 0 when every selected step passed, 1 otherwise (any FAIL, TIMEOUT or a step skipped
@@ -398,12 +401,12 @@ if not dry and molora_ops.has_extension():
     # Which C++ runtime _C carries: libstdc++'s own (non-template) code defined inside _C means
     # a static copy beside the process's libstdc++.so (a host-mode error message crashed in
     # ostream code that cuda-gdb placed inside _C). Log only: the link line and the symbols.
+    # (cmake/SharedLibstdcxx.cmake names the runtime: a module without it fails the build step)
+    static_cxx = dyn is not None and "libstdc++.so.6" not in dyn
     demangled = tool("nm", "-C", "--defined-only", ext.__file__) or ""
     own = [l.split(" ", 2)[2] for l in demangled.splitlines()
            if re.search(r" [TtWw] std::(codecvt|locale|basic_ostream|ios_base|num_put)", l)
            and "[clone " not in l]
-    # (cmake/SharedLibstdcxx.cmake names the runtime: a module without it fails the build step)
-    static_cxx = dyn is not None and "libstdc++.so.6" not in dyn
     print("build: C++ runtime of _C: " + ("a static copy inside _C, NEEDED lacks libstdc++.so.6 "
           "(FAIL)" if static_cxx else "libstdc++.so.6" if dyn is not None else "? (no readelf)"))
     print(f"build-diag: std:: runtime definitions inside _C: {len(own)}"

@@ -289,8 +289,7 @@ def _fused_moe_lora_kernel(x, A, B, base, y, ids, w, scales, col_expert,
                            DOT_PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """grid (token tiles, column splits), the dense form with h on chip: h = x[t] A^T over every
-    bank column
-    (all of d_in, into a [BLOCK_T, BLOCK_R] fp32 register tile), each column c scaled by
+    bank column (all of d_in, into a [BLOCK_T, BLOCK_R] fp32 register tile), each column c scaled by
     g[t, c] = s_e * sum_j w[t, j] [ids[t, j] == e] with e = col_expert[c] (0 outside the token's
     experts), rounded to the data dtype (as the grouped path's h), then
     y[t] = base[t] + h_g B^T one d_out tile at a time, over this program's cols_per_program

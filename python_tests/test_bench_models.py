@@ -442,3 +442,30 @@ def test_backend_rows_switch_once_per_implementation():
     rows, skipped = runner.run_case(spec, case, cfg)
     assert not skipped and rows and rows[0]["check"]["ok"], (rows, skipped)
     assert state["calls"] > 2 and state["outside"] == 0, state
+
+
+def test_timed_training_step_draws_no_random_gradients(monkeypatch):
+    """The fwd+bwd (and bwd) callables take output gradients made before timing: a CPU randn of
+    the T=1024 layer's output took 6-9 ms, more than the base linear's own forward+backward, and
+    would sit in every row of the mode. Their gradients equal those of `evaluate` (same seed)."""
+    from bench import runner
+    from bench.cases import Impl
+    from bench.models import Dims
+    from bench.cases import Problem
+
+    W = torch.randn(5, 3, dtype=torch.float64)
+    impl = Impl("lin", "baseline", lambda i: i["x"] @ W.t(), model="linear")
+    problem = Problem({"x": torch.randn(4, 3, dtype=torch.float64)},
+                      Dims(T=4, d_in=3, d_out=5, E=1, k=1, r=1, elem=8))
+    want = runner.evaluate(impl.fn, problem.inputs, ("x",), 0)["grad:x"]
+    for mode in ("fwd+bwd", "bwd"):
+        fn = runner.calls(impl, ("x",), [problem], mode)[0]
+        drawn = []
+        real = torch.randn
+        monkeypatch.setattr(torch, "randn", lambda *a, **kw: (drawn.append(a), real(*a, **kw))[1])
+        try:
+            got = fn()
+        finally:
+            monkeypatch.setattr(torch, "randn", real)
+        assert drawn == [], (mode, drawn)
+        torch.testing.assert_close(got[0], want, rtol=0, atol=0)

@@ -438,10 +438,11 @@ def test_cpu_shrink_packs_only_experts_with_rows(most_rows, strided):
 
 
 def test_cpu_avx2_copy_where_avx512_serves():
-    """On a CPU with AVX-512 the fp32 expand runs its AVX-512 copy (32-column chunks) in every
-    test; the AVX2 copy, what AVX2-only CPUs run, is tested here in a process started with
-    MOLORA_CPU_ISA=avx2: the expand tests of this file and test_sgmv.py. (Without AVX-512 every
-    test runs the AVX2 copy, and the AVX-512 one cannot run.)"""
+    """On a CPU with AVX-512 the fp32 expand and weight gradient run their AVX-512 copies
+    (32-column chunks) in every test; the AVX2 copies, what AVX2-only CPUs run, are tested here in
+    a process started with MOLORA_CPU_ISA=avx2: the expand and weight-gradient tests of this file
+    and test_sgmv.py. (Without AVX-512 every test runs the AVX2 copy, and the AVX-512 one cannot
+    run.)"""
     import os
     import subprocess
     import sys
@@ -456,7 +457,7 @@ def test_cpu_avx2_copy_where_avx512_serves():
     here = os.path.dirname(os.path.abspath(__file__))
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "-k", "expand and not avx2_copy",
+         "-k", "(expand or weight_grad) and not avx2_copy",
          os.path.join(here, "test_functional.py"), os.path.join(here, "test_sgmv.py")],
         env=dict(os.environ, MOLORA_CPU_ISA="avx2"), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and " passed" in r.stdout, (r.stdout + r.stderr)[-4000:]

@@ -1,5 +1,5 @@
-// The fp32 expand compiled for AVX-512 (this file only: -mavx512f -mavx512vl -mavx2 -mfma
-// -DMOLORA_ISA=isa_avx512, see CMakeLists.txt): the register-tiled token-tile expand of
+// The fp32 expand and weight gradient compiled for AVX-512 (this file only: -mavx512f -mavx512vl
+// -mavx2 -mfma -DMOLORA_ISA=isa_avx512, see CMakeLists.txt): the register-tiled kernels of
 // csrc/kernels/sgmv_avx2_cpu.h with 32-column zmm chunks (Zmm32). As in sgmv_avx2.cpp, no torch
 // header is included here, and the kernels' symbols live in molora::kernels::avx2::isa_avx512.
 #include "sgmv_isa.h"
@@ -15,6 +15,14 @@ void expand_token_tile(const float* hs, const int32_t* slot_expert, const int32_
   kernels::avx2::expand_token_tile<kernels::avx2::Zmm32>(hs, slot_expert, rank_offsets, E, k,
                                                          max_rank, Bt, n, panel, base, t0, t1,
                                                          slots, bucket, acc, y);
+}
+
+void weight_grad_chunks(const float* X, const float* hs, const int32_t* row_token,
+                        const int32_t* expert_offsets, const int32_t* rank_offsets, int64_t E,
+                        int64_t max_rank, int64_t n, int64_t c_begin, int64_t c_end, float* G) {
+  kernels::avx2::weight_grad_chunks<kernels::avx2::Zmm32>(X, hs, row_token, expert_offsets,
+                                                          rank_offsets, E, max_rank, n, c_begin,
+                                                          c_end, G);
 }
 
 }  // namespace molora::cpu::avx512

@@ -437,21 +437,21 @@ inline void shrink_rows(const float* x, const float* packed, const int64_t* pack
   }
 }
 
-// G[ro_e + a0 + b, c0 : c0 + 16) for b < rb (<= RB) of one expert, over the dispatched rows
-// [i0, i1) of one row block: 2 * RB accumulators (loaded from G, or zero on the expert's first
-// block) while the rows stream past: two loads of an X row chunk, RB broadcasts of hs per 2 * RB
-// FMAs. Rows are added in dispatch order, whatever the blocking: deterministic.
-template <int RB, bool kTail>
+// G[ro_e + a0 + b, c0 : c0 + V::kCols) for b < rb (<= RB) of one expert, over the dispatched
+// rows [i0, i1) of one row block: 2 * RB accumulators (loaded from G, or zero on the expert's
+// first block) while the rows stream past: two loads of an X row chunk, RB broadcasts of hs per
+// 2 * RB FMAs. Rows are added in dispatch order, whatever the blocking: deterministic.
+template <typename V, int RB, bool kTail>
 inline void weight_grad_tile(const float* X, const float* hs, const int32_t* row_token,
                              int64_t i0, int64_t i1, int64_t max_rank, int64_t n, int64_t c0,
-                             int64_t a0, int rb, bool first, const ChunkMask& m, float* G) {
-  __m256 v0[RB], v1[RB];
+                             int64_t a0, int rb, bool first, const typename V::Mask& m, float* G) {
+  typename V::reg v0[RB], v1[RB];
   for (int b = 0; b < RB; ++b) {
     if (first || b >= rb) {
-      v0[b] = _mm256_setzero_ps();
-      v1[b] = _mm256_setzero_ps();
+      v0[b] = V::zero();
+      v1[b] = V::zero();
     } else {
-      load16<kTail>(G + (a0 + b) * n + c0, m, v0[b], v1[b]);
+      V::template load<kTail>(G + (a0 + b) * n + c0, m, v0[b], v1[b]);
     }
   }
   // rb < RB only on an expert's last rank block: the idle lanes repeat the last bank row's
@@ -461,13 +461,13 @@ inline void weight_grad_tile(const float* X, const float* hs, const int32_t* row
   for (int64_t i = i0; i < i1; ++i) {
     const int32_t t = row_token[i];
     if (t < 0) continue;
-    __m256 x0, x1;
-    load16<kTail>(X + t * n + c0, m, x0, x1);
+    typename V::reg x0, x1;
+    V::template load<kTail>(X + t * n + c0, m, x0, x1);
     const float* h = hs + i * max_rank;
     for (int b = 0; b < RB; ++b) {
-      const __m256 c = _mm256_broadcast_ss(h + col[b]);
-      v0[b] = _mm256_fmadd_ps(c, x0, v0[b]);
-      v1[b] = _mm256_fmadd_ps(c, x1, v1[b]);
+      const typename V::reg c = V::bcast(h + col[b]);
+      v0[b] = V::fmadd(c, x0, v0[b]);
+      v1[b] = V::fmadd(c, x1, v1[b]);
     }
   }
   // Loops over the constant RB (b < rb tested inside) keep v0 / v1 in registers: a runtime trip
@@ -476,22 +476,37 @@ inline void weight_grad_tile(const float* X, const float* hs, const int32_t* row
   // in registers 0.92-1.43 / 0.39-0.45 ms (E=64 k=8 r=8 d=1024: 3.3-3.7 -> 1.5-2.3 ms). Min of
   // alternating runs, 2 threads, 2-core x86 CPU machine, 2026-12-04.
   for (int b = 0; b < RB; ++b)
-    if (b < rb) store16<kTail>(G + (a0 + b) * n + c0, m, v0[b], v1[b]);
+    if (b < rb) V::template store<kTail>(G + (a0 + b) * n + c0, m, v0[b], v1[b]);
 }
 
-template <bool kTail>
+// Ranks per weight-gradient tile: as many accumulator pairs as leave registers for the X chunk
+// and the broadcast (16 ymm: 6; 32 zmm: 8, so rank 16 is two full tiles), 4 up to rank 4 (ymm:
+// up to 8, as 8 = 4 + 4 wastes no lanes where 6 + 2 would waste 4).
+template <typename V>
+constexpr int kWeightGradRanks = 6;
+template <typename V>
+constexpr int kWeightGradSmallRank = 8;
+#if defined(__AVX512F__)
+template <>
+constexpr int kWeightGradRanks<Zmm32> = 8;
+template <>
+constexpr int kWeightGradSmallRank<Zmm32> = 4;
+#endif
+
+template <typename V, bool kTail>
 inline void weight_grad_chunk(const float* X, const float* hs, const int32_t* row_token,
                               int64_t i0, int64_t i1, int64_t max_rank, int64_t n, int64_t c0,
-                              int64_t r, bool first, const ChunkMask& m, float* G) {
-  // Rank blocks of 6, or of 4 up to rank 8 (8 = 4 + 4 wastes no lanes; 6 + 2 would waste 4).
-  const int block = r <= 8 ? 4 : kTileRows;
+                              int64_t r, bool first, const typename V::Mask& m, float* G) {
+  constexpr int kBig = kWeightGradRanks<V>;
+  const int block = r <= kWeightGradSmallRank<V> ? 4 : kBig;
   for (int64_t a0 = 0; a0 < r; a0 += block) {
     const int rb = static_cast<int>(std::min<int64_t>(block, r - a0));
     if (block == 4)
-      weight_grad_tile<4, kTail>(X, hs, row_token, i0, i1, max_rank, n, c0, a0, rb, first, m, G);
+      weight_grad_tile<V, 4, kTail>(X, hs, row_token, i0, i1, max_rank, n, c0, a0, rb, first, m,
+                                    G);
     else
-      weight_grad_tile<kTileRows, kTail>(X, hs, row_token, i0, i1, max_rank, n, c0, a0, rb,
-                                         first, m, G);
+      weight_grad_tile<V, kBig, kTail>(X, hs, row_token, i0, i1, max_rank, n, c0, a0, rb, first,
+                                       m, G);
   }
 }
 
@@ -500,13 +515,14 @@ inline void weight_grad_chunk(const float* X, const float* hs, const int32_t* ro
 // expert were on par at T=1024 (E=8 k=2 r=16), within the machine's noise.
 constexpr int64_t kWeightGradRows = 64;
 
-// The grouped weight gradient over the column chunks [c_begin, c_end) (16 columns each):
+// The grouped weight gradient over the column chunks [c_begin, c_end) (V::kCols columns each):
 //   G[ro_e + a, c] = sum_{rows i of expert e} hs[i, a] * X[token_i, c]
 // hs [P, max_rank] holds the coefficient-scaled rows in dispatch order, row_token the token of
 // each dispatched row (-1 on padding). X rows are read in place: nothing is gathered or copied.
 // Row blocks are the outer loop, so each X row is read as one contiguous span (the thread's
 // columns) while it is in cache, not one 64-byte line per chunk pass over all rows. A chunk is
 // owned by one thread and rows are summed in dispatch order: deterministic.
+template <typename V = Ymm16>
 inline void weight_grad_chunks(const float* X, const float* hs, const int32_t* row_token,
                                const int32_t* expert_offsets, const int32_t* rank_offsets,
                                int64_t E, int64_t max_rank, int64_t n, int64_t c_begin,
@@ -519,14 +535,14 @@ inline void weight_grad_chunks(const float* X, const float* hs, const int32_t* r
     for (int64_t b0 = i0; b0 < i1 || b0 == i0; b0 += kWeightGradRows) {
       const int64_t b1 = std::min(i1, b0 + kWeightGradRows);
       for (int64_t chunk = c_begin; chunk < c_end; ++chunk) {
-        const int64_t c0 = chunk * kTileCols, nb = std::min(kTileCols, n - c0);
-        const ChunkMask m(nb);
-        if (nb == kTileCols)
-          weight_grad_chunk<false>(X, hs, row_token, b0, b1, max_rank, n, c0, r, b0 == i0, m,
-                                   G + r0 * n);
+        const int64_t c0 = chunk * V::kCols, nb = std::min(V::kCols, n - c0);
+        const typename V::Mask m(nb);
+        if (nb == V::kCols)
+          weight_grad_chunk<V, false>(X, hs, row_token, b0, b1, max_rank, n, c0, r, b0 == i0, m,
+                                      G + r0 * n);
         else
-          weight_grad_chunk<true>(X, hs, row_token, b0, b1, max_rank, n, c0, r, b0 == i0, m,
-                                  G + r0 * n);
+          weight_grad_chunk<V, true>(X, hs, row_token, b0, b1, max_rank, n, c0, r, b0 == i0, m,
+                                     G + r0 * n);
       }
     }
   }

@@ -438,10 +438,10 @@ def test_cpu_shrink_packs_only_experts_with_rows(most_rows, strided):
 
 
 def test_cpu_avx2_copy_where_avx512_serves():
-    """On a CPU with AVX-512 the fp32 expand and weight gradient run their AVX-512 copies
-    (32-column chunks) in every test; the AVX2 copies, what AVX2-only CPUs run, are tested here in
-    a process started with MOLORA_CPU_ISA=avx2: the expand and weight-gradient tests of this file
-    and test_sgmv.py. (Without AVX-512 every test runs the AVX2 copy, and the AVX-512 one cannot
+    """On a CPU with AVX-512 the fp32 shrink, expand and weight gradient run their AVX-512 copies
+    in every test; the AVX2 copies, what AVX2-only CPUs run, are tested here in a process started
+    with MOLORA_CPU_ISA=avx2: the shrink, expand and weight-gradient tests of this file and
+    test_sgmv.py. (Without AVX-512 every test runs the AVX2 copy, and the AVX-512 one cannot
     run.)"""
     import os
     import subprocess
@@ -457,7 +457,7 @@ def test_cpu_avx2_copy_where_avx512_serves():
     here = os.path.dirname(os.path.abspath(__file__))
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "-k", "(expand or weight_grad) and not avx2_copy",
+         "-k", "(shrink or expand or weight_grad) and not avx2_copy",
          os.path.join(here, "test_functional.py"), os.path.join(here, "test_sgmv.py")],
         env=dict(os.environ, MOLORA_CPU_ISA="avx2"), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and " passed" in r.stdout, (r.stdout + r.stderr)[-4000:]
@@ -501,14 +501,15 @@ def test_cpu_weight_grad_paths(T, d, dtype):
 
 
 @pytest.mark.parametrize("T", [1, 40, 301])
-@pytest.mark.parametrize("d", [16, 150])
+@pytest.mark.parametrize("d", [16, 150, 151])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_cpu_shrink_paths(T, d, dtype):
-    """The C++ sgmv_shrink (fp32: the register-tiled kernel on AVX2, which reads the bank
-    transposed; the portable kernel otherwise) against the reference: ragged ranks with a rank-0
+    """The C++ sgmv_shrink (fp32: the register-tiled kernel on AVX2 / AVX-512, which reads the
+    bank packed; the portable kernel otherwise) against the reference: ragged ranks with a rank-0
     expert, one of 70 (four full 16-rank chunks and a partial one) and 17 (a one-rank chunk),
-    the bank given rank-major and as the transposed view the backward's u passes (B^T), dropped
-    slots and repeated ids (partial 6-row tiles), with and without weights / scales."""
+    ranks 3 and 2 (the column-pair panels; d = 151 leaves a last odd column), the bank given
+    rank-major and as the transposed view the backward's u passes (B^T), dropped slots and
+    repeated ids (partial 6- and 12-row tiles), with and without weights / scales."""
     g, ro, meta, _, (w, s) = _ragged_grouped(T * 5 + d, T, 3, [3, 0, 70, 2, 17], dtype)
     R = int(ro[-1])
     x = torch.randn(T, d, generator=g, dtype=torch.float64).to(dtype)

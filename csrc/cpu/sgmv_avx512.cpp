@@ -1,4 +1,4 @@
-// The fp32 expand and weight gradient compiled for AVX-512 (this file only: -mavx512f -mavx512vl
+// The fp32 shrink, expand and weight gradient compiled for AVX-512 (this file only: -mavx512f -mavx512vl
 // -mavx2 -mfma -DMOLORA_ISA=isa_avx512, see CMakeLists.txt): the register-tiled kernels of
 // csrc/kernels/sgmv_avx2_cpu.h with 32-column zmm chunks (Zmm32). As in sgmv_avx2.cpp, no torch
 // header is included here, and the kernels' symbols live in molora::kernels::avx2::isa_avx512.
@@ -15,6 +15,13 @@ void expand_token_tile(const float* hs, const int32_t* slot_expert, const int32_
   kernels::avx2::expand_token_tile<kernels::avx2::Zmm32>(hs, slot_expert, rank_offsets, E, k,
                                                          max_rank, Bt, n, panel, base, t0, t1,
                                                          slots, bucket, acc, y);
+}
+
+void shrink_rows(const float* x, const float* packed, const int64_t* pack_offsets,
+                 const kernels::GroupedMeta& m, const float* w, const float* scales, int64_t d,
+                 int64_t max_rank, int64_t i0, int64_t i1, float* h) {
+  kernels::avx2::shrink_rows<12, true>(x, packed, pack_offsets, m, w, scales, d, max_rank, i0, i1,
+                                       h);
 }
 
 void weight_grad_chunks(const float* X, const float* hs, const int32_t* row_token,

@@ -42,7 +42,7 @@ void sgmv_weight_grad_range(const float* x, const float* h, const kernels::Group
 
 }  // namespace molora::cpu::avx2
 
-// The expand's token tile and the weight gradient built a third time, for AVX-512
+// The shrink, the expand's token tile and the weight gradient built a third time, for AVX-512
 // (csrc/cpu/sgmv_avx512.cpp): 32-column chunks of two zmm per row. The panel the expand is given
 // must be a multiple of 32; the weight gradient's chunks are kChunkCols wide.
 namespace molora::cpu::avx512 {
@@ -56,6 +56,10 @@ void expand_token_tile(const float* hs, const int32_t* slot_expert, const int32_
                        int64_t panel, const float* base, int64_t t0, int64_t t1, int32_t* slots,
                        int32_t* bucket, float* acc, float* y);
 constexpr int64_t kChunkCols = 32;
+// The shrink over the panels cpu::avx2::pack_shrink_bank packed (the same layout), 12 rows a tile.
+void shrink_rows(const float* x, const float* packed, const int64_t* pack_offsets,
+                 const kernels::GroupedMeta& m, const float* w, const float* scales, int64_t d,
+                 int64_t max_rank, int64_t i0, int64_t i1, float* h);
 void weight_grad_chunks(const float* X, const float* hs, const int32_t* row_token,
                         const int32_t* expert_offsets, const int32_t* rank_offsets, int64_t E,
                         int64_t max_rank, int64_t n, int64_t c_begin, int64_t c_end, float* G);

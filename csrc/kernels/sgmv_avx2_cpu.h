@@ -397,14 +397,72 @@ inline void shrink_tile(const float* const* xr, int nr, const float* panel, int6
   }
 }
 
+#if defined(__AVX512F__)
+// The same micro-tile on AVX-512, where one panel step (16 floats: 16 ranks of a column, or 8
+// ranks of a column pair) is one zmm: RB rows keep RB accumulators, one panel load and RB
+// broadcasts per RB FMAs. RB = 12 keeps 12 FMA chains in flight (4-cycle latency on 2 ports
+// needs 8), where the ymm tile's 6 rows x 2 halves did the same work in twice the FMAs.
+template <bool kWide, int RB>
+inline void shrink_tile_zmm(const float* const* xr, int nr, const float* panel, int64_t d,
+                            int64_t na, const float* coef, float* const* hrow) {
+  __m512 v[RB];
+  for (int b = 0; b < RB; ++b) v[b] = _mm512_setzero_ps();
+  for (int64_t c0 = 0; c0 < d; c0 += 16) {
+    for (int b = 0; b < RB; ++b)
+      _mm_prefetch(reinterpret_cast<const char*>(xr[b] + c0 + kShrinkAhead), _MM_HINT_T0);
+    const int64_t c1 = std::min(d, c0 + 16);
+    if constexpr (kWide) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const __m512 p = _mm512_loadu_ps(panel + c * 16);
+        for (int b = 0; b < RB; ++b) v[b] = _mm512_fmadd_ps(_mm512_set1_ps(xr[b][c]), p, v[b]);
+      }
+    } else {
+      for (int64_t c = c0; c + 1 < c1; c += 2) {
+        const __m512 p = _mm512_loadu_ps(panel + c * 8);
+        for (int b = 0; b < RB; ++b) {
+          const __m512 xv = _mm512_castpd_ps(_mm512_broadcastsd_pd(
+              _mm_load_sd(reinterpret_cast<const double*>(xr[b] + c))));
+          v[b] = _mm512_fmadd_ps(xv, p, v[b]);
+        }
+      }
+    }
+  }
+  if constexpr (!kWide) {
+    if (d % 2 == 1) {  // the last step's odd lanes are zero in the panel
+      const __m512 p = _mm512_loadu_ps(panel + (d - 1) * 8);
+      for (int b = 0; b < RB; ++b)
+        v[b] = _mm512_fmadd_ps(_mm512_set1_ps(xr[b][d - 1]), p, v[b]);
+    }
+  }
+  const __mmask16 m = static_cast<__mmask16>(na >= 16 ? 0xffff : (1u << na) - 1);
+  for (int b = 0; b < RB; ++b) {
+    if (b >= nr) continue;
+    const __m512 cv = _mm512_set1_ps(coef[b]);
+    if constexpr (kWide) {
+      _mm512_mask_storeu_ps(hrow[b], m, _mm512_mul_ps(cv, v[b]));
+    } else {
+      // Lanes 2a (column c) and 2a + 1 (column c + 1) of rank a summed into lane a.
+      const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+      const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 0, 0, 0, 0, 0, 0, 0, 0);
+      const __m512 sums = _mm512_add_ps(_mm512_permutexvar_ps(even, v[b]),
+                                        _mm512_permutexvar_ps(odd, v[b]));
+      _mm512_mask_storeu_ps(hrow[b], m, _mm512_mul_ps(cv, sums));
+    }
+  }
+}
+#endif
+
 // h[i, a] = c_i * sum_c x[t_i, c] * A[ro_e + a, c] for the dispatched rows [i0, i1); 0 beyond r_e
 // and on padding rows. `packed` holds every expert's panels (pack_shrink_bank) from
-// packed + pack_offsets[e]. Six rows of one expert at a time (their x rows read from L1 as the
-// reduction runs down them), through the expert's ranks 16 at a time. Rows are owned by the
-// caller's thread and reduced in a fixed order: deterministic.
+// packed + pack_offsets[e]. RB rows of one expert at a time (their x rows read from L1 as the
+// reduction runs down them), through the expert's ranks 16 at a time: six in the ymm tile, twelve
+// in the zmm one (kZmm). Rows are owned by the caller's thread and reduced in a fixed order:
+// deterministic.
+template <int RB = kTileRows, bool kZmm = false>
 inline void shrink_rows(const float* x, const float* packed, const int64_t* pack_offsets,
                         const GroupedMeta& m, const float* w, const float* scales, int64_t d,
                         int64_t max_rank, int64_t i0, int64_t i1, float* h) {
+  static_assert(kZmm || RB == kTileRows, "the ymm tile is kTileRows rows");
   std::fill(h + i0 * max_rank, h + i1 * max_rank, 0.0f);
   const int64_t covered = std::min<int64_t>(i1, m.expert_offsets[m.num_experts]);
   int64_t i = i0;
@@ -417,17 +475,25 @@ inline void shrink_rows(const float* x, const float* packed, const int64_t* pack
       continue;
     }
     while (i < seg_end) {
-      const float* xr[kTileRows];
-      int64_t rows[kTileRows];
-      float coef[kTileRows];
+      const float* xr[RB];
+      int64_t rows[RB];
+      float coef[RB];
       const int nr = next_expert_rows(m, x, d, w, scales, e, seg_end, i, xr, rows, coef);
       if (nr == 0) continue;
-      float* hrow[kTileRows];
+      float* hrow[RB];
       for (int64_t a0 = 0; a0 < r; a0 += 16) {
-        for (int b = 0; b < kTileRows; ++b)
-          hrow[b] = h + rows[std::min(b, nr - 1)] * max_rank + a0;
+        for (int b = 0; b < RB; ++b) hrow[b] = h + rows[std::min(b, nr - 1)] * max_rank + a0;
         const int64_t na = std::min<int64_t>(16, r - a0);
         const float* panel = packed + pack_offsets[e] + a0 * d;
+#if defined(__AVX512F__)
+        if constexpr (kZmm) {
+          if (na > 8)
+            shrink_tile_zmm<true, RB>(xr, nr, panel, d, na, coef, hrow);
+          else
+            shrink_tile_zmm<false, RB>(xr, nr, panel, d, na, coef, hrow);
+          continue;
+        }
+#endif
         if (na > 8)
           shrink_tile<true>(xr, nr, panel, d, na, coef, hrow);
         else

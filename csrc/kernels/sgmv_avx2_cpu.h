@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "sgmv_cpu.h"
@@ -331,6 +332,28 @@ inline void pack_shrink_bank(const float* bank, int64_t sa, int64_t sc, int64_t 
 
 constexpr int64_t kShrinkAhead = 64;  // floats: 4 lines. NOTE: untuned
 
+// The reduction's walk down d that the ymm and zmm tiles share: step(c, pair) for every panel
+// step at panel + c * (kWide ? 16 : 8): a column c (pair false), or in the narrow layout a column
+// pair (c, c + 1) (pair true) and, for odd d, the last column alone (pair false: its odd lanes are
+// zero in the panel). The x rows are scattered tokens, one stream each: their next lines are
+// fetched ahead as it goes.
+template <bool kWide, int RB, typename Step>
+inline void shrink_walk(const float* const* xr, int64_t d, Step&& step) {
+  for (int64_t c0 = 0; c0 < d; c0 += 16) {
+    for (int b = 0; b < RB; ++b)
+      _mm_prefetch(reinterpret_cast<const char*>(xr[b] + c0 + kShrinkAhead), _MM_HINT_T0);
+    const int64_t c1 = std::min(d, c0 + 16);
+    if constexpr (kWide) {
+      for (int64_t c = c0; c < c1; ++c) step(c, std::false_type{});
+    } else {
+      for (int64_t c = c0; c + 1 < c1; c += 2) step(c, std::true_type{});
+    }
+  }
+  if constexpr (!kWide) {
+    if (d % 2 == 1) step(d - 1, std::false_type{});
+  }
+}
+
 // h[rows b, a0 : a0 + na) of one panel for 6 rows of one expert: the GEMM micro-tile of the
 // expand turned round, 12 accumulators while the reduction runs down d, per step two loads of the
 // panel and 6 broadcasts of x per 12 FMAs. Rows past `nr` repeat row 0 and are never stored.
@@ -343,43 +366,19 @@ inline void shrink_tile(const float* const* xr, int nr, const float* panel, int6
     v0[b] = _mm256_setzero_ps();
     v1[b] = _mm256_setzero_ps();
   }
-  for (int64_t c0 = 0; c0 < d; c0 += 16) {
-    // The x rows are scattered tokens, one stream each: their next lines are fetched ahead.
-    for (int b = 0; b < RB; ++b)
-      _mm_prefetch(reinterpret_cast<const char*>(xr[b] + c0 + kShrinkAhead), _MM_HINT_T0);
-    const int64_t c1 = std::min(d, c0 + 16);
-    if constexpr (kWide) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const __m256 p0 = _mm256_loadu_ps(panel + c * 16), p1 = _mm256_loadu_ps(panel + c * 16 + 8);
-        for (int b = 0; b < RB; ++b) {
-          const __m256 xv = _mm256_broadcast_ss(xr[b] + c);
-          v0[b] = _mm256_fmadd_ps(xv, p0, v0[b]);
-          v1[b] = _mm256_fmadd_ps(xv, p1, v1[b]);
-        }
-      }
-    } else {
-      for (int64_t c = c0; c + 1 < c1; c += 2) {
-        const __m256 p0 = _mm256_loadu_ps(panel + c * 8), p1 = _mm256_loadu_ps(panel + c * 8 + 8);
-        for (int b = 0; b < RB; ++b) {
-          const __m256 xv = _mm256_castpd_ps(
-              _mm256_broadcast_sd(reinterpret_cast<const double*>(xr[b] + c)));
-          v0[b] = _mm256_fmadd_ps(xv, p0, v0[b]);
-          v1[b] = _mm256_fmadd_ps(xv, p1, v1[b]);
-        }
-      }
+  shrink_walk<kWide, RB>(xr, d, [&](int64_t c, auto pair) {
+    const float* step = panel + c * (kWide ? 16 : 8);
+    const __m256 p0 = _mm256_loadu_ps(step), p1 = _mm256_loadu_ps(step + 8);
+    for (int b = 0; b < RB; ++b) {
+      __m256 xv;
+      if constexpr (decltype(pair)::value)
+        xv = _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(xr[b] + c)));
+      else
+        xv = _mm256_broadcast_ss(xr[b] + c);
+      v0[b] = _mm256_fmadd_ps(xv, p0, v0[b]);
+      v1[b] = _mm256_fmadd_ps(xv, p1, v1[b]);
     }
-  }
-  if constexpr (!kWide) {
-    if (d % 2 == 1) {  // the last step's odd lanes are zero in the panel
-      const __m256 p0 = _mm256_loadu_ps(panel + (d - 1) * 8);
-      const __m256 p1 = _mm256_loadu_ps(panel + (d - 1) * 8 + 8);
-      for (int b = 0; b < RB; ++b) {
-        const __m256 xv = _mm256_broadcast_ss(xr[b] + d - 1);
-        v0[b] = _mm256_fmadd_ps(xv, p0, v0[b]);
-        v1[b] = _mm256_fmadd_ps(xv, p1, v1[b]);
-      }
-    }
-  }
+  });
   // Constant trip counts (b < nr tested inside) keep the accumulators in registers.
   const ChunkMask m(na);
   for (int b = 0; b < RB; ++b) {
@@ -407,33 +406,18 @@ inline void shrink_tile_zmm(const float* const* xr, int nr, const float* panel, 
                             int64_t na, const float* coef, float* const* hrow) {
   __m512 v[RB];
   for (int b = 0; b < RB; ++b) v[b] = _mm512_setzero_ps();
-  for (int64_t c0 = 0; c0 < d; c0 += 16) {
-    for (int b = 0; b < RB; ++b)
-      _mm_prefetch(reinterpret_cast<const char*>(xr[b] + c0 + kShrinkAhead), _MM_HINT_T0);
-    const int64_t c1 = std::min(d, c0 + 16);
-    if constexpr (kWide) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const __m512 p = _mm512_loadu_ps(panel + c * 16);
-        for (int b = 0; b < RB; ++b) v[b] = _mm512_fmadd_ps(_mm512_set1_ps(xr[b][c]), p, v[b]);
-      }
-    } else {
-      for (int64_t c = c0; c + 1 < c1; c += 2) {
-        const __m512 p = _mm512_loadu_ps(panel + c * 8);
-        for (int b = 0; b < RB; ++b) {
-          const __m512 xv = _mm512_castpd_ps(_mm512_broadcastsd_pd(
-              _mm_load_sd(reinterpret_cast<const double*>(xr[b] + c))));
-          v[b] = _mm512_fmadd_ps(xv, p, v[b]);
-        }
-      }
+  shrink_walk<kWide, RB>(xr, d, [&](int64_t c, auto pair) {
+    const __m512 p = _mm512_loadu_ps(panel + c * (kWide ? 16 : 8));
+    for (int b = 0; b < RB; ++b) {
+      __m512 xv;
+      if constexpr (decltype(pair)::value)
+        xv = _mm512_castpd_ps(
+            _mm512_broadcastsd_pd(_mm_load_sd(reinterpret_cast<const double*>(xr[b] + c))));
+      else
+        xv = _mm512_set1_ps(xr[b][c]);
+      v[b] = _mm512_fmadd_ps(xv, p, v[b]);
     }
-  }
-  if constexpr (!kWide) {
-    if (d % 2 == 1) {  // the last step's odd lanes are zero in the panel
-      const __m512 p = _mm512_loadu_ps(panel + (d - 1) * 8);
-      for (int b = 0; b < RB; ++b)
-        v[b] = _mm512_fmadd_ps(_mm512_set1_ps(xr[b][d - 1]), p, v[b]);
-    }
-  }
+  });
   const __mmask16 m = static_cast<__mmask16>(na >= 16 ? 0xffff : (1u << na) - 1);
   for (int b = 0; b < RB; ++b) {
     if (b >= nr) continue;

@@ -276,3 +276,34 @@ def test_sigmoid_topk_bias_ties_lower_id_first():
     w_ref, ids_ref = ref.sigmoid_topk(logits, k, bias, True, False, 1.0)
     assert torch.equal(ids, ids_ref)
     torch.testing.assert_close(w, w_ref)
+
+
+class _DropFirst(torch.autograd.Function):
+    """y = x, with no gradient for the first input (an undefined one reaches its producer)."""
+
+    @staticmethod
+    def forward(ctx, a, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return None, g
+
+
+def test_selection_nodes_take_an_undefined_gradient():
+    """softmax_topk's and rank_topk's C++ nodes do not materialize gradients (no zero [T, k]
+    tensor for the ids output each backward): reached with an undefined gradient of their values,
+    they give none, and a defined one still flows."""
+    logits = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
+    w, _ = molora_ops.softmax_topk(logits, 2)
+    v, _ = molora_ops.rank_topk(h, 3)
+    other = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    out = _DropFirst.apply(w, other).sum() + _DropFirst.apply(v, other).sum()
+    g_logits, g_h, g_other = torch.autograd.grad(out, [logits, h, other], allow_unused=True,
+                                                 retain_graph=True)
+    assert g_logits is None and g_h is None
+    torch.testing.assert_close(g_other, torch.full_like(other, 2.0))
+    (g_logits,) = torch.autograd.grad(w[:, 0].sum(), [logits])
+    (want,) = torch.autograd.grad(ref.softmax_topk(logits, 2)[0][:, 0].sum(), [logits])
+    torch.testing.assert_close(g_logits, want)

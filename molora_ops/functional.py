@@ -13,6 +13,10 @@ FLOPs), all with the same forward and backward:
   rank <= 128): the minimum traffic.
 * ``"auto"`` (default): the least modeled time at the device's ceilings (``plan.choose``), forward
   plus backward when a gradient will be taken.
+
+On the CPU with ``weight=`` the frozen GEMM runs last and accumulates into the adapter's output,
+and a grouped call that will be differentiated is one autograd node (``_GroupedNode``) whose
+backward calls the ops' own gradient formulas in sequence.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@
 // build without this extension; _registry.define skips them when this file registered the op.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
 namespace molora {
@@ -19,13 +20,28 @@ c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-// A backward op called with grad mode off (no create_graph) skips its own autograd kernel (a
-// boxed fallback for these backward-only ops), as _registry.call does in Python.
+// The backward op, below autograd: these formulas are first-order only, as the Python ones
+// (molora_ops/ops/_registry.py, once_differentiable; the same message). When a double backward
+// is being recorded (create_graph=True), the gradient comes back attached to an error node:
+// differentiating it again raises instead of silently giving a zero second derivative (the
+// backward ops have no autograd of their own).
 template <typename Signature, typename... Args>
 at::Tensor call_backward_op(const c10::TypedOperatorHandle<Signature>& op, Args&&... args) {
-  if (at::GradMode::is_enabled()) return op.call(std::forward<Args>(args)...);
-  at::AutoDispatchBelowADInplaceOrView below;
-  return op.call(std::forward<Args>(args)...);
+  const bool recording = at::GradMode::is_enabled();
+  at::Tensor grad;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    at::NoGradGuard no_grad;
+    grad = op.call(std::forward<Args>(args)...);
+  }
+  if (!recording || !grad.defined()) return grad;
+  auto error = std::make_shared<torch::autograd::DelayedError>(
+      "molora: trying to differentiate twice a function that was marked with "
+      "@once_differentiable (the ops' gradients are first-order only)",
+      1);
+  at::Tensor alias = grad.detach();
+  alias.set_requires_grad(true);
+  return error->apply({alias})[0];
 }
 
 using TopkSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, bool);

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from . import _checks, ops, plan, reference
 from .ops import sgmv
-from .ops._registry import call
+from .ops._registry import call, once_differentiable
 
 __all__ = ["moe_lora_linear", "ALGOS", "pick_algo"]
 
@@ -227,6 +227,7 @@ class _GroupedNode(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # first-order only, as every op's formula (ops/_registry.py)
     def backward(ctx, grad_y):
         x2, A, B, w2, scales, weight, h, ro, order, pos, eo = ctx.saved_tensors
         pos_in = pos.reshape(-1, 1) if ctx.x_per_slot else pos

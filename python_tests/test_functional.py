@@ -258,6 +258,10 @@ def test_grouped_training_node_equals_op_by_op(variant):
         return node(*[dict(zip(names, leaves)).get(n) for n in kw])
 
     assert torch.autograd.gradcheck(positional, [ts[n] for n in names])
+    # First-order only, as every op's formula: a second differentiation raises.
+    recorded = torch.autograd.grad(node(*args), [ts[n] for n in names], gy, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        sum(g.sum() for g in recorded).backward()
 
 
 def test_dispatched_is_shared():

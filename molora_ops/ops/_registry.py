@@ -152,8 +152,8 @@ def define(schema: str, *, check: Callable, fake: Callable, reference: Callable,
     # csrc/autograd.cpp registers C++ autograd kernels for a few ops (the same formulas): then
     # the Python formula is only the pure-Python build's.
     if backward is not None and not _has_cpp_autograd(name):
-        torch.library.register_autograd(f"molora::{name}", _without_autocast(backward),
-                                        setup_context=setup_context, lib=_LIB)
+        torch.library.register_autograd(f"molora::{name}", once_differentiable(
+            _without_autocast(backward)), setup_context=setup_context, lib=_LIB)
     if "CPU" not in opdef.native_kernels:
         _LIB.impl(name, opdef.reference_entry, "CPU")
     if "CUDA" not in opdef.native_kernels:
@@ -162,6 +162,40 @@ def define(schema: str, *, check: Callable, fake: Callable, reference: Callable,
     _register_autocast(opdef)
     OPS[name] = opdef
     return opdef
+
+
+_TWICE = ("molora: trying to differentiate twice a function that was marked with "
+          "@once_differentiable (the ops' gradients are first-order only)")
+
+
+def once_differentiable(backward: Callable) -> Callable:
+    """Every autograd formula is first-order only: its gradients are exact, and differentiating
+    them again raises (the message above). The formulas call backward-only ops that have no
+    autograd of their own, so a recorded double backward came out silently zero or incomplete
+    (gradgradcheck failed for every op). Stricter than ``torch.autograd.function.
+    once_differentiable``, which marks the gradients only when an incoming gradient requires
+    grad: whenever a backward is recorded (create_graph=True) they are marked, so a gradient
+    penalty over a loss linear in the output raises too instead of missing this node's part."""
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        recording = torch.is_grad_enabled()
+        with torch.no_grad():
+            outs = backward(ctx, *grads)
+        if not recording:
+            return outs
+        single = not isinstance(outs, tuple)
+        outs = (outs,) if single else outs
+        marked = [o.detach().requires_grad_() if isinstance(o, torch.Tensor)
+                  and o.is_floating_point() else o for o in outs]
+        flagged = [o for o in marked if isinstance(o, torch.Tensor) and o.requires_grad]
+        if flagged:
+            errors = torch._C._functions.DelayedError(_TWICE.encode(), len(flagged))(*flagged)
+            errors = iter(errors if isinstance(errors, tuple) else (errors,))
+            marked = [next(errors) if isinstance(o, torch.Tensor) and o.requires_grad else o
+                      for o in marked]
+        return marked[0] if single else tuple(marked)
+
+    return run
 
 
 def _without_autocast(backward: Callable) -> Callable:
@@ -243,9 +277,9 @@ def _lazy_gpu_entry(opdef: OpDef) -> Callable:
 
 @functools.lru_cache(maxsize=None)
 def native(name: str) -> Callable:
-    """Op ``name`` as the backward formulas call it: through ``call``, so inside a backward
-    without ``create_graph`` (grad mode off) the call skips the op's own autograd kernel, a Python
-    function that would only find there is nothing to record. NOTE: measured on softmax_topk's
+    """Op ``name`` as the backward formulas call it: through ``call``, so inside a backward (run
+    with grad mode off, ``once_differentiable``) the call skips the op's own autograd kernel, a
+    Python function that would only find there is nothing to record. NOTE: measured on softmax_topk's
     backward at T=256 (before its autograd moved to C++): 1.04x -> 0.96x the reference's time
     (min of alternating runs, 2-core CPU)."""
     return functools.partial(call, name)

@@ -54,8 +54,8 @@ using RankScatterSig = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)
 
 // kNoIdsGradient: the ids output has no gradient, and with materialized gradients the engine
 // would fill a zero [T, k] tensor for it on every backward (aten::zeros, ~12 us of rank_topk's
-// ~40 us backward at T=256 on the CPU, where the reference's gather node made none). Unmaterialized,
-// an undefined gradient of the first output means there is nothing to compute.
+// ~40 us backward at T=256 on the CPU, where the reference's gather node made none).
+// Unmaterialized, an undefined gradient of the first output means there is nothing to compute.
 
 // softmax_topk: d logits = softmax_route_backward(grad w, w, ids, logits, renormalize, 1).
 struct SoftmaxTopk : public torch::autograd::Function<SoftmaxTopk> {

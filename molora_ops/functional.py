@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from . import _checks, ops, plan, reference
 from .ops import sgmv
-from .ops._registry import call, once_differentiable
+from .ops._registry import native, once_differentiable
 
 __all__ = ["moe_lora_linear", "ALGOS", "pick_algo"]
 
@@ -170,27 +170,27 @@ def moe_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     # its read of that output rides in MKL's compute-bound GEMM, where the expand would otherwise
     # stream base through memory once more. On a GPU the fused / grouped epilogue reads base.
     # (Under autocast the op's output takes the autocast dtype, which F.linear's output matches.)
-    fold = (weight is not None and not x_per_slot and x.device.type == "cpu"
-            and not torch.is_autocast_enabled("cpu"))
+    cpu_fp = x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+    fold = weight is not None and not x_per_slot and cpu_fp
     base2 = None if fold else _base(x2 if not x_per_slot else None, base, weight, bias, T, d_out)
+    needs_grad = _needs_grad(x, lora_A, lora_B, routing_weights, base, weight, bias)
 
     if max_rank is None:
         max_rank = _max_rank(rank_offsets, R)
     if algo == "auto":
         algo = "grouped" if x_per_slot or dispatched is not None else pick_algo(
             x2, lora_A, lora_B, E, k, max_rank, has_base=base2 is not None or fold,
-            backward=_needs_grad(x, lora_A, lora_B, routing_weights, base, weight, bias))
+            backward=needs_grad)
 
     if algo == "grouped":
         order, pos, eo = dispatched if dispatched is not None else ops.dispatch(ids2, E, 1)
-        pos_in = pos.reshape(-1, 1) if x_per_slot else pos
         # (Under autocast the ops' own nodes record the casts their autocast kernels make.)
-        if (x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-                and _needs_grad(x2, lora_A, lora_B, w2, base2, weight, bias)):
+        if cpu_fp and needs_grad:
             frozen = (weight, bias) if fold else (None, None)
             y = _GroupedNode.apply(x2, lora_A, lora_B, w2, scales, base2, *frozen, rank_offsets,
                                    order, pos, eo, x_per_slot, max_rank)
             return _as_shape(y, (*lead, d_out))
+        pos_in = pos.reshape(-1, 1) if x_per_slot else pos
         h = ops.sgmv_shrink(x2, lora_A, rank_offsets, order, pos_in, eo, None, None,
                             max_rank=max_rank)
         y = ops.sgmv_expand(h, lora_B, rank_offsets, order, pos, eo, w2, scales, base2)
@@ -218,8 +218,8 @@ class _GroupedNode(torch.autograd.Function):
     def forward(ctx, x2, A, B, w2, scales, base2, weight, bias, ro, order, pos, eo, x_per_slot,
                 max_rank):
         pos_in = pos.reshape(-1, 1) if x_per_slot else pos
-        h = call("sgmv_shrink", x2, A, ro, order, pos_in, eo, None, None, max_rank)
-        y = call("sgmv_expand", h, B, ro, order, pos, eo, w2, scales, base2)
+        h = native("sgmv_shrink")(x2, A, ro, order, pos_in, eo, None, None, max_rank)
+        y = native("sgmv_expand")(h, B, ro, order, pos, eo, w2, scales, base2)
         if weight is not None:
             y = y.addmm_(x2, weight.t()) if bias is None else y.addmm_(x2, weight.t()).add_(bias)
         ctx.save_for_backward(x2, A, B, w2, scales, weight, h, ro, order, pos, eo)

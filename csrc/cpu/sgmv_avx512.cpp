@@ -1,7 +1,8 @@
-// The fp32 shrink, expand and weight gradient compiled for AVX-512 (this file only: -mavx512f -mavx512vl
-// -mavx2 -mfma -DMOLORA_ISA=isa_avx512, see CMakeLists.txt): the register-tiled kernels of
-// csrc/kernels/sgmv_avx2_cpu.h with 32-column zmm chunks (Zmm32). As in sgmv_avx2.cpp, no torch
-// header is included here, and the kernels' symbols live in molora::kernels::avx2::isa_avx512.
+// The fp32 shrink, expand and weight gradient compiled for AVX-512 (this file only: -mavx512f
+// -mavx512vl -mavx2 -mfma -DMOLORA_ISA=isa_avx512, see CMakeLists.txt): the register-tiled
+// kernels of csrc/kernels/sgmv_avx2_cpu.h with 32-column zmm chunks (Zmm32). As in sgmv_avx2.cpp,
+// no torch header is included here, and the kernels' symbols live in
+// molora::kernels::avx2::isa_avx512.
 #include "sgmv_isa.h"
 
 #include "../kernels/sgmv_avx2_cpu.h"

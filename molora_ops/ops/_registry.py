@@ -275,13 +275,13 @@ def _lazy_gpu_entry(opdef: OpDef) -> Callable:
     return entry
 
 
-@functools.lru_cache(maxsize=None)
 def native(name: str) -> Callable:
     """Op ``name`` as the backward formulas call it: through ``call``, so inside a backward (run
     with grad mode off, ``once_differentiable``) the call skips the op's own autograd kernel, a
-    Python function that would only find there is nothing to record. NOTE: measured on softmax_topk's
-    backward at T=256 (before its autograd moved to C++): 1.04x -> 0.96x the reference's time
-    (min of alternating runs, 2-core CPU)."""
+    Python function that would only find there is nothing to record. NOTE: measured on
+    softmax_topk's backward at T=256 (before its autograd moved to C++): 1.04x -> 0.96x the
+    reference's time (min of alternating runs, 2-core CPU). (Not cached: dynamo, tracing
+    moe_lora_linear's grouped node, warns on every lru_cache-wrapped call it meets.)"""
     return functools.partial(call, name)
 
 

@@ -129,14 +129,14 @@ def shrink_grads(grad_h, x, A, meta, weights, scales, need_x, need_A, need_w):
     not needed. ``moe_lora_linear``'s grouped node calls it too (molora_ops.functional)."""
     grad_x = grad_A = grad_w = None
     if need_x:
-        grad_x = call("sgmv_expand", grad_h, A.t(), *meta, weights, scales, None)
+        grad_x = native("sgmv_expand")(grad_h, A.t(), *meta, weights, scales, None)
     if need_A:
-        grad_A = call("sgmv_weight_grad", x, grad_h, *meta, weights, scales, A.shape[0])
+        grad_A = native("sgmv_weight_grad")(x, grad_h, *meta, weights, scales, A.shape[0])
     if weights is not None and need_w:
         # In opmath: a bf16 h_unweighted would round before the dot (~1e-2 error on dw).
         x_acc, A_acc, grad_h_acc = opmath(x, A, grad_h)
-        h_unweighted = call("sgmv_shrink", x_acc, A_acc, *meta, None, scales, grad_h.shape[1])
-        grad_w = call("pair_dot", grad_h_acc, h_unweighted, meta[2], False).to(weights.dtype)
+        h_unweighted = native("sgmv_shrink")(x_acc, A_acc, *meta, None, scales, grad_h.shape[1])
+        grad_w = native("pair_dot")(grad_h_acc, h_unweighted, meta[2], False).to(weights.dtype)
     return grad_x, grad_A, grad_w
 
 
@@ -150,16 +150,16 @@ def expand_grads(grad_y, h, B, meta, weights, scales, need_h, need_B, need_w):
     # u = B^T dy per row, unweighted, in opmath: the routing-weight gradient is dot(h_i, u_i).
     if need_w:
         grad_y_acc, B_acc, h_acc = opmath(grad_y, B, h)
-        u = call("sgmv_shrink", grad_y_acc, B_acc.t(), *meta, None, scales, max_rank)
+        u = native("sgmv_shrink")(grad_y_acc, B_acc.t(), *meta, None, scales, max_rank)
     if need_h:
         if need_w:  # dh_i = w_i u_i: the same shrink, weighted; no second pass over grad y
             grad_h = (u * _row_weights(weights, order, u.dtype)[:, None]).to(h.dtype)
         else:
-            grad_h = call("sgmv_shrink", grad_y, B.t(), *meta, weights, scales, max_rank)
+            grad_h = native("sgmv_shrink")(grad_y, B.t(), *meta, weights, scales, max_rank)
     if need_B:
-        grad_B = call("sgmv_weight_grad", grad_y, h, *meta, weights, scales, B.shape[1]).t()
+        grad_B = native("sgmv_weight_grad")(grad_y, h, *meta, weights, scales, B.shape[1]).t()
     if need_w:
-        grad_w = call("pair_dot", h_acc, u, meta[2], False).to(weights.dtype)
+        grad_w = native("pair_dot")(h_acc, u, meta[2], False).to(weights.dtype)
     return grad_h, grad_B, grad_w
 
 

@@ -232,11 +232,17 @@ class _GroupedNode(torch.autograd.Function):
         x2, A, B, w2, scales, weight, h, ro, order, pos, eo = ctx.saved_tensors
         pos_in = pos.reshape(-1, 1) if ctx.x_per_slot else pos
         need = ctx.needs_input_grad
+        # dh comes back unweighted (u, which d w needs anyway) and the A-side kernels weight it:
+        # per slot, as the shrink's rows, with x_per_slot.
+        w_later = None
+        if w2 is not None:
+            w_later = w2.reshape(-1, 1) if ctx.x_per_slot else w2
         grad_h, grad_B, grad_w = sgmv.expand_grads(grad_y, h, B, (ro, order, pos, eo), w2, scales,
-                                                   need[0] or need[1], need[2], need[3])
+                                                   need[0] or need[1], need[2], need[3],
+                                                   unweighted_h=w_later is not None)
         grad_x = grad_A = None
         if grad_h is not None:
-            grad_x, grad_A, _ = sgmv.shrink_grads(grad_h, x2, A, (ro, order, pos_in, eo), None,
+            grad_x, grad_A, _ = sgmv.shrink_grads(grad_h, x2, A, (ro, order, pos_in, eo), w_later,
                                                   None, need[0], need[1], False)
         grad_W = grad_bias = None
         if weight is not None:

@@ -214,12 +214,13 @@ def _grouped_op_by_op(x, A, B, ro, w, ids, s, base, W, b, max_rank, x_per_slot):
     return y
 
 
-@pytest.mark.parametrize("variant", ["weight", "base", "no_w_no_s", "x_per_slot"])
+@pytest.mark.parametrize("variant", ["weight", "base", "no_w_no_s", "x_per_slot", "w_no_grad"])
 def test_grouped_training_node_equals_op_by_op(variant):
     """On the CPU a grouped call under autograd is one node (functional._GroupedNode: the frozen
-    GEMM folded in, its d x accumulated into the adapter's). Its output and every gradient equal
-    the graph of the public ops, each with its own autograd formula: frozen weight and bias,
-    a base tensor, no routing weights and no scales, x_per_slot rows; gradcheck on top."""
+    GEMM folded in, its d x accumulated into the adapter's; the routing weights applied by the
+    A-side kernels). Its output and every gradient equal the graph of the public ops, each with
+    its own autograd formula: frozen weight and bias, a base tensor, no routing weights and no
+    scales, x_per_slot rows, routing weights that take no gradient; gradcheck on top."""
     case = ("node", 9, 8, 6, (3, 0, 5, 2), 2, "drop")
     p = _problem(case, seed=11)
     xs = torch.randn(9, 2, 8, dtype=torch.float64) if variant == "x_per_slot" else p["x"]
@@ -240,6 +241,9 @@ def test_grouped_training_node_equals_op_by_op(variant):
                                  variant == "x_per_slot")
 
     ts = {n: v.clone().requires_grad_() for n, v in kw.items() if v is not None}
+    if variant == "w_no_grad":
+        names.remove("w")
+        ts["w"] = ts["w"].detach()
     args = [ts.get(n) for n in kw]
     y = node(*args)
     fn = y.grad_fn  # under the output's reshape
@@ -255,7 +259,7 @@ def test_grouped_training_node_equals_op_by_op(variant):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=n)
 
     def positional(*leaves):
-        return node(*[dict(zip(names, leaves)).get(n) for n in kw])
+        return node(*[dict(zip(names, leaves)).get(n, ts.get(n)) for n in kw])
 
     assert torch.autograd.gradcheck(positional, [ts[n] for n in names])
     # First-order only, as every op's formula: a second differentiation raises.

@@ -169,6 +169,11 @@ def moe_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     # On the CPU the frozen GEMM runs last and accumulates into the adapter's output (beta = 1):
     # its read of that output rides in MKL's compute-bound GEMM, where the expand would otherwise
     # stream base through memory once more. On a GPU the fused / grouped epilogue reads base.
+    # NOTE: the frozen GEMM stays on BLAS: our own AVX-512 SGEMM (14 x 32 zmm micro-tile, packed
+    # panels), the candidate for an epilogue that adds the expand while y is in registers (no
+    # separate y pass: a third of the expand's time), ran x [1024, 512] W^T [512, 1376] in
+    # 9.0-10.0 ms at 1 thread (MKL 9.0-9.4) but 4.7-5.6 ms at 2 (MKL 4.1-4.8): the epilogue
+    # would buy back less than that (2-core Xeon with AVX-512, 2026-12-04).
     # (Under autocast the op's output takes the autocast dtype, which F.linear's output matches.)
     cpu_fp = x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
     fold = weight is not None and not x_per_slot and cpu_fp

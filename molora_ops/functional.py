@@ -195,9 +195,8 @@ def moe_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
             y = _GroupedNode.apply(x2, lora_A, lora_B, w2, scales, base2, *frozen, rank_offsets,
                                    order, pos, eo, x_per_slot, max_rank)
             return _as_shape(y, (*lead, d_out))
-        pos_in = pos.reshape(-1, 1) if x_per_slot else pos
-        h = ops.sgmv_shrink(x2, lora_A, rank_offsets, order, pos_in, eo, None, None,
-                            max_rank=max_rank)
+        h = ops.sgmv_shrink(x2, lora_A, rank_offsets, order, _by_slot(pos, x_per_slot), eo,
+                            None, None, max_rank=max_rank)
         y = ops.sgmv_expand(h, lora_B, rank_offsets, order, pos, eo, w2, scales, base2)
     elif algo == "dense":
         _checks.ids_in_range(_OP, "expert_ids", ids2, -1, E)
@@ -206,7 +205,7 @@ def moe_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     else:
         y = ops.fused_moe_lora(x2, lora_A, lora_B, rank_offsets, w2, ids2, scales, base2)
     if fold:
-        y = y.addmm_(x2, weight.t()) if bias is None else y.addmm_(x2, weight.t()).add_(bias)
+        y = _add_frozen(y, x2, weight, bias)
     return _as_shape(y, (*lead, d_out))
 
 
@@ -222,11 +221,11 @@ class _GroupedNode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, A, B, w2, scales, base2, weight, bias, ro, order, pos, eo, x_per_slot,
                 max_rank):
-        pos_in = pos.reshape(-1, 1) if x_per_slot else pos
-        h = native("sgmv_shrink")(x2, A, ro, order, pos_in, eo, None, None, max_rank)
+        h = native("sgmv_shrink")(x2, A, ro, order, _by_slot(pos, x_per_slot), eo, None, None,
+                                  max_rank)
         y = native("sgmv_expand")(h, B, ro, order, pos, eo, w2, scales, base2)
         if weight is not None:
-            y = y.addmm_(x2, weight.t()) if bias is None else y.addmm_(x2, weight.t()).add_(bias)
+            y = _add_frozen(y, x2, weight, bias)
         ctx.save_for_backward(x2, A, B, w2, scales, weight, h, ro, order, pos, eo)
         ctx.x_per_slot = x_per_slot
         return y
@@ -235,13 +234,11 @@ class _GroupedNode(torch.autograd.Function):
     @once_differentiable  # first-order only, as every op's formula (ops/_registry.py)
     def backward(ctx, grad_y):
         x2, A, B, w2, scales, weight, h, ro, order, pos, eo = ctx.saved_tensors
-        pos_in = pos.reshape(-1, 1) if ctx.x_per_slot else pos
+        pos_in = _by_slot(pos, ctx.x_per_slot)
         need = ctx.needs_input_grad
         # dh comes back unweighted (u, which d w needs anyway) and the A-side kernels weight it:
         # per slot, as the shrink's rows, with x_per_slot.
-        w_later = None
-        if w2 is not None:
-            w_later = w2.reshape(-1, 1) if ctx.x_per_slot else w2
+        w_later = None if w2 is None else _by_slot(w2, ctx.x_per_slot)
         grad_h, grad_B, grad_w = sgmv.expand_grads(grad_y, h, B, (ro, order, pos, eo), w2, scales,
                                                    need[0] or need[1], need[2], need[3],
                                                    unweighted_h=w_later is not None)
@@ -261,6 +258,19 @@ class _GroupedNode(torch.autograd.Function):
         grad_base = grad_y if need[5] else None
         return (grad_x, grad_A, grad_B, grad_w, None, grad_base, grad_W, grad_bias,
                 None, None, None, None, None, None)
+
+
+def _by_slot(t: torch.Tensor, x_per_slot: bool) -> torch.Tensor:
+    """A [T, k] pos / routing weights as the shrink's rows see them: with x_per_slot every slot
+    reads its own x row, so [T * k, 1]."""
+    return t.reshape(-1, 1) if x_per_slot else t
+
+
+def _add_frozen(y: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor,
+                bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """y += x2 weight^T (+ bias), in place: the frozen GEMM accumulating into the adapter's y."""
+    y = y.addmm_(x2, weight.t())
+    return y if bias is None else y.add_(bias)
 
 
 def _as_shape(t: torch.Tensor, shape) -> torch.Tensor:

@@ -158,13 +158,12 @@ def expand_grads(grad_y, h, B, meta, weights, scales, need_h, need_B, need_w,
         grad_y_acc, B_acc, h_acc = opmath(grad_y, B, h)
         u = native("sgmv_shrink")(grad_y_acc, B_acc.t(), *meta, None, scales, max_rank)
     if need_h:
-        if unweighted_h or weights is None:
-            grad_h = (u if need_u else
-                      native("sgmv_shrink")(grad_y, B.t(), *meta, None, scales, max_rank))
-        elif need_w:  # dh_i = w_i u_i: the same shrink, weighted; no second pass over grad y
-            grad_h = u * _row_weights(weights, order, u.dtype)[:, None]
-        else:
+        if not need_u:  # one shrink, weighted where there are weights
             grad_h = native("sgmv_shrink")(grad_y, B.t(), *meta, weights, scales, max_rank)
+        elif unweighted_h:
+            grad_h = u
+        else:  # dh_i = w_i u_i: the same shrink, weighted; no second pass over grad y
+            grad_h = u * _row_weights(weights, order, u.dtype)[:, None]
         grad_h = grad_h.to(h.dtype)
     if need_B:
         grad_B = native("sgmv_weight_grad")(grad_y, h, *meta, weights, scales, B.shape[1]).t()

@@ -44,7 +44,8 @@ Tensor sgmv_expand_cpu(const Tensor& h, const Tensor& B, const Tensor& rank_offs
                        const OptTensor& weights, const OptTensor& scales, const OptTensor& base);
 Tensor sgmv_weight_grad_cpu(const Tensor& x, const Tensor& h, const Tensor& rank_offsets,
                             const Tensor& order, const Tensor& pos, const Tensor& expert_offsets,
-                            const OptTensor& weights, const OptTensor& scales, int64_t total_rank);
+                            const OptTensor& weights, const OptTensor& scales, int64_t total_rank,
+                            bool transposed);
 Tensor stacked_gated_lora_cpu(const Tensor& x, const Tensor& A, const Tensor& B,
                               const Tensor& gate, const Tensor& rank_offsets,
                               const OptTensor& scales, const OptTensor& base, bool shared_a);

@@ -112,7 +112,7 @@ def _grouped_bwd(s: Layer) -> List[Launch]:
                int(2 * P * s.r * s.d_out)),
         Launch("pair_dot(h, u)", P * mr * (b + F32) + P * IDX, P * F32, 2 * P * mr),
         Launch("dh = w * u", P * mr * F32 + P * (F32 + IDX), P * mr * b, P * mr),
-        Launch("sgmv_weight_grad(gy, h) = dB^T", gy_rows + P * mr * b + P * (IDX + F32), B,
+        Launch("sgmv_weight_grad(gy, h, transposed) = dB", gy_rows + P * mr * b + P * (IDX + F32), B,
                int(2 * P * s.r * s.d_out)),
         Launch("sgmv_expand(dh, A^T) = dx", P * mr * b + A + 2 * P * IDX, s.T * s.d_in * b,
                int(2 * P * s.r * s.d_in)),

@@ -254,20 +254,28 @@ def test_sgmv_weight_grad_is_dA(dtype, case):
 
 
 @dtype_params()
+@pytest.mark.parametrize("transposed", [False, True], ids=["G", "G^T"])
 @pytest.mark.parametrize("case", SWG_CASES, ids=SWG_IDS)
-def test_sgmv_weight_grad_is_dB_transposed(dtype, case):
+def test_sgmv_weight_grad_is_dB_transposed(dtype, case, transposed):
+    """dB of sgmv_expand: G^T, either as the transposed view of G [R, d_out] or written in B's
+    layout (transposed=True: a contiguous [d_out, R], what the expand's backward returns)."""
     T, ids, order, pos, eo, ro, R, mr, w, s = _swg_setup(case, dtype)
     d_out = 9
     h = torch.randn(order.numel(), mr, dtype=torch.float64).to(dtype)
     B = torch.randn(d_out, R, dtype=torch.float64).to(dtype)
     g_y = torch.randn(T, d_out, dtype=torch.float64).to(dtype)
-    (G,), (G_lo,) = compare_with_reference("sgmv_weight_grad", [g_y, h, ro, order, pos, eo, w, s, R])
-    assert G.shape == (R, d_out)
+    (G,), (G_lo,) = compare_with_reference("sgmv_weight_grad",
+                                           [g_y, h, ro, order, pos, eo, w, s, R, transposed])
+    if transposed:
+        assert G.shape == (d_out, R) and G.is_contiguous()
+    else:
+        assert G.shape == (R, d_out)
+        G, G_lo = G.t(), G_lo.t()
     w64 = None if w is None else w.double()
     s64 = None if s is None else s.double()
     fwd = lambda hh, BB: ref.sgmv_expand(hh, BB, ro, order, pos, eo, w64, s64, None)
     (dB_hi,) = autograd_f64(fwd, [h, B], [1], g_y)
-    assert_close_fa(G.t(), G_lo.t(), dB_hi, name="sgmv_weight_grad vs autograd dB of sgmv_expand")
+    assert_close_fa(G, G_lo, dB_hi, name="sgmv_weight_grad vs autograd dB of sgmv_expand")
 
 
 # ------------------------------------------------------------------ stacked_gated_lora_backward

@@ -257,6 +257,10 @@ def test_grouped_training_node_equals_op_by_op(variant):
     grads0 = torch.autograd.grad(y0, [ts[n] for n in names], gy)
     for n, a, b in zip(names, grads, grads0):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=n)
+    # dB in B's own layout (node and op formula alike): .backward() then keeps it as B.grad
+    # where a transposed view would be copied into that layout first.
+    i = names.index("B")
+    assert grads[i].stride() == grads0[i].stride() == ts["B"].stride()
 
     def positional(*leaves):
         return node(*[dict(zip(names, leaves)).get(n, ts.get(n)) for n in kw])
@@ -563,11 +567,15 @@ def test_cpu_weight_grad_paths(T, d, dtype):
     R = int(ro[-1])
     x = torch.randn(T, d, generator=g, dtype=torch.float64).to(dtype)
     for args in ((w, s), (None, None)):
-        G = molora_ops.sgmv_weight_grad(x, h, ro, *meta, *args, total_rank=R)
         want = ref.sgmv_weight_grad(x.double(), h.double(), ro, *meta,
                                     *[a if a is None else a.double() for a in args], R)
+        G = molora_ops.sgmv_weight_grad(x, h, ro, *meta, *args, total_rank=R)
         assert G.shape == (R, d)
         _assert_near(G, want, dtype)
+        # G^T in B's layout: the same numbers (each path turns its own G round)
+        Gt = molora_ops.sgmv_weight_grad(x, h, ro, *meta, *args, total_rank=R, transposed=True)
+        assert Gt.shape == (d, R) and Gt.is_contiguous()
+        assert torch.equal(Gt, G.t())
 
 
 @pytest.mark.parametrize("T", [1, 40, 301])

@@ -259,6 +259,9 @@ def test_weight_grad(case, dtype):
     args = (x, h, *_meta(c), c["w"], c["s"], c["R"])
     G = _run(ts.sgmv_weight_grad, *args)
     _check("sgmv_weight_grad", G, ref.sgmv_weight_grad, *args)
+    Gt = _run(ts.sgmv_weight_grad, *args, True)  # G^T [d, R], stored through swapped strides
+    assert Gt.shape == (c["d_in"], c["R"]) and Gt.is_contiguous()
+    assert torch.equal(Gt.cpu(), G.cpu().t())
 
 
 @pytest.mark.parametrize("case", [

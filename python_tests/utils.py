@@ -563,6 +563,8 @@ def op_samples(name):
         ro, R, mr = _ragged_bank(E)
         out.append(("ragged", (torch.randn(T, d), torch.randn(order.numel(), mr), ro, order, pos, eo,
                                routing_weights(ids), torch.rand(E) + 0.5, R), {}))
+        out.append(("ragged-transposed", (torch.randn(T, d), torch.randn(order.numel(), mr), ro, order,
+                                          pos, eo, None, torch.rand(E) + 0.5, R, True), {}))
     elif name == "stacked_gated_lora_backward":
         ro, R, _ = _ragged_bank(E)
         out.append(("ragged", (torch.randn(T, d), torch.randn(T, d), torch.randn(R, d), torch.randn(d, R),

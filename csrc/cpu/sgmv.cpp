@@ -1,6 +1,7 @@
 // CPU launchers of the grouped low-rank matmuls (sgmv_*) and the dense stacked gated form.
 #include <algorithm>
 #include <cstdlib>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -363,7 +364,8 @@ at::Tensor sgmv_weight_grad_cpu(const at::Tensor& x_in, const at::Tensor& h_in,
                                 const at::Tensor& rank_offsets, const at::Tensor& order,
                                 const at::Tensor& pos, const at::Tensor& expert_offsets,
                                 const std::optional<at::Tensor>& weights,
-                                const std::optional<at::Tensor>& scales, int64_t total_rank) {
+                                const std::optional<at::Tensor>& scales, int64_t total_rank,
+                                bool transposed) {
   const char* op = "sgmv_weight_grad";
   check_float(op, "x", x_in);
   check_dim(op, "x", x_in, 2);
@@ -388,16 +390,33 @@ at::Tensor sgmv_weight_grad_cpu(const at::Tensor& x_in, const at::Tensor& h_in,
     // k=2 r=16: dB (d=1376) 1.03-1.37 -> 0.65 ms, dA (d=512) 0.45-0.50 -> 0.21-0.26 ms; E=64 k=8
     // r=8 d=1024: 1.60 -> 1.14 ms. Min of alternating runs, 2 threads, 2-core Xeon, 2026-12-04.
     const auto prepared = prepare_rows(h, g, max_rank);
-    at::Tensor G = at::empty({total_rank, d}, x.options());
+    at::Tensor G = transposed ? at::empty({d, total_rank}, x.options())
+                              : at::empty({total_rank, d}, x.options());
     const bool zmm = cpu::avx512::available();
     const auto chunks_fn = zmm ? cpu::avx512::weight_grad_chunks : cpu::avx2::weight_grad_chunks;
     const int64_t width = zmm ? cpu::avx512::kChunkCols : kernels::kExpandCols;
     const int64_t chunks = (d + width - 1) / width;
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      chunks_fn(x.data_ptr<float>(), prepared.second.data_ptr<float>(),
-                prepared.first.data_ptr<int32_t>(), g.expert_offsets.data_ptr<int32_t>(),
-                g.rank_offsets.data_ptr<int32_t>(), g.num_experts, max_rank, d, c0, c1,
-                G.data_ptr<float>());
+      const auto run = [&](float* out, int64_t ldg, int64_t g_col0) {
+        chunks_fn(x.data_ptr<float>(), prepared.second.data_ptr<float>(),
+                  prepared.first.data_ptr<int32_t>(), g.expert_offsets.data_ptr<int32_t>(),
+                  g.rank_offsets.data_ptr<int32_t>(), g.num_experts, max_rank, d, c0, c1, out,
+                  ldg, g_col0);
+      };
+      if (!transposed) {
+        run(G.data_ptr<float>(), d, 0);
+        return;
+      }
+      // G^T: the thread's columns of G in a window (while it is in cache), then turned round into
+      // their rows of G^T. NOTE: autograd's accumulation copied the transposed view of G into B's
+      // layout instead: 0.18 ms of a 7.3 ms training step (.backward() against autograd.grad,
+      // T=1024 E=8 k=2 r=16, d_out=1376, 2 threads, 2-core Xeon with AVX-512, 2026-12-05).
+      const int64_t col0 = c0 * width, cols = std::min(d, c1 * width) - col0;
+      // (not zero-filled: the kernel writes every rank of every column, experts without rows too)
+      const std::unique_ptr<float[]> window(new float[total_rank * cols]);
+      run(window.get(), cols, col0);
+      cpu::avx2::transpose_rows(window.get(), cols, 1, total_rank, cols, 0, total_rank,
+                                G.data_ptr<float>() + col0 * total_rank);
     });
     return G;
   }
@@ -419,7 +438,8 @@ at::Tensor sgmv_weight_grad_cpu(const at::Tensor& x_in, const at::Tensor& h_in,
       at::mm_out(Ge, hs.narrow(0, s0, n_e).narrow(1, 0, r).t(),
                  xa.index_select(0, tokens.narrow(0, s0, n_e)));
     }
-    return Ga.to(x.scalar_type());
+    const at::Tensor G = Ga.to(x.scalar_type());
+    return transposed ? cpu::transposed(G) : G;
   }
   at::Tensor G = at::empty({total_rank, d}, x.options());
   MOLORA_DISPATCH_FLOATING(x.scalar_type(), "molora_sgmv_weight_grad", [&] {
@@ -436,7 +456,7 @@ at::Tensor sgmv_weight_grad_cpu(const at::Tensor& x_in, const at::Tensor& h_in,
                                       d, max_rank, g0, g1, acc.data(), G.data_ptr<scalar_t>());
     });
   });
-  return G;
+  return transposed ? cpu::transposed(G) : G;
 }
 
 namespace {

@@ -5,6 +5,7 @@
 #include "sgmv_isa.h"
 
 #include "../kernels/sgmv_avx2_cpu.h"
+#include "../kernels/transpose_cpu.h"
 
 namespace molora::cpu::avx2 {
 
@@ -40,6 +41,11 @@ void sgmv_expand_cols(const int32_t* row_token, const float* hs, const float* Bt
   kernels::sgmv_expand_cols<float, float>(row_token, hs, Bt, m, n, max_rank, n0, nb, acc);
 }
 
+void transpose_rows(const float* in, int64_t s0, int64_t s1, int64_t rows, int64_t cols,
+                    int64_t i0, int64_t i1, float* out) {
+  kernels::transpose_rows<float>(in, s0, s1, rows, cols, i0, i1, out);
+}
+
 void sgmv_weight_grad_range(const float* x, const float* h, const kernels::GroupedMeta& m,
                             const float* w, const float* scales, int64_t d, int64_t max_rank,
                             int64_t g0, int64_t g1, float* acc, float* G) {
@@ -57,9 +63,10 @@ void expand_token_tile(const float* hs, const int32_t* slot_expert, const int32_
 
 void weight_grad_chunks(const float* X, const float* hs, const int32_t* row_token,
                         const int32_t* expert_offsets, const int32_t* rank_offsets, int64_t E,
-                        int64_t max_rank, int64_t n, int64_t c_begin, int64_t c_end, float* G) {
+                        int64_t max_rank, int64_t n, int64_t c_begin, int64_t c_end, float* G,
+                        int64_t ldg, int64_t g_col0) {
   kernels::avx2::weight_grad_chunks(X, hs, row_token, expert_offsets, rank_offsets, E, max_rank,
-                                    n, c_begin, c_end, G);
+                                    n, c_begin, c_end, G, ldg, g_col0);
 }
 
 }  // namespace molora::cpu::avx2

@@ -27,10 +27,11 @@ void shrink_rows(const float* x, const float* packed, const int64_t* pack_offset
 
 void weight_grad_chunks(const float* X, const float* hs, const int32_t* row_token,
                         const int32_t* expert_offsets, const int32_t* rank_offsets, int64_t E,
-                        int64_t max_rank, int64_t n, int64_t c_begin, int64_t c_end, float* G) {
+                        int64_t max_rank, int64_t n, int64_t c_begin, int64_t c_end, float* G,
+                        int64_t ldg, int64_t g_col0) {
   kernels::avx2::weight_grad_chunks<kernels::avx2::Zmm32>(X, hs, row_token, expert_offsets,
                                                           rank_offsets, E, max_rank, n, c_begin,
-                                                          c_end, G);
+                                                          c_end, G, ldg, g_col0);
 }
 
 }  // namespace molora::cpu::avx512

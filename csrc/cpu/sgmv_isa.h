@@ -35,7 +35,11 @@ void expand_token_tile(const float* hs, const int32_t* slot_expert, const int32_
                        int32_t* bucket, float* acc, float* y);
 void weight_grad_chunks(const float* X, const float* hs, const int32_t* row_token,
                         const int32_t* expert_offsets, const int32_t* rank_offsets, int64_t E,
-                        int64_t max_rank, int64_t n, int64_t c_begin, int64_t c_end, float* G);
+                        int64_t max_rank, int64_t n, int64_t c_begin, int64_t c_end, float* G,
+                        int64_t ldg, int64_t g_col0);
+// kernels::transpose_rows built for AVX2 (8 x 8 pieces in ymm registers): fp32 only.
+void transpose_rows(const float* in, int64_t s0, int64_t s1, int64_t rows, int64_t cols,
+                    int64_t i0, int64_t i1, float* out);
 void sgmv_weight_grad_range(const float* x, const float* h, const kernels::GroupedMeta& m,
                             const float* w, const float* scales, int64_t d, int64_t max_rank,
                             int64_t g0, int64_t g1, float* acc, float* G);
@@ -62,6 +66,7 @@ void shrink_rows(const float* x, const float* packed, const int64_t* pack_offset
                  int64_t max_rank, int64_t i0, int64_t i1, float* h);
 void weight_grad_chunks(const float* X, const float* hs, const int32_t* row_token,
                         const int32_t* expert_offsets, const int32_t* rank_offsets, int64_t E,
-                        int64_t max_rank, int64_t n, int64_t c_begin, int64_t c_end, float* G);
+                        int64_t max_rank, int64_t n, int64_t c_begin, int64_t c_end, float* G,
+                        int64_t ldg, int64_t g_col0);
 
 }  // namespace molora::cpu::avx512

@@ -487,21 +487,23 @@ inline void shrink_rows(const float* x, const float* packed, const int64_t* pack
   }
 }
 
-// G[ro_e + a0 + b, c0 : c0 + V::kCols) for b < rb (<= RB) of one expert, over the dispatched
-// rows [i0, i1) of one row block: 2 * RB accumulators (loaded from G, or zero on the expert's
+// G[ro_e + a0 + b, c0 : c0 + V::kCols) for b < rb (<= RB) of one expert (held at G + (a0 + b)
+// * ldg + gc: G's rows may be a window of its columns), over the dispatched rows [i0, i1) of one
+// row block: 2 * RB accumulators (loaded from G, or zero on the expert's
 // first block) while the rows stream past: two loads of an X row chunk, RB broadcasts of hs per
 // 2 * RB FMAs. Rows are added in dispatch order, whatever the blocking: deterministic.
 template <typename V, int RB, bool kTail>
 inline void weight_grad_tile(const float* X, const float* hs, const int32_t* row_token,
                              int64_t i0, int64_t i1, int64_t max_rank, int64_t n, int64_t c0,
-                             int64_t a0, int rb, bool first, const typename V::Mask& m, float* G) {
+                             int64_t a0, int rb, bool first, const typename V::Mask& m, float* G,
+                             int64_t ldg, int64_t gc) {
   typename V::reg v0[RB], v1[RB];
   for (int b = 0; b < RB; ++b) {
     if (first || b >= rb) {
       v0[b] = V::zero();
       v1[b] = V::zero();
     } else {
-      V::template load<kTail>(G + (a0 + b) * n + c0, m, v0[b], v1[b]);
+      V::template load<kTail>(G + (a0 + b) * ldg + gc, m, v0[b], v1[b]);
     }
   }
   // rb < RB only on an expert's last rank block: the idle lanes repeat the last bank row's
@@ -526,7 +528,7 @@ inline void weight_grad_tile(const float* X, const float* hs, const int32_t* row
   // in registers 0.92-1.43 / 0.39-0.45 ms (E=64 k=8 r=8 d=1024: 3.3-3.7 -> 1.5-2.3 ms). Min of
   // alternating runs, 2 threads, 2-core x86 CPU machine, 2026-12-04.
   for (int b = 0; b < RB; ++b)
-    if (b < rb) V::template store<kTail>(G + (a0 + b) * n + c0, m, v0[b], v1[b]);
+    if (b < rb) V::template store<kTail>(G + (a0 + b) * ldg + gc, m, v0[b], v1[b]);
 }
 
 // Ranks per weight-gradient tile: as many accumulator pairs as leave registers for the X chunk
@@ -546,17 +548,18 @@ constexpr int kWeightGradSmallRank<Zmm32> = 4;
 template <typename V, bool kTail>
 inline void weight_grad_chunk(const float* X, const float* hs, const int32_t* row_token,
                               int64_t i0, int64_t i1, int64_t max_rank, int64_t n, int64_t c0,
-                              int64_t r, bool first, const typename V::Mask& m, float* G) {
+                              int64_t r, bool first, const typename V::Mask& m, float* G,
+                              int64_t ldg, int64_t gc) {
   constexpr int kBig = kWeightGradRanks<V>;
   const int block = r <= kWeightGradSmallRank<V> ? 4 : kBig;
   for (int64_t a0 = 0; a0 < r; a0 += block) {
     const int rb = static_cast<int>(std::min<int64_t>(block, r - a0));
     if (block == 4)
       weight_grad_tile<V, 4, kTail>(X, hs, row_token, i0, i1, max_rank, n, c0, a0, rb, first, m,
-                                    G);
+                                    G, ldg, gc);
     else
       weight_grad_tile<V, kBig, kTail>(X, hs, row_token, i0, i1, max_rank, n, c0, a0, rb, first,
-                                       m, G);
+                                       m, G, ldg, gc);
   }
 }
 
@@ -571,12 +574,14 @@ constexpr int64_t kWeightGradRows = 64;
 // each dispatched row (-1 on padding). X rows are read in place: nothing is gathered or copied.
 // Row blocks are the outer loop, so each X row is read as one contiguous span (the thread's
 // columns) while it is in cache, not one 64-byte line per chunk pass over all rows. A chunk is
-// owned by one thread and rows are summed in dispatch order: deterministic.
+// owned by one thread and rows are summed in dispatch order: deterministic. G holds columns
+// [g_col0, g_col0 + ldg) of every bank row (ldg = n, g_col0 = 0: all of G [R, n]; a thread's
+// window of columns where the caller turns G round afterwards).
 template <typename V = Ymm16>
 inline void weight_grad_chunks(const float* X, const float* hs, const int32_t* row_token,
                                const int32_t* expert_offsets, const int32_t* rank_offsets,
                                int64_t E, int64_t max_rank, int64_t n, int64_t c_begin,
-                               int64_t c_end, float* G) {
+                               int64_t c_end, float* G, int64_t ldg, int64_t g_col0) {
   for (int64_t e = 0; e < E; ++e) {
     const int64_t r0 = rank_offsets[e], r = rank_offsets[e + 1] - r0;
     const int64_t i0 = expert_offsets[e], i1 = expert_offsets[e + 1];
@@ -589,10 +594,10 @@ inline void weight_grad_chunks(const float* X, const float* hs, const int32_t* r
         const typename V::Mask m(nb);
         if (nb == V::kCols)
           weight_grad_chunk<V, false>(X, hs, row_token, b0, b1, max_rank, n, c0, r, b0 == i0, m,
-                                      G + r0 * n);
+                                      G + r0 * ldg, ldg, c0 - g_col0);
         else
           weight_grad_chunk<V, true>(X, hs, row_token, b0, b1, max_rank, n, c0, r, b0 == i0, m,
-                                     G + r0 * n);
+                                     G + r0 * ldg, ldg, c0 - g_col0);
       }
     }
   }

@@ -39,7 +39,7 @@ def _check_sgmv_expand(h, B, rank_offsets, order, pos, expert_offsets, weights, 
 
 
 def _check_sgmv_weight_grad(x, h, rank_offsets, order, pos, expert_offsets, weights, scales,
-                            total_rank):
+                            total_rank, transposed=False):
     op = "sgmv_weight_grad"
     _checks.floating(op, "x", x)
     _checks.dim(op, "x", x, 2)
@@ -95,8 +95,8 @@ def _fake_sgmv_expand(h, B, rank_offsets, order, pos, expert_offsets, weights, s
 
 
 def _fake_sgmv_weight_grad(x, h, rank_offsets, order, pos, expert_offsets, weights, scales,
-                           total_rank):
-    return x.new_empty((total_rank, x.shape[1]))
+                           total_rank, transposed=False):
+    return x.new_empty((x.shape[1], total_rank) if transposed else (total_rank, x.shape[1]))
 
 
 def _fake_fused_moe_lora(x, A, B, rank_offsets, weights, ids, scales, base):
@@ -116,6 +116,8 @@ def _fake_stacked_gated_lora_backward(grad_y, x, A, B, gate, rank_offsets, scale
 # shrink and expand are each other's transpose over the same dispatch metadata:
 #   shrink  h = c * A_e x      ->  dx = expand(dh, A^T),  dA = weight_grad(x, dh)
 #   expand  y += c * B_e h     ->  dh = shrink(dy, B^T),  dB = weight_grad(dy, h)^T
+# (dB comes out of weight_grad with transposed=True: written in B's layout [d_out, R], where a
+# transposed view would be copied into that layout by autograd's gradient accumulation.)
 # and the routing-weight gradient is a per-row dot with the unweighted counterpart.
 
 
@@ -166,7 +168,7 @@ def expand_grads(grad_y, h, B, meta, weights, scales, need_h, need_B, need_w,
             grad_h = u * _row_weights(weights, order, u.dtype)[:, None]
         grad_h = grad_h.to(h.dtype)
     if need_B:
-        grad_B = native("sgmv_weight_grad")(grad_y, h, *meta, weights, scales, B.shape[1]).t()
+        grad_B = native("sgmv_weight_grad")(grad_y, h, *meta, weights, scales, B.shape[1], True)
     if need_w:
         grad_w = native("pair_dot")(h_acc, u, meta[2], False).to(weights.dtype)
     return grad_h, grad_B, grad_w
@@ -242,7 +244,8 @@ def _sgmv_expand_values(h, B, ro, order, pos, eo, weights, scales, base):
     _checks.dispatched_values("sgmv_expand", B.shape[1], ro, order, pos, eo, h.shape[1])
 
 
-def _sgmv_weight_grad_values(x, h, ro, order, pos, eo, weights, scales, total_rank):
+def _sgmv_weight_grad_values(x, h, ro, order, pos, eo, weights, scales, total_rank,
+                             transposed=False):
     _checks.dispatched_values("sgmv_weight_grad", total_rank, ro, order, pos, eo, h.shape[1])
 
 
@@ -268,7 +271,8 @@ define("sgmv_expand(Tensor h, Tensor B, Tensor rank_offsets, Tensor order, Tenso
        backward=_sgmv_expand_backward, setup_context=_save_grouped,
        autocast=("h", "B", "base"))
 define("sgmv_weight_grad(Tensor x, Tensor h, Tensor rank_offsets, Tensor order, Tensor pos, "
-       "Tensor expert_offsets, Tensor? weights, Tensor? scales, int total_rank) -> Tensor",
+       "Tensor expert_offsets, Tensor? weights, Tensor? scales, int total_rank, "
+       "bool transposed=False) -> Tensor",
        check=_check_sgmv_weight_grad, fake=_fake_sgmv_weight_grad,
        reference=reference.sgmv_weight_grad, values=_sgmv_weight_grad_values,
        triton="sgmv:sgmv_weight_grad", kind="backward", autocast=("x", "h"))
@@ -335,13 +339,21 @@ def sgmv_expand(h, B, rank_offsets, order, pos, expert_offsets, weights=None, sc
 
 
 def sgmv_weight_grad(x, h, rank_offsets, order, pos, expert_offsets, weights, scales,
-                     total_rank: int):
+                     total_rank: int, transposed: bool = False):
     """Grouped ``X^T Y``: ``G[ro_e + a] = sum_{rows i of e} c_i * h[i, a] * x[t_i]``, G [R, d].
 
     dA of ``sgmv_shrink`` (x = input, h = grad of h) and dB^T of ``sgmv_expand`` (x = grad of y).
+
+    Args:
+        x: [T, d] float. h: [P, max_rank], x's dtype. rank_offsets, order, pos, expert_offsets,
+        weights, scales: as in ``sgmv_shrink``. total_rank: R, rows of G.
+        transposed: return G^T [d, R] (contiguous: dB in the layout of the expand's bank B)
+            instead of G [R, d].
+    Returns:
+        G [R, d] (or G^T [d, R]) with x's dtype, fp32 accumulation. Not differentiable.
     """
-    return call("sgmv_weight_grad", x, h,
-                rank_offsets, order, pos, expert_offsets, weights, scales, total_rank)
+    return call("sgmv_weight_grad", x, h, rank_offsets, order, pos, expert_offsets, weights,
+                scales, total_rank, transposed)
 
 
 def stacked_gated_lora(x, A, B, gate, rank_offsets, scales=None, base=None, shared_a=False):

@@ -143,12 +143,13 @@ def sgmv_weight_grad(
     weights: Optional[torch.Tensor],
     scales: Optional[torch.Tensor],
     total_rank: int,
+    transposed: bool = False,
 ) -> torch.Tensor:
-    """x [T,d], h [P, max_rank] -> G [R, d] (dtype x).
+    """x [T,d], h [P, max_rank] -> G [R, d] (dtype x); with transposed, G^T [d, R] contiguous.
 
     G[ro_e + a] = sum_{i in e} c_i * h[i, a] * x[t_i]  (a < r_e; padding rows skipped).
     dA of sgmv_shrink = sgmv_weight_grad(x, grad_h, ...); dB of sgmv_expand =
-    sgmv_weight_grad(grad_y, h, ...).T.
+    sgmv_weight_grad(grad_y, h, ..., transposed=True).
     """
     op_name = "sgmv_weight_grad"
     _checks.dispatched_values(op_name, total_rank, rank_offsets, order, pos, expert_offsets, h.shape[1])
@@ -170,7 +171,8 @@ def sgmv_weight_grad(
         if scales is not None:
             c = c * scales[e].to(op)
         G[r0:r1] = (c[:, None] * hf[i, : r1 - r0]).T @ xf[t]
-    return G.to(x.dtype)
+    G = G.to(x.dtype)
+    return G.t().contiguous() if transposed else G
 
 
 def stacked_gated_lora(

@@ -8,8 +8,8 @@ Launchers (positional arguments as in the op schemas; outputs allocated here):
   -> ``y [T, d_out]``
 * ``fused_moe_lora(x, A, B, rank_offsets, weights, ids, scales, base)`` -> ``y [T, d_out]``
   (the dense form in one launch, bank total rank <= 128: ``h`` never leaves the chip)
-* ``sgmv_weight_grad(x, h, rank_offsets, order, pos, expert_offsets, weights, scales, total_rank)``
-  -> ``G [R, d]``
+* ``sgmv_weight_grad(x, h, rank_offsets, order, pos, expert_offsets, weights, scales, total_rank,
+  transposed)`` -> ``G [R, d]``, or ``G^T [d, R]`` with transposed
 * ``pair_dot(a, b, pos, a_by_token)`` -> ``out [T, k]`` (fp32)
 
 Schedule (shrink, weight grad, and expand with k == 1): the dispatched rows ``[0, expert_offsets[E])`` are cut into tiles
@@ -687,17 +687,20 @@ def fused_moe_lora(x, A, B, rank_offsets, weights, ids, scales, base, *,
 
 
 def sgmv_weight_grad(x, h, rank_offsets, order, pos, expert_offsets, weights, scales,
-                     total_rank):
-    """G [R, d] (dtype x): G[ro_e + a] = sum_{i in e} c_i h[i, a] x[t_i] (grouped X^T Y)."""
+                     total_rank, transposed=False):
+    """G [R, d] (dtype x): G[ro_e + a] = sum_{i in e} c_i h[i, a] x[t_i] (grouped X^T Y); with
+    transposed, G^T [d, R] (contiguous), the same kernel storing through swapped strides."""
     reject_float64(x, h)
     d, max_rank = x.shape[1], h.shape[1]
     E = expert_offsets.numel() - 1
     # every row ro_e + a (a < r_e) is written by exactly one program: no zero fill needed
-    G = torch.empty(total_rank, d, dtype=x.dtype, device=x.device)
+    out = torch.empty((d, total_rank) if transposed else (total_rank, d), dtype=x.dtype,
+                      device=x.device)
+    G = out.t() if transposed else out  # NOTE: untuned: G^T's stores are contiguous along ranks
     if total_rank == 0 or d == 0:
-        return G
+        return out
     if order.numel() == 0 or max_rank == 0:
-        return G.zero_()
+        return out.zero_()
     blk = _weight_grad_blocks(order.numel(), E, d, max_rank, x.dtype)
     order, pos, eo, ro = map(index32, (order, pos, expert_offsets, rank_offsets))
     w, s, has_w, has_s = _coef(weights, scales, eo)
@@ -708,7 +711,7 @@ def sgmv_weight_grad(x, h, rank_offsets, order, pos, expert_offsets, weights, sc
         HAS_W=has_w, HAS_S=has_s, SPLIT_LO=(has_w or has_s) and x.dtype != torch.float32,
         DOT_PREC=_dot_precision(x.dtype), BLOCK_M=blk.M, BLOCK_R=blk.R, BLOCK_D=blk.N,
         num_warps=WEIGHT_GRAD_WARPS)
-    return G
+    return out
 
 
 def pair_dot(a, b, pos, a_by_token):

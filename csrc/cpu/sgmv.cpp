@@ -408,9 +408,10 @@ at::Tensor sgmv_weight_grad_cpu(const at::Tensor& x_in, const at::Tensor& h_in,
         return;
       }
       // G^T: the thread's columns of G in a window (while it is in cache), then turned round into
-      // their rows of G^T. NOTE: autograd's accumulation copied the transposed view of G into B's
-      // layout instead: 0.18 ms of a 7.3 ms training step (.backward() against autograd.grad,
-      // T=1024 E=8 k=2 r=16, d_out=1376, 2 threads, 2-core Xeon with AVX-512, 2026-12-05).
+      // their rows of G^T. NOTE: T=1024 E=8 k=2 r=16, d_out=1376: G 0.60-0.65 ms, G^T this way
+      // 0.64-0.68, G then copied into B's layout 0.77-0.82 (what autograd's accumulation did with
+      // the transposed view: .backward() took 0.18 ms more per 7.3 ms training step than
+      // autograd.grad). Medians, interleaved, 2 threads, 2-core Xeon with AVX-512, 2026-12-05.
       const int64_t col0 = c0 * width, cols = std::min(d, c1 * width) - col0;
       // (not zero-filled: the kernel writes every rank of every column, experts without rows too)
       const std::unique_ptr<float[]> window(new float[total_rank * cols]);

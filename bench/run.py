@@ -79,16 +79,57 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def busy_cores(before: str, after: str, cores: int) -> Optional[float]:
+    """Cores' worth of CPU time spent between two readings of /proc/stat's first line ("cpu  user
+    nice system idle iowait irq softirq steal ..."): everything but idle and iowait, the
+    hypervisor's steal included. None where the readings cannot be read or no time passed."""
+    try:
+        a, b = ([int(v) for v in line.split()[1:9]] for line in (before, after))
+    except ValueError:
+        return None
+    if len(a) < 5 or len(a) != len(b):
+        return None
+    total = sum(b) - sum(a)
+    idle = (b[3] + b[4]) - (a[3] + a[4])
+    return None if total <= 0 else cores * (total - idle) / total
+
+
+def _busy_now(cores: int, seconds: float = 0.5) -> Optional[float]:
+    """busy_cores over the next `seconds` (this process sleeps meanwhile, so it is other work);
+    None without /proc/stat."""
+    def first_line():
+        with open("/proc/stat") as f:
+            return f.readline()
+    try:
+        before = first_line()
+        time.sleep(seconds)
+        return busy_cores(before, first_line(), cores)
+    except OSError:
+        return None
+
+
 def _default_threads(quick: bool, device: torch.device) -> Optional[int]:
     """None (torch's default) unless --quick or the machine is busy: with other processes on the
-    cores, OpenMP's threads wait on each other and CPU times swing 10-100x. 1 thread then."""
+    cores, OpenMP's threads wait on each other and CPU times swing 10-100x. 1 thread then. Busy:
+    other work used more than half the cores over half a second (/proc/stat), or, without it, the
+    load average is above half the cores. NOTE: the load average is a minute's decaying mean: right
+    after `scripts/setup.sh`'s build had finished (the README's first command) it read 1.8 on 2
+    cores and the run went to 1 thread; a moment after a 60 s load of both cores stopped it read
+    1.5 where /proc/stat showed 0.0 cores in use (2-core Xeon, 2026-12-05)."""
     if quick:
         return 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     cores = os.cpu_count() or 1
-    if device.type == "cpu" and cores > 1 and load > 0.5 * cores:
-        print(f"note: the machine is busy (load average {load:.1f} on {cores} cores): timing "
-              "with 1 thread (pass --threads N to override); CPU timings will be noisy")
+    if device.type != "cpu" or cores == 1:
+        return None
+    busy = _busy_now(cores)
+    if busy is not None:
+        what = f"{busy:.1f} of {cores} cores in use by other work over 0.5 s"
+    else:
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        what = f"load average {busy:.1f} on {cores} cores"
+    if busy > 0.5 * cores:
+        print(f"note: the machine is busy ({what}): timing with 1 thread (pass --threads N to "
+              "override); CPU timings will be noisy")
         return 1
     return None
 

@@ -272,6 +272,30 @@ def test_presets():
     assert {c.r for c in full} >= {8, 16, 64} and {c.routing for c in full} == {"uniform", "zipf"}
 
 
+def test_busy_cores_from_proc_stat(monkeypatch, capsys):
+    """The suite's "busy machine" test counts what other work used of the cores between two
+    /proc/stat readings (steal counted, idle and iowait not), not the load average, which stays
+    high for a minute after the README command's own build has finished."""
+    from bench import run
+
+    before = "cpu  100 0 50 1000 10 0 0 0 0 0"
+    # 200 jiffies in all: 150 busy (user 90, system 40, steal 20), 50 idle + iowait
+    after = "cpu  190 0 90 1040 20 0 0 20 0 0"
+    assert run.busy_cores(before, after, 2) == pytest.approx(2 * 150 / 200)
+    assert run.busy_cores(before, before, 2) is None  # no time passed
+    assert run.busy_cores("cpu  x", after, 2) is None
+    monkeypatch.setattr(run, "_busy_now", lambda cores: 1.6)
+    monkeypatch.setattr(run.os, "cpu_count", lambda: 2)
+    assert run._default_threads(False, torch.device("cpu")) == 1
+    assert "1.6 of 2 cores in use by other work" in capsys.readouterr().out
+    monkeypatch.setattr(run, "_busy_now", lambda cores: 0.2)
+    monkeypatch.setattr(run.os, "getloadavg", lambda: (1.9, 1.9, 1.9))  # a build just finished
+    assert run._default_threads(False, torch.device("cpu")) is None
+    monkeypatch.setattr(run, "_busy_now", lambda cores: None)  # no /proc/stat: the load average
+    assert run._default_threads(False, torch.device("cpu")) == 1
+    assert run._default_threads(True, torch.device("cpu")) == 1  # --quick
+
+
 def test_method_layers_optional():
     """The method-layer section never breaks the suite: specs for what molora_ops.modules has,
     a note for each method it lacks."""

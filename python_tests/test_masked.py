@@ -103,6 +103,12 @@ SPARSE_CASES = [
     ("R1", 5, 1, 1, 8, "topk"),
     ("all-dropped", 4, 8, 3, 8, "alldrop"),
     ("repeated-ids", 7, 9, 4, 8, "dups"),
+    # d = 75: the fp32 AVX2 kernels' 32- and 8-column vector steps and their scalar tails; 20 kept
+    # ranks: the expand's rows in two passes (16 + 4) and the shrink's dots in three groups of <= 8;
+    # 32 pairs per rank: the weight gradient's rows in two passes
+    ("wide-k20", 9, 40, 20, 75, "topk"),
+    ("wide-k20-drop", 13, 40, 20, 75, "drop"),
+    ("wide-32-per-rank", 40, 5, 4, 75, "topk"),
 ]
 
 

@@ -6,6 +6,7 @@
 #include "../kernels/masked_cpu.h"
 #include "../ops.h"
 #include "cpu_utils.h"
+#include "sgmv_isa.h"
 
 namespace molora {
 namespace {
@@ -55,12 +56,17 @@ at::Tensor rank_sparse_shrink_cpu(const at::Tensor& x_in, const at::Tensor& A_in
   check_bank(op, "A", A_in, "x", x_in);
   check_size(op, "A", A_in, 1, x_in.size(1));
   const at::Tensor ids = checked_rank_ids_i32(op, ids_in, x_in.size(0), A_in.size(0), x_in);
-  const at::Tensor x = x_in.contiguous(), A = A_in.contiguous();
+  // (The expand's backward passes B^T, a transposed view: turned round cache-blocked, where
+  // A_in.contiguous() would make a strided copy.)
+  const at::Tensor x = x_in.contiguous(), A = cpu::transposed(A_in.t());
   const int64_t T = x.size(0), d = x.size(1), k = ids.size(1);
   at::Tensor h = at::empty({T, k}, x.options());
   MOLORA_DISPATCH_FLOATING(x.scalar_type(), "molora_rank_sparse_shrink", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     at::parallel_for(0, T, cpu::grain_for(d * k), [&](int64_t t0, int64_t t1) {
+      MOLORA_AVX2_OR_FALL_THROUGH(cpu::avx2::rank_sparse_shrink_range(
+          x.data_ptr<float>(), A.data_ptr<float>(), ids.data_ptr<int32_t>(), k, d, t0, t1,
+          h.data_ptr<float>()))
       kernels::rank_sparse_shrink_range<scalar_t, acc_t>(x.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
                                                          ids.data_ptr<int32_t>(), k, d, t0, t1,
                                                          h.data_ptr<scalar_t>());
@@ -91,6 +97,10 @@ at::Tensor rank_sparse_expand_cpu(const at::Tensor& values_in, const at::Tensor&
     using acc_t = at::opmath_type<scalar_t>;
     at::parallel_for(0, T, cpu::grain_for(n * k), [&](int64_t t0, int64_t t1) {
       std::vector<acc_t> acc(n);
+      MOLORA_AVX2_OR_FALL_THROUGH(cpu::avx2::rank_sparse_expand_range(
+          values.data_ptr<float>(), ids.data_ptr<int32_t>(), Bt.data_ptr<float>(),
+          cpu::ptr_or_null<float>(w), static_cast<float>(scale), cpu::ptr_or_null<float>(base_c),
+          k, n, t0, t1, reinterpret_cast<float*>(acc.data()), y.data_ptr<float>()))
       kernels::rank_sparse_expand_range(values.data_ptr<scalar_t>(), ids.data_ptr<int32_t>(),
                                         Bt.data_ptr<scalar_t>(), cpu::ptr_or_null<acc_t>(w),
                                         static_cast<acc_t>(scale), cpu::ptr_or_null<scalar_t>(base_c),
@@ -164,6 +174,10 @@ at::Tensor rank_sparse_weight_grad_cpu(const at::Tensor& x_in, const at::Tensor&
     using acc_t = at::opmath_type<scalar_t>;
     at::parallel_for(0, num_ranks, 1, [&](int64_t g0, int64_t g1) {
       std::vector<acc_t> acc(d);
+      MOLORA_AVX2_OR_FALL_THROUGH(cpu::avx2::rank_sparse_weight_grad_range(
+          x.data_ptr<float>(), coef.data_ptr<float>(), order.data_ptr<int32_t>(),
+          offsets.data_ptr<int32_t>(), k, d, g0, g1, reinterpret_cast<float*>(acc.data()),
+          G.data_ptr<float>()))
       kernels::rank_sparse_weight_grad_range(x.data_ptr<scalar_t>(), coef.data_ptr<acc_t>(),
                                              order.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(),
                                              k, d, g0, g1, acc.data(), G.data_ptr<scalar_t>());

@@ -32,17 +32,6 @@ bool available() {
 #endif
 }
 }  // namespace molora::cpu::avx512
-// fp32 on a CPU with AVX2 + FMA runs the AVX2 copy of a kernel (`call`, float pointers) and
-// returns from the enclosing lambda; every other case falls through to the baseline copy.
-#define MOLORA_AVX2_OR_FALL_THROUGH(call)                 \
-  if constexpr (std::is_same_v<scalar_t, float>) {        \
-    if (cpu::avx2::available()) {                         \
-      call;                                               \
-      return;                                             \
-    }                                                     \
-  }
-#else
-#define MOLORA_AVX2_OR_FALL_THROUGH(call)
 #endif
 
 namespace molora {

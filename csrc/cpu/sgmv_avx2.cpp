@@ -1,9 +1,11 @@
-// The fp32 grouped kernels compiled for AVX2 + FMA (this file only: -mavx2 -mfma
-// -DMOLORA_ISA=isa_avx2, see CMakeLists.txt). No torch header is included here, so no torch inline
-// function is ever instantiated with AVX2 code; the kernels' own symbols live in
-// molora::kernels::isa_avx2 (csrc/kernels/isa.h).
+// The fp32 grouped kernels, and the rank-wise masked ones (SMoRA, FlyLoRA: masked_cpu.h),
+// compiled for AVX2 + FMA (this file only: -mavx2 -mfma -DMOLORA_ISA=isa_avx2, see
+// CMakeLists.txt). No torch header is included here, so no torch inline function is ever
+// instantiated with AVX2 code; the kernels' own symbols live in molora::kernels::isa_avx2
+// (csrc/kernels/isa.h).
 #include "sgmv_isa.h"
 
+#include "../kernels/masked_cpu.h"
 #include "../kernels/sgmv_avx2_cpu.h"
 #include "../kernels/transpose_cpu.h"
 
@@ -39,6 +41,25 @@ void sgmv_expand_cols(const int32_t* row_token, const float* hs, const float* Bt
                       const kernels::GroupedMeta& m, int64_t n, int64_t max_rank, int64_t n0,
                       int64_t nb, float* acc) {
   kernels::sgmv_expand_cols<float, float>(row_token, hs, Bt, m, n, max_rank, n0, nb, acc);
+}
+
+void rank_sparse_shrink_range(const float* x, const float* A, const int32_t* ids, int64_t k,
+                              int64_t d, int64_t t0, int64_t t1, float* h) {
+  kernels::rank_sparse_shrink_range<float, float>(x, A, ids, k, d, t0, t1, h);
+}
+
+void rank_sparse_expand_range(const float* values, const int32_t* ids, const float* Bt,
+                              const float* w, float scale, const float* base, int64_t k, int64_t n,
+                              int64_t t0, int64_t t1, float* acc, float* y) {
+  kernels::rank_sparse_expand_range<float, float>(values, ids, Bt, w, scale, base, k, n, t0, t1,
+                                                  acc, y);
+}
+
+void rank_sparse_weight_grad_range(const float* x, const float* coef, const int32_t* order,
+                                   const int32_t* offsets, int64_t k, int64_t d, int64_t g0,
+                                   int64_t g1, float* acc, float* G) {
+  kernels::rank_sparse_weight_grad_range<float, float>(x, coef, order, offsets, k, d, g0, g1, acc,
+                                                       G);
 }
 
 void transpose_rows(const float* in, int64_t s0, int64_t s1, int64_t rows, int64_t cols,

@@ -1,10 +1,12 @@
-// The grouped CPU kernels built a second time for AVX2 + FMA (csrc/cpu/sgmv_avx2.cpp), fp32 only,
-// and the runtime check that picks them. The extension's baseline build targets plain x86-64
-// (SSE2: 4 lanes, no FMA), where the rank-16 expand runs at a fifth of what the same loops reach
-// with 8-lane FMAs; ATen's BLAS dispatches on the CPU the same way.
+// The grouped CPU kernels (and the rank-wise masked ones, csrc/kernels/masked_cpu.h) built a
+// second time for AVX2 + FMA (csrc/cpu/sgmv_avx2.cpp), fp32 only, and the runtime check that picks
+// them. The extension's baseline build targets plain x86-64 (SSE2: 4 lanes, no FMA), where the
+// rank-16 expand runs at a fifth of what the same loops reach with 8-lane FMAs; ATen's BLAS
+// dispatches on the CPU the same way.
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../kernels/sgmv_cpu.h"
 
@@ -37,6 +39,16 @@ void weight_grad_chunks(const float* X, const float* hs, const int32_t* row_toke
                         const int32_t* expert_offsets, const int32_t* rank_offsets, int64_t E,
                         int64_t max_rank, int64_t n, int64_t c_begin, int64_t c_end, float* G,
                         int64_t ldg, int64_t g_col0);
+// The rank-wise masked kernels (csrc/kernels/masked_cpu.h) built for AVX2 + FMA: their `omp
+// simd` loops in 8-lane FMAs instead of baseline x86-64's 4-lane multiply-adds.
+void rank_sparse_shrink_range(const float* x, const float* A, const int32_t* ids, int64_t k,
+                              int64_t d, int64_t t0, int64_t t1, float* h);
+void rank_sparse_expand_range(const float* values, const int32_t* ids, const float* Bt,
+                              const float* w, float scale, const float* base, int64_t k, int64_t n,
+                              int64_t t0, int64_t t1, float* acc, float* y);
+void rank_sparse_weight_grad_range(const float* x, const float* coef, const int32_t* order,
+                                   const int32_t* offsets, int64_t k, int64_t d, int64_t g0,
+                                   int64_t g1, float* acc, float* G);
 // kernels::transpose_rows built for AVX2 (8 x 8 pieces in ymm registers): fp32 only.
 void transpose_rows(const float* in, int64_t s0, int64_t s1, int64_t rows, int64_t cols,
                     int64_t i0, int64_t i1, float* out);
@@ -70,3 +82,18 @@ void weight_grad_chunks(const float* X, const float* hs, const int32_t* row_toke
                         int64_t ldg, int64_t g_col0);
 
 }  // namespace molora::cpu::avx512
+
+// fp32 on a CPU with AVX2 + FMA runs the AVX2 copy of a kernel (`call`, float pointers) and
+// returns from the enclosing lambda; every other case falls through to the baseline copy.
+// (For the launchers, csrc/cpu/*.cpp, built with MOLORA_HAVE_AVX2_KERNELS.)
+#ifdef MOLORA_HAVE_AVX2_KERNELS
+#define MOLORA_AVX2_OR_FALL_THROUGH(call)          \
+  if constexpr (std::is_same_v<scalar_t, float>) { \
+    if (cpu::avx2::available()) {                  \
+      call;                                        \
+      return;                                      \
+    }                                              \
+  }
+#else
+#define MOLORA_AVX2_OR_FALL_THROUGH(call)
+#endif

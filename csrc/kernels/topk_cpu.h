@@ -7,7 +7,10 @@
 #include <cstdint>
 #include <numeric>
 
+#include "isa.h"
+
 namespace molora::kernels {
+inline namespace MOLORA_ISA {
 
 // The selection order "a ranks above b": a strict weak order with NaN the largest key. A plain
 // `a > b` is false for every comparison with a NaN, which would let a NaN block all later keys of
@@ -43,4 +46,5 @@ inline void stable_topk_desc(const key_t* key, int64_t n, int64_t k, int32_t* id
   std::copy(scratch, scratch + k, ids);
 }
 
+}  // namespace MOLORA_ISA
 }  // namespace molora::kernels

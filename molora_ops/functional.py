@@ -173,7 +173,11 @@ def moe_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     # panels), the candidate for an epilogue that adds the expand while y is in registers (no
     # separate y pass: a third of the expand's time), ran x [1024, 512] W^T [512, 1376] in
     # 9.0-10.0 ms at 1 thread (MKL 9.0-9.4) but 4.7-5.6 ms at 2 (MKL 4.1-4.8): the epilogue
-    # would buy back less than that (2-core Xeon with AVX-512, 2026-12-04).
+    # would buy back less than that (2-core Xeon with AVX-512, 2026-12-04). A second one (8 x 48
+    # zmm tiles, b prefetched into L1, columns split between threads in whole zmm; the expand as
+    # extra reduction steps of the same tile over a panel's experts, tokens sorted by experts)
+    # ran the GEMM alone in 4.9-5.3 ms against MKL's 4.5-4.9 and the fused op in 5.7-5.9 ms
+    # against 5.4-5.5 for the expand, then addmm (2 threads, 2026-12-05): not kept.
     # (Under autocast the op's output takes the autocast dtype, which F.linear's output matches.)
     cpu_fp = x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
     fold = weight is not None and not x_per_slot and cpu_fp

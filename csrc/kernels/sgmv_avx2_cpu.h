@@ -327,11 +327,9 @@ inline void pack_shrink_bank(const float* bank, int64_t sa, int64_t sc, int64_t 
     const float* src = bank + (r0 + a0) * sa;
     const int64_t steps = shrink_panel_steps(w, d);
     int64_t c = 0;
-    if (w == 16 && sc == 1) {
-      for (; c + 8 <= d; c += 8) {
-        transpose8x8(src + c, sa, o + c * 16, 16);
-        transpose8x8(src + 8 * sa + c, sa, o + c * 16 + 8, 16);
-      }
+    if (w == 16 && sc == 1) {  // the panel is the chunk's 16 rows turned round
+      transpose_rows(src, sa, 1, 16, d, 0, 16, o);
+      c = d;
     } else if (w == 16 && sa == 1) {
       for (; c < d; ++c) {
         _mm256_storeu_ps(o + c * 16, _mm256_loadu_ps(src + c * sc));

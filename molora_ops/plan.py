@@ -47,12 +47,14 @@ FUSED_MAX_TOTAL_RANK = 128
 
 @dataclass(frozen=True)
 class Launch:
-    """One kernel launch: what it reads and writes (bytes) and its FLOPs (2 per multiply-add)."""
+    """One kernel launch: what it reads and writes (bytes) and its FLOPs (2 per multiply-add).
+    ``ops``: the calls it takes (a torch composite runs one per op), each at the launch cost."""
 
     name: str
     read: int
     write: int
     flops: int
+    ops: int = 1
 
     @property
     def bytes(self) -> int:
@@ -121,8 +123,13 @@ def _grouped_bwd(s: Layer) -> List[Launch]:
     ]
 
 
-def _gate(s: Layer) -> Launch:
-    return Launch("pair_gate", s.P * (IDX + F32), s.T * s.E * F32, s.P)
+def _gate(s: Layer, backward: bool = False) -> Launch:
+    # The routing as a dense gate is a torch composite (reference.pair_gate): forward, the ids'
+    # range check (2 ops) and 6 ops that build the gate; backward, autograd's gather and where.
+    # NOTE: as one launch the model picked the dense form for a T=16 forward on the CPU, where the
+    # grouped one ran 345 against 391 us (the check and the gate: 12 + 29 us; llama up shape, E=8,
+    # k=2, r=16, 2-core Xeon, 2026-12-05).
+    return Launch("pair_gate", s.P * (IDX + F32), s.T * s.E * F32, s.P, ops=2 if backward else 8)
 
 
 def _dense_fwd(s: Layer) -> List[Launch]:
@@ -144,7 +151,7 @@ def _dense_bwd(s: Layer) -> List[Launch]:
     T, b = s.T, s.elem
     x, gy, h = T * s.d_in * b, T * s.d_out * b, T * s.R * F32
     return [
-        _gate(s),
+        _gate(s, backward=True),
         Launch("u = x A^T", x + A, h, 2 * T * s.R * s.d_in),
         Launch("z = gy B", gy + B, h, 2 * T * s.R * s.d_out),
         Launch("gate backward: dh, h_g, dgate", 2 * h + T * s.E * F32, 2 * h + T * s.E * F32,
@@ -297,9 +304,9 @@ def measure_ceilings(device, n_copy: int = 1 << 23, n_mm: int = 512) -> Ceilings
 
 
 def modeled_time(plan: Sequence[Launch], c: Ceilings, dtype: torch.dtype) -> float:
-    """Seconds: each launch at its roofline, plus its launch cost."""
+    """Seconds: each launch at its roofline, plus its launch cost per call."""
     peak = c.peak(dtype)
-    return sum(max(l.bytes / c.bandwidth, l.flops / peak) + c.launch for l in plan)
+    return sum(max(l.bytes / c.bandwidth, l.flops / peak) + c.launch * l.ops for l in plan)
 
 
 def choose(s: Layer, device, dtype: torch.dtype, backward: bool,

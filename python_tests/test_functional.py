@@ -354,6 +354,19 @@ def test_plan_prefers_grouped_where_dense_flops_dominate():
                        c=slow) == "grouped"
 
 
+def test_plan_counts_every_op_of_a_composite():
+    """A launch's ``ops`` each pay the launch cost, and the dense form's gate (a torch composite:
+    range check + 6 ops) is modeled as what it runs: at the 2-core CPU's ceilings a T=16 forward
+    picks grouped, which ran 345 us against dense's 391 (as one launch the gate tipped it)."""
+    c = plan.Ceilings("2-core CPU", 5.6e10, {torch.float32: 3.75e11}, 5e-6)
+    one, three = plan.Launch("a", 8, 8, 0), plan.Launch("a", 8, 8, 0, ops=3)
+    extra = plan.modeled_time([three], c, torch.float32) - plan.modeled_time([one], c, torch.float32)
+    assert extra == pytest.approx(2 * c.launch)
+    assert plan.launches("dense", H200_SHAPE)[0].ops > 1
+    t16 = plan.Layer(T=16, d_in=512, d_out=1376, E=8, k=2, R=128, max_rank=16, elem=4)
+    assert plan.choose(t16, "cpu", torch.float32, False, ("grouped", "dense"), c=c) == "grouped"
+
+
 def test_plan_choice_is_remembered_until_set_ceilings(monkeypatch):
     """plan.choose at the device's own ceilings models the formulations once per shape and
     remembers the choice; set_ceilings forgets it, so new ceilings take effect at once."""

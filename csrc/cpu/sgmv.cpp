@@ -160,10 +160,11 @@ void expand_token_tiles(const at::Tensor& h, const at::Tensor& Bt, const Grouped
                                   slot_expert.data_ptr<int32_t>(), hs.data_ptr<float>());
   });
   const int64_t tile = expand_tile_tokens(T, E, k), n_tiles = (T + tile - 1) / tile;
-  // Columns per panel: the tile's outputs of a panel (256 KiB) stay in L2, in whole chunks of
-  // the AVX-512 copy's 32 columns (two of the AVX2 copy's 16). NOTE: 128 KiB panels against
-  // 256 KiB, 2 threads, 2-core Xeon (2 MiB L2 a core), 2026-12-05: T=1024 n=1376 E=8 k=2 r=16
-  // 0.65 -> 0.57 ms; E=64 k=8 r=8 n=1024 1.15 -> 1.10; n=512 on par; 512 KiB no better.
+  // Columns per panel: the tile's rows of y in a panel (256 KiB) stay in L2 while the experts
+  // pass over them, in whole chunks of the AVX-512 copy's 32 columns (two of the AVX2 copy's
+  // 16). NOTE: 128, 256 and 512 KiB panels and whole rows within 5% of each other at T=1024
+  // n=1376 E=8 k=2 r=16, n=512 and E=64 k=8 r=8 n=1024 (2 threads, 2-core Xeon with 2 MiB of L2
+  // a core, 2026-12-05); with the accumulators in a separate buffer, 256 KiB had beaten 128.
   constexpr int64_t kCols = 32, kPanelFloats = 65536;
   const int64_t panel = std::max<int64_t>(kCols, (kPanelFloats / tile) / kCols * kCols);
   const float* base_p = cpu::ptr_or_null<float>(base);
@@ -171,12 +172,11 @@ void expand_token_tiles(const at::Tensor& h, const at::Tensor& Bt, const Grouped
                                                 : cpu::avx2::expand_token_tile;
   at::parallel_for(0, n_tiles, 1, [&](int64_t i0, int64_t i1) {
     std::vector<int32_t> slots(2 * tile * k), bucket(E + 1);
-    std::vector<float> acc(tile * std::min(panel, (n + kCols - 1) / kCols * kCols));
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t t0 = i * tile, t1 = std::min(T, t0 + tile);
       tile_fn(hs.data_ptr<float>(), slot_expert.data_ptr<int32_t>(),
               g.rank_offsets.data_ptr<int32_t>(), E, k, max_rank, Bt.data_ptr<float>(), n, panel,
-              base_p, t0, t1, slots.data(), bucket.data(), acc.data(), y.data_ptr<float>());
+              base_p, t0, t1, slots.data(), bucket.data(), y.data_ptr<float>());
     }
   });
 }

@@ -76,14 +76,19 @@ struct Ymm16 {
   static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
   static reg loadu(const float* p) { return _mm256_loadu_ps(p); }
   static void storeu(float* p, reg v) { _mm256_storeu_ps(p, v); }
-  // p[0, lanes) + v, or v alone where keep == 0 (a row's first touch: acc's old value dropped)
-  static reg keep_add(const float* p, int32_t keep, reg v) {
-    return _mm256_add_ps(_mm256_and_ps(_mm256_loadu_ps(p), _mm256_castsi256_ps(_mm256_set1_epi32(keep))), v);
-  }
   template <bool kTail>
   static void load(const float* p, const Mask& m, reg& a, reg& b) { load16<kTail>(p, m, a, b); }
   template <bool kTail>
   static void store(float* p, const Mask& m, reg a, reg b) { store16<kTail>(p, m, a, b); }
+  // p[0, kCols) = p + (a, b), or (a, b) alone where keep == 0 (a row's first touch: whatever p
+  // held is dropped, by an AND rather than a branch); lanes past the mask stay untouched.
+  template <bool kTail>
+  static void keep_add_store(float* p, const Mask& m, int32_t keep, reg a, reg b) {
+    reg o0, o1;
+    load<kTail>(p, m, o0, o1);
+    const reg k = _mm256_castsi256_ps(_mm256_set1_epi32(keep));
+    store<kTail>(p, m, _mm256_add_ps(_mm256_and_ps(o0, k), a), _mm256_add_ps(_mm256_and_ps(o1, k), b));
+  }
 };
 
 // NOTE: the expand alone, T=1024, n=1376, E=8, k=2, r=16, 2 threads, 2-core Xeon with AVX-512,
@@ -103,9 +108,6 @@ struct Zmm32 {
   static reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   static reg loadu(const float* p) { return _mm512_loadu_ps(p); }
   static void storeu(float* p, reg v) { _mm512_storeu_ps(p, v); }
-  static reg keep_add(const float* p, int32_t keep, reg v) {
-    return keep != 0 ? _mm512_add_ps(_mm512_loadu_ps(p), v) : v;
-  }
   template <bool kTail>
   static void load(const float* p, const Mask& m, reg& a, reg& b) {
     if constexpr (kTail) {
@@ -126,11 +128,21 @@ struct Zmm32 {
       _mm512_storeu_ps(p + 16, b);
     }
   }
+  template <bool kTail>
+  static void keep_add_store(float* p, const Mask& m, int32_t keep, reg a, reg b) {
+    if (keep != 0) {
+      reg o0, o1;
+      load<kTail>(p, m, o0, o1);
+      a = _mm512_add_ps(o0, a);
+      b = _mm512_add_ps(o1, b);
+    }
+    store<kTail>(p, m, a, b);
+  }
 };
 #endif
 
-// acc[row_of(i)] += sum_{a < r} coef[i, a] * bank[a * ld, :V::kCols] for the RB rows i of one
-// tile (row pointers in coef / dst), bank columns read a chunk at a time (masked on the last).
+// dst[i] += sum_{a < r} coef[i, a] * bank[a * ld, :V::kCols] for the RB rows i of one tile (row
+// pointers in coef / dst), one chunk of columns (masked on the last).
 template <typename V, int RB, bool kTail>
 inline void tile_accumulate(const float* const* coef, float* const* dst, const int32_t* keep,
                             const float* bank, int64_t ld, int64_t r, const typename V::Mask& m) {
@@ -149,28 +161,24 @@ inline void tile_accumulate(const float* const* coef, float* const* dst, const i
     }
   }
   // Row by row: two rows of one token (a repeated expert id) both land. keep[b] = 0 on a row's
-  // first touch in the panel: whatever acc held there is dropped, so acc needs no zero fill.
-  for (int b = 0; b < RB; ++b) {
-    float* d = dst[b];
-    V::storeu(d, V::keep_add(d, keep[b], v0[b]));
-    V::storeu(d + V::kLanes, V::keep_add(d + V::kLanes, keep[b], v1[b]));
-  }
+  // first touch: whatever dst held there is dropped, so it needs no zero fill.
+  for (int b = 0; b < RB; ++b) V::template keep_add_store<kTail>(dst[b], m, keep[b], v0[b], v1[b]);
 }
 
 // The slots [s0, s1) of one expert through tile_accumulate, kTileRows at a time. slots[2 s] is
-// the slot p (its hs row), slots[2 s + 1] its token's row in the tile (acc + row * 16), stored
-// as ~row where it is the row's first touch (its old acc value is dropped, not added).
+// the slot p (its hs row), slots[2 s + 1] its token's row in the tile (out + row * ldo), stored
+// as ~row where it is the row's first touch (its old value is dropped, not added).
 template <typename V, bool kTail>
 inline void expert_rows_accumulate(const int32_t* slots, int64_t s0, int64_t s1, const float* hs,
                                    int64_t max_rank, const float* bank, int64_t ld, int64_t r,
-                                   const typename V::Mask& m, float* acc) {
+                                   const typename V::Mask& m, float* out, int64_t ldo) {
   const float* coef[kTileRows];
   float* dst[kTileRows];
   int32_t keep[kTileRows];
   const auto place = [&](int b, int64_t s) {
     const int32_t row = slots[2 * s + 1];
     coef[b] = hs + int64_t{slots[2 * s]} * max_rank;
-    dst[b] = acc + int64_t{row < 0 ? ~row : row} * V::kCols;
+    dst[b] = out + int64_t{row < 0 ? ~row : row} * ldo;
     keep[b] = row < 0 ? 0 : -1;
   };
   int64_t s = s0;
@@ -196,19 +204,19 @@ inline void expert_rows_accumulate(const int32_t* slots, int64_t s0, int64_t s1,
 // hs [T * k, max_rank] holds the coefficient-scaled h row of every slot (expand_slots_prepare),
 // Bt is the bank transposed to [R, n]. The tile's slots are bucketed by expert (counting sort,
 // stable), so each 6 x V::kCols micro-tile reads one [r_e, V::kCols] slice of Bt for six rows.
-// Outputs live in acc, one panel of `panel` columns at a time (a multiple of V::kCols),
-// chunk-major: acc[c][t][V::kCols] for the panel's chunk c (zero-padded past n). base enters and y leaves acc in spans
-// of `panel` contiguous columns per row, so y is written once per element with no row buffer.
-// NOTE: per 64-byte chunk instead, the strided base/y row accesses took 40% of the kernel's time
-// (perf, T=1024, n=1376). Owned by one thread; slots are added in a fixed order: deterministic.
-// Scratch: slots [2 * (t1 - t0) * k], bucket [E + 1], acc [(t1 - t0) * panel] (with n < panel:
-// n rounded up to V::kCols).
+// The tile's rows of y are the accumulators, one panel of `panel` columns (a multiple of
+// V::kCols) at a time, so the panel's rows stay in L2 while every expert passes over them: y is
+// written in place, with no row buffer and no copy out. NOTE: against accumulators in a
+// chunk-major buffer copied into y per panel (the op, medians, 2 threads, 2-core Xeon,
+// 2026-12-05): T=1024 E=8 k=2 r=16 n=1376 0.61 -> 0.48 ms, n=1375 0.68 -> 0.55, n=512 (the
+// backward's d x) 0.22 -> 0.19; E=64 k=8 r=8 n=1024 on par (1.13 ms). Owned by one thread; slots
+// are added in a fixed order: deterministic. Scratch: slots [2 * (t1 - t0) * k], bucket [E + 1].
 template <typename V = Ymm16>
 inline void expand_token_tile(const float* hs, const int32_t* slot_expert,
                               const int32_t* rank_offsets, int64_t E, int64_t k,
                               int64_t max_rank, const float* Bt, int64_t n, int64_t panel,
                               const float* base, int64_t t0, int64_t t1, int32_t* slots,
-                              int32_t* bucket, float* acc, float* y) {
+                              int32_t* bucket, float* y) {
   std::fill(bucket, bucket + E + 1, 0);
   for (int64_t p = t0 * k; p < t1 * k; ++p)
     if (slot_expert[p] >= 0) ++bucket[slot_expert[p] + 1];
@@ -226,7 +234,7 @@ inline void expand_token_tile(const float* hs, const int32_t* slot_expert,
   bucket[0] = 0;
 
   const int64_t rows = t1 - t0;
-  // Without base, a row's first place in processing order (experts in turn) writes its acc row
+  // Without base, a row's first place in processing order (experts in turn) writes its y row
   // instead of adding to it (marked ~row), and only rows no slot touches are zero-filled: no
   // zero pass over the whole panel. NOTE: that pass was 13% of the kernel's samples (perf,
   // T=1024, n=1376, E=8, k=2, r=16); without it 1.43-1.69 -> 1.24-1.38 ms (min of alternating
@@ -244,28 +252,28 @@ inline void expand_token_tile(const float* hs, const int32_t* slot_expert,
       }
     }
   }
+  float* const out = y + t0 * n;
   for (int64_t n0 = 0; n0 < n; n0 += panel) {
     const int64_t n1 = std::min(n, n0 + panel);
     const int64_t chunks = (n1 - n0 + V::kCols - 1) / V::kCols;
     const typename V::Mask last(n1 - n0 - (chunks - 1) * V::kCols);
+    // The panel's rows that no slot writes first: base copied in, or zeros.
     for (int64_t t = 0; t < rows; ++t) {
       if (base == nullptr && touched[t]) continue;
       const float* src = base != nullptr ? base + (t0 + t) * n + n0 : nullptr;
+      float* dst = out + t * n + n0;
       for (int64_t c = 0; c < chunks; ++c) {
-        float* a = acc + (c * rows + t) * V::kCols;
         typename V::reg v0 = V::zero(), v1 = V::zero();
-        if (src != nullptr) {
-          if (c + 1 < chunks)
-            V::template load<false>(src + c * V::kCols, last, v0, v1);
-          else
-            V::template load<true>(src + c * V::kCols, last, v0, v1);
+        if (c + 1 < chunks) {
+          if (src != nullptr) V::template load<false>(src + c * V::kCols, last, v0, v1);
+          V::template store<false>(dst + c * V::kCols, last, v0, v1);
+        } else {
+          if (src != nullptr) V::template load<true>(src + c * V::kCols, last, v0, v1);
+          V::template store<true>(dst + c * V::kCols, last, v0, v1);
         }
-        V::storeu(a, v0);
-        V::storeu(a + V::kLanes, v1);
       }
     }
     for (int64_t c = 0; c < chunks; ++c) {
-      float* a = acc + c * rows * V::kCols;
       const int64_t c0 = n0 + c * V::kCols;
       for (int64_t e = 0; e < E; ++e) {
         const int64_t r0 = rank_offsets[e], r = rank_offsets[e + 1] - r0;
@@ -273,21 +281,10 @@ inline void expand_token_tile(const float* hs, const int32_t* slot_expert,
         const float* bank = Bt + r0 * n + c0;
         if (c + 1 < chunks)
           expert_rows_accumulate<V, false>(slots, bucket[e], bucket[e + 1], hs, max_rank, bank, n,
-                                        r, last, a);
+                                           r, last, out + c0, n);
         else
-          expert_rows_accumulate<V, true>(slots, bucket[e], bucket[e + 1], hs, max_rank, bank, n, r,
-                                       last, a);
-      }
-    }
-    for (int64_t t = 0; t < rows; ++t) {
-      float* dst = y + (t0 + t) * n + n0;
-      for (int64_t c = 0; c < chunks; ++c) {
-        const float* a = acc + (c * rows + t) * V::kCols;
-        const typename V::reg v0 = V::loadu(a), v1 = V::loadu(a + V::kLanes);
-        if (c + 1 < chunks)
-          V::template store<false>(dst + c * V::kCols, last, v0, v1);
-        else
-          V::template store<true>(dst + c * V::kCols, last, v0, v1);
+          expert_rows_accumulate<V, true>(slots, bucket[e], bucket[e + 1], hs, max_rank, bank, n,
+                                          r, last, out + c0, n);
       }
     }
   }

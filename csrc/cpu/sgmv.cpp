@@ -168,15 +168,17 @@ void expand_token_tiles(const at::Tensor& h, const at::Tensor& Bt, const Grouped
   constexpr int64_t kCols = 32, kPanelFloats = 65536;
   const int64_t panel = std::max<int64_t>(kCols, (kPanelFloats / tile) / kCols * kCols);
   const float* base_p = cpu::ptr_or_null<float>(base);
-  const auto tile_fn = cpu::avx512::available() ? cpu::avx512::expand_token_tile
-                                                : cpu::avx2::expand_token_tile;
+  const bool zmm = cpu::avx512::available();
+  const auto tile_fn = zmm ? cpu::avx512::expand_token_tile : cpu::avx2::expand_token_tile;
   at::parallel_for(0, n_tiles, 1, [&](int64_t i0, int64_t i1) {
     std::vector<int32_t> slots(2 * tile * k), bucket(E + 1);
+    // (the AVX2 copy's accumulators; the AVX-512 one accumulates in y)
+    std::vector<float> acc(zmm ? 0 : tile * std::min(panel, (n + kCols - 1) / kCols * kCols));
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t t0 = i * tile, t1 = std::min(T, t0 + tile);
       tile_fn(hs.data_ptr<float>(), slot_expert.data_ptr<int32_t>(),
               g.rank_offsets.data_ptr<int32_t>(), E, k, max_rank, Bt.data_ptr<float>(), n, panel,
-              base_p, t0, t1, slots.data(), bucket.data(), y.data_ptr<float>());
+              base_p, t0, t1, slots.data(), bucket.data(), acc.data(), y.data_ptr<float>());
     }
   });
 }

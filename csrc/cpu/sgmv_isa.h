@@ -34,7 +34,7 @@ void sgmv_expand_cols(const int32_t* row_token, const float* hs, const float* Bt
 void expand_token_tile(const float* hs, const int32_t* slot_expert, const int32_t* rank_offsets,
                        int64_t E, int64_t k, int64_t max_rank, const float* Bt, int64_t n,
                        int64_t panel, const float* base, int64_t t0, int64_t t1, int32_t* slots,
-                       int32_t* bucket, float* y);
+                       int32_t* bucket, float* acc, float* y);
 void weight_grad_chunks(const float* X, const float* hs, const int32_t* row_token,
                         const int32_t* expert_offsets, const int32_t* rank_offsets, int64_t E,
                         int64_t max_rank, int64_t n, int64_t c_begin, int64_t c_end, float* G,
@@ -70,7 +70,7 @@ bool available();
 void expand_token_tile(const float* hs, const int32_t* slot_expert, const int32_t* rank_offsets,
                        int64_t E, int64_t k, int64_t max_rank, const float* Bt, int64_t n,
                        int64_t panel, const float* base, int64_t t0, int64_t t1, int32_t* slots,
-                       int32_t* bucket, float* y);
+                       int32_t* bucket, float* acc, float* y);
 constexpr int64_t kChunkCols = 32;
 // The shrink over the panels cpu::avx2::pack_shrink_bank packed (the same layout), 12 rows a tile.
 void shrink_rows(const float* x, const float* packed, const int64_t* pack_offsets,

@@ -204,19 +204,25 @@ inline void expert_rows_accumulate(const int32_t* slots, int64_t s0, int64_t s1,
 // hs [T * k, max_rank] holds the coefficient-scaled h row of every slot (expand_slots_prepare),
 // Bt is the bank transposed to [R, n]. The tile's slots are bucketed by expert (counting sort,
 // stable), so each 6 x V::kCols micro-tile reads one [r_e, V::kCols] slice of Bt for six rows.
-// The tile's rows of y are the accumulators, one panel of `panel` columns (a multiple of
-// V::kCols) at a time, so the panel's rows stay in L2 while every expert passes over them: y is
-// written in place, with no row buffer and no copy out. NOTE: against accumulators in a
-// chunk-major buffer copied into y per panel (the op, medians, 2 threads, 2-core Xeon,
-// 2026-12-05): T=1024 E=8 k=2 r=16 n=1376 0.61 -> 0.48 ms, n=1375 0.68 -> 0.55, n=512 (the
-// backward's d x) 0.22 -> 0.19; E=64 k=8 r=8 n=1024 on par (1.13 ms). Owned by one thread; slots
-// are added in a fixed order: deterministic. Scratch: slots [2 * (t1 - t0) * k], bucket [E + 1].
+// One panel of `panel` columns (a multiple of V::kCols) at a time, so the panel's accumulators
+// stay in L2 while every expert passes over them. With 32-column chunks (Zmm32) the tile's rows
+// of y are the accumulators: y is written in place, with no buffer and no copy out. With 16-column
+// chunks (Ymm16) they live in `acc`, chunk-major (acc[c][t][16], zero-padded past n: each chunk's
+// rows contiguous), and each row leaves it in one span of the panel. NOTE: straight into y
+// against through the buffer (the op, medians, 2 threads, 2-core Xeon, 2026-12-05): Zmm32,
+// T=1024 E=8 k=2 r=16 n=1376 0.61 -> 0.48 ms, n=1375 0.68 -> 0.55, n=512 (the backward's d x)
+// 0.22 -> 0.19, E=64 k=8 r=8 n=1024 on par (1.13 ms); Ymm16 (the AVX2 copy), n=1376 0.85 ->
+// 0.95, E=64 1.48 -> 1.81 ms: twice the passes down rows n floats apart. Owned by one thread;
+// slots are added in a fixed order: deterministic. Scratch: slots [2 * (t1 - t0) * k], bucket
+// [E + 1], and with 16-column chunks acc [(t1 - t0) * panel] (with n < panel: n rounded up to
+// V::kCols).
 template <typename V = Ymm16>
 inline void expand_token_tile(const float* hs, const int32_t* slot_expert,
                               const int32_t* rank_offsets, int64_t E, int64_t k,
                               int64_t max_rank, const float* Bt, int64_t n, int64_t panel,
                               const float* base, int64_t t0, int64_t t1, int32_t* slots,
-                              int32_t* bucket, float* y) {
+                              int32_t* bucket, float* acc, float* y) {
+  constexpr bool kDirect = V::kCols >= 32;
   std::fill(bucket, bucket + E + 1, 0);
   for (int64_t p = t0 * k; p < t1 * k; ++p)
     if (slot_expert[p] >= 0) ++bucket[slot_expert[p] + 1];
@@ -252,24 +258,26 @@ inline void expand_token_tile(const float* hs, const int32_t* slot_expert,
       }
     }
   }
-  float* const out = y + t0 * n;
   for (int64_t n0 = 0; n0 < n; n0 += panel) {
     const int64_t n1 = std::min(n, n0 + panel);
     const int64_t chunks = (n1 - n0 + V::kCols - 1) / V::kCols;
     const typename V::Mask last(n1 - n0 - (chunks - 1) * V::kCols);
+    // Chunk c of row t accumulates at out + c * chunk_step + t * row_step.
+    float* const out = kDirect ? y + t0 * n + n0 : acc;
+    const int64_t row_step = kDirect ? n : V::kCols, chunk_step = kDirect ? V::kCols : rows * V::kCols;
     // The panel's rows that no slot writes first: base copied in, or zeros.
     for (int64_t t = 0; t < rows; ++t) {
       if (base == nullptr && touched[t]) continue;
       const float* src = base != nullptr ? base + (t0 + t) * n + n0 : nullptr;
-      float* dst = out + t * n + n0;
       for (int64_t c = 0; c < chunks; ++c) {
+        float* dst = out + c * chunk_step + t * row_step;
         typename V::reg v0 = V::zero(), v1 = V::zero();
         if (c + 1 < chunks) {
           if (src != nullptr) V::template load<false>(src + c * V::kCols, last, v0, v1);
-          V::template store<false>(dst + c * V::kCols, last, v0, v1);
+          V::template store<false>(dst, last, v0, v1);
         } else {
           if (src != nullptr) V::template load<true>(src + c * V::kCols, last, v0, v1);
-          V::template store<true>(dst + c * V::kCols, last, v0, v1);
+          V::template store<true>(dst, last, v0, v1);
         }
       }
     }
@@ -281,10 +289,23 @@ inline void expand_token_tile(const float* hs, const int32_t* slot_expert,
         const float* bank = Bt + r0 * n + c0;
         if (c + 1 < chunks)
           expert_rows_accumulate<V, false>(slots, bucket[e], bucket[e + 1], hs, max_rank, bank, n,
-                                           r, last, out + c0, n);
+                                           r, last, out + c * chunk_step, row_step);
         else
           expert_rows_accumulate<V, true>(slots, bucket[e], bucket[e + 1], hs, max_rank, bank, n,
-                                          r, last, out + c0, n);
+                                          r, last, out + c * chunk_step, row_step);
+      }
+    }
+    if constexpr (!kDirect) {
+      for (int64_t t = 0; t < rows; ++t) {
+        float* dst = y + (t0 + t) * n + n0;
+        for (int64_t c = 0; c < chunks; ++c) {
+          const float* a = acc + c * chunk_step + t * row_step;
+          const typename V::reg v0 = V::loadu(a), v1 = V::loadu(a + V::kLanes);
+          if (c + 1 < chunks)
+            V::template store<false>(dst + c * V::kCols, last, v0, v1);
+          else
+            V::template store<true>(dst + c * V::kCols, last, v0, v1);
+        }
       }
     }
   }

@@ -364,7 +364,10 @@ inline void pack_shrink_bank(const float* bank, int64_t sa, int64_t sc, int64_t 
   }
 }
 
-constexpr int64_t kShrinkAhead = 64;  // floats: 4 lines. NOTE: untuned
+// Floats (4 lines) a shrink tile fetches ahead along each of its rows. NOTE: 128 on par, 256
+// 10-15% slower; the next tile's first lines fetched as well: no faster (T=1024 E=8 k=2 r=16 h
+// and u, E=64 k=8 r=8; 2 threads, 2-core Xeon, 2026-12-05).
+constexpr int64_t kShrinkAhead = 64;
 
 // The reduction's walk down d that the ymm and zmm tiles share: step(c, pair) for every panel
 // step at panel + c * (kWide ? 16 : 8): a column c (pair false), or in the narrow layout a column
@@ -521,11 +524,6 @@ inline void shrink_rows(const float* x, const float* packed, const int64_t* pack
   }
 }
 
-// G[ro_e + a0 + b, c0 : c0 + V::kCols) for b < rb (<= RB) of one expert (held at G + (a0 + b)
-// * ldg + gc: G's rows may be a window of its columns), over the dispatched rows [i0, i1) of one
-// row block: 2 * RB accumulators (loaded from G, or zero on the expert's
-// first block) while the rows stream past: two loads of an X row chunk, RB broadcasts of hs per
-// 2 * RB FMAs. Rows are added in dispatch order, whatever the blocking: deterministic.
 // Rows ahead whose X chunk a weight-gradient tile fetches into L1 while it works on the current
 // one: the rows are the dispatch's (scattered tokens), which no hardware prefetcher predicts.
 // NOTE: the op, medians, 2 threads, 2-core Xeon with AVX-512, 2026-12-05: T=1024 E=8 k=2 r=16 dB
@@ -534,6 +532,11 @@ inline void shrink_rows(const float* x, const float* packed, const int64_t* pack
 // E=64 dB 1.56 -> 1.48, dA 1.49 -> 1.40.
 constexpr int64_t kWeightGradAhead = 8;
 
+// G[ro_e + a0 + b, c0 : c0 + V::kCols) for b < rb (<= RB) of one expert (held at G + (a0 + b)
+// * ldg + gc: G's rows may be a window of its columns), over the dispatched rows [i0, i1) of one
+// row block: 2 * RB accumulators (loaded from G, or zero on the expert's
+// first block) while the rows stream past: two loads of an X row chunk, RB broadcasts of hs per
+// 2 * RB FMAs. Rows are added in dispatch order, whatever the blocking: deterministic.
 template <typename V, int RB, bool kTail>
 inline void weight_grad_tile(const float* X, const float* hs, const int32_t* row_token,
                              int64_t i0, int64_t i1, int64_t max_rank, int64_t n, int64_t c0,

@@ -234,7 +234,8 @@ at::Tensor sgmv_shrink_cpu(const at::Tensor& x_in, const at::Tensor& A_in,
           cpu::avx2::pack_shrink_bank(bank, A_in.stride(0), A_in.stride(1), d, ro[e],
                                       ro[e + 1] - ro[e], packed.data_ptr<float>() + pack_offsets[e]);
     });
-    // NOTE: the AVX-512 copy (12-row zmm tiles) against the AVX2 one, T=1024 E=8 k=2 r=16:
+    // NOTE: the AVX-512 copy (12-row zmm tiles then; 8 since 2026-12-05) against the AVX2 one,
+    // T=1024 E=8 k=2 r=16:
     // h (d=512) 0.21-0.33 -> 0.17 ms, the backward's u (d=1376) 0.64-0.73 -> 0.50-0.55 ms; E=64
     // k=8 r=8 d=1024: 1.01 -> 0.87 ms. Min of alternating runs, 2 threads, 2-core Xeon, 2026-12-04.
     const auto rows_fn = cpu::avx512::available() ? cpu::avx512::shrink_rows

@@ -21,7 +21,7 @@ void expand_token_tile(const float* hs, const int32_t* slot_expert, const int32_
 void shrink_rows(const float* x, const float* packed, const int64_t* pack_offsets,
                  const kernels::GroupedMeta& m, const float* w, const float* scales, int64_t d,
                  int64_t max_rank, int64_t i0, int64_t i1, float* h) {
-  kernels::avx2::shrink_rows<12, true>(x, packed, pack_offsets, m, w, scales, d, max_rank, i0, i1,
+  kernels::avx2::shrink_rows<8, true>(x, packed, pack_offsets, m, w, scales, d, max_rank, i0, i1,
                                        h);
 }
 

@@ -72,7 +72,7 @@ void expand_token_tile(const float* hs, const int32_t* slot_expert, const int32_
                        int64_t panel, const float* base, int64_t t0, int64_t t1, int32_t* slots,
                        int32_t* bucket, float* acc, float* y);
 constexpr int64_t kChunkCols = 32;
-// The shrink over the panels cpu::avx2::pack_shrink_bank packed (the same layout), 12 rows a tile.
+// The shrink over the panels cpu::avx2::pack_shrink_bank packed (the same layout), 8 rows a tile.
 void shrink_rows(const float* x, const float* packed, const int64_t* pack_offsets,
                  const kernels::GroupedMeta& m, const float* w, const float* scales, int64_t d,
                  int64_t max_rank, int64_t i0, int64_t i1, float* h);

@@ -436,8 +436,12 @@ inline void shrink_tile(const float* const* xr, int nr, const float* panel, int6
 #if defined(__AVX512F__)
 // The same micro-tile on AVX-512, where one panel step (16 floats: 16 ranks of a column, or 8
 // ranks of a column pair) is one zmm: RB rows keep RB accumulators, one panel load and RB
-// broadcasts per RB FMAs. RB = 12 keeps 12 FMA chains in flight (4-cycle latency on 2 ports
-// needs 8), where the ymm tile's 6 rows x 2 halves did the same work in twice the FMAs.
+// broadcasts per RB FMAs. RB = 8 keeps the 8 FMA chains in flight that a 4-cycle latency on 2
+// ports needs, where the ymm tile's 6 rows x 2 halves did the same work in twice the FMAs.
+// NOTE: 8 rows against 12 (the op, medians, 2 threads, 2-core Xeon, 2026-12-05): T=16 E=8 k=2
+// r=16 h 27-28 -> 24-25 us, u 50-51 -> 44 us; E=64 k=8 r=8 h and u 3-5% faster; T=1024 E=8 h
+// 0.18 -> 0.17-0.18 ms, u on par; 16 rows slower than 12. Fewer rows also waste less of an
+// expert's last tile.
 template <bool kWide, int RB>
 inline void shrink_tile_zmm(const float* const* xr, int nr, const float* panel, int64_t d,
                             int64_t na, const float* coef, float* const* hrow) {

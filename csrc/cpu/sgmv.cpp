@@ -160,7 +160,7 @@ void expand_token_tiles(const at::Tensor& h, const at::Tensor& Bt, const Grouped
                                   slot_expert.data_ptr<int32_t>(), hs.data_ptr<float>());
   });
   const int64_t tile = expand_tile_tokens(T, E, k), n_tiles = (T + tile - 1) / tile;
-  // Columns per panel: the tile's rows of y in a panel (256 KiB) stay in L2 while the experts
+  // Columns per panel: the tile's accumulators of a panel (256 KiB) stay in L2 while the experts
   // pass over them, in whole chunks of the AVX-512 copy's 32 columns (two of the AVX2 copy's
   // 16). NOTE: 128, 256 and 512 KiB panels and whole rows within 5% of each other at T=1024
   // n=1376 E=8 k=2 r=16, n=512 and E=64 k=8 r=8 n=1024 (2 threads, 2-core Xeon with 2 MiB of L2

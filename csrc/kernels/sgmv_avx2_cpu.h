@@ -207,7 +207,7 @@ inline void expert_rows_accumulate(const int32_t* slots, int64_t s0, int64_t s1,
 // One panel of `panel` columns (a multiple of V::kCols) at a time, so the panel's accumulators
 // stay in L2 while every expert passes over them. With 32-column chunks (Zmm32) the tile's rows
 // of y are the accumulators: y is written in place, with no buffer and no copy out. With 16-column
-// chunks (Ymm16) they live in `acc`, chunk-major (acc[c][t][16], zero-padded past n: each chunk's
+// chunks (Ymm16) they live in `acc`, chunk-major (acc[c][t][16], lanes past n unused: each chunk's
 // rows contiguous), and each row leaves it in one span of the panel. NOTE: straight into y
 // against through the buffer (the op, medians, 2 threads, 2-core Xeon, 2026-12-05): Zmm32,
 // T=1024 E=8 k=2 r=16 n=1376 0.61 -> 0.48 ms, n=1375 0.68 -> 0.55, n=512 (the backward's d x)
@@ -240,7 +240,7 @@ inline void expand_token_tile(const float* hs, const int32_t* slot_expert,
   bucket[0] = 0;
 
   const int64_t rows = t1 - t0;
-  // Without base, a row's first place in processing order (experts in turn) writes its y row
+  // Without base, a row's first place in processing order (experts in turn) writes its row
   // instead of adding to it (marked ~row), and only rows no slot touches are zero-filled: no
   // zero pass over the whole panel. NOTE: that pass was 13% of the kernel's samples (perf,
   // T=1024, n=1376, E=8, k=2, r=16); without it 1.43-1.69 -> 1.24-1.38 ms (min of alternating

@@ -501,6 +501,34 @@ def test_cpu_expand_bank_layouts(layout, dtype):
     _assert_near(y, want, dtype)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("layout", ["rows", "transposed"])
+def test_cpu_expand_column_panels(threads, layout):
+    """fp32 token tiles over panels of columns: a row-major B is transposed panel by panel with
+    the columns split between the threads (n = 2000 at T = 300 takes 864-column panels: one
+    thread runs three, the last partial, two threads two each, the second partial, three threads
+    one of 672 each); B^T given row-major is read in place, the token tiles split between the
+    threads. Rank-0 and empty experts, a base, dropped slots. Against the reference."""
+    T, k, n = 300, 3, 2000
+    g, ro, meta, h, (w, s) = _ragged_grouped(11, T, k, [3, 0, 17, 2, 9], torch.float32)
+    R = int(ro[-1])
+    B = torch.randn(n, R, generator=g)
+    B = B if layout == "rows" else B.t().contiguous().t()
+    base = torch.randn(T, n, generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = molora_ops.sgmv_expand(h, B, ro, *meta, w, s, base)
+        y0 = molora_ops.sgmv_expand(h, B, ro, *meta, None, None, None)
+    finally:
+        torch.set_num_threads(before)
+    want = ref.sgmv_expand(h.double(), B.double(), ro, *meta, w.double(), s.double(),
+                           base.double())
+    _assert_near(y, want, torch.float32)
+    _assert_near(y0, ref.sgmv_expand(h.double(), B.double(), ro, *meta, None, None, None),
+                 torch.float32)
+
+
 @pytest.mark.parametrize("strided", [False, True], ids=["rows", "padded"])
 @pytest.mark.parametrize("most_rows", [1, 3, 4, 9])
 def test_cpu_shrink_packs_only_experts_with_rows(most_rows, strided):

@@ -131,10 +131,10 @@ void expand_cols(const int32_t* row_token, const acc_t* hs, const at::Tensor& Bt
 
 #ifdef MOLORA_HAVE_AVX2_KERNELS
 // Tokens per tile of the fp32 register-tiled expand: about 48 slots per expert, so the 6-row
-// micro-tiles are mostly full, in a whole number of tiles per thread of about equal size.
-// NOTE: standalone kernel, 1 thread, T=1024 n=1376 E=8 k=2 r=16: 128 tokens (32 slots per
-// expert) 1.72-1.76 ms, 192 1.58-1.64, 256 1.61-1.66; E=64 k=8 r=8 n=1024: 256 and 384 on par
-// (3.3-3.4 ms). 2-core x86 CPU machine, 2026-12-04.
+// micro-tiles are mostly full, in tiles of about equal size. NOTE: standalone kernel, 1 thread,
+// T=1024 n=1376 E=8 k=2 r=16: 128 tokens (32 slots per expert) 1.72-1.76 ms, 192 1.58-1.64, 256
+// 1.61-1.66; E=64 k=8 r=8 n=1024: 256 and 384 on par (3.3-3.4 ms). 2-core x86 CPU machine,
+// 2026-12-04.
 int64_t expand_tile_tokens(int64_t T, int64_t E, int64_t k) {
   const int64_t want = std::clamp<int64_t>(48 * E / std::max<int64_t>(k, 1), 16, 512);
   const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
@@ -144,13 +144,21 @@ int64_t expand_tile_tokens(int64_t T, int64_t E, int64_t k) {
   return std::max<int64_t>(1, (T + tiles - 1) / tiles);
 }
 
-// y = base + the expand, fp32 on AVX2: slots prepared in token order (expert, scaled h), then
-// token tiles, each owned by one thread (csrc/kernels/sgmv_avx2_cpu.h).
-void expand_token_tiles(const at::Tensor& h, const at::Tensor& Bt, const GroupedArgs& g,
+// y = base + the expand, fp32 on AVX2: slots prepared in token order (expert, scaled h) and
+// bucketed per token tile, then token tiles over panels of columns (csrc/kernels/sgmv_avx2_cpu.h).
+// Where B^T [R, n] is row-major already (the backward's d x reads A^T) the tiles are split between
+// the threads and read the bank in place. Otherwise the columns are: each thread transposes its
+// panels of the bank into its own buffer and runs every token tile over each. NOTE: the op,
+// T=1024 E=8 k=2 r=16, 2 threads, 2-core Xeon with AVX-512, medians of interleaved runs,
+// 2026-12-05: n=1376 0.65-0.69 -> 0.57-0.60 ms and E=64 k=8 r=8 n=1024 1.49-1.64 -> 1.31-1.37
+// against the whole bank transposed first into one shared B^T (a new tensor each call) and token
+// tiles split between the threads; in place, split by columns ran n=512 at 0.24-0.25 ms against
+// 0.19-0.20 by token tiles.
+void expand_token_tiles(const at::Tensor& h, const at::Tensor& B, const GroupedArgs& g,
                         const at::Tensor& base, at::Tensor& y) {
   const auto meta = g.meta();
-  const int64_t T = g.pos.size(0), k = meta.top_k, E = g.num_experts, n = Bt.size(1);
-  const int64_t max_rank = h.size(1);
+  const int64_t T = g.pos.size(0), k = meta.top_k, E = g.num_experts, n = B.size(0);
+  const int64_t R = B.size(1), max_rank = h.size(1);
   at::Tensor slot_expert = at::empty({T * k}, g.order.options());
   at::Tensor hs = at::empty({T * k, max_rank}, h.options());
   at::parallel_for(0, T * k, cpu::grain_for(max_rank), [&](int64_t p0, int64_t p1) {
@@ -160,6 +168,15 @@ void expand_token_tiles(const at::Tensor& h, const at::Tensor& Bt, const Grouped
                                   slot_expert.data_ptr<int32_t>(), hs.data_ptr<float>());
   });
   const int64_t tile = expand_tile_tokens(T, E, k), n_tiles = (T + tile - 1) / tile;
+  const int32_t* ro = g.rank_offsets.data_ptr<int32_t>();
+  std::vector<int32_t> slots(2 * tile * k * n_tiles), bucket((E + 1) * n_tiles);
+  std::vector<uint8_t> touched(tile * n_tiles);
+  at::parallel_for(0, n_tiles, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      kernels::expand_tile_slots(slot_expert.data_ptr<int32_t>(), ro, E, k, base.defined(),
+                                 i * tile, std::min(T, (i + 1) * tile), &slots[2 * tile * k * i],
+                                 &bucket[(E + 1) * i], &touched[tile * i]);
+  });
   // Columns per panel: the tile's accumulators of a panel (256 KiB) stay in L2 while the experts
   // pass over them, in whole chunks of the AVX-512 copy's 32 columns (two of the AVX2 copy's
   // 16). NOTE: 128, 256 and 512 KiB panels and whole rows within 5% of each other at T=1024
@@ -167,20 +184,44 @@ void expand_token_tiles(const at::Tensor& h, const at::Tensor& Bt, const Grouped
   // a core, 2026-12-05); with the accumulators in a separate buffer, 256 KiB had beaten 128.
   constexpr int64_t kCols = 32, kPanelFloats = 65536;
   const int64_t panel = std::max<int64_t>(kCols, (kPanelFloats / tile) / kCols * kCols);
+  const int64_t chunks = (n + kCols - 1) / kCols;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), chunks));
+  // B^T [R, n] is row-major where B is column-major: read it where it lies.
+  const bool in_place = B.stride(0) == 1 && B.stride(1) >= n;
   const float* base_p = cpu::ptr_or_null<float>(base);
+  const float* B_p = B.data_ptr<float>();
   const bool zmm = cpu::avx512::available();
-  const auto tile_fn = zmm ? cpu::avx512::expand_token_tile : cpu::avx2::expand_token_tile;
-  at::parallel_for(0, n_tiles, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<int32_t> slots(2 * tile * k), bucket(E + 1);
+  const auto panel_fn = zmm ? cpu::avx512::expand_tile_panel : cpu::avx2::expand_tile_panel;
+  // Token tiles [i0, i1) over columns [col0, col1), panel by panel.
+  const auto run = [&](int64_t i0, int64_t i1, int64_t col0, int64_t col1) {
+    // (uninitialised: every panel overwrites what it reads)
+    std::unique_ptr<float[]> bt(in_place ? nullptr : new float[R * std::min(panel, col1 - col0)]);
     // (the AVX2 copy's accumulators; the AVX-512 one accumulates in y)
-    std::vector<float> acc(zmm ? 0 : tile * std::min(panel, (n + kCols - 1) / kCols * kCols));
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t t0 = i * tile, t1 = std::min(T, t0 + tile);
-      tile_fn(hs.data_ptr<float>(), slot_expert.data_ptr<int32_t>(),
-              g.rank_offsets.data_ptr<int32_t>(), E, k, max_rank, Bt.data_ptr<float>(), n, panel,
-              base_p, t0, t1, slots.data(), bucket.data(), acc.data(), y.data_ptr<float>());
+    std::vector<float> acc(zmm ? 0 : tile * std::min(panel, (col1 - col0 + kCols - 1) / kCols *
+                                                              kCols));
+    for (int64_t n0 = col0; n0 < col1; n0 += panel) {
+      const int64_t n1 = std::min(col1, n0 + panel);
+      const float* bank = B_p + n0;
+      int64_t ldb = B.stride(1);
+      if (!in_place) {
+        cpu::avx2::transpose_rows(B_p + n0 * B.stride(0), B.stride(0), B.stride(1), n1 - n0, R,
+                                  0, n1 - n0, bt.get());
+        bank = bt.get();
+        ldb = n1 - n0;
+      }
+      for (int64_t i = i0; i < i1; ++i)
+        panel_fn(hs.data_ptr<float>(), &slots[2 * tile * k * i], &bucket[(E + 1) * i],
+                 &touched[tile * i], ro, E, max_rank, bank, ldb, n, n0, n1, base_p, i * tile,
+                 std::min(T, (i + 1) * tile), acc.data(), y.data_ptr<float>());
     }
-  });
+  };
+  if (!in_place) {
+    at::parallel_for(0, chunks, (chunks + threads - 1) / threads, [&](int64_t c0, int64_t c1) {
+      run(0, n_tiles, c0 * kCols, std::min(n, c1 * kCols));
+    });
+  } else {
+    at::parallel_for(0, n_tiles, 1, [&](int64_t i0, int64_t i1) { run(i0, i1, 0, n); });
+  }
 }
 #endif
 
@@ -296,14 +337,14 @@ at::Tensor sgmv_expand_cpu(const at::Tensor& h_in, const at::Tensor& B_in,
     at::Tensor y = base_c.defined() ? at::addmm(base_c.to(acc), hd, Bt_acc) : hd.mm(Bt_acc);
     return y.to(h.scalar_type()).contiguous();
   }
-  const at::Tensor Bt = cpu::transposed(B_in);
   at::Tensor y = at::empty({T, n}, h.options());
 #ifdef MOLORA_HAVE_AVX2_KERNELS
   if (h.scalar_type() == at::kFloat && cpu::avx2::available()) {
-    expand_token_tiles(h, Bt, g, base_c, y);
+    expand_token_tiles(h, B_in, g, base_c, y);
     return y;
   }
 #endif
+  const at::Tensor Bt = cpu::transposed(B_in);
   MOLORA_DISPATCH_FLOATING(h.scalar_type(), "molora_sgmv_expand", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto meta = g.meta();

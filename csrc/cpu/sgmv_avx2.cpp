@@ -73,13 +73,13 @@ void sgmv_weight_grad_range(const float* x, const float* h, const kernels::Group
   kernels::sgmv_weight_grad_range<float, float>(x, h, m, w, scales, d, max_rank, g0, g1, acc, G);
 }
 
-void expand_token_tile(const float* hs, const int32_t* slot_expert, const int32_t* rank_offsets,
-                       int64_t E, int64_t k, int64_t max_rank, const float* Bt, int64_t n,
-                       int64_t panel, const float* base, int64_t t0, int64_t t1, int32_t* slots,
-                       int32_t* bucket, float* acc, float* y) {
-  kernels::avx2::expand_token_tile<kernels::avx2::Ymm16>(hs, slot_expert, rank_offsets, E, k,
-                                                         max_rank, Bt, n, panel, base, t0, t1,
-                                                         slots, bucket, acc, y);
+void expand_tile_panel(const float* hs, const int32_t* slots, const int32_t* bucket,
+                       const uint8_t* touched, const int32_t* rank_offsets, int64_t E,
+                       int64_t max_rank, const float* bt, int64_t ldb, int64_t n, int64_t n0,
+                       int64_t n1, const float* base, int64_t t0, int64_t t1, float* acc, float* y) {
+  kernels::avx2::expand_tile_panel<kernels::avx2::Ymm16>(hs, slots, bucket, touched, rank_offsets, E,
+                                                         max_rank, bt, ldb, n, n0, n1, base, t0,
+                                                         t1, acc, y);
 }
 
 void weight_grad_chunks(const float* X, const float* hs, const int32_t* row_token,

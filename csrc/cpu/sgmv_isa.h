@@ -29,12 +29,13 @@ void sgmv_expand_range(const float* h, const float* Bt, const kernels::GroupedMe
 void sgmv_expand_cols(const int32_t* row_token, const float* hs, const float* Bt,
                       const kernels::GroupedMeta& m, int64_t n, int64_t max_rank, int64_t n0,
                       int64_t nb, float* acc);
-// The register-tiled kernels (csrc/kernels/sgmv_avx2_cpu.h): one token tile of the expand, and
+// The register-tiled kernels (csrc/kernels/sgmv_avx2_cpu.h): one token tile of the expand over a
+// panel of columns (its places from kernels::expand_tile_slots), and
 // the weight gradient over a range of 16-column chunks.
-void expand_token_tile(const float* hs, const int32_t* slot_expert, const int32_t* rank_offsets,
-                       int64_t E, int64_t k, int64_t max_rank, const float* Bt, int64_t n,
-                       int64_t panel, const float* base, int64_t t0, int64_t t1, int32_t* slots,
-                       int32_t* bucket, float* acc, float* y);
+void expand_tile_panel(const float* hs, const int32_t* slots, const int32_t* bucket,
+                       const uint8_t* touched, const int32_t* rank_offsets, int64_t E,
+                       int64_t max_rank, const float* bt, int64_t ldb, int64_t n, int64_t n0,
+                       int64_t n1, const float* base, int64_t t0, int64_t t1, float* acc, float* y);
 void weight_grad_chunks(const float* X, const float* hs, const int32_t* row_token,
                         const int32_t* expert_offsets, const int32_t* rank_offsets, int64_t E,
                         int64_t max_rank, int64_t n, int64_t c_begin, int64_t c_end, float* G,
@@ -60,17 +61,17 @@ void sgmv_weight_grad_range(const float* x, const float* h, const kernels::Group
 
 // The shrink, the expand's token tile and the weight gradient built a third time, for AVX-512
 // (csrc/cpu/sgmv_avx512.cpp): 32-column chunks of two zmm per row. The panel the expand is given
-// must be a multiple of 32; the weight gradient's chunks are kChunkCols wide.
+// must be a multiple of 32 (up to the last column); the weight gradient's chunks are kChunkCols wide.
 namespace molora::cpu::avx512 {
 
 // Whether this build has the AVX-512 copy and the CPU runs it (checked once); MOLORA_CPU_ISA=avx2
 // keeps the AVX2 copy (tests of that path on an AVX-512 machine).
 bool available();
 
-void expand_token_tile(const float* hs, const int32_t* slot_expert, const int32_t* rank_offsets,
-                       int64_t E, int64_t k, int64_t max_rank, const float* Bt, int64_t n,
-                       int64_t panel, const float* base, int64_t t0, int64_t t1, int32_t* slots,
-                       int32_t* bucket, float* acc, float* y);
+void expand_tile_panel(const float* hs, const int32_t* slots, const int32_t* bucket,
+                       const uint8_t* touched, const int32_t* rank_offsets, int64_t E,
+                       int64_t max_rank, const float* bt, int64_t ldb, int64_t n, int64_t n0,
+                       int64_t n1, const float* base, int64_t t0, int64_t t1, float* acc, float* y);
 constexpr int64_t kChunkCols = 32;
 // The shrink over the panels cpu::avx2::pack_shrink_bank packed (the same layout), 8 rows a tile.
 void shrink_rows(const float* x, const float* packed, const int64_t* pack_offsets,

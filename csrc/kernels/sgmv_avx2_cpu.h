@@ -199,113 +199,74 @@ inline void expert_rows_accumulate(const int32_t* slots, int64_t s0, int64_t s1,
   }
 }
 
-// The expand over one tile of tokens [t0, t1), every output column:
-//   y[t] = base[t] + sum_j hs[t * k + j, :r_e] @ Bt[ro_e : ro_e + r_e, :]   (e = slot_expert)
-// hs [T * k, max_rank] holds the coefficient-scaled h row of every slot (expand_slots_prepare),
-// Bt is the bank transposed to [R, n]. The tile's slots are bucketed by expert (counting sort,
-// stable), so each 6 x V::kCols micro-tile reads one [r_e, V::kCols] slice of Bt for six rows.
-// One panel of `panel` columns (a multiple of V::kCols) at a time, so the panel's accumulators
-// stay in L2 while every expert passes over them. With 32-column chunks (Zmm32) the tile's rows
-// of y are the accumulators: y is written in place, with no buffer and no copy out. With 16-column
-// chunks (Ymm16) they live in `acc`, chunk-major (acc[c][t][16], lanes past n unused: each chunk's
-// rows contiguous), and each row leaves it in one span of the panel. NOTE: straight into y
-// against through the buffer (the op, medians, 2 threads, 2-core Xeon, 2026-12-05): Zmm32,
-// T=1024 E=8 k=2 r=16 n=1376 0.61 -> 0.48 ms, n=1375 0.68 -> 0.55, n=512 (the backward's d x)
-// 0.22 -> 0.19, E=64 k=8 r=8 n=1024 on par (1.13 ms); Ymm16 (the AVX2 copy), n=1376 0.85 ->
-// 0.95, E=64 1.48 -> 1.81 ms: twice the passes down rows n floats apart. Owned by one thread;
-// slots are added in a fixed order: deterministic. Scratch: slots [2 * (t1 - t0) * k], bucket
-// [E + 1], and with 16-column chunks acc [(t1 - t0) * panel] (with n < panel: n rounded up to
-// V::kCols).
+// The expand over one tile of tokens [t0, t1) (places from expand_tile_slots), columns [n0, n1):
+//   y[t, n0:n1] = base[t, n0:n1] + sum_j hs[t * k + j, :r_e] @ Bt[ro_e : ro_e + r_e, n0:n1]
+// (e = the slot's expert), where hs [T * k, max_rank] holds the coefficient-scaled h row of every
+// slot (expand_slots_prepare) and bt the bank's columns from n0 on, transposed: Bt[a, j] at
+// bt[a * ldb + j - n0]. Each 6 x V::kCols micro-tile reads one [r_e, V::kCols] slice of it for six
+// rows. The caller keeps (n1 - n0) x (t1 - t0) small enough for the tile's accumulators to stay in
+// L2 while every expert passes over them, n1 - n0 a multiple of V::kCols unless n1 = n. With
+// 32-column chunks (Zmm32) the tile's rows of y are the accumulators: y is written in place, with
+// no buffer and no copy out. With 16-column chunks (Ymm16) they live in `acc`, chunk-major
+// (acc[c][t][16], lanes past n unused: each chunk's rows contiguous), and each row leaves it in one
+// span. NOTE: straight into y against through the buffer (the op, medians, 2 threads, 2-core Xeon,
+// 2026-12-05): Zmm32, T=1024 E=8 k=2 r=16 n=1376 0.61 -> 0.48 ms, n=1375 0.68 -> 0.55, n=512 (the
+// backward's d x) 0.22 -> 0.19, E=64 k=8 r=8 n=1024 on par (1.13 ms); Ymm16 (the AVX2 copy),
+// n=1376 0.85 -> 0.95, E=64 1.48 -> 1.81 ms: twice the passes down rows n floats apart. Slots are
+// added in a fixed order: deterministic. Scratch: acc [(t1 - t0) * (n1 - n0 rounded up to
+// V::kCols)] with 16-column chunks.
 template <typename V = Ymm16>
-inline void expand_token_tile(const float* hs, const int32_t* slot_expert,
-                              const int32_t* rank_offsets, int64_t E, int64_t k,
-                              int64_t max_rank, const float* Bt, int64_t n, int64_t panel,
-                              const float* base, int64_t t0, int64_t t1, int32_t* slots,
-                              int32_t* bucket, float* acc, float* y) {
+inline void expand_tile_panel(const float* hs, const int32_t* slots, const int32_t* bucket,
+                              const uint8_t* touched, const int32_t* rank_offsets, int64_t E,
+                              int64_t max_rank, const float* bt, int64_t ldb, int64_t n,
+                              int64_t n0, int64_t n1, const float* base, int64_t t0, int64_t t1,
+                              float* acc, float* y) {
   constexpr bool kDirect = V::kCols >= 32;
-  std::fill(bucket, bucket + E + 1, 0);
-  for (int64_t p = t0 * k; p < t1 * k; ++p)
-    if (slot_expert[p] >= 0) ++bucket[slot_expert[p] + 1];
-  for (int64_t e = 0; e < E; ++e) bucket[e + 1] += bucket[e];
-  // bucket[e] is the next free place of expert e while filling, then expert e's end: shift back.
-  // Each place holds the slot and its token's row in the tile (no division in the tile loops).
-  for (int64_t t = t0; t < t1; ++t)
-    for (int64_t p = t * k; p < (t + 1) * k; ++p)
-      if (slot_expert[p] >= 0) {
-        int32_t* place = slots + 2 * bucket[slot_expert[p]]++;
-        place[0] = static_cast<int32_t>(p);
-        place[1] = static_cast<int32_t>(t - t0);
-      }
-  for (int64_t e = E; e > 0; --e) bucket[e] = bucket[e - 1];
-  bucket[0] = 0;
-
   const int64_t rows = t1 - t0;
-  // Without base, a row's first place in processing order (experts in turn) writes its row
-  // instead of adding to it (marked ~row), and only rows no slot touches are zero-filled: no
-  // zero pass over the whole panel. NOTE: that pass was 13% of the kernel's samples (perf,
-  // T=1024, n=1376, E=8, k=2, r=16); without it 1.43-1.69 -> 1.24-1.38 ms (min of alternating
-  // runs, 2 threads, 2-core x86 CPU machine, 2026-12-04); E=64 k=8 r=8 n=1024 on par.
-  std::vector<uint8_t> touched(rows, base != nullptr ? 1 : 0);
-  if (base == nullptr) {
-    for (int64_t e = 0; e < E; ++e) {
-      if (rank_offsets[e + 1] == rank_offsets[e]) continue;  // skipped below: touches nothing
-      for (int64_t i = bucket[e]; i < bucket[e + 1]; ++i) {
-        int32_t& row = slots[2 * i + 1];
-        if (!touched[row]) {
-          touched[row] = 1;
-          row = ~row;
-        }
+  const int64_t chunks = (n1 - n0 + V::kCols - 1) / V::kCols;
+  const typename V::Mask last(n1 - n0 - (chunks - 1) * V::kCols);
+  // Chunk c of row t accumulates at out + c * chunk_step + t * row_step.
+  float* const out = kDirect ? y + t0 * n + n0 : acc;
+  const int64_t row_step = kDirect ? n : V::kCols, chunk_step = kDirect ? V::kCols : rows * V::kCols;
+  // The rows that no place writes first: base copied in, or zeros.
+  for (int64_t t = 0; t < rows; ++t) {
+    if (base == nullptr && touched[t]) continue;
+    const float* src = base != nullptr ? base + (t0 + t) * n + n0 : nullptr;
+    for (int64_t c = 0; c < chunks; ++c) {
+      float* dst = out + c * chunk_step + t * row_step;
+      typename V::reg v0 = V::zero(), v1 = V::zero();
+      if (c + 1 < chunks) {
+        if (src != nullptr) V::template load<false>(src + c * V::kCols, last, v0, v1);
+        V::template store<false>(dst, last, v0, v1);
+      } else {
+        if (src != nullptr) V::template load<true>(src + c * V::kCols, last, v0, v1);
+        V::template store<true>(dst, last, v0, v1);
       }
     }
   }
-  for (int64_t n0 = 0; n0 < n; n0 += panel) {
-    const int64_t n1 = std::min(n, n0 + panel);
-    const int64_t chunks = (n1 - n0 + V::kCols - 1) / V::kCols;
-    const typename V::Mask last(n1 - n0 - (chunks - 1) * V::kCols);
-    // Chunk c of row t accumulates at out + c * chunk_step + t * row_step.
-    float* const out = kDirect ? y + t0 * n + n0 : acc;
-    const int64_t row_step = kDirect ? n : V::kCols, chunk_step = kDirect ? V::kCols : rows * V::kCols;
-    // The panel's rows that no slot writes first: base copied in, or zeros.
+  for (int64_t c = 0; c < chunks; ++c) {
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t r0 = rank_offsets[e], r = rank_offsets[e + 1] - r0;
+      if (bucket[e] == bucket[e + 1]) continue;
+      const float* bank = bt + r0 * ldb + c * V::kCols;
+      if (c + 1 < chunks)
+        expert_rows_accumulate<V, false>(slots, bucket[e], bucket[e + 1], hs, max_rank, bank, ldb,
+                                         r, last, out + c * chunk_step, row_step);
+      else
+        expert_rows_accumulate<V, true>(slots, bucket[e], bucket[e + 1], hs, max_rank, bank, ldb,
+                                        r, last, out + c * chunk_step, row_step);
+    }
+  }
+  if constexpr (!kDirect) {
     for (int64_t t = 0; t < rows; ++t) {
-      if (base == nullptr && touched[t]) continue;
-      const float* src = base != nullptr ? base + (t0 + t) * n + n0 : nullptr;
+      float* dst = y + (t0 + t) * n + n0;
       for (int64_t c = 0; c < chunks; ++c) {
-        float* dst = out + c * chunk_step + t * row_step;
-        typename V::reg v0 = V::zero(), v1 = V::zero();
-        if (c + 1 < chunks) {
-          if (src != nullptr) V::template load<false>(src + c * V::kCols, last, v0, v1);
-          V::template store<false>(dst, last, v0, v1);
-        } else {
-          if (src != nullptr) V::template load<true>(src + c * V::kCols, last, v0, v1);
-          V::template store<true>(dst, last, v0, v1);
-        }
-      }
-    }
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t c0 = n0 + c * V::kCols;
-      for (int64_t e = 0; e < E; ++e) {
-        const int64_t r0 = rank_offsets[e], r = rank_offsets[e + 1] - r0;
-        if (r == 0 || bucket[e] == bucket[e + 1]) continue;
-        const float* bank = Bt + r0 * n + c0;
+        const float* a = acc + c * chunk_step + t * row_step;
+        const typename V::reg v0 = V::loadu(a), v1 = V::loadu(a + V::kLanes);
         if (c + 1 < chunks)
-          expert_rows_accumulate<V, false>(slots, bucket[e], bucket[e + 1], hs, max_rank, bank, n,
-                                           r, last, out + c * chunk_step, row_step);
+          V::template store<false>(dst + c * V::kCols, last, v0, v1);
         else
-          expert_rows_accumulate<V, true>(slots, bucket[e], bucket[e + 1], hs, max_rank, bank, n,
-                                          r, last, out + c * chunk_step, row_step);
-      }
-    }
-    if constexpr (!kDirect) {
-      for (int64_t t = 0; t < rows; ++t) {
-        float* dst = y + (t0 + t) * n + n0;
-        for (int64_t c = 0; c < chunks; ++c) {
-          const float* a = acc + c * chunk_step + t * row_step;
-          const typename V::reg v0 = V::loadu(a), v1 = V::loadu(a + V::kLanes);
-          if (c + 1 < chunks)
-            V::template store<false>(dst + c * V::kCols, last, v0, v1);
-          else
-            V::template store<true>(dst + c * V::kCols, last, v0, v1);
-        }
+          V::template store<true>(dst + c * V::kCols, last, v0, v1);
       }
     }
   }

@@ -209,10 +209,14 @@ void expand_token_tiles(const at::Tensor& h, const at::Tensor& B, const GroupedA
         bank = bt.get();
         ldb = n1 - n0;
       }
-      for (int64_t i = i0; i < i1; ++i)
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t t0 = i * tile, t1 = std::min(T, t0 + tile);
+        float* const y_p = y.data_ptr<float>();
         panel_fn(hs.data_ptr<float>(), &slots[2 * tile * k * i], &bucket[(E + 1) * i],
-                 &touched[tile * i], ro, E, max_rank, bank, ldb, n, n0, n1, base_p, i * tile,
-                 std::min(T, (i + 1) * tile), acc.data(), y.data_ptr<float>());
+                 &touched[tile * i], ro, E, max_rank, bank, ldb, n, n0, n1, base_p, t0, t1,
+                 i + 1 < i1 ? y_p + t1 * n + n0 : nullptr, std::min(T, t1 + tile) - t1,
+                 acc.data(), y_p);
+      }
     }
   };
   if (!in_place) {

@@ -35,7 +35,8 @@ void sgmv_expand_cols(const int32_t* row_token, const float* hs, const float* Bt
 void expand_tile_panel(const float* hs, const int32_t* slots, const int32_t* bucket,
                        const uint8_t* touched, const int32_t* rank_offsets, int64_t E,
                        int64_t max_rank, const float* bt, int64_t ldb, int64_t n, int64_t n0,
-                       int64_t n1, const float* base, int64_t t0, int64_t t1, float* acc, float* y);
+                       int64_t n1, const float* base, int64_t t0, int64_t t1, const float* next_y,
+                       int64_t next_rows, float* acc, float* y);
 void weight_grad_chunks(const float* X, const float* hs, const int32_t* row_token,
                         const int32_t* expert_offsets, const int32_t* rank_offsets, int64_t E,
                         int64_t max_rank, int64_t n, int64_t c_begin, int64_t c_end, float* G,
@@ -71,7 +72,8 @@ bool available();
 void expand_tile_panel(const float* hs, const int32_t* slots, const int32_t* bucket,
                        const uint8_t* touched, const int32_t* rank_offsets, int64_t E,
                        int64_t max_rank, const float* bt, int64_t ldb, int64_t n, int64_t n0,
-                       int64_t n1, const float* base, int64_t t0, int64_t t1, float* acc, float* y);
+                       int64_t n1, const float* base, int64_t t0, int64_t t1, const float* next_y,
+                       int64_t next_rows, float* acc, float* y);
 constexpr int64_t kChunkCols = 32;
 // The shrink over the panels cpu::avx2::pack_shrink_bank packed (the same layout), 8 rows a tile.
 void shrink_rows(const float* x, const float* packed, const int64_t* pack_offsets,

@@ -103,7 +103,7 @@ std::pair<at::Tensor, at::Tensor> prepare_rows(const at::Tensor& h, const Groupe
   const int64_t P = g.order.size(0);
   const auto acc = opmath_dtype(h.scalar_type());
   at::Tensor row_token = at::empty({P}, g.order.options());
-  at::Tensor hs = at::zeros({P, max_rank}, h.options().dtype(acc));
+  at::Tensor hs = at::empty({P, max_rank}, h.options().dtype(acc));  // (every row written)
   MOLORA_DISPATCH_FLOATING(h.scalar_type(), "molora_prepare_rows", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto meta = g.meta();

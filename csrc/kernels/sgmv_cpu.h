@@ -236,8 +236,9 @@ inline void expand_tile_slots(const int32_t* slot_expert, const int32_t* rank_of
 }
 
 // The expand for large batches, step 1 of 2, rows [i0, i1): the token of every dispatched row
-// (-1 on padding) and its coefficient-scaled h row, hs[i, a] = c_i * h[i, a] in opmath, so the
-// column blocks of step 2 neither divide nor multiply per row again (86 blocks at n = 1376).
+// (-1 on padding) and its coefficient-scaled h row, hs[i, a] = c_i * h[i, a] in opmath (0 on
+// padding: every row of hs is written), so the column blocks of step 2 neither divide nor
+// multiply per row again (86 blocks at n = 1376).
 template <typename scalar_t, typename acc_t>
 void expand_rows_prepare(const scalar_t* h, const GroupedMeta& m, const acc_t* w,
                          const acc_t* scales, int64_t max_rank, int64_t i0, int64_t i1,
@@ -246,7 +247,10 @@ void expand_rows_prepare(const scalar_t* h, const GroupedMeta& m, const acc_t* w
   for (int64_t i = i0; i < i1; ++i) {
     const int32_t p = i < covered ? m.order[i] : -1;
     row_token[i] = p < 0 ? -1 : static_cast<int32_t>(p / m.top_k);
-    if (p < 0) continue;
+    if (p < 0) {
+      for (int64_t a = 0; a < max_rank; ++a) hs[i * max_rank + a] = acc_t(0);
+      continue;
+    }
     const int64_t e = expert_of_row(m.expert_offsets, m.num_experts, i);
     const acc_t c = row_coef(w, scales, p, e);
     for (int64_t a = 0; a < max_rank; ++a)

@@ -161,21 +161,22 @@ void expand_token_tiles(const at::Tensor& h, const at::Tensor& B, const GroupedA
   const int64_t R = B.size(1), max_rank = h.size(1);
   at::Tensor slot_expert = at::empty({T * k}, g.order.options());
   at::Tensor hs = at::empty({T * k, max_rank}, h.options());
-  at::parallel_for(0, T * k, cpu::grain_for(max_rank), [&](int64_t p0, int64_t p1) {
-    kernels::expand_slots_prepare(h.data_ptr<float>(), meta, g.pos.data_ptr<int32_t>(),
-                                  cpu::ptr_or_null<float>(g.weights),
-                                  cpu::ptr_or_null<float>(g.scales), max_rank, p0, p1,
-                                  slot_expert.data_ptr<int32_t>(), hs.data_ptr<float>());
-  });
   const int64_t tile = expand_tile_tokens(T, E, k), n_tiles = (T + tile - 1) / tile;
   const int32_t* ro = g.rank_offsets.data_ptr<int32_t>();
   std::vector<int32_t> slots(2 * tile * k * n_tiles), bucket((E + 1) * n_tiles);
   std::vector<uint8_t> touched(tile * n_tiles);
+  // Each tile's slots prepared and bucketed in one pass (one parallel region less per call).
   at::parallel_for(0, n_tiles, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i)
-      kernels::expand_tile_slots(slot_expert.data_ptr<int32_t>(), ro, E, k, base.defined(),
-                                 i * tile, std::min(T, (i + 1) * tile), &slots[2 * tile * k * i],
-                                 &bucket[(E + 1) * i], &touched[tile * i]);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t0 = i * tile, t1 = std::min(T, t0 + tile);
+      kernels::expand_slots_prepare(h.data_ptr<float>(), meta, g.pos.data_ptr<int32_t>(),
+                                    cpu::ptr_or_null<float>(g.weights),
+                                    cpu::ptr_or_null<float>(g.scales), max_rank, t0 * k, t1 * k,
+                                    slot_expert.data_ptr<int32_t>(), hs.data_ptr<float>());
+      kernels::expand_tile_slots(slot_expert.data_ptr<int32_t>(), ro, E, k, base.defined(), t0,
+                                 t1, &slots[2 * tile * k * i], &bucket[(E + 1) * i],
+                                 &touched[tile * i]);
+    }
   });
   // Columns per panel: the tile's accumulators of a panel (256 KiB) stay in L2 while the experts
   // pass over them, in whole chunks of the AVX-512 copy's 32 columns (two of the AVX2 copy's

@@ -14,9 +14,9 @@ void expand_tile_panel(const float* hs, const int32_t* slots, const int32_t* buc
                        int64_t max_rank, const float* bt, int64_t ldb, int64_t n, int64_t n0,
                        int64_t n1, const float* base, int64_t t0, int64_t t1, const float* next_y,
                        int64_t next_rows, float* acc, float* y) {
-  kernels::avx2::expand_tile_panel<kernels::avx2::Zmm32>(hs, slots, bucket, touched, rank_offsets, E,
-                                                         max_rank, bt, ldb, n, n0, n1, base, t0,
-                                                         t1, next_y, next_rows, acc, y);
+  kernels::avx2::expand_tile_panel<kernels::avx2::Zmm32>(hs, slots, bucket, touched, rank_offsets,
+                                                         E, max_rank, bt, ldb, n, n0, n1, base,
+                                                         t0, t1, next_y, next_rows, acc, y);
 }
 
 void shrink_rows(const float* x, const float* packed, const int64_t* pack_offsets,

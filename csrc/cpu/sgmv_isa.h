@@ -62,7 +62,8 @@ void sgmv_weight_grad_range(const float* x, const float* h, const kernels::Group
 
 // The shrink, the expand's token tile and the weight gradient built a third time, for AVX-512
 // (csrc/cpu/sgmv_avx512.cpp): 32-column chunks of two zmm per row. The panel the expand is given
-// must be a multiple of 32 (up to the last column); the weight gradient's chunks are kChunkCols wide.
+// must be a multiple of 32 wide (but the last, which ends at n); the weight gradient's chunks are
+// kChunkCols wide.
 namespace molora::cpu::avx512 {
 
 // Whether this build has the AVX-512 copy and the CPU runs it (checked once); MOLORA_CPU_ISA=avx2

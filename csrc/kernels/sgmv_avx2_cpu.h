@@ -18,7 +18,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
-#include <vector>
 
 #include "sgmv_cpu.h"
 #include "transpose_cpu.h"
@@ -87,7 +86,8 @@ struct Ymm16 {
     reg o0, o1;
     load<kTail>(p, m, o0, o1);
     const reg k = _mm256_castsi256_ps(_mm256_set1_epi32(keep));
-    store<kTail>(p, m, _mm256_add_ps(_mm256_and_ps(o0, k), a), _mm256_add_ps(_mm256_and_ps(o1, k), b));
+    store<kTail>(p, m, _mm256_add_ps(_mm256_and_ps(o0, k), a),
+                 _mm256_add_ps(_mm256_and_ps(o1, k), b));
   }
 };
 
@@ -227,7 +227,8 @@ inline void expand_tile_panel(const float* hs, const int32_t* slots, const int32
   const typename V::Mask last(n1 - n0 - (chunks - 1) * V::kCols);
   // Chunk c of row t accumulates at out + c * chunk_step + t * row_step.
   float* const out = kDirect ? y + t0 * n + n0 : acc;
-  const int64_t row_step = kDirect ? n : V::kCols, chunk_step = kDirect ? V::kCols : rows * V::kCols;
+  const int64_t row_step = kDirect ? n : V::kCols;
+  const int64_t chunk_step = kDirect ? V::kCols : rows * V::kCols;
   // The rows that no place writes first: base copied in, or zeros.
   for (int64_t t = 0; t < rows; ++t) {
     if (base == nullptr && touched[t]) continue;

@@ -194,15 +194,16 @@ void expand_slots_prepare(const scalar_t* h, const GroupedMeta& m, const int32_t
   }
 }
 
-// The register-tiled expand's places (csrc/kernels/sgmv_avx2_cpu.h) for the token tile [t0, t1), bucketed by expert (counting sort, stable):
-// place s of expert e (bucket[e] <= s < bucket[e + 1]) holds the slot p (slots[2 s], its hs row)
-// and its token's row in the tile (slots[2 s + 1], no division in the tile loops). Without base,
-// a row's first place in processing order (experts in turn) is marked ~row: it writes its row
-// instead of adding to it, and only rows no slot touches are zero-filled (no zero pass over the
-// whole tile). NOTE: that pass was 13% of the kernel's samples (perf, T=1024, n=1376, E=8, k=2,
-// r=16); without it 1.43-1.69 -> 1.24-1.38 ms (min of alternating runs, 2 threads, 2-core x86 CPU
-// machine, 2026-12-04); E=64 k=8 r=8 n=1024 on par. Experts of rank 0 get no places. Scratch:
-// slots [2 * (t1 - t0) * k], bucket [E + 1], touched [t1 - t0].
+// The register-tiled expand's places (csrc/kernels/sgmv_avx2_cpu.h) for the token tile [t0, t1),
+// bucketed by expert (counting sort, stable): place s of expert e (bucket[e] <= s < bucket[e + 1])
+// holds the slot p (slots[2 s], its hs row) and its token's row in the tile (slots[2 s + 1], no
+// division in the tile loops). Without base, a row's first place in processing order (experts in
+// turn) is marked ~row: it writes its row instead of adding to it, and only rows no slot touches
+// are zero-filled (no zero pass over the whole tile). NOTE: that pass was 13% of the kernel's
+// samples (perf, T=1024, n=1376, E=8, k=2, r=16); without it 1.43-1.69 -> 1.24-1.38 ms (min of
+// alternating runs, 2 threads, 2-core x86 CPU machine, 2026-12-04); E=64 k=8 r=8 n=1024 on par.
+// Experts of rank 0 get no places. Scratch: slots [2 * (t1 - t0) * k], bucket [E + 1],
+// touched [t1 - t0].
 inline void expand_tile_slots(const int32_t* slot_expert, const int32_t* rank_offsets, int64_t E,
                               int64_t k, bool has_base, int64_t t0, int64_t t1, int32_t* slots,
                               int32_t* bucket, uint8_t* touched) {

@@ -234,7 +234,7 @@ def layer_baselines(device: torch.device, dtype: torch.dtype) -> List[Impl]:
 
 
 _ROUTE_BWD = ("softmax_route_backward",)
-_SGMV = ("sgmv_shrink", "sgmv_expand", "sgmv_weight_grad", "pair_dot")
+_SGMV = ("sgmv_shrink", "sgmv_expand", "sgmv_weight_grad", "sgmv_expand_backward", "pair_dot")
 
 SPECS: Dict[str, OpSpec] = {s.name: s for s in (
     OpSpec("softmax_topk", make_softmax_topk,

@@ -21,6 +21,7 @@ TORCH_LIBRARY_IMPL(molora, CPU, m) {
   m.impl("sgmv_shrink", &molora::sgmv_shrink_cpu);
   m.impl("sgmv_expand", &molora::sgmv_expand_cpu);
   m.impl("sgmv_weight_grad", &molora::sgmv_weight_grad_cpu);
+  m.impl("sgmv_expand_backward", &molora::sgmv_expand_backward_cpu);
   m.impl("stacked_gated_lora", &molora::stacked_gated_lora_cpu);
   m.impl("stacked_gated_lora_backward", &molora::stacked_gated_lora_backward_cpu);
   m.impl("fused_moe_lora", &molora::fused_moe_lora_cpu);

@@ -34,6 +34,7 @@ AUTOCAST_ARGS = {
     "stacked_gated_lora": ("x", "A", "B", "base"),
     "fused_moe_lora": ("x", "A", "B", "base"),
     "stacked_gated_lora_backward": ("grad_y", "x", "A", "B"),
+    "sgmv_expand_backward": ("grad_y", "h", "B"),
     "rank_sparse_shrink": ("x", "A"),
     "rank_sparse_expand": ("values", "B", "base"),
     "rank_sparse_weight_grad": ("x", "g"),

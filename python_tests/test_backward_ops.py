@@ -278,6 +278,68 @@ def test_sgmv_weight_grad_is_dB_transposed(dtype, case, transposed):
     assert_close_fa(G, G_lo, dB_hi, name="sgmv_weight_grad vs autograd dB of sgmv_expand")
 
 
+# ------------------------------------------------------------------ sgmv_expand_backward
+
+@dtype_params()
+@pytest.mark.parametrize("case", SWG_CASES, ids=SWG_IDS)
+def test_sgmv_expand_backward_is_dB_and_u(dtype, case):
+    """(dB, u) against autograd of the expand: dB is B's gradient; u is h's gradient without the
+    routing weights (autograd of the expand with weights None: dh = s_e B_e^T dy)."""
+    T, ids, order, pos, eo, ro, R, mr, w, s = _swg_setup(case, dtype)
+    d_out = 37  # 9 four-column steps and a tail
+    h = torch.randn(order.numel(), mr, dtype=torch.float64).to(dtype)
+    B = torch.randn(d_out, R, dtype=torch.float64).to(dtype)
+    g_y = torch.randn(T, d_out, dtype=torch.float64).to(dtype)
+    (dB, u), (dB_lo, u_lo) = compare_with_reference("sgmv_expand_backward",
+                                                    [g_y, h, B, ro, order, pos, eo, w, s])
+    assert dB.shape == (d_out, R) and dB.dtype == dtype and dB.is_contiguous()
+    assert u.shape == (order.numel(), mr) and u.dtype == torch.promote_types(dtype, torch.float32)
+    w64 = None if w is None else w.double()
+    s64 = None if s is None else s.double()
+    (dB_hi,) = autograd_f64(lambda hh, BB: ref.sgmv_expand(hh, BB, ro, order, pos, eo, w64, s64, None),
+                            [h, B], [1], g_y)
+    (u_hi,) = autograd_f64(lambda hh, BB: ref.sgmv_expand(hh, BB, ro, order, pos, eo, None, s64, None),
+                           [h, B], [0], g_y)
+    assert_close_fa(dB, dB_lo, dB_hi, name="sgmv_expand_backward dB vs autograd")
+    assert_close_fa(u, u_lo, u_hi, name="sgmv_expand_backward u vs autograd")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(300, 1376, (16,) * 8, 2), (97, 203, (16, 0, 15, 32, 16, 14), 2),
+                                   (23, 37, (16, 15), 1), (64, 256, (8,) * 64, 8)],
+                         ids=["llama-up", "ragged", "narrow", "E64-r8"])
+def test_sgmv_expand_backward_threads_and_layouts(threads, shape):
+    """The CPU path at sizes that split gy's columns between threads, against the reference: the
+    fp32 one-pass kernel where the CPU has AVX-512 and the ranks fill its 16-rank slices (two
+    slices of an expert, slices of 15 and 14 ranks masked, a rank-0 expert, one column range),
+    the two ops' kernels for E=64 r=8; dropped slots, a non-contiguous grad_y, repeats equal."""
+    T, n, ranks, k = shape
+    E = len(ranks)
+    ro = torch.tensor([0, *torch.tensor(ranks).cumsum(0).tolist()], dtype=torch.int32)
+    R, mr = int(ro[-1]), max(ranks)
+    ids = distinct_ids(T, E, k)
+    ids[::7, 0] = -1
+    order, pos, eo = molora_ops.dispatch(ids, E, 1)
+    g_y = torch.randn(n, T).t()  # non-contiguous
+    h, B = torch.randn(order.numel(), mr), torch.randn(n, R)
+    w, s = torch.rand(T, k), torch.rand(E) + 0.5
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        dB, u = molora_ops.sgmv_expand_backward(g_y, h, B, ro, order, pos, eo, w, s)
+        dB2, u2 = molora_ops.sgmv_expand_backward(g_y, h, B, ro, order, pos, eo, w, s)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(dB, dB2) and torch.equal(u, u2)
+    dB_lo, u_lo = ref.sgmv_expand_backward(g_y, h, B, ro, order, pos, eo, w, s)
+    dB_hi, u_hi = ref.sgmv_expand_backward(g_y.double(), h.double(), B.double(), ro, order, pos,
+                                           eo, w.double(), s.double())
+    assert_close_fa(dB, dB_lo, dB_hi, name="sgmv_expand_backward dB")
+    assert_close_fa(u, u_lo, u_hi, name="sgmv_expand_backward u")
+    for e in range(E):  # lanes past an expert's rank stay 0 (all of a rank-0 expert's)
+        assert torch.all(u[int(eo[e]):int(eo[e + 1]), ranks[e]:] == 0)
+
+
 # ------------------------------------------------------------------ stacked_gated_lora_backward
 
 # (name, T, E, ranks, shared_a, scales)

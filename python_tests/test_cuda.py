@@ -18,7 +18,8 @@ DATA_ARGS = {
     "sgmv_shrink": [0, 1], "sgmv_expand": [0, 1, 8], "stacked_gated_lora": [0, 1, 2, 6],
     "rank_topk": [0], "rank_sparse_shrink": [0, 1], "rank_sparse_expand": [0, 2, 5],
     "softmax_route_backward": [3], "sigmoid_topk_backward": [3], "pair_dot": [0, 1],
-    "sgmv_weight_grad": [0, 1], "stacked_gated_lora_backward": [0, 1, 2, 3], "rank_scatter": [0],
+    "sgmv_weight_grad": [0, 1], "sgmv_expand_backward": [0, 1, 2],
+    "stacked_gated_lora_backward": [0, 1, 2, 3], "rank_scatter": [0],
     "rank_sparse_weight_grad": [0, 1], "fused_moe_lora": [0, 1, 2, 7],
 }
 

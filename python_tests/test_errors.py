@@ -95,6 +95,9 @@ def valid(op):
     if op == "sgmv_weight_grad":
         return dict(x=torch.randn(T, D), h=torch.randn(P, MAXR), rank_offsets=ro, order=order, pos=pos,
                     expert_offsets=eo, weights=w, scales=s, total_rank=R), set()
+    if op == "sgmv_expand_backward":
+        return dict(grad_y=torch.randn(T, DOUT), h=torch.randn(P, MAXR), B=torch.randn(DOUT, R), rank_offsets=ro,
+                    order=order, pos=pos, expert_offsets=eo, weights=w, scales=s), set()
     if op == "stacked_gated_lora_backward":
         return dict(grad_y=torch.randn(T, DOUT), x=torch.randn(T, D), A=torch.randn(R, D), B=torch.randn(DOUT, R),
                     gate=torch.randn(T, E), rank_offsets=ro, scales=s, shared_a=False), set()
@@ -236,6 +239,17 @@ case("sgmv_weight_grad", "h-dtype", TypeError, {"h": as_f64}, ["h"])
 case("sgmv_weight_grad", "h-rows", ValueError, {"h": extra_row}, ["h", "order"])
 case("sgmv_weight_grad", "max_rank-too-small", ValueError, {"h": drop_col}, ["h", "max_rank"])
 case("sgmv_weight_grad", "x-device", ValueError, {"x": to_meta}, ["x", "h", "device"])
+case("sgmv_expand_backward", "grad_y-int", TypeError, {"grad_y": as_int, "h": as_int, "B": as_int},
+     ["grad_y", "h", "B"])
+case("sgmv_expand_backward", "h-dtype", TypeError, {"h": as_f64}, ["h"])
+case("sgmv_expand_backward", "B-dtype", TypeError, {"B": as_f64}, ["B"])
+case("sgmv_expand_backward", "h-rows", ValueError, {"h": extra_row}, ["h", "order"])
+case("sgmv_expand_backward", "max_rank-too-small", ValueError, {"h": drop_col}, ["h", "max_rank"])
+case("sgmv_expand_backward", "B-rows", ValueError, {"B": extra_row}, ["B", "grad_y"])
+case("sgmv_expand_backward", "B-cols", ValueError, {"B": extra_col}, ["B", "rank_offsets"])
+case("sgmv_expand_backward", "rank_offsets-decreasing", ValueError, {"rank_offsets": DECREASING_RO},
+     ["rank_offsets"])
+case("sgmv_expand_backward", "grad_y-device", ValueError, {"grad_y": to_meta}, ["grad_y", "h", "device"])
 
 for op in ("stacked_gated_lora", "stacked_gated_lora_backward"):
     case(op, "gate-shape", ValueError, {"gate": extra_col}, ["gate", "rank_offsets", "scales"])

@@ -18,7 +18,7 @@ PARAMS = [(n, i) for n in ALL_OPS for i in range(_N_SAMPLES[n])]
 def test_extension_loaded_and_all_ops_registered():
     if not molora_ops.has_extension():
         pytest.fail("extension not loaded") if require_ext_enabled() else pytest.skip("extension not loaded")
-    assert len(ALL_OPS) == 22, ALL_OPS
+    assert len(ALL_OPS) == 23, ALL_OPS
     assert all(n >= 1 for n in _N_SAMPLES.values()), _N_SAMPLES  # every op has samples
     for name in ALL_OPS:
         op = getattr(torch.ops.molora, name)

@@ -565,6 +565,13 @@ def op_samples(name):
                                routing_weights(ids), torch.rand(E) + 0.5, R), {}))
         out.append(("ragged-transposed", (torch.randn(T, d), torch.randn(order.numel(), mr), ro, order,
                                           pos, eo, None, torch.rand(E) + 0.5, R, True), {}))
+    elif name == "sgmv_expand_backward":
+        ids, order, pos, eo = _routing()
+        ro, R, mr = _ragged_bank(E)
+        out.append(("ragged", (torch.randn(T, d), torch.randn(order.numel(), mr), torch.randn(d, R), ro,
+                               order, pos, eo, routing_weights(ids), torch.rand(E) + 0.5), {}))
+        out.append(("plain-wide-h", (torch.randn(T, 37), torch.randn(order.numel(), mr + 1),
+                                     torch.randn(37, R), ro, order, pos, eo, None, None), {}))
     elif name == "stacked_gated_lora_backward":
         ro, R, _ = _ragged_bank(E)
         out.append(("ragged", (torch.randn(T, d), torch.randn(T, d), torch.randn(R, d), torch.randn(d, R),

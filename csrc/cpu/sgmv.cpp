@@ -73,6 +73,17 @@ struct GroupedArgs {
   }
 };
 
+// A token-major float operand [T, *] and the dispatched rows h [P, *] of its dtype and device (the
+// weight gradient's x, the expand's backward's grad_y).
+void check_rows_and_h(const char* op, const char* name, const at::Tensor& data,
+                      const at::Tensor& h) {
+  check_float(op, name, data);
+  check_dim(op, name, data, 2);
+  check_dim(op, "h", h, 2);
+  check_same_dtype(op, "h", h, name, data);
+  check_device(op, "h", h, data);
+}
+
 // Validates the bank / dispatch / routing-weight arguments every grouped op shares and returns
 // them as contiguous int32 / opmath tensors. `data` is the token-major input ([T, *]), `bank_rows`
 // the bank's total rank R. Returns the largest expert rank in max_rank.
@@ -128,6 +139,10 @@ void expand_cols(const int32_t* row_token, const acc_t* hs, const at::Tensor& Bt
   kernels::sgmv_expand_cols(row_token, hs, Bt.data_ptr<scalar_t>(), meta, n, max_rank, n0, nb,
                             acc);
 }
+
+// sgmv_expand_backward splits gy's columns between the threads only where each gets this many
+// 4-column steps. NOTE: untuned.
+constexpr int64_t kExpandGradsMinSteps = 16;
 
 #ifdef MOLORA_HAVE_AVX2_KERNELS
 // Tokens per tile of the fp32 register-tiled expand: about 48 slots per expert, so the 6-row
@@ -407,11 +422,7 @@ at::Tensor sgmv_weight_grad_cpu(const at::Tensor& x_in, const at::Tensor& h_in,
                                 const std::optional<at::Tensor>& scales, int64_t total_rank,
                                 bool transposed) {
   const char* op = "sgmv_weight_grad";
-  check_float(op, "x", x_in);
-  check_dim(op, "x", x_in, 2);
-  check_dim(op, "h", h_in, 2);
-  check_same_dtype(op, "h", h_in, "x", x_in);
-  check_device(op, "h", h_in, x_in);
+  check_rows_and_h(op, "x", x_in, h_in);
   MOLORA_CHECK_VALUE(total_rank >= 0, op, ": total_rank must be >= 0, got ", total_rank);
   const GroupedArgs g = check_grouped(op, x_in, x_in.size(0), rank_offsets, total_rank, order, pos,
                                       expert_offsets, weights, scales);
@@ -566,6 +577,66 @@ at::Tensor gated_rank_activations(const at::Tensor& xa, const at::Tensor& Aa, in
 }
 
 }  // namespace
+
+// (dB, u) of y = sgmv_expand(h, B, ...) for the grouped backward: dB = sgmv_weight_grad(gy, h,
+// ..., transposed), u = sgmv_shrink(gy, B^T, ..., no weights, scales) in opmath. fp32 with AVX-512
+// and a row-major bank: both in one pass over gy (kernels::avx2::expand_grads_cols), the columns
+// split between the threads, each summing its own part of u (added in column-range order:
+// deterministic for a thread count); otherwise the two ops' own kernels.
+std::tuple<at::Tensor, at::Tensor> sgmv_expand_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& h_in, const at::Tensor& B,
+    const at::Tensor& rank_offsets, const at::Tensor& order, const at::Tensor& pos,
+    const at::Tensor& expert_offsets, const std::optional<at::Tensor>& weights,
+    const std::optional<at::Tensor>& scales) {
+  const char* op = "sgmv_expand_backward";
+  check_rows_and_h(op, "grad_y", grad_y, h_in);
+  check_bank(op, "B", B, "grad_y", grad_y);
+  check_size(op, "B", B, 0, grad_y.size(1));
+  const GroupedArgs g = check_grouped(op, grad_y, grad_y.size(0), rank_offsets, B.size(1), order,
+                                      pos, expert_offsets, weights, scales);
+  MOLORA_CHECK_VALUE(h_in.size(0) == g.order.size(0) && h_in.size(1) >= g.max_rank, op,
+                     ": h must have shape (P=", g.order.size(0), ", >= ", g.max_rank, "), got ",
+                     h_in.sizes());
+  const int64_t n = grad_y.size(1), R = B.size(1), max_rank = h_in.size(1), P = g.order.size(0);
+#ifdef MOLORA_HAVE_AVX2_KERNELS
+  // The one-pass kernel runs 16-rank slices: it pays off only where the experts' ranks fill them.
+  // NOTE: T=1024, 2 threads, 2-core Xeon with AVX-512, 2026-12-05: E=8 k=2 r=16 n=1376 1.07-1.08
+  // ms against 1.27-1.32 for the two kernels (1.23-1.32 against 1.45-1.49 right after a GEMM);
+  // E=64 k=8 r=8 n=1024 (half of each slice) 3.6 ms against 2.6. The 90% cut is untuned between.
+  int64_t slice_lanes = 0;
+  const int32_t* ro = g.rank_offsets.data_ptr<int32_t>();
+  for (int64_t e = 0; e < g.num_experts; ++e) slice_lanes += (ro[e + 1] - ro[e] + 15) / 16 * 16;
+  if (grad_y.scalar_type() == at::kFloat && cpu::avx512::available() && B.stride(1) == 1 &&
+      n > 0 && 10 * R >= 9 * slice_lanes) {
+    const at::Tensor gy = grad_y.contiguous(), h = h_in.contiguous();
+    const auto prepared = prepare_rows(h, g, max_rank);
+    at::Tensor dB = at::empty({n, R}, gy.options());
+    // Column ranges of whole 4-column steps, one a thread (u's parts summed afterwards).
+    const int64_t steps = (n + 3) / 4;
+    const int64_t ranges = std::max<int64_t>(
+        1, std::min<int64_t>(at::get_num_threads(), steps / kExpandGradsMinSteps));
+    at::Tensor parts = at::zeros({ranges, P, max_rank}, gy.options());
+    const std::vector<float> zero_row(n, 0.0f);
+    at::parallel_for(0, ranges, 1, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q)
+        cpu::avx512::expand_grads_cols(
+            gy.data_ptr<float>(), n, prepared.first.data_ptr<int32_t>(),
+            prepared.second.data_ptr<float>(), max_rank, B.data_ptr<float>(), B.stride(0),
+            g.expert_offsets.data_ptr<int32_t>(), g.rank_offsets.data_ptr<int32_t>(),
+            cpu::ptr_or_null<float>(g.scales), g.num_experts, std::min(n, steps * q / ranges * 4),
+            std::min(n, steps * (q + 1) / ranges * 4), zero_row.data(),
+            parts.data_ptr<float>() + q * P * max_rank, dB.data_ptr<float>());
+    });
+    return {dB, ranges == 1 ? parts[0] : parts.sum(0)};
+  }
+#endif
+  const auto acc = opmath_dtype(grad_y.scalar_type());
+  at::Tensor u = sgmv_shrink_cpu(grad_y.to(acc), B.to(acc).t(), rank_offsets, order, pos,
+                                 expert_offsets, std::nullopt, scales, max_rank);
+  at::Tensor dB = sgmv_weight_grad_cpu(grad_y, h_in, rank_offsets, order, pos, expert_offsets,
+                                       weights, scales, R, true);
+  return {dB, u};
+}
 
 at::Tensor stacked_gated_lora_cpu(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
                                   const at::Tensor& gate, const at::Tensor& rank_offsets,

@@ -35,4 +35,13 @@ void weight_grad_chunks(const float* X, const float* hs, const int32_t* row_toke
                                                           c_end, G, ldg, g_col0);
 }
 
+void expand_grads_cols(const float* gy, int64_t n, const int32_t* row_token, const float* hs,
+                       int64_t max_rank, const float* B, int64_t ldb,
+                       const int32_t* expert_offsets, const int32_t* rank_offsets,
+                       const float* scales, int64_t E, int64_t c0, int64_t c1,
+                       const float* zero_row, float* u, float* dB) {
+  kernels::avx2::expand_grads_cols(gy, n, row_token, hs, max_rank, B, ldb, expert_offsets,
+                                   rank_offsets, scales, E, c0, c1, zero_row, u, dB);
+}
+
 }  // namespace molora::cpu::avx512

@@ -84,6 +84,13 @@ void weight_grad_chunks(const float* X, const float* hs, const int32_t* row_toke
                         const int32_t* expert_offsets, const int32_t* rank_offsets, int64_t E,
                         int64_t max_rank, int64_t n, int64_t c_begin, int64_t c_end, float* G,
                         int64_t ldg, int64_t g_col0);
+// The expand's u and dB in one pass over gy's columns [c0, c1) (kernels::avx2::expand_grads_cols;
+// B row-major [n, ldb]).
+void expand_grads_cols(const float* gy, int64_t n, const int32_t* row_token, const float* hs,
+                       int64_t max_rank, const float* B, int64_t ldb,
+                       const int32_t* expert_offsets, const int32_t* rank_offsets,
+                       const float* scales, int64_t E, int64_t c0, int64_t c1,
+                       const float* zero_row, float* u, float* dB);
 
 }  // namespace molora::cpu::avx512
 

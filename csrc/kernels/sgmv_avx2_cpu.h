@@ -638,5 +638,115 @@ inline void weight_grad_chunks(const float* X, const float* hs, const int32_t* r
   }
 }
 
+#if defined(__AVX512F__)
+// The expand's two backward products in one pass over the output gradient (AVX-512 only: a
+// 16-rank slice is one zmm): per dispatched row i of expert e, u[i, a] = s_e gy[t_i] . B[:, ro_e
+// + a] (unweighted), and dB[c, ro_e + a] = sum_i gy[t_i, c] hs[i, a] (hs = c_i h, prepare_rows).
+// A tile is NR rows of one expert and one 16-rank slice (lanes past the slice masked off) over
+// the caller's columns [c0, c1), 4 columns a step: per column one zmm of B and NR broadcasts of
+// gy feed 2 NR FMAs (u in NR accumulators across the columns, dB's column in two, added to what
+// the earlier tiles of the expert left in dB). A gy row is read once per slot and slice, where
+// the shrink and the weight gradient each read it once (measurements: the launcher,
+// sgmv_expand_backward_cpu in csrc/cpu/sgmv.cpp).
+template <int NR>
+inline void expand_grads_tile(const float* const* gr, const float* hs, int64_t max_rank,
+                              const float* B, int64_t ldb, int64_t c0, int64_t c1, __mmask16 m,
+                              bool first, float u_scale, float* dB, float* const* u) {
+  __m512 h[NR], acc[NR];
+  for (int j = 0; j < NR; ++j) {
+    h[j] = _mm512_maskz_loadu_ps(m, hs + j * max_rank);
+    acc[j] = _mm512_setzero_ps();
+  }
+  int64_t c = c0;
+  for (; c + 4 <= c1; c += 4) {
+    __m512 b[4], d0[4], d1[4];
+    for (int q = 0; q < 4; ++q) {
+      b[q] = _mm512_maskz_loadu_ps(m, B + (c + q) * ldb);
+      d0[q] = d1[q] = _mm512_setzero_ps();
+    }
+    for (int j = 0; j < NR; ++j) {
+      for (int q = 0; q < 4; ++q) {
+        const __m512 g = _mm512_set1_ps(gr[j][c + q]);
+        acc[j] = _mm512_fmadd_ps(g, b[q], acc[j]);
+        if (j % 2 == 0)
+          d0[q] = _mm512_fmadd_ps(g, h[j], d0[q]);
+        else
+          d1[q] = _mm512_fmadd_ps(g, h[j], d1[q]);
+      }
+    }
+    for (int q = 0; q < 4; ++q) {
+      float* dp = dB + (c + q) * ldb;
+      __m512 v = _mm512_add_ps(d0[q], d1[q]);
+      if (!first) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, dp));
+      _mm512_mask_storeu_ps(dp, m, v);
+    }
+  }
+  for (; c < c1; ++c) {
+    const __m512 b = _mm512_maskz_loadu_ps(m, B + c * ldb);
+    __m512 d = _mm512_setzero_ps();
+    for (int j = 0; j < NR; ++j) {
+      const __m512 g = _mm512_set1_ps(gr[j][c]);
+      acc[j] = _mm512_fmadd_ps(g, b, acc[j]);
+      d = _mm512_fmadd_ps(g, h[j], d);
+    }
+    float* dp = dB + c * ldb;
+    if (!first) d = _mm512_add_ps(d, _mm512_maskz_loadu_ps(m, dp));
+    _mm512_mask_storeu_ps(dp, m, d);
+  }
+  const __m512 sc = _mm512_set1_ps(u_scale);
+  for (int j = 0; j < NR; ++j) _mm512_mask_storeu_ps(u[j], m, _mm512_mul_ps(acc[j], sc));
+}
+
+// Every expert over the columns [c0, c1) of gy [T, n] and dB [n, ldb] (ldb = R; all of dB's
+// ranks in those columns written, zeros for experts without rows). u: this column range's part
+// of u, rows [P, max_rank], written where a row has ranks (the caller zero-fills, and sums the
+// parts of the column ranges). Padding rows (row_token -1) read `zero_row` (n zeros).
+inline void expand_grads_cols(const float* gy, int64_t n, const int32_t* row_token,
+                              const float* hs, int64_t max_rank, const float* B, int64_t ldb,
+                              const int32_t* expert_offsets, const int32_t* rank_offsets,
+                              const float* scales, int64_t E, int64_t c0, int64_t c1,
+                              const float* zero_row, float* u, float* dB) {
+  constexpr int kRows = 8;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t i0 = expert_offsets[e], i1 = expert_offsets[e + 1];
+    const int64_t r0 = rank_offsets[e], r = rank_offsets[e + 1] - r0;
+    const float s = scales != nullptr ? scales[e] : 1.0f;
+    for (int64_t a0 = 0; a0 < r; a0 += 16) {
+      const int64_t w = std::min<int64_t>(16, r - a0);
+      const __mmask16 m = static_cast<__mmask16>(w == 16 ? 0xffff : (1u << w) - 1);
+      if (i0 == i1) {
+        for (int64_t c = c0; c < c1; ++c)
+          _mm512_mask_storeu_ps(dB + c * ldb + r0 + a0, m, _mm512_setzero_ps());
+        continue;
+      }
+      for (int64_t i = i0; i < i1; i += kRows) {
+        const int nr = static_cast<int>(std::min<int64_t>(kRows, i1 - i));
+        const float* gr[kRows];
+        float* ur[kRows];
+        for (int j = 0; j < nr; ++j) {
+          const int32_t t = row_token[i + j];
+          gr[j] = t >= 0 ? gy + t * n : zero_row;
+          ur[j] = u + (i + j) * max_rank + a0;
+        }
+        const float* hs_i = hs + i * max_rank + a0;
+        const float* Bs = B + r0 + a0;
+        float* dBs = dB + r0 + a0;
+        const bool first = i == i0;
+        switch (nr) {
+#define MOLORA_EXPAND_GRADS_TILE(NR)                                                    \
+  case NR:                                                                              \
+    expand_grads_tile<NR>(gr, hs_i, max_rank, Bs, ldb, c0, c1, m, first, s, dBs, ur);    \
+    break;
+          MOLORA_EXPAND_GRADS_TILE(1) MOLORA_EXPAND_GRADS_TILE(2) MOLORA_EXPAND_GRADS_TILE(3)
+          MOLORA_EXPAND_GRADS_TILE(4) MOLORA_EXPAND_GRADS_TILE(5) MOLORA_EXPAND_GRADS_TILE(6)
+          MOLORA_EXPAND_GRADS_TILE(7) MOLORA_EXPAND_GRADS_TILE(8)
+#undef MOLORA_EXPAND_GRADS_TILE
+        }
+      }
+    }
+  }
+}
+#endif
+
 }  // inline namespace MOLORA_ISA
 }  // namespace molora::kernels::avx2

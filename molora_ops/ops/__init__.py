@@ -7,8 +7,9 @@ from ._registry import OPS
 from .router import (sigmoid_topk, sigmoid_topk_backward, softmax_route_backward, softmax_topk,
                      softmax_topp, topk_softmax)
 from .dispatch import combine_rows, dispatch, gather_rows, pair_dot  # noqa: I001
-from .sgmv import (fused_moe_lora, sgmv_expand, sgmv_shrink, sgmv_weight_grad,
-                   stacked_gated_lora, stacked_gated_lora_backward, uniform_rank_offsets)
+from .sgmv import (fused_moe_lora, sgmv_expand, sgmv_expand_backward, sgmv_shrink,
+                   sgmv_weight_grad, stacked_gated_lora, stacked_gated_lora_backward,
+                   uniform_rank_offsets)
 from .masked import (id_histogram, rank_scatter, rank_sparse_expand, rank_sparse_shrink,
                      rank_sparse_weight_grad, rank_topk)
 

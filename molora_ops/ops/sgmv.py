@@ -38,16 +38,33 @@ def _check_sgmv_expand(h, B, rank_offsets, order, pos, expert_offsets, weights, 
     _checks.base(op, base, pos.shape[0], B.shape[0], h)
 
 
+def _rows_and_h(op, name, data, h):
+    """A token-major float operand [T, *] and the dispatched rows h [P, *] of its dtype and
+    device (the weight gradient's x, the expand's backward's grad_y)."""
+    _checks.floating(op, name, data)
+    _checks.dim(op, name, data, 2)
+    _checks.dim(op, "h", h, 2)
+    _checks.same_dtype(op, "h", h, name, data)
+    _checks.device(op, "h", h, data)
+
+
 def _check_sgmv_weight_grad(x, h, rank_offsets, order, pos, expert_offsets, weights, scales,
                             total_rank, transposed=False):
     op = "sgmv_weight_grad"
-    _checks.floating(op, "x", x)
-    _checks.dim(op, "x", x, 2)
-    _checks.dim(op, "h", h, 2)
-    _checks.same_dtype(op, "h", h, "x", x)
-    _checks.device(op, "h", h, x)
+    _rows_and_h(op, "x", x, h)
     _checks.value(op, total_rank >= 0, f"total_rank must be >= 0, got {total_rank}")
     _checks.grouped(op, x, x.shape[0], rank_offsets, order, pos, expert_offsets, weights, scales)
+    _checks.size(op, "h", h, 0, order.shape[0])
+
+
+def _check_sgmv_expand_backward(grad_y, h, B, rank_offsets, order, pos, expert_offsets, weights,
+                                scales):
+    op = "sgmv_expand_backward"
+    _rows_and_h(op, "grad_y", grad_y, h)
+    _checks.bank(op, "B", B, "grad_y", grad_y)
+    _checks.size(op, "B", B, 0, grad_y.shape[1])
+    _checks.grouped(op, grad_y, grad_y.shape[0], rank_offsets, order, pos, expert_offsets, weights,
+                    scales)
     _checks.size(op, "h", h, 0, order.shape[0])
 
 
@@ -97,6 +114,13 @@ def _fake_sgmv_expand(h, B, rank_offsets, order, pos, expert_offsets, weights, s
 def _fake_sgmv_weight_grad(x, h, rank_offsets, order, pos, expert_offsets, weights, scales,
                            total_rank, transposed=False):
     return x.new_empty((x.shape[1], total_rank) if transposed else (total_rank, x.shape[1]))
+
+
+def _fake_sgmv_expand_backward(grad_y, h, B, rank_offsets, order, pos, expert_offsets, weights,
+                               scales):
+    opmath_dtype = _checks.opmath_dtype(grad_y.dtype)
+    return (grad_y.new_empty((B.shape[0], B.shape[1])),
+            grad_y.new_empty((order.shape[0], h.shape[1]), dtype=opmath_dtype))
 
 
 def _fake_fused_moe_lora(x, A, B, rank_offsets, weights, ids, scales, base):
@@ -156,7 +180,10 @@ def expand_grads(grad_y, h, B, meta, weights, scales, need_h, need_B, need_w,
     need_w = weights is not None and need_w
     # u = B^T dy per row, unweighted, in opmath: the routing-weight gradient is dot(h_i, u_i).
     need_u = need_w or (need_h and unweighted_h and weights is not None)
-    if need_u:
+    if need_u and need_B:  # both in one op (one pass over grad_y on the CPU)
+        grad_B, u = native("sgmv_expand_backward")(grad_y, h, B, *meta, weights, scales)
+        h_acc = h.to(u.dtype)
+    elif need_u:
         grad_y_acc, B_acc, h_acc = opmath(grad_y, B, h)
         u = native("sgmv_shrink")(grad_y_acc, B_acc.t(), *meta, None, scales, max_rank)
     if need_h:
@@ -167,7 +194,7 @@ def expand_grads(grad_y, h, B, meta, weights, scales, need_h, need_B, need_w,
         else:  # dh_i = w_i u_i: the same shrink, weighted; no second pass over grad y
             grad_h = u * _row_weights(weights, order, u.dtype)[:, None]
         grad_h = grad_h.to(h.dtype)
-    if need_B:
+    if need_B and grad_B is None:
         grad_B = native("sgmv_weight_grad")(grad_y, h, *meta, weights, scales, B.shape[1], True)
     if need_w:
         grad_w = native("pair_dot")(h_acc, u, meta[2], False).to(weights.dtype)
@@ -249,6 +276,10 @@ def _sgmv_weight_grad_values(x, h, ro, order, pos, eo, weights, scales, total_ra
     _checks.dispatched_values("sgmv_weight_grad", total_rank, ro, order, pos, eo, h.shape[1])
 
 
+def _sgmv_expand_backward_values(grad_y, h, B, ro, order, pos, eo, weights, scales):
+    _checks.dispatched_values("sgmv_expand_backward", B.shape[1], ro, order, pos, eo, h.shape[1])
+
+
 def _stacked_gated_lora_values(x, A, B, gate, ro, scales, base, shared_a):
     _checks.stacked_values("stacked_gated_lora", A, B, ro, shared_a)
 
@@ -276,6 +307,12 @@ define("sgmv_weight_grad(Tensor x, Tensor h, Tensor rank_offsets, Tensor order, 
        check=_check_sgmv_weight_grad, fake=_fake_sgmv_weight_grad,
        reference=reference.sgmv_weight_grad, values=_sgmv_weight_grad_values,
        triton="sgmv:sgmv_weight_grad", kind="backward", autocast=("x", "h"))
+define("sgmv_expand_backward(Tensor grad_y, Tensor h, Tensor B, Tensor rank_offsets, Tensor order, "
+       "Tensor pos, Tensor expert_offsets, Tensor? weights, Tensor? scales) -> "
+       "(Tensor grad_B, Tensor u)",
+       check=_check_sgmv_expand_backward, fake=_fake_sgmv_expand_backward,
+       reference=reference.sgmv_expand_backward, values=_sgmv_expand_backward_values,
+       triton="sgmv:sgmv_expand_backward", kind="backward", autocast=("grad_y", "h", "B"))
 define("stacked_gated_lora(Tensor x, Tensor A, Tensor B, Tensor gate, Tensor rank_offsets, "
        "Tensor? scales, Tensor? base, bool shared_a) -> Tensor",
        check=_check_stacked_gated_lora, fake=_fake_stacked_gated_lora,
@@ -354,6 +391,28 @@ def sgmv_weight_grad(x, h, rank_offsets, order, pos, expert_offsets, weights, sc
     """
     return call("sgmv_weight_grad", x, h, rank_offsets, order, pos, expert_offsets, weights,
                 scales, total_rank, transposed)
+
+
+def sgmv_expand_backward(grad_y, h, B, rank_offsets, order, pos, expert_offsets, weights=None,
+                         scales=None):
+    """The expand's two backward products at once:
+    ``grad_B = sgmv_weight_grad(grad_y, h, ..., weights, scales, R, transposed=True)`` and
+    ``u = sgmv_shrink(grad_y, B^T, ..., scales)`` without the routing weights (dh_i = w_i u_i,
+    d w_i = dot(h_i, u_i)).
+
+    On the CPU, fp32 with AVX-512, one pass over grad_y computes both (it reads each dispatched
+    row of grad_y once instead of twice); elsewhere the two ops' kernels run in turn.
+
+    Args:
+        grad_y: [T, d_out] float. h: [P, max_rank], grad_y's dtype (the expand's input).
+        B: [d_out, R], grad_y's dtype and device. rank_offsets, order, pos, expert_offsets,
+        weights, scales: as in ``sgmv_expand``.
+    Returns:
+        grad_B [d_out, R] in grad_y's dtype; u [P, max_rank] in opmath (fp32 for fp16/bf16/fp32,
+        fp64 for fp64), 0 beyond r_e and on padding rows. Not differentiable.
+    """
+    return call("sgmv_expand_backward", grad_y, h, B, rank_offsets, order, pos, expert_offsets,
+                weights, scales)
 
 
 def stacked_gated_lora(x, A, B, gate, rank_offsets, scales=None, base=None, shared_a=False):

@@ -24,6 +24,7 @@ __all__ = [
     "sgmv_shrink",
     "sgmv_expand",
     "sgmv_weight_grad",
+    "sgmv_expand_backward",
     "stacked_gated_lora",
     "stacked_gated_lora_backward",
     "pair_gate",
@@ -173,6 +174,29 @@ def sgmv_weight_grad(
         G[r0:r1] = (c[:, None] * hf[i, : r1 - r0]).T @ xf[t]
     G = G.to(x.dtype)
     return G.t().contiguous() if transposed else G
+
+
+def sgmv_expand_backward(
+    grad_y: torch.Tensor,
+    h: torch.Tensor,
+    B: torch.Tensor,
+    rank_offsets: torch.Tensor,
+    order: torch.Tensor,
+    pos: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    scales: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dB, u) of ``y = sgmv_expand(h, B, ...)``: dB [d_out, R] (grad_y's dtype) =
+    ``sgmv_weight_grad(grad_y, h, ..., transposed=True)``; u [P, max_rank] opmath =
+    ``s_e B_e^T grad_y[t_i]`` per row (unweighted; dh_i = w_i u_i, d w_i = dot(h_i, u_i)), 0 beyond
+    r_e and on padding rows."""
+    acc = opmath_dtype(grad_y.dtype)
+    u = sgmv_shrink(grad_y.to(acc), B.to(acc).t(), rank_offsets, order, pos, expert_offsets, None,
+                    scales, max_rank=h.shape[1])
+    dB = sgmv_weight_grad(grad_y, h, rank_offsets, order, pos, expert_offsets, weights, scales,
+                          B.shape[1], True)
+    return dB, u
 
 
 def stacked_gated_lora(

@@ -45,7 +45,8 @@ import triton.language as tl
 
 from ._utils import dot_block, index32, reject_float64
 
-__all__ = ["sgmv_shrink", "sgmv_expand", "fused_moe_lora", "sgmv_weight_grad", "pair_dot"]
+__all__ = ["sgmv_shrink", "sgmv_expand", "fused_moe_lora", "sgmv_weight_grad",
+           "sgmv_expand_backward", "pair_dot"]
 
 # The largest rank tile: at BLOCK_R = 128 the shrink and weight-grad kernels run out of registers
 # (255 a thread) and spill on sm_90. Larger ranks take several rank tiles (a grid axis in shrink
@@ -729,3 +730,14 @@ def pair_dot(a, b, pos, a_by_token):
         a, b, out, pos, T * K, K, d, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         A_BY_TOKEN=bool(a_by_token), BLOCK_P=BLOCK_T, BLOCK_D=bd)
     return out
+
+
+def sgmv_expand_backward(grad_y, h, B, rank_offsets, order, pos, expert_offsets, weights, scales):
+    """(dB [d_out, R], u [P, max_rank] opmath) of the expand: this file's shrink (grad_y and B in
+    opmath) and weight gradient, one launch each. NOTE: untuned: the CPU fuses the two."""
+    acc = torch.float32
+    u = sgmv_shrink(grad_y.to(acc), B.to(acc).t(), rank_offsets, order, pos, expert_offsets, None,
+                    scales, h.shape[1])
+    dB = sgmv_weight_grad(grad_y, h, rank_offsets, order, pos, expert_offsets, weights, scales,
+                          B.shape[1], True)
+    return dB, u

@@ -180,16 +180,16 @@ def expand_grads(grad_y, h, B, meta, weights, scales, need_h, need_B, need_w,
     need_w = weights is not None and need_w
     # u = B^T dy per row, unweighted, in opmath: the routing-weight gradient is dot(h_i, u_i).
     need_u = need_w or (need_h and unweighted_h and weights is not None)
-    if need_u and need_B:  # both in one op (one pass over grad_y on the CPU)
+    u = None
+    if need_B and (need_u or need_h):  # dB and u in one op (one pass over grad_y on the CPU)
         grad_B, u = native("sgmv_expand_backward")(grad_y, h, B, *meta, weights, scales)
-        h_acc = h.to(u.dtype)
     elif need_u:
-        grad_y_acc, B_acc, h_acc = opmath(grad_y, B, h)
+        grad_y_acc, B_acc = opmath(grad_y, B)
         u = native("sgmv_shrink")(grad_y_acc, B_acc.t(), *meta, None, scales, max_rank)
     if need_h:
-        if not need_u:  # one shrink, weighted where there are weights
+        if u is None:  # one shrink, weighted where there are weights
             grad_h = native("sgmv_shrink")(grad_y, B.t(), *meta, weights, scales, max_rank)
-        elif unweighted_h:
+        elif unweighted_h or weights is None:
             grad_h = u
         else:  # dh_i = w_i u_i: the same shrink, weighted; no second pass over grad y
             grad_h = u * _row_weights(weights, order, u.dtype)[:, None]
@@ -197,7 +197,7 @@ def expand_grads(grad_y, h, B, meta, weights, scales, need_h, need_B, need_w,
     if need_B and grad_B is None:
         grad_B = native("sgmv_weight_grad")(grad_y, h, *meta, weights, scales, B.shape[1], True)
     if need_w:
-        grad_w = native("pair_dot")(h_acc, u, meta[2], False).to(weights.dtype)
+        grad_w = native("pair_dot")(h.to(u.dtype), u, meta[2], False).to(weights.dtype)
     return grad_h, grad_B, grad_w
 
 

@@ -34,7 +34,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 __all__ = ["Launch", "Layer", "Ceilings", "ALGOS", "launches", "minimum_bytes", "base_launches",
-           "modeled_time", "ceilings", "choose", "set_ceilings", "FUSED_MAX_TOTAL_RANK"]
+           "modeled_time", "ceilings", "choose", "choose_for", "set_ceilings",
+           "FUSED_MAX_TOTAL_RANK"]
 
 IDX = 4    # int32 index element
 F32 = 4    # fp32 routing weight / scale / intermediate element
@@ -334,3 +335,20 @@ def choose(s: Layer, device, dtype: torch.dtype, backward: bool,
 
 
 _CHOICES: Dict[tuple, str] = {}
+
+
+def choose_for(T: int, d_in: int, d_out: int, E: int, k: int, R: int, max_rank: int, elem: int,
+               has_base: bool, device: str, dtype: torch.dtype, backward: bool,
+               allowed: Tuple[str, ...]) -> str:
+    """``choose`` at the device's own ceilings for ``Layer(T, ..., has_base)``, remembered by
+    these plain arguments: a repeated call builds no Layer or device object (the layer's hot
+    path: ~90 us of Python right after a GEMM, T=1024 on the 2-core CPU machine, against a dict
+    lookup)."""
+    key = ("for", T, d_in, d_out, E, k, R, max_rank, elem, has_base, device, dtype, backward,
+           allowed)
+    algo = _CHOICES.get(key)
+    if algo is None:
+        algo = choose(Layer(T, d_in, d_out, E, k, R, max_rank, elem, has_base),
+                      torch.device(device), dtype, backward, allowed)
+        _CHOICES[key] = algo
+    return algo

@@ -391,6 +391,26 @@ def test_plan_choice_is_remembered_until_set_ceilings(monkeypatch):
         plan.set_ceilings("cpu", orig)
 
 
+def test_plan_choose_for_is_choose_and_forgets_with_set_ceilings():
+    """choose_for (the layer's hot path, keyed by plain arguments) gives choose's answer, models
+    once per key, and takes new ceilings at once."""
+    orig = plan.ceilings("cpu")
+    dims = (1024, 512, 1376, 8, 2, 128, 16, 4, True)
+    opts = ("grouped", "dense")
+    try:
+        for c, want in ((plan.Ceilings("mem", 1e8, {torch.float32: 1e15}, 0.0), "dense"),
+                        (plan.Ceilings("math", 1e15, {torch.float32: 1e8}, 0.0), "grouped")):
+            plan.set_ceilings("cpu", c)
+            got = plan.choose_for(*dims, "cpu", torch.float32, True, opts)
+            assert got == want == plan.choose(plan.Layer(*dims), "cpu", torch.float32, True, opts)
+            # a remembered choice is not modeled again
+            n = len(plan._CHOICES)
+            assert plan.choose_for(*dims, "cpu", torch.float32, True, opts) == want
+            assert len(plan._CHOICES) == n
+    finally:
+        plan.set_ceilings("cpu", orig)
+
+
 def test_plan_launch_bytes_are_consistent():
     for algo in ALGOS:
         for bwd in (False, True):

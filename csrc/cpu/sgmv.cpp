@@ -168,7 +168,12 @@ int64_t expand_tile_tokens(int64_t T, int64_t E, int64_t k) {
 // 2026-12-05: n=1376 0.65-0.69 -> 0.57-0.60 ms and E=64 k=8 r=8 n=1024 1.49-1.64 -> 1.31-1.37
 // against the whole bank transposed first into one shared B^T (a new tensor each call) and token
 // tiles split between the threads; in place, split by columns ran n=512 at 0.24-0.25 ms against
-// 0.19-0.20 by token tiles.
+// 0.19-0.20 by token tiles. NOTE: a tuple-grouped expand (tokens grouped by the sorted tuple of
+// their experts; a tile of 6 such tokens x 32 columns reduced over all k * r ranks in registers
+// and wrote y once) ran its kernel in 0.47-0.60 ms at T=1024 n=1376 E=8 k=2 r=16, but with its
+// preparation (the tokens' keys 33 us, their h packed per tile 30-42, each thread's chunks of
+// the bank 60-200) the op took 0.68 ms against this one's 0.67, and 0.71 against 0.74 right after
+// a GEMM: not kept (2 threads, 2-core Xeon with AVX-512, 2026-12-05).
 void expand_token_tiles(const at::Tensor& h, const at::Tensor& B, const GroupedArgs& g,
                         const at::Tensor& base, at::Tensor& y) {
   const auto meta = g.meta();

@@ -46,12 +46,10 @@ Tensor sgmv_weight_grad_cpu(const Tensor& x, const Tensor& h, const Tensor& rank
                             const Tensor& order, const Tensor& pos, const Tensor& expert_offsets,
                             const OptTensor& weights, const OptTensor& scales, int64_t total_rank,
                             bool transposed);
-std::tuple<Tensor, Tensor> sgmv_expand_backward_cpu(const Tensor& grad_y, const Tensor& h,
-                                                     const Tensor& B, const Tensor& rank_offsets,
-                                                     const Tensor& order, const Tensor& pos,
-                                                     const Tensor& expert_offsets,
-                                                     const OptTensor& weights,
-                                                     const OptTensor& scales);
+std::tuple<Tensor, Tensor, Tensor> sgmv_expand_backward_cpu(
+    const Tensor& grad_y, const Tensor& h, const Tensor& B, const Tensor& rank_offsets,
+    const Tensor& order, const Tensor& pos, const Tensor& expert_offsets, const OptTensor& weights,
+    const OptTensor& scales);
 Tensor stacked_gated_lora_cpu(const Tensor& x, const Tensor& A, const Tensor& B,
                               const Tensor& gate, const Tensor& rank_offsets,
                               const OptTensor& scales, const OptTensor& base, bool shared_a);

@@ -283,25 +283,32 @@ def test_sgmv_weight_grad_is_dB_transposed(dtype, case, transposed):
 @dtype_params()
 @pytest.mark.parametrize("case", SWG_CASES, ids=SWG_IDS)
 def test_sgmv_expand_backward_is_dB_and_u(dtype, case):
-    """(dB, u) against autograd of the expand: dB is B's gradient; u is h's gradient without the
-    routing weights (autograd of the expand with weights None: dh = s_e B_e^T dy)."""
+    """(dB, u, d w) against autograd of the expand: dB is B's gradient; u is h's gradient without
+    the routing weights (autograd of the expand with weights None: dh = s_e B_e^T dy); d w the
+    routing weights' gradient (with weights 1 where the case has none)."""
     T, ids, order, pos, eo, ro, R, mr, w, s = _swg_setup(case, dtype)
     d_out = 37  # 9 four-column steps and a tail
     h = torch.randn(order.numel(), mr, dtype=torch.float64).to(dtype)
     B = torch.randn(d_out, R, dtype=torch.float64).to(dtype)
     g_y = torch.randn(T, d_out, dtype=torch.float64).to(dtype)
-    (dB, u), (dB_lo, u_lo) = compare_with_reference("sgmv_expand_backward",
-                                                    [g_y, h, B, ro, order, pos, eo, w, s])
+    (dB, u, dw), (dB_lo, u_lo, dw_lo) = compare_with_reference(
+        "sgmv_expand_backward", [g_y, h, B, ro, order, pos, eo, w, s])
     assert dB.shape == (d_out, R) and dB.dtype == dtype and dB.is_contiguous()
-    assert u.shape == (order.numel(), mr) and u.dtype == torch.promote_types(dtype, torch.float32)
+    opmath = torch.promote_types(dtype, torch.float32)
+    assert u.shape == (order.numel(), mr) and u.dtype == opmath
+    assert dw.shape == tuple(pos.shape) and dw.dtype == opmath
     w64 = None if w is None else w.double()
     s64 = None if s is None else s.double()
     (dB_hi,) = autograd_f64(lambda hh, BB: ref.sgmv_expand(hh, BB, ro, order, pos, eo, w64, s64, None),
                             [h, B], [1], g_y)
     (u_hi,) = autograd_f64(lambda hh, BB: ref.sgmv_expand(hh, BB, ro, order, pos, eo, None, s64, None),
                            [h, B], [0], g_y)
+    w_one = torch.ones(pos.shape, dtype=torch.float64) if w is None else w
+    (dw_hi,) = autograd_f64(lambda ww: ref.sgmv_expand(h.double(), B.double(), ro, order, pos, eo, ww,
+                                                       s64, None), [w_one], [0], g_y)
     assert_close_fa(dB, dB_lo, dB_hi, name="sgmv_expand_backward dB vs autograd")
     assert_close_fa(u, u_lo, u_hi, name="sgmv_expand_backward u vs autograd")
+    assert_close_fa(dw, dw_lo, dw_hi, name="sgmv_expand_backward d w vs autograd")
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -326,16 +333,18 @@ def test_sgmv_expand_backward_threads_and_layouts(threads, shape):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        dB, u = molora_ops.sgmv_expand_backward(g_y, h, B, ro, order, pos, eo, w, s)
-        dB2, u2 = molora_ops.sgmv_expand_backward(g_y, h, B, ro, order, pos, eo, w, s)
+        dB, u, dw = molora_ops.sgmv_expand_backward(g_y, h, B, ro, order, pos, eo, w, s)
+        dB2, u2, dw2 = molora_ops.sgmv_expand_backward(g_y, h, B, ro, order, pos, eo, w, s)
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(dB, dB2) and torch.equal(u, u2)
-    dB_lo, u_lo = ref.sgmv_expand_backward(g_y, h, B, ro, order, pos, eo, w, s)
-    dB_hi, u_hi = ref.sgmv_expand_backward(g_y.double(), h.double(), B.double(), ro, order, pos,
-                                           eo, w.double(), s.double())
+    assert torch.equal(dB, dB2) and torch.equal(u, u2) and torch.equal(dw, dw2)
+    dB_lo, u_lo, dw_lo = ref.sgmv_expand_backward(g_y, h, B, ro, order, pos, eo, w, s)
+    dB_hi, u_hi, dw_hi = ref.sgmv_expand_backward(g_y.double(), h.double(), B.double(), ro, order,
+                                                  pos, eo, w.double(), s.double())
     assert_close_fa(dB, dB_lo, dB_hi, name="sgmv_expand_backward dB")
     assert_close_fa(u, u_lo, u_hi, name="sgmv_expand_backward u")
+    assert_close_fa(dw, dw_lo, dw_hi, name="sgmv_expand_backward d w")
+    assert torch.all(dw[pos < 0] == 0)
     for e in range(E):  # lanes past an expert's rank stay 0 (all of a rank-0 expert's)
         assert torch.all(u[int(eo[e]):int(eo[e + 1]), ranks[e]:] == 0)
 

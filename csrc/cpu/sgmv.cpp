@@ -588,7 +588,7 @@ at::Tensor gated_rank_activations(const at::Tensor& xa, const at::Tensor& Aa, in
 // and a row-major bank: both in one pass over gy (kernels::avx2::expand_grads_cols), the columns
 // split between the threads, each summing its own part of u (added in column-range order:
 // deterministic for a thread count); otherwise the two ops' own kernels.
-std::tuple<at::Tensor, at::Tensor> sgmv_expand_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sgmv_expand_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& h_in, const at::Tensor& B,
     const at::Tensor& rank_offsets, const at::Tensor& order, const at::Tensor& pos,
     const at::Tensor& expert_offsets, const std::optional<at::Tensor>& weights,
@@ -648,7 +648,22 @@ std::tuple<at::Tensor, at::Tensor> sgmv_expand_backward_cpu(
       const float* const o = part(q);
       for (int64_t i = 0; i < P * max_rank; ++i) u_p[i] += o[i];
     }
-    return {dB, u};
+    // d w from u while it is in cache. NOTE: against pair_dot's own call after the op (2048 rows
+    // of 16): that call and its Python ran 0.1 ms of a T=1024 training step right after the GEMMs
+    // (2-core Xeon, 2026-12-05).
+    const int64_t T = g.pos.size(0), k = g.pos.size(1);
+    at::Tensor grad_w = at::empty({T, k}, gy.options());
+    const int32_t* ps = g.pos.data_ptr<int32_t>();
+    const float* hp = h.data_ptr<float>();
+    float* gw = grad_w.data_ptr<float>();
+    for (int64_t p = 0; p < T * k; ++p) {
+      const int64_t i = ps[p];
+      float acc = 0.0f;
+      if (i >= 0)
+        for (int64_t a = 0; a < max_rank; ++a) acc += hp[i * max_rank + a] * u_p[i * max_rank + a];
+      gw[p] = acc;
+    }
+    return {dB, u, grad_w};
   }
 #endif
   const auto acc = opmath_dtype(grad_y.scalar_type());
@@ -656,7 +671,8 @@ std::tuple<at::Tensor, at::Tensor> sgmv_expand_backward_cpu(
                                  expert_offsets, std::nullopt, scales, max_rank);
   at::Tensor dB = sgmv_weight_grad_cpu(grad_y, h_in, rank_offsets, order, pos, expert_offsets,
                                        weights, scales, R, true);
-  return {dB, u};
+  at::Tensor grad_w = pair_dot_cpu(h_in.to(acc), u, pos, false);
+  return {dB, u, grad_w};
 }
 
 at::Tensor stacked_gated_lora_cpu(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,

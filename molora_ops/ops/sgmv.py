@@ -120,7 +120,8 @@ def _fake_sgmv_expand_backward(grad_y, h, B, rank_offsets, order, pos, expert_of
                                scales):
     opmath_dtype = _checks.opmath_dtype(grad_y.dtype)
     return (grad_y.new_empty((B.shape[0], B.shape[1])),
-            grad_y.new_empty((order.shape[0], h.shape[1]), dtype=opmath_dtype))
+            grad_y.new_empty((order.shape[0], h.shape[1]), dtype=opmath_dtype),
+            grad_y.new_empty(tuple(pos.shape), dtype=opmath_dtype))
 
 
 def _fake_fused_moe_lora(x, A, B, rank_offsets, weights, ids, scales, base):
@@ -180,9 +181,9 @@ def expand_grads(grad_y, h, B, meta, weights, scales, need_h, need_B, need_w,
     need_w = weights is not None and need_w
     # u = B^T dy per row, unweighted, in opmath: the routing-weight gradient is dot(h_i, u_i).
     need_u = need_w or (need_h and unweighted_h and weights is not None)
-    u = None
-    if need_B and (need_u or need_h):  # dB and u in one op (one pass over grad_y on the CPU)
-        grad_B, u = native("sgmv_expand_backward")(grad_y, h, B, *meta, weights, scales)
+    u = u_grad_w = None
+    if need_B and (need_u or need_h):  # dB, u and d w in one op (one pass over grad_y on the CPU)
+        grad_B, u, u_grad_w = native("sgmv_expand_backward")(grad_y, h, B, *meta, weights, scales)
     elif need_u:
         grad_y_acc, B_acc = opmath(grad_y, B)
         u = native("sgmv_shrink")(grad_y_acc, B_acc.t(), *meta, None, scales, max_rank)
@@ -197,7 +198,9 @@ def expand_grads(grad_y, h, B, meta, weights, scales, need_h, need_B, need_w,
     if need_B and grad_B is None:
         grad_B = native("sgmv_weight_grad")(grad_y, h, *meta, weights, scales, B.shape[1], True)
     if need_w:
-        grad_w = native("pair_dot")(h.to(u.dtype), u, meta[2], False).to(weights.dtype)
+        if u_grad_w is None:
+            u_grad_w = native("pair_dot")(h.to(u.dtype), u, meta[2], False)
+        grad_w = u_grad_w.to(weights.dtype)
     return grad_h, grad_B, grad_w
 
 
@@ -309,7 +312,7 @@ define("sgmv_weight_grad(Tensor x, Tensor h, Tensor rank_offsets, Tensor order, 
        triton="sgmv:sgmv_weight_grad", kind="backward", autocast=("x", "h"))
 define("sgmv_expand_backward(Tensor grad_y, Tensor h, Tensor B, Tensor rank_offsets, Tensor order, "
        "Tensor pos, Tensor expert_offsets, Tensor? weights, Tensor? scales) -> "
-       "(Tensor grad_B, Tensor u)",
+       "(Tensor grad_B, Tensor u, Tensor grad_w)",
        check=_check_sgmv_expand_backward, fake=_fake_sgmv_expand_backward,
        reference=reference.sgmv_expand_backward, values=_sgmv_expand_backward_values,
        triton="sgmv:sgmv_expand_backward", kind="backward", autocast=("grad_y", "h", "B"))
@@ -395,13 +398,15 @@ def sgmv_weight_grad(x, h, rank_offsets, order, pos, expert_offsets, weights, sc
 
 def sgmv_expand_backward(grad_y, h, B, rank_offsets, order, pos, expert_offsets, weights=None,
                          scales=None):
-    """The expand's two backward products at once:
-    ``grad_B = sgmv_weight_grad(grad_y, h, ..., weights, scales, R, transposed=True)`` and
-    ``u = sgmv_shrink(grad_y, B^T, ..., scales)`` without the routing weights (dh_i = w_i u_i,
-    d w_i = dot(h_i, u_i)).
+    """The expand's backward products at once:
+    ``grad_B = sgmv_weight_grad(grad_y, h, ..., weights, scales, R, transposed=True)``,
+    ``u = sgmv_shrink(grad_y, B^T, ..., scales)`` without the routing weights (dh_i = w_i u_i)
+    and the routing weights' gradient ``grad_w = pair_dot(h, u, pos, False)`` (d w_i =
+    dot(h_i, u_i)).
 
-    On the CPU, fp32 with AVX-512, one pass over grad_y computes both (it reads each dispatched
-    row of grad_y once instead of twice); elsewhere the two ops' kernels run in turn.
+    On the CPU, fp32 with AVX-512, one pass over grad_y computes grad_B and u (it reads each
+    dispatched row of grad_y once instead of twice) and grad_w comes from u while it is in cache;
+    elsewhere the ops' kernels run in turn.
 
     Args:
         grad_y: [T, d_out] float. h: [P, max_rank], grad_y's dtype (the expand's input).
@@ -409,7 +414,8 @@ def sgmv_expand_backward(grad_y, h, B, rank_offsets, order, pos, expert_offsets,
         weights, scales: as in ``sgmv_expand``.
     Returns:
         grad_B [d_out, R] in grad_y's dtype; u [P, max_rank] in opmath (fp32 for fp16/bf16/fp32,
-        fp64 for fp64), 0 beyond r_e and on padding rows. Not differentiable.
+        fp64 for fp64), 0 beyond r_e and on padding rows; grad_w [T, k] in opmath, 0 where pos is
+        -1 (computed whether or not weights are given). Not differentiable.
     """
     return call("sgmv_expand_backward", grad_y, h, B, rank_offsets, order, pos, expert_offsets,
                 weights, scales)

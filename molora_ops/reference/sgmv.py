@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .. import _checks
 from ._common import opmath_dtype
-from .dispatch import _combine, _gather
+from .dispatch import _combine, _gather, pair_dot
 
 __all__ = [
     "sgmv_shrink",
@@ -186,17 +186,17 @@ def sgmv_expand_backward(
     expert_offsets: torch.Tensor,
     weights: Optional[torch.Tensor],
     scales: Optional[torch.Tensor],
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(dB, u) of ``y = sgmv_expand(h, B, ...)``: dB [d_out, R] (grad_y's dtype) =
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dB, u, d w) of ``y = sgmv_expand(h, B, ...)``: dB [d_out, R] (grad_y's dtype) =
     ``sgmv_weight_grad(grad_y, h, ..., transposed=True)``; u [P, max_rank] opmath =
-    ``s_e B_e^T grad_y[t_i]`` per row (unweighted; dh_i = w_i u_i, d w_i = dot(h_i, u_i)), 0 beyond
-    r_e and on padding rows."""
+    ``s_e B_e^T grad_y[t_i]`` per row (unweighted; dh_i = w_i u_i), 0 beyond r_e and on padding
+    rows; d w [T, k] opmath = ``pair_dot(h, u, pos, False)`` (d w_i = dot(h_i, u_i))."""
     acc = opmath_dtype(grad_y.dtype)
     u = sgmv_shrink(grad_y.to(acc), B.to(acc).t(), rank_offsets, order, pos, expert_offsets, None,
                     scales, max_rank=h.shape[1])
     dB = sgmv_weight_grad(grad_y, h, rank_offsets, order, pos, expert_offsets, weights, scales,
                           B.shape[1], True)
-    return dB, u
+    return dB, u, pair_dot(h.to(acc), u, pos, False)
 
 
 def stacked_gated_lora(

@@ -733,11 +733,12 @@ def pair_dot(a, b, pos, a_by_token):
 
 
 def sgmv_expand_backward(grad_y, h, B, rank_offsets, order, pos, expert_offsets, weights, scales):
-    """(dB [d_out, R], u [P, max_rank] opmath) of the expand: this file's shrink (grad_y and B in
-    opmath) and weight gradient, one launch each. NOTE: untuned: the CPU fuses the two."""
+    """(dB [d_out, R], u [P, max_rank] opmath, d w [T, k] opmath) of the expand: this file's
+    shrink (grad_y and B in opmath), weight gradient and pair dot, one launch each. NOTE: untuned:
+    the CPU fuses the first two."""
     acc = torch.float32
     u = sgmv_shrink(grad_y.to(acc), B.to(acc).t(), rank_offsets, order, pos, expert_offsets, None,
                     scales, h.shape[1])
     dB = sgmv_weight_grad(grad_y, h, rank_offsets, order, pos, expert_offsets, weights, scales,
                           B.shape[1], True)
-    return dB, u
+    return dB, u, pair_dot(h.to(acc), u, pos, False)

@@ -77,8 +77,7 @@ def pick_algo(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, num_e
     R, d_out = lora_A.shape[0], lora_B.shape[0]
     if backward is None:
         backward = _needs_grad(x, lora_A, lora_B)
-    options = (tuple(a for a in allowed if a != "fused" or _fused_serves(x, R))
-               if "fused" in allowed else tuple(allowed))
+    options = tuple(a for a in allowed if a != "fused" or _fused_serves(x, R))
     return _choose(T, d_in, d_out, num_experts, top_k, R, max_rank, x.element_size(), has_base,
                    "cpu" if x.is_cpu else str(x.device), x.dtype, bool(backward), options)
 

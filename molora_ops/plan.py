@@ -347,8 +347,9 @@ def choose_for(T: int, d_in: int, d_out: int, E: int, k: int, R: int, max_rank: 
     key = ("for", T, d_in, d_out, E, k, R, max_rank, elem, has_base, device, dtype, backward,
            allowed)
     algo = _CHOICES.get(key)
-    if algo is None:
-        algo = choose(Layer(T, d_in, d_out, E, k, R, max_rank, elem, has_base),
-                      torch.device(device), dtype, backward, allowed)
+    if algo is None:  # (choose's own memo skipped: the ceilings are passed)
+        device = torch.device(device)
+        algo = choose(Layer(T, d_in, d_out, E, k, R, max_rank, elem, has_base), device, dtype,
+                      backward, allowed, c=ceilings(device))
         _CHOICES[key] = algo
     return algo

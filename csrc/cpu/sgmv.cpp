@@ -6,6 +6,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../kernels/dispatch_cpu.h"
 #include "../kernels/sgmv_cpu.h"
 #include "../ops.h"
 #include "cpu_utils.h"
@@ -653,16 +654,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sgmv_expand_backward_cpu(
     // (2-core Xeon, 2026-12-05).
     const int64_t T = g.pos.size(0), k = g.pos.size(1);
     at::Tensor grad_w = at::empty({T, k}, gy.options());
-    const int32_t* ps = g.pos.data_ptr<int32_t>();
-    const float* hp = h.data_ptr<float>();
-    float* gw = grad_w.data_ptr<float>();
-    for (int64_t p = 0; p < T * k; ++p) {
-      const int64_t i = ps[p];
-      float acc = 0.0f;
-      if (i >= 0)
-        for (int64_t a = 0; a < max_rank; ++a) acc += hp[i * max_rank + a] * u_p[i * max_rank + a];
-      gw[p] = acc;
-    }
+    kernels::pair_dot_range(h.data_ptr<float>(), u_p, g.pos.data_ptr<int32_t>(), k, max_rank,
+                            false, 0, T, grad_w.data_ptr<float>());
     return {dB, u, grad_w};
   }
 #endif

@@ -165,16 +165,42 @@ inline void tile_accumulate(const float* const* coef, float* const* dst, const i
   for (int b = 0; b < RB; ++b) V::template keep_add_store<kTail>(dst[b], m, keep[b], v0[b], v1[b]);
 }
 
+// Rows [t0, t1) of p (row stride ld floats): their first two cache lines on the way into L1.
+// (Out of line: inlined, its registers pushed an accumulator of the micro-tile to the stack.)
+[[gnu::noinline]] inline void prefetch_row_pairs(const float* p, int64_t ld, int64_t t0,
+                                                 int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const char* line = reinterpret_cast<const char*>(p + t * ld);
+    _mm_prefetch(line, _MM_HINT_T0);
+    _mm_prefetch(line + 64, _MM_HINT_T0);
+  }
+}
+
 // The slots [s0, s1) of one expert through tile_accumulate, kTileRows at a time. slots[2 s] is
 // the slot p (its hs row), slots[2 s + 1] its token's row in the tile (out + row * ldo), stored
 // as ~row where it is the row's first touch (its old value is dropped, not added).
 template <typename V, bool kTail>
 inline void expert_rows_accumulate(const int32_t* slots, int64_t s0, int64_t s1, const float* hs,
                                    int64_t max_rank, const float* bank, int64_t ld, int64_t r,
-                                   const typename V::Mask& m, float* out, int64_t ldo) {
+                                   const typename V::Mask& m, float* out, int64_t ldo,
+                                   const float* ahead = nullptr, int64_t pf0 = 0,
+                                   int64_t pf1 = 0) {
   const float* coef[kTileRows];
   float* dst[kTileRows];
   int32_t keep[kTileRows];
+  // The rows [pf0, pf1) of `ahead` (two lines each) on their way into cache, a share before each
+  // micro-tile. NOTE: the whole share as one burst before the expert's rows (a quarter of the
+  // kernel's samples on its prefetches: the line-fill buffers full) ran the op at T=1024 n=1376
+  // E=8 k=2 r=16 in 0.57-0.60 ms hot and 0.62-0.67 right after a GEMM, spread 0.49-0.51 and
+  // 0.59-0.65 (interleaved A/B of the two builds, 2 threads, 2-core Xeon, 2026-12-05).
+  const int64_t tiles = (s1 - s0 + kTileRows - 1) / kTileRows;
+  const int64_t pf_step = tiles > 0 ? (pf1 - pf0 + tiles - 1) / tiles : pf1 - pf0;
+  const auto prefetch_share = [&]() {
+    if (ahead == nullptr) return;
+    const int64_t end = std::min(pf1, pf0 + pf_step);
+    prefetch_row_pairs(ahead, ldo, pf0, end);
+    pf0 = end;
+  };
   const auto place = [&](int b, int64_t s) {
     const int32_t row = slots[2 * s + 1];
     coef[b] = hs + int64_t{slots[2 * s]} * max_rank;
@@ -184,8 +210,10 @@ inline void expert_rows_accumulate(const int32_t* slots, int64_t s0, int64_t s1,
   int64_t s = s0;
   for (; s + kTileRows <= s1; s += kTileRows) {
     for (int b = 0; b < kTileRows; ++b) place(b, s + b);
+    prefetch_share();
     tile_accumulate<V, kTileRows, kTail>(coef, dst, keep, bank, ld, r, m);
   }
+  prefetch_share();
   // The last 1-5 rows in one narrower tile (one row at a time ran 2 FMA chains per B load).
   const int rest = static_cast<int>(s1 - s);
   for (int b = 0; b < rest; ++b) place(b, s + b);
@@ -247,6 +275,8 @@ inline void expand_tile_panel(const float* hs, const int32_t* slots, const int32
   }
   for (int64_t c = 0; c < chunks; ++c) {
     for (int64_t e = 0; e < E; ++e) {
+      const float* ahead = nullptr;
+      int64_t pf0 = 0, pf1 = 0;
       if constexpr (kDirect) {
         // The rows' next chunk (after the last one: the next tile's rows of this panel) on its
         // way into cache while this one computes: in a training step y is a cold block of memory
@@ -254,25 +284,19 @@ inline void expand_tile_panel(const float* hs, const int32_t* slots, const int32
         // NOTE: the expand right after a d x GEMM (y cold) 1.35 -> 0.95-1.04 ms, hot on par
         // (0.6); T=1024 llama up training step 1.46-1.49x -> 1.40-1.43x the base linear's
         // (interleaved A/B of the two builds, 2 threads, 2-core Xeon with AVX-512, 2026-12-05).
-        const float* ahead = c + 1 < chunks ? out + (c + 1) * chunk_step : next_y;
+        ahead = c + 1 < chunks ? out + (c + 1) * chunk_step : next_y;
         const int64_t ahead_rows = c + 1 < chunks ? rows : next_rows;
-        if (ahead != nullptr) {
-          for (int64_t t = e * ahead_rows / E; t < (e + 1) * ahead_rows / E; ++t) {
-            const char* line = reinterpret_cast<const char*>(ahead + t * row_step);
-            _mm_prefetch(line, _MM_HINT_T0);
-            _mm_prefetch(line + 64, _MM_HINT_T0);
-          }
-        }
+        pf0 = e * ahead_rows / E;
+        pf1 = (e + 1) * ahead_rows / E;
       }
       const int64_t r0 = rank_offsets[e], r = rank_offsets[e + 1] - r0;
-      if (bucket[e] == bucket[e + 1]) continue;
       const float* bank = bt + r0 * ldb + c * V::kCols;
       if (c + 1 < chunks)
         expert_rows_accumulate<V, false>(slots, bucket[e], bucket[e + 1], hs, max_rank, bank, ldb,
-                                         r, last, out + c * chunk_step, row_step);
+                                         r, last, out + c * chunk_step, row_step, ahead, pf0, pf1);
       else
         expert_rows_accumulate<V, true>(slots, bucket[e], bucket[e + 1], hs, max_rank, bank, ldb,
-                                        r, last, out + c * chunk_step, row_step);
+                                        r, last, out + c * chunk_step, row_step, ahead, pf0, pf1);
     }
   }
   if constexpr (!kDirect) {

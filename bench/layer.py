@@ -30,17 +30,11 @@ class LayerArgs(NamedTuple):
 
 
 def moe_lora_layer(ops, a: LayerArgs, algo: str = "auto") -> torch.Tensor:
-    """Through an ops namespace (molora_ops, molora_ops.reference, ...): softmax_topk -> the one
-    MoE-LoRA linear entry ``moe_lora_linear`` (formulation ``algo``) on the frozen weight."""
-    # NOTE: the gate stays F.linear (MKL). A register-tiled CPU op for it (logits and both
-    # gradients, AVX-512; T=1024 d=512 E=8) ran the logits in 53 us against MKL's 80, x's and the
-    # gate's gradients in 36-49 and 41-44 us against 49-60 and 45, timed alone; in this suite's
-    # regime (one call after another implementation's, shuffled rounds) it ran the layer at
-    # 1.300x the base linear forward against 1.303x, and 1.495x forward+backward against 1.466x:
-    # not kept (2 threads, 2-core Xeon, 2026-12-05).
-    weights, ids = ops.softmax_topk(F.linear(a.x, a.Wg, a.bg), a.k, True)
-    return ops.moe_lora_linear(a.x, a.A, a.B, a.rank_offsets, weights, ids, a.scales,
-                               weight=a.W0, algo=algo, max_rank=a.r)
+    """Through an ops namespace (molora_ops, molora_ops.reference, ...): the routed entry
+    ``routed_moe_lora_linear`` (the gate, softmax_topk, then the one MoE-LoRA linear entry
+    ``moe_lora_linear``, formulation ``algo``) on the frozen weight."""
+    return ops.routed_moe_lora_linear(a.x, a.Wg, a.A, a.B, a.rank_offsets, a.k, a.scales,
+                                      router_bias=a.bg, weight=a.W0, algo=algo, max_rank=a.r)[0]
 
 
 def auto_algo(a: LayerArgs, backward: bool) -> str:

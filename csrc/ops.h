@@ -56,6 +56,11 @@ Tensor stacked_gated_lora_cpu(const Tensor& x, const Tensor& A, const Tensor& B,
 Tensor fused_moe_lora_cpu(const Tensor& x, const Tensor& A, const Tensor& B,
                           const Tensor& rank_offsets, const OptTensor& weights, const Tensor& ids,
                           const OptTensor& scales, const OptTensor& base);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> routed_moe_lora_cpu(
+    const Tensor& x, const Tensor& router_weight, const OptTensor& router_bias, const Tensor& A,
+    const Tensor& B, const Tensor& rank_offsets, const OptTensor& scales, const OptTensor& base,
+    const OptTensor& weight, const OptTensor& bias, int64_t top_k, bool renormalize,
+    int64_t max_rank);
 std::tuple<Tensor, Tensor, Tensor, Tensor> stacked_gated_lora_backward_cpu(
     const Tensor& grad_y, const Tensor& x, const Tensor& A, const Tensor& B, const Tensor& gate,
     const Tensor& rank_offsets, const OptTensor& scales, bool shared_a);

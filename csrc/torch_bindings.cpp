@@ -25,6 +25,7 @@ TORCH_LIBRARY_IMPL(molora, CPU, m) {
   m.impl("stacked_gated_lora", &molora::stacked_gated_lora_cpu);
   m.impl("stacked_gated_lora_backward", &molora::stacked_gated_lora_backward_cpu);
   m.impl("fused_moe_lora", &molora::fused_moe_lora_cpu);
+  m.impl("routed_moe_lora", &molora::routed_moe_lora_cpu);
   m.impl("rank_topk", &molora::rank_topk_cpu);
   m.impl("rank_sparse_shrink", &molora::rank_sparse_shrink_cpu);
   m.impl("rank_sparse_expand", &molora::rank_sparse_expand_cpu);

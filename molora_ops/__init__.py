@@ -15,10 +15,11 @@ from .backend import get_backend, set_backend, use_backend
 from ._checks import set_value_checks, use_value_checks, value_checks
 from . import plan
 from . import functional
-from .functional import moe_lora_linear
+from .functional import moe_lora_linear, routed_moe_lora_linear
 
 __version__ = "0.1.0"
 
 __all__ = ["has_extension", "extension_error", "reference", "ops", "backend", "get_backend",
-           "set_backend", "use_backend", "functional", "plan", "moe_lora_linear", "set_value_checks", "use_value_checks", "value_checks",
+           "set_backend", "use_backend", "functional", "plan", "moe_lora_linear",
+           "routed_moe_lora_linear", "set_value_checks", "use_value_checks", "value_checks",
            "__version__"] + list(_ops_all)

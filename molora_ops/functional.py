@@ -17,12 +17,16 @@ FLOPs), all with the same forward and backward:
 On the CPU with ``weight=`` the frozen GEMM runs last and accumulates into the adapter's output,
 and a grouped call that will be differentiated is one autograd node (``_GroupedNode``) whose
 backward calls the ops' own gradient formulas in sequence.
+
+``routed_moe_lora_linear`` is the same layer behind its own softmax-top-k router (logits from a
+gate ``router_weight``); on the CPU its grouped formulation is one op, ``routed_moe_lora`` (router,
+dispatch, shrink, expand and the frozen GEMM in one C++ call), and one autograd node.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +35,7 @@ from . import _checks, ops, plan, reference
 from .ops import sgmv
 from .ops._registry import native, once_differentiable
 
-__all__ = ["moe_lora_linear", "ALGOS", "pick_algo"]
+__all__ = ["moe_lora_linear", "routed_moe_lora_linear", "RoutedOutput", "ALGOS", "pick_algo"]
 
 ALGOS = ("auto",) + plan.ALGOS
 
@@ -56,6 +60,33 @@ def _lead_check(name: str, t: torch.Tensor, lead: Tuple[int, ...], last: Optiona
         full = lead + (() if last is None else (last,))
         _fail(ValueError, f"{name} must have shape {what.format(lead=lead, full=full)}, got "
                           f"{tuple(t.shape)}")
+
+
+def _check_bank(x, lora_A, lora_B, rank_offsets, algo) -> Tuple[int, int, int, int]:
+    """The checks of x, the LoRA bank and algo that every entry makes: (E, R, d_in, d_out)."""
+    if algo not in ALGOS:
+        _fail(ValueError, f"algo must be one of {ALGOS}, got {algo!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        _fail(TypeError, "x must be a tensor [..., d_in]")
+    if rank_offsets.dim() != 1 or rank_offsets.shape[0] < 2:
+        _fail(ValueError, f"rank_offsets must be [E+1] with E >= 1, got shape "
+                          f"{tuple(rank_offsets.shape)}")
+    if lora_A.dim() != 2 or lora_B.dim() != 2:
+        _fail(ValueError, f"lora_A must be [R, d_in] and lora_B [d_out, R], got "
+                          f"{tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+    return rank_offsets.shape[0] - 1, lora_A.shape[0], x.shape[-1], lora_B.shape[0]
+
+
+def _check_frozen(base, weight, bias, lead, d_in: int, d_out: int) -> None:
+    """The frozen layer's checks: base [*lead, d_out] or weight [d_out, d_in], bias [d_out]."""
+    if base is not None and weight is not None:
+        _fail(ValueError, "pass the frozen layer as base (its output) or weight, not both")
+    if base is not None:
+        _lead_check("base", base, lead, d_out, "{full}")
+    if weight is not None and tuple(weight.shape) != (d_out, d_in):
+        _fail(ValueError, f"weight must have shape ({d_out}, {d_in}), got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (d_out,):
+        _fail(ValueError, f"bias must have shape ({d_out},), got {tuple(bias.shape)}")
 
 
 def _fused_serves(x: torch.Tensor, R: int) -> bool:
@@ -136,18 +167,7 @@ def moe_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
         ValueError / TypeError on bad shapes, dtypes, devices or algo, before any kernel runs;
         ids out of range: IndexError on CPU (host value checks), a device-side assert on CUDA.
     """
-    if algo not in ALGOS:
-        _fail(ValueError, f"algo must be one of {ALGOS}, got {algo!r}")
-    if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        _fail(TypeError, "x must be a tensor [..., d_in]")
-    if rank_offsets.dim() != 1 or rank_offsets.shape[0] < 2:
-        _fail(ValueError, f"rank_offsets must be [E+1] with E >= 1, got shape "
-                          f"{tuple(rank_offsets.shape)}")
-    if lora_A.dim() != 2 or lora_B.dim() != 2:
-        _fail(ValueError, f"lora_A must be [R, d_in] and lora_B [d_out, R], got "
-                          f"{tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
-    E = rank_offsets.shape[0] - 1
-    R, d_in, d_out = lora_A.shape[0], x.shape[-1], lora_B.shape[0]
+    E, R, d_in, d_out = _check_bank(x, lora_A, lora_B, rank_offsets, algo)
     if expert_ids.dim() < 1:
         _fail(ValueError, "expert_ids must be [..., k]")
     k = expert_ids.shape[-1]
@@ -157,14 +177,7 @@ def moe_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     _lead_check("expert_ids", expert_ids, lead, k, "x's leading dims {lead} + (k,)")
     if routing_weights is not None:
         _lead_check("routing_weights", routing_weights, lead, k, "{full} like expert_ids")
-    if base is not None and weight is not None:
-        _fail(ValueError, "pass the frozen layer as base (its output) or weight, not both")
-    if base is not None:
-        _lead_check("base", base, lead, d_out, "{full}")
-    if weight is not None and tuple(weight.shape) != (d_out, d_in):
-        _fail(ValueError, f"weight must have shape ({d_out}, {d_in}), got {tuple(weight.shape)}")
-    if bias is not None and tuple(bias.shape) != (d_out,):
-        _fail(ValueError, f"bias must have shape ({d_out},), got {tuple(bias.shape)}")
+    _check_frozen(base, weight, bias, lead, d_in, d_out)
     if x_per_slot and algo in ("dense", "fused"):
         _fail(ValueError, f"algo={algo!r} reads one x row per token; x_per_slot needs 'grouped'")
 
@@ -224,6 +237,84 @@ def moe_lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     return _as_shape(y, (*lead, d_out))
 
 
+class RoutedOutput(NamedTuple):
+    """What ``routed_moe_lora_linear`` returns (leading dims ``...`` those of x)."""
+
+    y: torch.Tensor                # [..., d_out], x's dtype
+    router_logits: torch.Tensor    # [..., E], x's dtype (for an auxiliary loss: differentiable)
+    routing_weights: torch.Tensor  # [..., k] float32 (float64 for float64 x), differentiable
+    expert_ids: torch.Tensor       # [..., k] int32
+
+
+def routed_moe_lora_linear(x: torch.Tensor, router_weight: torch.Tensor, lora_A: torch.Tensor,
+                           lora_B: torch.Tensor, rank_offsets: torch.Tensor, top_k: int,
+                           scales: Optional[torch.Tensor] = None, *,
+                           router_bias: Optional[torch.Tensor] = None, renormalize: bool = True,
+                           base: Optional[torch.Tensor] = None,
+                           weight: Optional[torch.Tensor] = None,
+                           bias: Optional[torch.Tensor] = None, algo: str = "auto",
+                           max_rank: Optional[int] = None) -> RoutedOutput:
+    """The MoE-LoRA linear behind its own softmax -> top-k router (MoLA's per-layer router,
+    MixLoRA's / Mixtral's softmax-top-k):
+
+        router_logits = x @ router_weight^T + router_bias
+        routing_weights, expert_ids = ops.softmax_topk(router_logits, top_k, renormalize)
+        y = moe_lora_linear(x, lora_A, lora_B, rank_offsets, routing_weights, expert_ids, scales,
+                            base=base, weight=weight, bias=bias, algo=algo)
+
+    The same results as those three calls (forward and every gradient, the router's included);
+    on the CPU the grouped formulation runs them as one autograd node, so the router's gradient
+    and x's three gradients (adapter, router, frozen layer) are taken in one pass.
+
+    Args:
+        x: [..., d_in] float. router_weight: [E, d_in], router_bias: [E] or None (the gate).
+        lora_A, lora_B, rank_offsets, scales, base, weight, bias, algo, max_rank: as in
+            ``moe_lora_linear`` (E experts: rank_offsets is [E+1]).
+        top_k: experts per token, 1 <= top_k <= E. renormalize: divide the k probabilities by
+            their sum (MixLoRA, Mixtral); False keeps the softmax's values (MoLA).
+    Returns:
+        RoutedOutput(y [..., d_out], router_logits [..., E], routing_weights [..., k],
+        expert_ids [..., k] int32): the logits and weights are differentiable, for a
+        load-balancing loss.
+    Raises:
+        ValueError / TypeError on bad shapes, dtypes, top_k or algo, before any kernel runs.
+    """
+    E, R, d_in, d_out = _check_bank(x, lora_A, lora_B, rank_offsets, algo)
+    if router_weight.dim() != 2 or tuple(router_weight.shape) != (E, d_in):
+        _fail(ValueError, f"router_weight must have shape ({E}, {d_in}) (E experts, d_in), got "
+                          f"{tuple(router_weight.shape)}")
+    if router_bias is not None and tuple(router_bias.shape) != (E,):
+        _fail(ValueError, f"router_bias must have shape ({E},), got {tuple(router_bias.shape)}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
+        _fail(ValueError, f"top_k must be an int in [1, {E}], got {top_k!r}")
+    lead = tuple(x.shape[:-1])
+    _check_frozen(base, weight, bias, lead, d_in, d_out)
+    T = math.prod(lead)
+    x2 = _as_shape(x, (T, d_in))
+    if max_rank is None:
+        max_rank = _max_rank(rank_offsets, R)
+    cpu_fp = x.is_cpu and not torch.is_autocast_enabled("cpu")
+    needs_grad = _needs_grad(x, router_weight, router_bias, lora_A, lora_B, base, weight, bias)
+    if cpu_fp and algo == "auto":
+        algo = pick_algo(x2, lora_A, lora_B, E, top_k, max_rank,
+                         has_base=base is not None or weight is not None or bias is not None,
+                         backward=needs_grad)
+    if cpu_fp and algo == "grouped":
+        args = (x2, router_weight, router_bias, lora_A, lora_B, rank_offsets, scales,
+                None if base is None else _as_shape(base, (T, d_out)), weight, bias, top_k,
+                renormalize, max_rank)
+        # (autograd: the op's C++ kernel, csrc/autograd.cpp; no Python in its backward)
+        y, logits, w, ids, *_ = ops.routed_moe_lora(*args)
+    else:
+        logits = F.linear(x2, router_weight, router_bias)
+        w, ids = ops.softmax_topk(logits, top_k, renormalize)
+        y = moe_lora_linear(x2, lora_A, lora_B, rank_offsets, w, ids, scales,
+                            base=None if base is None else _as_shape(base, (T, d_out)),
+                            weight=weight, bias=bias, algo=algo, max_rank=max_rank)
+    return RoutedOutput(_as_shape(y, (*lead, d_out)), _as_shape(logits, (*lead, E)),
+                        _as_shape(w, (*lead, top_k)), _as_shape(ids, (*lead, top_k)))
+
+
 class _GroupedNode(torch.autograd.Function):
     """The grouped formulation as one autograd node where a gradient will be taken on the CPU:
     shrink -> expand (-> the frozen GEMM folded in, with weight) forward, and the backward's
@@ -261,15 +352,8 @@ class _GroupedNode(torch.autograd.Function):
         if grad_h is not None:
             grad_x, grad_A, _ = sgmv.shrink_grads(grad_h, x2, A, (ro, order, pos_in, eo), w_later,
                                                   None, need[0], need[1], False)
-        grad_W = grad_bias = None
-        if weight is not None:
-            if need[0]:
-                grad_x = (grad_y.mm(weight) if grad_x is None
-                          else grad_x.addmm_(grad_y.to(grad_x.dtype), weight.to(grad_x.dtype)))
-            if need[6]:
-                grad_W = grad_y.t().mm(x2.to(grad_y.dtype)).to(weight.dtype)
-            if need[7]:
-                grad_bias = grad_y.sum(0).to(weight.dtype)
+        grad_x, grad_W, grad_bias = sgmv.frozen_grads(grad_y, grad_x, x2, weight, need[0],
+                                                      need[6], need[7])
         grad_base = grad_y if need[5] else None
         return (grad_x, grad_A, grad_B, grad_w, None, grad_base, grad_W, grad_bias,
                 None, None, None, None, None, None)

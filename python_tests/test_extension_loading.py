@@ -56,3 +56,43 @@ def test_reference_path_without_extension():
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert "reference path ok" in out.stdout
+
+
+ROUTED_SCRIPT = textwrap.dedent("""
+    import torch
+    import molora_ops
+    from molora_ops import reference as ref
+    assert not molora_ops.has_extension()
+    g = torch.Generator().manual_seed(0)
+    T, d_in, d_out, E, k = 9, 8, 6, 4, 2
+    ro = torch.tensor([0, 3, 3, 8, 10], dtype=torch.int32)
+    leaves = dict(x=torch.randn(T, d_in, generator=g, dtype=torch.float64),
+                  Wr=torch.randn(E, d_in, generator=g, dtype=torch.float64),
+                  br=torch.randn(E, generator=g, dtype=torch.float64),
+                  A=torch.randn(10, d_in, generator=g, dtype=torch.float64),
+                  B=torch.randn(d_out, 10, generator=g, dtype=torch.float64),
+                  W=torch.randn(d_out, d_in, generator=g, dtype=torch.float64),
+                  b=torch.randn(d_out, generator=g, dtype=torch.float64))
+    s = torch.rand(E, generator=g, dtype=torch.float64) + 0.5
+    grads = []
+    for fn in (molora_ops.routed_moe_lora_linear, ref.routed_moe_lora_linear):
+        ts = {n: v.clone().requires_grad_() for n, v in leaves.items()}
+        y, logits, w, ids = fn(ts["x"], ts["Wr"], ts["A"], ts["B"], ro, k, s,
+                               router_bias=ts["br"], weight=ts["W"], bias=ts["b"],
+                               algo="grouped")
+        loss = y.square().sum() + logits.sin().sum() + (w * 1.5).sum()
+        grads.append(torch.autograd.grad(loss, list(ts.values())))
+    for n, a, b in zip(leaves, *grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=n)
+    print("routed python formula ok")
+""")
+
+
+def test_routed_python_formula_without_extension():
+    """Op routed_moe_lora's Python formula (the one a pure-Python build runs; the extension's C++
+    autograd kernel replaces it): routed_moe_lora_linear's gradients equal the definition's."""
+    env = dict(os.environ, MOLORA_DISABLE_EXT="1")
+    out = subprocess.run([sys.executable, "-c", ROUTED_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "routed python formula ok" in out.stdout

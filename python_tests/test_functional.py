@@ -272,6 +272,229 @@ def test_grouped_training_node_equals_op_by_op(variant):
         sum(g.sum() for g in recorded).backward()
 
 
+# --- routed_moe_lora_linear: the entry behind its own softmax-top-k router ---------------------
+
+# (id, lead dims, d_in, d_out, ranks, k, renormalize, frozen: "weight" / "base" / "bias" / None,
+#  router bias)
+ROUTED_CASES = [
+    ("ragged", (9,), 12, 10, (3, 0, 5, 2), 2, True, "weight", True),
+    ("T0", (0,), 8, 6, (2, 3), 2, True, "weight", True),
+    ("T1", (1,), 8, 6, (4, 4, 4), 2, False, "base", False),
+    ("E7-k1-r5", (11,), 16, 9, (5,) * 7, 1, True, None, True),
+    ("k=E", (6,), 8, 5, (3, 2, 6), 3, False, "bias", False),
+    ("lead-dims", (3, 4), 8, 6, (3, 4, 2), 2, True, "weight", True),
+]
+
+
+def _routed_problem(case, dtype=torch.float64, seed=0):
+    _, lead, d_in, d_out, ranks, k, renorm, frozen, has_rb = case
+    g = torch.Generator().manual_seed(seed)
+    E, R = len(ranks), sum(ranks)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    x = rnd(*lead, d_in)
+    x = x.transpose(0, -1).contiguous().transpose(0, -1)  # non-contiguous, same values
+    p = dict(x=x, Wr=rnd(E, d_in), br=rnd(E) if has_rb else None, A=rnd(R, d_in, scale=0.5),
+             B=rnd(d_out, R, scale=0.5), s=(torch.rand(E, generator=g, dtype=torch.float64)
+                                           + 0.5).to(dtype),
+             W=rnd(d_out, d_in, scale=0.3) if frozen == "weight" else None,
+             b=rnd(d_out) if frozen in ("weight", "bias") else None,
+             base=rnd(*lead, d_out) if frozen == "base" else None,
+             ro=torch.tensor((0,) + tuple(ranks)).cumsum(0).to(torch.int32), k=k, renorm=renorm,
+             max_rank=max(ranks))
+    return p
+
+
+_ROUTED_LEAVES = ("x", "Wr", "br", "A", "B", "W", "b", "base")
+
+
+def _routed_run(fn, p, **kw):
+    """fn's four outputs and the gradients of every given input under a loss that reads y, the
+    router's logits and the routing weights (an auxiliary loss's inputs)."""
+    ts = {n: None if p[n] is None else p[n].detach().clone().requires_grad_()
+          for n in _ROUTED_LEAVES}
+    out = fn(ts["x"], ts["Wr"], ts["A"], ts["B"], p["ro"], p["k"], p["s"], router_bias=ts["br"],
+             renormalize=p["renorm"], base=ts["base"], weight=ts["W"], bias=ts["b"],
+             max_rank=p["max_rank"], **kw)
+    y, logits, w, ids = out
+    g = torch.Generator().manual_seed(7)
+    cot = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)
+           for t in (y, logits, w)]
+    loss = (y * cot[0]).sum() + (logits * cot[1]).sum() + (w * cot[2]).sum()
+    names = [n for n in _ROUTED_LEAVES if ts[n] is not None]
+    grads = {}
+    if loss.requires_grad and y.numel():
+        grads = dict(zip(names, torch.autograd.grad(loss, [ts[n] for n in names])))
+    return out, grads, y.grad_fn
+
+
+@pytest.mark.parametrize("case", ROUTED_CASES, ids=[c[0] for c in ROUTED_CASES])
+@pytest.mark.parametrize("algo", ("auto", "grouped", "dense"))
+def test_routed_equals_router_then_entry(case, algo):
+    """routed_moe_lora_linear equals its definition (the reference router, softmax_topk, then
+    moe_lora_linear's oracle), forward (ids exactly) and every gradient, through y, the logits
+    and the weights; on the CPU the grouped formulation is one autograd node (op
+    routed_moe_lora's C++ autograd kernel), the others the ops' graph."""
+    p = _routed_problem(case)
+    out, grads, fn = _routed_run(MF.routed_moe_lora_linear, p, algo=algo)
+    out0, grads0, _ = _routed_run(ref.routed_moe_lora_linear, p)
+    assert isinstance(out, MF.RoutedOutput)
+    for name, a, b in zip(out._fields, out, out0):
+        assert a.shape == b.shape, name
+        if name == "expert_ids":
+            assert a.dtype == torch.int32 and torch.equal(a.long(), b.long())
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+    assert grads.keys() == grads0.keys()
+    for n in grads0:
+        torch.testing.assert_close(grads[n], grads0[n], rtol=1e-10, atol=1e-10, msg=n)
+    if algo == "grouped" and out.y.numel() and molora_ops.has_extension():
+        while fn.name() in ("ViewBackward0", "UnsafeViewBackward0"):
+            fn = fn.next_functions[0][0]
+        assert fn.name().endswith("RoutedMoeLora>"), fn.name()  # the op's C++ autograd node
+
+
+@pytest.mark.parametrize("leaves", [("A", "B"), ("x",), ("Wr", "br"), ("B", "W", "b"),
+                                    ("base",)])
+def test_routed_some_leaves(leaves):
+    """Only some inputs take a gradient (frozen x, frozen router, adapter only, ...): those
+    gradients equal the definition's, and the others are not computed."""
+    frozen = "base" if leaves == ("base",) else "weight"
+    p = _routed_problem(("some", (9,), 12, 10, (3, 0, 5, 2), 2, True, frozen, True), seed=4)
+    ts = {n: None if p[n] is None else p[n].detach().clone().requires_grad_(n in leaves)
+          for n in _ROUTED_LEAVES}
+    grads = []
+    for fn in (MF.routed_moe_lora_linear, ref.routed_moe_lora_linear):
+        y, logits, w, _ = fn(ts["x"], ts["Wr"], ts["A"], ts["B"], p["ro"], 2, p["s"],
+                             router_bias=ts["br"], base=ts["base"], weight=ts["W"], bias=ts["b"],
+                             max_rank=5)
+        loss = y.square().sum() + logits.sin().sum() + (w * 1.5).sum()
+        grads.append(torch.autograd.grad(loss, [ts[n] for n in leaves]))
+    for n, a, b in zip(leaves, *grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=n)
+
+
+def test_routed_double_backward_raises():
+    """First-order only, as every op's formula: differentiating the gradients again raises."""
+    p = _routed_problem(ROUTED_CASES[0], seed=6)
+    x, A = p["x"].clone().requires_grad_(), p["A"].clone().requires_grad_()
+    out = MF.routed_moe_lora_linear(x, p["Wr"], A, p["B"], p["ro"], 2, p["s"], weight=p["W"],
+                                    algo="grouped")
+    gx, gA = torch.autograd.grad(out.y.square().sum(), [x, A], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        (gx.sum() + gA.sum()).backward()
+
+
+def test_routed_gradcheck():
+    case = ("gc", (5,), 4, 3, (2, 0, 3), 2, True, "weight", True)
+    p = _routed_problem(case, seed=5)
+
+    def f(x, Wr, br, A, B, W, b):
+        out = MF.routed_moe_lora_linear(x, Wr, A, B, p["ro"], 2, p["s"], router_bias=br,
+                                        weight=W, bias=b, max_rank=3, algo="grouped")
+        return out.y, out.router_logits, out.routing_weights
+
+    args = [p[n].clone().requires_grad_() for n in ("x", "Wr", "br", "A", "B", "W", "b")]
+    assert torch.autograd.gradcheck(f, args)
+
+
+def test_routed_float32_error_rule():
+    """fp32 on the CPU's C++ path: y's error against the float64 definition at most twice the
+    error of the same definition run in fp32 (plus rounding), on the same routing."""
+    case = ("f32", (64,), 48, 40, (8, 5, 16, 3, 11), 2, True, "weight", True)
+    p64 = _routed_problem(case, seed=3)
+    p32 = {n: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+           for n, v in p64.items()}
+    y = _routed_run(MF.routed_moe_lora_linear, p32, algo="grouped")[0].y.double()
+    y64 = _routed_run(ref.routed_moe_lora_linear, p64)[0][0]
+    y32 = _routed_run(ref.routed_moe_lora_linear, p32)[0][0].double()
+    assert (y - y64).abs().max() <= 2 * (y32 - y64).abs().max() + 1e-6
+
+
+def test_routed_compile_fullgraph():
+    case = ("cc", (10,), 8, 6, (3, 2, 4), 2, True, "weight", True)
+    p = _routed_problem(case, dtype=torch.float32, seed=2)
+
+    def f(x, Wr, A, B, W):
+        out = MF.routed_moe_lora_linear(x, Wr, A, B, p["ro"], 2, p["s"], router_bias=p["br"],
+                                        weight=W, max_rank=p["max_rank"])
+        return out.y, out.router_logits
+
+    args = [p[n].clone().requires_grad_() for n in ("x", "Wr", "A", "B", "W")]
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got, want = compiled(*args), f(*args)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    g = torch.autograd.grad(got[0].sum() + got[1].square().sum(), args)
+    g0 = torch.autograd.grad(want[0].sum() + want[1].square().sum(), args)
+    for a, b in zip(g, g0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(Wr=torch.randn(5, 12)), "router_weight"),
+    (dict(Wr=torch.randn(4, 11)), "router_weight"),
+    (dict(br=torch.randn(3)), "router_bias"),
+    (dict(k=5), "top_k"),
+    (dict(k=0), "top_k"),
+    (dict(k=True), "top_k"),
+    (dict(both=True), "not both"),
+    (dict(algo="bmm"), "algo"),
+])
+def test_routed_errors_before_any_kernel(bad, match):
+    p = _routed_problem(ROUTED_CASES[0], dtype=torch.float32)
+    kw = dict(weight=p["W"], bias=p["b"])
+    if "both" in bad:
+        kw["base"] = torch.randn(9, 10)
+    with pytest.raises(ValueError, match=f"moe_lora_linear: .*{match}"):
+        MF.routed_moe_lora_linear(p["x"], bad.get("Wr", p["Wr"]), p["A"], p["B"], p["ro"],
+                                  bad.get("k", 2), p["s"], router_bias=bad.get("br", p["br"]),
+                                  algo=bad.get("algo", "auto"), **kw)
+
+
+def _routed_op_args(dtype=torch.float32, frozen="weight", seed=1):
+    p = _routed_problem(("op", (9,), 12, 10, (3, 0, 5, 2), 2, True, frozen, True), dtype, seed)
+    return [p["x"].contiguous(), p["Wr"], p["br"], p["A"], p["B"], p["ro"], p["s"], p["base"],
+            p["W"], p["b"], 2, True, 5]
+
+
+@pytest.mark.needs_ext
+@pytest.mark.parametrize("frozen", ["weight", "base", None])
+def test_routed_op_equals_reference_and_opcheck(frozen):
+    """The op's C++ CPU kernel against its reference composite (every output, the index
+    outputs exactly), and torch.library.opcheck (schema, fake, autograd registration,
+    aot_dispatch) with gradients wanted."""
+    args = _routed_op_args(torch.float64, frozen)
+    got = molora_ops.ops.routed_moe_lora(*args)
+    want = ref.routed_moe_lora(*args)
+    assert len(got) == len(want) == 8
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    leaves = [a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
+              else a for a in _routed_op_args(torch.float32, frozen)]
+    torch.library.opcheck(torch.ops.molora.routed_moe_lora.default, leaves)
+
+
+@pytest.mark.needs_ext
+@pytest.mark.parametrize("i,bad,exc,match", [
+    (1, torch.randn(3, 12), ValueError, "router_weight"),
+    (2, torch.randn(5), ValueError, "router_bias"),
+    (8, torch.randn(10, 11), ValueError, "weight"),
+    (10, 7, ValueError, "k must be in"),
+    (0, torch.randn(9, 12, dtype=torch.float64), TypeError, "dtype"),
+])
+def test_routed_op_errors(i, bad, exc, match):
+    """The op's own checks name it: called directly, bad input raises before any kernel."""
+    args = _routed_op_args()
+    args[i] = bad
+    with pytest.raises(exc, match=f"routed_moe_lora: .*{match}"):
+        molora_ops.ops.routed_moe_lora(*args)
+
+
 def test_dispatched_is_shared():
     case = ("shared", 8, 8, 6, (2, 3, 4), 2, "drop")
     p = _problem(case)

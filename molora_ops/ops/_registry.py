@@ -54,7 +54,9 @@ class OpDef:
     triton: Optional[str] = None
     backward: Optional[Callable] = None
     setup_context: Optional[Callable] = None
-    kind: str = "forward"  # "forward" (public, differentiable) or "backward" (used by autograd)
+    # "forward" (public, differentiable), "backward" (used by autograd) or "pipeline" (several
+    # of the forward ops in one call, differentiable: an entry of molora_ops.functional calls it)
+    kind: str = "forward"
     autocast: Tuple[str, ...] = ()  # the matmul operands cast to the autocast dtype (see below)
     op: Optional[torch._ops.OpOverload] = field(default=None, repr=False)
     native_kernels: Tuple[str, ...] = ()  # dispatch keys served by C++ kernels of molora_ops._C

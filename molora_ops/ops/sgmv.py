@@ -38,6 +38,37 @@ def _check_sgmv_expand(h, B, rank_offsets, order, pos, expert_offsets, weights, 
     _checks.base(op, base, pos.shape[0], B.shape[0], h)
 
 
+def _check_routed_moe_lora(x, router_weight, router_bias, A, B, rank_offsets, scales, base,
+                           weight, bias, top_k, renormalize, max_rank):
+    op = "routed_moe_lora"
+    _checks.floating(op, "x", x)
+    _checks.dim(op, "x", x, 2)
+    _checks.bank(op, "A", A, "x", x)
+    _checks.bank(op, "B", B, "x", x)
+    _checks.size(op, "A", A, 1, x.shape[1])
+    _checks.value(op, rank_offsets.dim() == 1 and rank_offsets.shape[0] >= 2,
+                  f"rank_offsets must be [E+1] with E >= 1, got shape {tuple(rank_offsets.shape)}")
+    E = rank_offsets.shape[0] - 1
+    _checks.rank_offsets(op, rank_offsets, E, x)
+    _checks.bank(op, "router_weight", router_weight, "x", x)
+    _checks.size(op, "router_weight", router_weight, 0, E)
+    _checks.size(op, "router_weight", router_weight, 1, x.shape[1])
+    for name, t, n in (("router_bias", router_bias, E), ("bias", bias, B.shape[0])):
+        if t is not None:
+            _checks.same_dtype(op, name, t, "x", x)
+            _checks.vector(op, name, t, n, x)
+    _checks.value(op, base is None or weight is None,
+                  "pass the frozen layer as base (its output) or weight, not both")
+    if weight is not None:
+        _checks.bank(op, "weight", weight, "x", x)
+        _checks.size(op, "weight", weight, 0, B.shape[0])
+        _checks.size(op, "weight", weight, 1, x.shape[1])
+    _checks.vector(op, "scales", scales, E, x)
+    _checks.base(op, base, x.shape[0], B.shape[0], x)
+    _checks.topk_k(op, top_k, E)
+    _checks.value(op, max_rank >= 0, f"max_rank must be >= 0, got {max_rank}")
+
+
 def _rows_and_h(op, name, data, h):
     """A token-major float operand [T, *] and the dispatched rows h [P, *] of its dtype and
     device (the weight gradient's x, the expand's backward's grad_y)."""
@@ -109,6 +140,17 @@ def _fake_sgmv_shrink(x, A, rank_offsets, order, pos, expert_offsets, weights, s
 
 def _fake_sgmv_expand(h, B, rank_offsets, order, pos, expert_offsets, weights, scales, base):
     return h.new_empty((pos.shape[0], B.shape[0]))
+
+
+def _fake_routed_moe_lora(x, router_weight, router_bias, A, B, rank_offsets, scales, base,
+                          weight, bias, top_k, renormalize, max_rank):
+    T, E = x.shape[0], router_weight.shape[0]
+    i32 = dict(dtype=torch.int32)
+    return (x.new_empty((T, B.shape[0])), x.new_empty((T, E)),
+            x.new_empty((T, top_k), dtype=_checks.opmath_dtype(x.dtype)),
+            x.new_empty((T, top_k), **i32), x.new_empty((T * top_k, max_rank)),
+            x.new_empty((T * top_k,), **i32), x.new_empty((T, top_k), **i32),
+            x.new_empty((E + 1,), **i32))
 
 
 def _fake_sgmv_weight_grad(x, h, rank_offsets, order, pos, expert_offsets, weights, scales,
@@ -221,6 +263,76 @@ def _sgmv_expand_backward(ctx, grad_y):
     return grad_h, grad_B, None, None, None, None, grad_w, None, grad_base
 
 
+def frozen_grads(grad_y, grad_x, x, weight, need_x, need_W, need_bias):
+    """(grad_x, d weight, d bias) of the frozen layer ``x weight^T + bias`` folded into a
+    grouped formula: its d x accumulates into the adapter's grad_x (beta = 1), the GEMM last
+    (grad_x None: a new one). Nothing where weight is None."""
+    grad_W = grad_bias = None
+    if weight is not None:
+        if need_x:
+            grad_x = (grad_y.mm(weight) if grad_x is None
+                      else grad_x.addmm_(grad_y.to(grad_x.dtype), weight.to(grad_x.dtype)))
+        if need_W:
+            grad_W = grad_y.t().mm(x.to(grad_y.dtype)).to(weight.dtype)
+        if need_bias:
+            grad_bias = grad_y.sum(0).to(weight.dtype)
+    return grad_x, grad_W, grad_bias
+
+
+def _save_routed(ctx, inputs, output):
+    x, router_weight, _rb, A, B, ro, scales, _base, weight, bias, _k, renormalize, _r = inputs
+    _y, logits, weights, ids, h, order, pos, eo = output
+    ctx.save_for_backward(x, router_weight, A, B, ro, scales, weight, logits, weights, ids, h,
+                          order, pos, eo)
+    ctx.mark_non_differentiable(ids, h, order, pos, eo)
+    ctx.renormalize = renormalize
+    ctx.has_bias = bias is not None
+
+
+def _routed_moe_lora_backward(ctx, grad_y, grad_logits, grad_weights, *_grad_rest):
+    """routed_moe_lora's backward: the grouped formulas in order, the router's inside: dB, u and
+    d w in one pass over grad_y (u unweighted: the A-side kernels apply the weights), the router's
+    logits gradient from d w, then x's three gradients in one buffer: the adapter's (expand of u
+    over A^T), the router's (d logits Wr, beta = 1) and the frozen layer's, whose GEMM runs last;
+    the router's small GEMMs run before it, while the caches hold the backward's data. The
+    extension runs the same formula in C++ (csrc/autograd.cpp); this one serves the pure-Python
+    build."""
+    x, Wr, A, B, ro, scales, weight, logits, weights, ids, h, *dispatched = ctx.saved_tensors
+    meta = (ro, *dispatched)
+    need = ctx.needs_input_grad
+    need_route = need[0] or need[1] or need[2]
+    grad_h, grad_B, grad_w = expand_grads(grad_y, h, B, meta, weights, scales, need[0] or need[3],
+                                          need[4], need_route, unweighted_h=True)
+    grad_route = None
+    if need_route:
+        if grad_weights is not None:
+            grad_w = grad_w + grad_weights.to(grad_w.dtype)
+        grad_route = native("softmax_route_backward")(grad_w.to(weights.dtype), weights, ids,
+                                                      logits, ctx.renormalize, 1.0)
+        if grad_logits is not None:
+            grad_route = grad_route + grad_logits.to(grad_route.dtype)
+    grad_x = grad_A = None
+    if grad_h is not None:
+        grad_x, grad_A, _ = shrink_grads(grad_h, x, A, meta, weights, None, need[0], need[3],
+                                         False)
+    grad_Wr = grad_br = None
+    if need[0]:
+        g, w = grad_route.to(x.dtype), Wr.to(x.dtype)
+        grad_x = g.mm(w) if grad_x is None else grad_x.addmm_(g.to(grad_x.dtype),
+                                                              w.to(grad_x.dtype))
+    if need[1]:
+        grad_Wr = grad_route.t().mm(x.to(grad_route.dtype)).to(Wr.dtype)
+    if need[2]:
+        grad_br = grad_route.sum(0).to(Wr.dtype)
+    grad_x, grad_W, grad_bias = frozen_grads(grad_y, grad_x, x, weight, need[0], need[8],
+                                             need[9] and weight is not None)
+    if need[9] and weight is None:  # the bias on its own (with base, or no frozen layer)
+        grad_bias = grad_y.sum(0)
+    grad_base = grad_y if need[7] else None
+    return (grad_x, grad_Wr, grad_br, grad_A, grad_B, None, None, grad_base, grad_W, grad_bias,
+            None, None, None)
+
+
 def _row_weights(weights, order, dtype):
     """w[order[i]] per dispatched row i, 0 on padding rows (order -1)."""
     w = weights.reshape(-1).to(dtype)
@@ -329,6 +441,13 @@ define("fused_moe_lora(Tensor x, Tensor A, Tensor B, Tensor rank_offsets, Tensor
        values=_fused_moe_lora_values, triton="sgmv:fused_moe_lora",
        backward=_fused_moe_lora_backward, setup_context=_save_fused,
        autocast=("x", "A", "B", "base"))
+define("routed_moe_lora(Tensor x, Tensor router_weight, Tensor? router_bias, Tensor A, Tensor B, "
+       "Tensor rank_offsets, Tensor? scales, Tensor? base, Tensor? weight, Tensor? bias, "
+       "int top_k, bool renormalize, int max_rank) -> (Tensor y, Tensor logits, Tensor weights, "
+       "Tensor ids, Tensor h, Tensor order, Tensor pos, Tensor expert_offsets)",
+       check=_check_routed_moe_lora, fake=_fake_routed_moe_lora,
+       reference=reference.routed_moe_lora, backward=_routed_moe_lora_backward,
+       setup_context=_save_routed, kind="pipeline")
 define("stacked_gated_lora_backward(Tensor grad_y, Tensor x, Tensor A, Tensor B, Tensor gate, "
        "Tensor rank_offsets, Tensor? scales, bool shared_a) -> "
        "(Tensor grad_x, Tensor grad_A, Tensor grad_B, Tensor grad_gate)",
@@ -419,6 +538,34 @@ def sgmv_expand_backward(grad_y, h, B, rank_offsets, order, pos, expert_offsets,
     """
     return call("sgmv_expand_backward", grad_y, h, B, rank_offsets, order, pos, expert_offsets,
                 weights, scales)
+
+
+def routed_moe_lora(x, router_weight, router_bias, A, B, rank_offsets, scales, base, weight, bias,
+                    top_k: int, renormalize: bool, max_rank: int):
+    """The MoE-LoRA linear behind a softmax-top-k router, as one op (a pipeline of the ops above;
+    ``molora_ops.functional.routed_moe_lora_linear`` is the entry to call):
+
+        logits = x router_weight^T + router_bias
+        weights, ids = softmax_topk(logits, top_k, renormalize)
+        order, pos, expert_offsets = dispatch(ids, E, 1)
+        h = sgmv_shrink(x, A, rank_offsets, order, pos, expert_offsets, max_rank=max_rank)
+        y = sgmv_expand(h, B, ..., weights, scales, base) + x weight^T + bias
+
+    Args:
+        x: [T, d_in] float. router_weight: [E, d_in], router_bias: [E] or None, x's dtype.
+        A: [R, d_in], B: [d_out, R], x's dtype. rank_offsets: [E+1] int. scales: [E] or None.
+        base: [T, d_out] or None; weight: [d_out, d_in] or None (not both); bias: [d_out] or None.
+        top_k: 1 <= top_k <= E. max_rank: columns of h, >= every expert rank.
+    Returns:
+        (y [T, d_out] x's dtype, logits [T, E] x's dtype, weights [T, top_k] opmath, ids
+        [T, top_k] int32, h [P, max_rank], order [P], pos [T, top_k], expert_offsets [E+1] int32
+        with P = T * top_k): the intermediates are what the backward reads. Differentiable
+        w.r.t. x, router_weight, router_bias, A, B, base, weight and bias through y, logits and
+        weights. Kernels: C++ on the CPU (the kernels called in turn, no Python between them);
+        the reference composite elsewhere.
+    """
+    return call("routed_moe_lora", x, router_weight, router_bias, A, B, rank_offsets, scales,
+                base, weight, bias, top_k, renormalize, max_rank)
 
 
 def stacked_gated_lora(x, A, B, gate, rank_offsets, scales=None, base=None, shared_a=False):

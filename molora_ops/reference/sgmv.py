@@ -30,6 +30,8 @@ __all__ = [
     "pair_gate",
     "fused_moe_lora",
     "moe_lora_linear",
+    "routed_moe_lora_linear",
+    "routed_moe_lora",
 ]
 
 
@@ -341,3 +343,38 @@ def moe_lora_linear(x, lora_A, lora_B, rank_offsets, routing_weights, expert_ids
     w = None if routing_weights is None else routing_weights.reshape(T, k)
     y = sgmv_expand(h, lora_B, rank_offsets, order, pos, eo, w, scales, b2)
     return y.reshape(*lead, d_out)
+
+
+def routed_moe_lora_linear(x, router_weight, lora_A, lora_B, rank_offsets, top_k, scales=None, *,
+                           router_bias=None, renormalize=True, base=None, weight=None, bias=None,
+                           algo="auto", max_rank=None):
+    """The oracle of ``molora_ops.functional.routed_moe_lora_linear`` (same arguments): the
+    router's logits, the reference softmax_topk, then ``moe_lora_linear`` above. Returns the
+    tuple (y, router_logits, routing_weights, expert_ids)."""
+    from .router import softmax_topk
+    lead = x.shape[:-1]
+    logits = F.linear(x, router_weight, router_bias)
+    w, ids = softmax_topk(logits.reshape(-1, logits.shape[-1]), top_k, renormalize)
+    w, ids = w.reshape(*lead, top_k), ids.reshape(*lead, top_k)
+    y = moe_lora_linear(x, lora_A, lora_B, rank_offsets, w, ids, scales, base=base, weight=weight,
+                        bias=bias, algo=algo, max_rank=max_rank)
+    return y, logits, w, ids
+
+
+def routed_moe_lora(x, router_weight, router_bias, lora_A, lora_B, rank_offsets, scales, base,
+                    weight, bias, top_k, renormalize, max_rank):
+    """The oracle of op ``routed_moe_lora``: the reference router, dispatch, shrink and expand in
+    turn, the frozen layer (``base``, or ``x weight^T``, plus ``bias``) added. Returns (y, logits,
+    weights, ids, h, order, pos, expert_offsets)."""
+    from .dispatch import dispatch
+    from .router import softmax_topk
+    logits = F.linear(x, router_weight, router_bias)
+    w, ids = softmax_topk(logits, top_k, renormalize)
+    order, pos, eo = dispatch(ids, rank_offsets.shape[0] - 1, 1)
+    h = sgmv_shrink(x, lora_A, rank_offsets, order, pos, eo, None, None, max_rank=max_rank)
+    y = sgmv_expand(h, lora_B, rank_offsets, order, pos, eo, w, scales, base)
+    if weight is not None:
+        y = y + F.linear(x, weight)
+    if bias is not None:
+        y = y + bias
+    return y, logits, w, ids, h, order, pos, eo

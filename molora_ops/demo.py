@@ -16,10 +16,10 @@ from molora_ops import reference
 
 def moe_lora_linear(ops, x, W0, Wg, A, B, rank_offsets, scales, k, max_rank):
     """y = x W0^T + sum_{j<k} w_j s_e B_e A_e x over the top-k experts of softmax(x Wg^T), through
-    ``ops`` (molora_ops: the fused entry ``moe_lora_linear``; or molora_ops.reference)."""
-    weights, ids = ops.softmax_topk(x @ Wg.t(), k, True)
-    return ops.moe_lora_linear(x, A, B, rank_offsets, weights, ids, scales, weight=W0,
-                               max_rank=max_rank)
+    ``ops`` (molora_ops: the routed entry ``routed_moe_lora_linear``, the router and the one
+    MoE-LoRA linear entry ``moe_lora_linear`` behind it; or molora_ops.reference)."""
+    return ops.routed_moe_lora_linear(x, Wg, A, B, rank_offsets, k, scales, weight=W0,
+                                      max_rank=max_rank)[0]
 
 
 def per_expert_loop(x, W0, Wg, A, B, rank_offsets, scales, k, max_rank):

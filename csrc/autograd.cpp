@@ -21,11 +21,23 @@ c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-// The backward op, below autograd: these formulas are first-order only, as the Python ones
-// (molora_ops/ops/_registry.py, once_differentiable; the same message). When a double backward
-// is being recorded (create_graph=True), the gradient comes back attached to an error node:
-// differentiating it again raises instead of silently giving a zero second derivative (the
-// backward ops have no autograd of their own).
+// A gradient marked first-order only, as the Python formulas' (molora_ops/ops/_registry.py,
+// once_differentiable; the same message): when a double backward is being recorded
+// (create_graph=True) it comes back attached to an error node, so differentiating it again raises
+// instead of silently giving a zero second derivative (the backward ops have no autograd of
+// their own).
+at::Tensor first_order(at::Tensor grad, bool recording) {
+  if (!recording || !grad.defined()) return grad;
+  auto error = std::make_shared<torch::autograd::DelayedError>(
+      "molora: trying to differentiate twice a function that was marked with "
+      "@once_differentiable (the ops' gradients are first-order only)",
+      1);
+  at::Tensor alias = grad.detach();
+  alias.set_requires_grad(true);
+  return error->apply({alias})[0];
+}
+
+// The backward op, below autograd, its gradient marked first-order only (first_order).
 template <typename Signature, typename... Args>
 at::Tensor call_backward_op(const c10::TypedOperatorHandle<Signature>& op, Args&&... args) {
   const bool recording = at::GradMode::is_enabled();
@@ -35,14 +47,7 @@ at::Tensor call_backward_op(const c10::TypedOperatorHandle<Signature>& op, Args&
     at::NoGradGuard no_grad;
     grad = op.call(std::forward<Args>(args)...);
   }
-  if (!recording || !grad.defined()) return grad;
-  auto error = std::make_shared<torch::autograd::DelayedError>(
-      "molora: trying to differentiate twice a function that was marked with "
-      "@once_differentiable (the ops' gradients are first-order only)",
-      1);
-  at::Tensor alias = grad.detach();
-  alias.set_requires_grad(true);
-  return error->apply({alias})[0];
+  return first_order(grad, recording);
 }
 
 using TopkSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, bool);
@@ -107,19 +112,6 @@ struct RankTopk : public torch::autograd::Function<RankTopk> {
     return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
-
-// The gradient itself below autograd, marked first-order only as call_backward_op's (recording
-// a double backward: it comes back attached to an error node).
-at::Tensor first_order(at::Tensor grad, bool recording) {
-  if (!recording || !grad.defined()) return grad;
-  auto error = std::make_shared<torch::autograd::DelayedError>(
-      "molora: trying to differentiate twice a function that was marked with "
-      "@once_differentiable (the ops' gradients are first-order only)",
-      1);
-  at::Tensor alias = grad.detach();
-  alias.set_requires_grad(true);
-  return error->apply({alias})[0];
-}
 
 using Opt = std::optional<at::Tensor>;
 using RoutedSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,

@@ -168,6 +168,16 @@ def bank(op, name, t, data_name, data):
     device(op, name, t, data)
 
 
+def lora_banks(op, x, A, B):
+    """x [T, d_in] float, A [R, d_in] and B [d_out, R] with its dtype and device."""
+    floating(op, "x", x)
+    dim(op, "x", x, 2)
+    bank(op, "A", A, "x", x)
+    bank(op, "B", B, "x", x)
+    size(op, "A", A, 1, x.shape[1])
+    size(op, "A", A, 0, B.shape[1])
+
+
 def rank_offsets(op, ro, num_experts, ref):
     index(op, "rank_offsets", ro)
     dim(op, "rank_offsets", ro, 1)

@@ -413,6 +413,35 @@ def test_routed_float32_error_rule():
     assert (y - y64).abs().max() <= 2 * (y32 - y64).abs().max() + 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_routed_low_precision_equals_composite(dtype):
+    """In bf16 / fp16 / fp32 the CPU op (one node) equals the three calls it replaces (gate,
+    softmax_topk, moe_lora_linear's grouped node) run in the same dtype: the same kernels, so
+    the same routing and the outputs and gradients to the dtype's rounding (x's three
+    gradients summed in another order)."""
+    p = _routed_problem(("lp", (33,), 24, 20, (4, 6, 0, 5), 2, True, "weight", True), dtype, 9)
+    out, grads, _ = _routed_run(MF.routed_moe_lora_linear, p, algo="grouped")
+
+    def composite(x, Wr, A, B, ro, k, s, *, router_bias, renormalize, base, weight, bias,
+                  max_rank):
+        logits = torch.nn.functional.linear(x, Wr, router_bias)
+        w, ids = molora_ops.softmax_topk(logits, k, renormalize)
+        y = MF.moe_lora_linear(x, A, B, ro, w, ids, s, base=base, weight=weight, bias=bias,
+                               algo="grouped", max_rank=max_rank)
+        return y, logits, w, ids
+
+    out0, grads0, _ = _routed_run(composite, p)
+    assert torch.equal(out.expert_ids.long(), out0[3].long())
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype != torch.float32 else dict(rtol=1e-5, atol=1e-5)
+    for a, b in zip(out[:3], out0[:3]):
+        torch.testing.assert_close(a, b, **tol)
+    assert grads.keys() == grads0.keys()
+    for n in grads0:
+        scale = grads0[n].abs().max().item() or 1.0
+        torch.testing.assert_close(grads[n].float() / scale, grads0[n].float() / scale, **tol,
+                                   msg=n)
+
+
 def test_routed_compile_fullgraph():
     case = ("cc", (10,), 8, 6, (3, 2, 4), 2, True, "weight", True)
     p = _routed_problem(case, dtype=torch.float32, seed=2)

@@ -81,6 +81,17 @@ inline void check_bank(const char* op, const char* name, const at::Tensor& bank,
   check_device(op, name, bank, data);
 }
 
+// x [T, d_in] float, A [R, d_in] and B [d_out, R] with its dtype and device.
+inline void check_lora_banks(const char* op, const at::Tensor& x, const at::Tensor& A,
+                             const at::Tensor& B) {
+  check_float(op, "x", x);
+  check_dim(op, "x", x, 2);
+  check_bank(op, "A", A, "x", x);
+  check_bank(op, "B", B, "x", x);
+  check_size(op, "A", A, 1, x.size(1));
+  check_size(op, "A", A, 0, B.size(1));
+}
+
 // The kernels take index values as int32 (the layouts are int32 by contract): an index range
 // [.., hi) whose largest valid value does not fit would wrap on narrowing (a valid id turning
 // into -1). Shape-only, so it runs in every value-check mode, before any data is read.

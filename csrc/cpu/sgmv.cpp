@@ -705,11 +705,7 @@ routed_moe_lora_cpu(const at::Tensor& x, const at::Tensor& router_weight,
                     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                     int64_t top_k, bool renormalize, int64_t max_rank) {
   const char* op = "routed_moe_lora";
-  check_float(op, "x", x);
-  check_dim(op, "x", x, 2);
-  check_bank(op, "A", A, "x", x);
-  check_bank(op, "B", B, "x", x);
-  check_size(op, "A", A, 1, x.size(1));
+  check_lora_banks(op, x, A, B);
   MOLORA_CHECK_VALUE(rank_offsets.dim() == 1 && rank_offsets.size(0) >= 2, op,
                      ": rank_offsets must be [E+1] with E >= 1, got shape ", rank_offsets.sizes());
   const int64_t E = rank_offsets.size(0) - 1, d_out = B.size(0);
@@ -756,12 +752,7 @@ at::Tensor fused_moe_lora_cpu(const at::Tensor& x, const at::Tensor& A, const at
                               const std::optional<at::Tensor>& scales,
                               const std::optional<at::Tensor>& base) {
   const char* op = "fused_moe_lora";
-  check_float(op, "x", x);
-  check_dim(op, "x", x, 2);
-  check_bank(op, "A", A, "x", x);
-  check_bank(op, "B", B, "x", x);
-  check_size(op, "A", A, 1, x.size(1));
-  check_size(op, "A", A, 0, B.size(1));
+  check_lora_banks(op, x, A, B);
   check_index(op, "ids", ids);
   check_dim(op, "ids", ids, 2);
   check_size(op, "ids", ids, 0, x.size(0));

@@ -41,11 +41,7 @@ def _check_sgmv_expand(h, B, rank_offsets, order, pos, expert_offsets, weights, 
 def _check_routed_moe_lora(x, router_weight, router_bias, A, B, rank_offsets, scales, base,
                            weight, bias, top_k, renormalize, max_rank):
     op = "routed_moe_lora"
-    _checks.floating(op, "x", x)
-    _checks.dim(op, "x", x, 2)
-    _checks.bank(op, "A", A, "x", x)
-    _checks.bank(op, "B", B, "x", x)
-    _checks.size(op, "A", A, 1, x.shape[1])
+    _checks.lora_banks(op, x, A, B)
     _checks.value(op, rank_offsets.dim() == 1 and rank_offsets.shape[0] >= 2,
                   f"rank_offsets must be [E+1] with E >= 1, got shape {tuple(rank_offsets.shape)}")
     E = rank_offsets.shape[0] - 1
@@ -115,12 +111,7 @@ def _check_stacked_gated_lora_backward(grad_y, x, A, B, gate, rank_offsets, scal
 
 def _check_fused_moe_lora(x, A, B, rank_offsets, weights, ids, scales, base):
     op = "fused_moe_lora"
-    _checks.floating(op, "x", x)
-    _checks.dim(op, "x", x, 2)
-    _checks.bank(op, "A", A, "x", x)
-    _checks.bank(op, "B", B, "x", x)
-    _checks.size(op, "A", A, 1, x.shape[1])
-    _checks.size(op, "A", A, 0, B.shape[1])
+    _checks.lora_banks(op, x, A, B)
     _checks.index(op, "ids", ids)
     _checks.dim(op, "ids", ids, 2)
     _checks.size(op, "ids", ids, 0, x.shape[0])

@@ -175,7 +175,11 @@ int64_t expand_tile_tokens(int64_t T, int64_t E, int64_t k) {
 // and wrote y once) ran its kernel in 0.47-0.60 ms at T=1024 n=1376 E=8 k=2 r=16, but with its
 // preparation (the tokens' keys 33 us, their h packed per tile 30-42, each thread's chunks of
 // the bank 60-200) the op took 0.68 ms against this one's 0.67, and 0.71 against 0.74 right after
-// a GEMM: not kept (2 threads, 2-core Xeon with AVX-512, 2026-12-05).
+// a GEMM: not kept (2 threads, 2-core Xeon with AVX-512, 2026-12-05). As routed_moe_lora's expand,
+// timed as the bench suite does (one call after another implementation's), it ran the T=1024
+// layer forward at 1.285-1.314x the base linear against this one's 1.279-1.286x, and with
+// streaming stores (y written once, its lines never read for ownership; the frozen GEMM then
+// reads y from memory) at 1.355-1.368x (same machine, 2026-12-05).
 void expand_token_tiles(const at::Tensor& h, const at::Tensor& B, const GroupedArgs& g,
                         const at::Tensor& base, at::Tensor& y) {
   const auto meta = g.meta();

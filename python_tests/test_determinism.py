@@ -108,3 +108,40 @@ def test_independent_of_thread_count(which):
         torch.set_num_threads(saved)
     for i, (a, b) in enumerate(zip(one, many)):
         assert _bitwise_equal(a, b), f"{which}: result {i} depends on the thread count"
+
+
+@pytest.mark.needs_ext
+def test_wide_expand_backward_and_routed_layer_independent_of_thread_count():
+    """At widths where the CPU's one-pass expand backward splits the output gradient's columns
+    into ranges (a part of u each, summed afterwards; d_out = 300 here), u, d w and the layer's
+    gradients are still the same bits with 1 and 2 threads: the ranges follow d_out, not the
+    threads."""
+    g = torch.Generator().manual_seed(3)
+    T, d_in, n, E, k, r = 96, 40, 300, 4, 2, 16
+    x, A = torch.randn(T, d_in, generator=g), torch.randn(E * r, d_in, generator=g)
+    B, W = torch.randn(n, E * r, generator=g), torch.randn(n, d_in, generator=g)
+    Wr, gy = torch.randn(E, d_in, generator=g), torch.randn(T, n, generator=g)
+    ro = torch.arange(E + 1, dtype=torch.int32) * r
+
+    def run():
+        w, ids = mo.softmax_topk(torch.randn(T, E, generator=torch.Generator().manual_seed(4)),
+                                 k, True)
+        order, pos, eo = mo.dispatch(ids, E, 1)
+        h = torch.randn(T * k, r, generator=torch.Generator().manual_seed(5))
+        outs = list(mo.sgmv_expand_backward(gy, h, B, ro, order, pos, eo, w, None))
+        leaves = [t.clone().requires_grad_() for t in (x, Wr, A, B)]
+        y = mo.routed_moe_lora_linear(leaves[0], leaves[1], leaves[2], leaves[3], ro, k,
+                                      weight=W, algo="grouped").y
+        return outs + [y] + list(torch.autograd.grad(y, leaves, gy))
+
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        _dirty_allocator()
+        torch.set_num_threads(max(2, saved))
+        many = run()
+    finally:
+        torch.set_num_threads(saved)
+    for i, (a, b) in enumerate(zip(one, many)):
+        assert _bitwise_equal(a, b), f"result {i} depends on the thread count"

@@ -145,6 +145,11 @@ void expand_cols(const int32_t* row_token, const acc_t* hs, const at::Tensor& Bt
 // sgmv_expand_backward splits gy's columns between the threads only where each gets this many
 // 4-column steps. NOTE: untuned.
 constexpr int64_t kExpandGradsMinSteps = 16;
+// ... and at most this many ranges, whatever the thread count (the parts of u are summed in
+// range order: a count that followed the threads made u and d w depend on them). NOTE: 4 ranges
+// ran the op at T=1024 E=8 k=2 r=16 n=1376 in 0.89-0.95 ms against 0.84-0.85 for 2 (2 threads,
+// 2-core Xeon, 2026-12-05); untuned on more cores, where 2 ranges leave the rest idle.
+constexpr int64_t kExpandGradsRanges = 2;
 
 #ifdef MOLORA_HAVE_AVX2_KERNELS
 // Tokens per tile of the fp32 register-tiled expand: about 48 slots per expert, so the 6-row
@@ -622,10 +627,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sgmv_expand_backward_cpu(
     const at::Tensor gy = grad_y.contiguous(), h = h_in.contiguous();
     const auto prepared = prepare_rows(h, g, max_rank);
     at::Tensor dB = at::empty({n, R}, gy.options());
-    // Column ranges of whole 4-column steps, one a thread (u's parts summed afterwards).
+    // Column ranges of whole 4-column steps, split between the threads (u's parts summed
+    // afterwards). Their count depends on n alone, so the sum's order does not depend on the
+    // thread count.
     const int64_t steps = (n + 3) / 4;
     const int64_t ranges = std::max<int64_t>(
-        1, std::min<int64_t>(at::get_num_threads(), steps / kExpandGradsMinSteps));
+        1, std::min<int64_t>(kExpandGradsRanges, steps / kExpandGradsMinSteps));
     // Range 0's part of u is u itself: each range zero-fills its own part in its thread (the
     // kernel leaves the lanes past an expert's rank alone) and the other parts are added to u in
     // order afterwards. NOTE: against at::zeros of every part and their sum(0) (the op, T=1024

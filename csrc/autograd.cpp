@@ -130,8 +130,8 @@ using WeightGradSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at:
 
 Opt optional_of(const at::Tensor& t) { return t.defined() ? Opt(t) : Opt(); }
 
-// routed_moe_lora: the formula of molora_ops/ops/sgmv.py (routed_moe_lora_grads), here so that
-// the backward runs no Python: dB, u and d w in one pass over grad y (sgmv_expand_backward; u
+// routed_moe_lora: the formula of molora_ops/ops/sgmv.py (_routed_moe_lora_backward), here so
+// that the backward runs no Python: dB, u and d w in one pass over grad y (sgmv_expand_backward; u
 // unweighted, the A-side kernels apply the weights), the router's d logits from d w
 // (softmax_route_backward), then x's gradients in one buffer: the adapter's (expand of u over
 // A^T), the router's (d logits Wr) and the frozen layer's (grad y W), its GEMM last. NOTE: the

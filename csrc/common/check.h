@@ -92,6 +92,15 @@ inline void check_lora_banks(const char* op, const at::Tensor& x, const at::Tens
   check_size(op, "A", A, 0, B.size(1));
 }
 
+// A vector [n] with the data's dtype and device (a bias).
+inline void check_vector(const char* op, const char* name, const at::Tensor& t, int64_t n,
+                         const at::Tensor& data) {
+  check_dim(op, name, t, 1);
+  check_same_dtype(op, name, t, "x", data);
+  check_device(op, name, t, data);
+  check_size(op, name, t, 0, n);
+}
+
 // The kernels take index values as int32 (the layouts are int32 by contract): an index range
 // [.., hi) whose largest valid value does not fit would wrap on narrowing (a valid id turning
 // into -1). Shape-only, so it runs in every value-check mode, before any data is read.

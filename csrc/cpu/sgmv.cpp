@@ -597,8 +597,8 @@ at::Tensor gated_rank_activations(const at::Tensor& xa, const at::Tensor& Aa, in
 // (dB, u) of y = sgmv_expand(h, B, ...) for the grouped backward: dB = sgmv_weight_grad(gy, h,
 // ..., transposed), u = sgmv_shrink(gy, B^T, ..., no weights, scales) in opmath. fp32 with AVX-512
 // and a row-major bank: both in one pass over gy (kernels::avx2::expand_grads_cols), the columns
-// split between the threads, each summing its own part of u (added in column-range order:
-// deterministic for a thread count); otherwise the two ops' own kernels.
+// split into ranges between the threads, each range summing its own part of u (added in range
+// order; the ranges follow n, not the threads); otherwise the two ops' own kernels.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sgmv_expand_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& h_in, const at::Tensor& B,
     const at::Tensor& rank_offsets, const at::Tensor& order, const at::Tensor& pos,
@@ -699,8 +699,6 @@ at::Tensor stacked_gated_lora_cpu(const at::Tensor& x, const at::Tensor& A, cons
   return y.to(x.scalar_type());
 }
 
-// The top-k routing as the dense form: the CPU has no on-chip h to keep, so "fused" here is the
-// gate [T, E] (opmath) and the BLAS stacked gated form over it.
 // routed_moe_lora: the router's logits (BLAS), softmax_topk, dispatch, sgmv_shrink, sgmv_expand
 // and the frozen GEMM (BLAS, accumulating into y: beta = 1) in one call, so no Python runs
 // between the kernels. NOTE: the same kernels called one by one from Python ran the T=1024 llama
@@ -724,12 +722,7 @@ routed_moe_lora_cpu(const at::Tensor& x, const at::Tensor& router_weight,
   check_size(op, "router_weight", router_weight, 0, E);
   check_size(op, "router_weight", router_weight, 1, x.size(1));
   check_router_k(op, top_k, E);
-  if (router_bias.has_value()) {
-    check_dim(op, "router_bias", *router_bias, 1);
-    check_same_dtype(op, "router_bias", *router_bias, "x", x);
-    check_device(op, "router_bias", *router_bias, x);
-    check_size(op, "router_bias", *router_bias, 0, E);
-  }
+  if (router_bias.has_value()) check_vector(op, "router_bias", *router_bias, E, x);
   MOLORA_CHECK_VALUE(!(base.has_value() && weight.has_value()), op,
                      ": pass the frozen layer as base (its output) or weight, not both");
   if (weight.has_value()) {
@@ -737,12 +730,7 @@ routed_moe_lora_cpu(const at::Tensor& x, const at::Tensor& router_weight,
     check_size(op, "weight", *weight, 0, d_out);
     check_size(op, "weight", *weight, 1, x.size(1));
   }
-  if (bias.has_value()) {
-    check_dim(op, "bias", *bias, 1);
-    check_same_dtype(op, "bias", *bias, "x", x);
-    check_device(op, "bias", *bias, x);
-    check_size(op, "bias", *bias, 0, d_out);
-  }
+  if (bias.has_value()) check_vector(op, "bias", *bias, d_out, x);
   const at::Tensor logits = router_bias.has_value()
                                 ? at::addmm(*router_bias, x, router_weight.t())
                                 : at::mm(x, router_weight.t());
@@ -757,6 +745,8 @@ routed_moe_lora_cpu(const at::Tensor& x, const at::Tensor& router_weight,
   return {y, logits, weights, ids, h, order, pos, expert_offsets};
 }
 
+// The top-k routing as the dense form: the CPU has no on-chip h to keep, so "fused" here is the
+// gate [T, E] (opmath) and the BLAS stacked gated form over it.
 at::Tensor fused_moe_lora_cpu(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
                               const at::Tensor& rank_offsets,
                               const std::optional<at::Tensor>& weights, const at::Tensor& ids,

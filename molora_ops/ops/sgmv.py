@@ -271,13 +271,12 @@ def frozen_grads(grad_y, grad_x, x, weight, need_x, need_W, need_bias):
 
 
 def _save_routed(ctx, inputs, output):
-    x, router_weight, _rb, A, B, ro, scales, _base, weight, bias, _k, renormalize, _r = inputs
+    x, router_weight, _rb, A, B, ro, scales, _base, weight, _bias, _k, renormalize, _r = inputs
     _y, logits, weights, ids, h, order, pos, eo = output
     ctx.save_for_backward(x, router_weight, A, B, ro, scales, weight, logits, weights, ids, h,
                           order, pos, eo)
     ctx.mark_non_differentiable(ids, h, order, pos, eo)
     ctx.renormalize = renormalize
-    ctx.has_bias = bias is not None
 
 
 def _routed_moe_lora_backward(ctx, grad_y, grad_logits, grad_weights, *_grad_rest):
@@ -315,8 +314,7 @@ def _routed_moe_lora_backward(ctx, grad_y, grad_logits, grad_weights, *_grad_res
         grad_Wr = grad_route.t().mm(x.to(grad_route.dtype)).to(Wr.dtype)
     if need[2]:
         grad_br = grad_route.sum(0).to(Wr.dtype)
-    grad_x, grad_W, grad_bias = frozen_grads(grad_y, grad_x, x, weight, need[0], need[8],
-                                             need[9] and weight is not None)
+    grad_x, grad_W, grad_bias = frozen_grads(grad_y, grad_x, x, weight, need[0], need[8], need[9])
     if need[9] and weight is None:  # the bias on its own (with base, or no frozen layer)
         grad_bias = grad_y.sum(0)
     grad_base = grad_y if need[7] else None

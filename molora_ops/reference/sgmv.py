@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from .. import _checks
 from ._common import opmath_dtype
-from .dispatch import _combine, _gather, pair_dot
+from .dispatch import _combine, _gather, dispatch, pair_dot
+from .router import softmax_topk
 
 __all__ = [
     "sgmv_shrink",
@@ -322,7 +323,6 @@ def moe_lora_linear(x, lora_A, lora_B, rank_offsets, routing_weights, expert_ids
     ``dispatched`` change nothing here): the reference dispatch -> sgmv_shrink -> sgmv_expand of
     the flattened tokens, with the frozen layer ``x W^T + bias`` (or ``base``) as the base."""
     del algo, dispatched
-    from .dispatch import dispatch
     k, d_in, d_out = expert_ids.shape[-1], x.shape[-1], lora_B.shape[0]
     lead = expert_ids.shape[:-1]
     T = math.prod(lead)
@@ -351,7 +351,6 @@ def routed_moe_lora_linear(x, router_weight, lora_A, lora_B, rank_offsets, top_k
     """The oracle of ``molora_ops.functional.routed_moe_lora_linear`` (same arguments): the
     router's logits, the reference softmax_topk, then ``moe_lora_linear`` above. Returns the
     tuple (y, router_logits, routing_weights, expert_ids)."""
-    from .router import softmax_topk
     lead = x.shape[:-1]
     logits = F.linear(x, router_weight, router_bias)
     w, ids = softmax_topk(logits.reshape(-1, logits.shape[-1]), top_k, renormalize)
@@ -366,8 +365,6 @@ def routed_moe_lora(x, router_weight, router_bias, lora_A, lora_B, rank_offsets,
     """The oracle of op ``routed_moe_lora``: the reference router, dispatch, shrink and expand in
     turn, the frozen layer (``base``, or ``x weight^T``, plus ``bias``) added. Returns (y, logits,
     weights, ids, h, order, pos, expert_offsets)."""
-    from .dispatch import dispatch
-    from .router import softmax_topk
     logits = F.linear(x, router_weight, router_bias)
     w, ids = softmax_topk(logits, top_k, renormalize)
     order, pos, eo = dispatch(ids, rank_offsets.shape[0] - 1, 1)

@@ -19,6 +19,11 @@ std::tuple<Tensor, Tensor> sigmoid_topk_cpu(const Tensor& logits, int64_t k, con
                                             bool normalize, bool bias_in_weights, double scale);
 std::tuple<Tensor, Tensor> softmax_topp_cpu(const Tensor& logits, double top_p, int64_t min_k,
                                             double entropy_threshold, double q, double eps);
+// (routed_moe_lora's router, not an op: the linear and softmax_topk_cpu, in one pass where it can)
+std::tuple<Tensor, Tensor, Tensor> softmax_topk_linear_cpu(const Tensor& x,
+                                                           const Tensor& router_weight,
+                                                           const OptTensor& router_bias, int64_t k,
+                                                           bool renormalize);
 Tensor softmax_route_backward_cpu(const Tensor& grad_weights, const Tensor& weights,
                                   const Tensor& ids, const Tensor& logits, bool renormalized,
                                   double scale);

@@ -491,6 +491,37 @@ def _routed_op_args(dtype=torch.float32, frozen="weight", seed=1):
 
 
 @pytest.mark.needs_ext
+@pytest.mark.parametrize("T,d_in,E,k,has_rb", [(0, 20, 5, 2, True), (1, 8, 3, 1, False),
+                                               (37, 45, 13, 3, True), (64, 48, 8, 2, False),
+                                               (9, 16, 16, 16, True)])
+def test_routed_router_fp32_one_pass(T, d_in, E, k, has_rb):
+    """The routed op's fp32 router (on an AVX-512 CPU the linear and softmax_topk in one pass
+    over x's rows, csrc/cpu/router.cpp): logits within the error rule of the float64 linear
+    (at most twice the fp32 composite's error), and the weights and ids exactly softmax_topk's
+    on those logits; odd T (a lone last row), d_in not a multiple of 16, E past 8 and not a
+    multiple of it, k = E, a non-contiguous x."""
+    g = torch.Generator().manual_seed(T + E)
+    x = torch.randn(d_in, T, generator=g, dtype=torch.float64).t()  # non-contiguous
+    Wr = torch.randn(E, d_in, generator=g, dtype=torch.float64)
+    br = torch.randn(E, generator=g, dtype=torch.float64) if has_rb else None
+    R, d_out = 4 * E, 12
+    A = torch.randn(R, d_in, generator=g, dtype=torch.float64)
+    B = torch.randn(d_out, R, generator=g, dtype=torch.float64)
+    ro = torch.arange(E + 1, dtype=torch.int32) * 4
+    f32 = [None if t is None else t.float() for t in (x, Wr, br, A, B)]
+    out = molora_ops.ops.routed_moe_lora(f32[0], f32[1], f32[2], f32[3], f32[4], ro, None, None,
+                                         None, None, k, True, 4)
+    logits, w, ids = out[1], out[2], out[3]
+    want64 = torch.nn.functional.linear(x, Wr, br)
+    composite = torch.nn.functional.linear(f32[0], f32[1], f32[2]).double()
+    assert logits.dtype == torch.float32 and logits.shape == (T, E)
+    if T:
+        assert (logits.double() - want64).abs().max() <= \
+            2 * (composite - want64).abs().max() + 1e-6
+    w0, ids0 = molora_ops.ops.softmax_topk(logits, k, True)
+    assert torch.equal(ids, ids0) and torch.equal(w, w0)
+
+
 @pytest.mark.parametrize("frozen", ["weight", "base", None])
 def test_routed_op_equals_reference_and_opcheck(frozen):
     """The op's C++ CPU kernel against its reference composite (every output, the index

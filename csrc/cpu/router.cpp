@@ -5,6 +5,7 @@
 #include "../kernels/router_cpu.h"
 #include "../ops.h"
 #include "cpu_utils.h"
+#include "sgmv_isa.h"
 
 namespace molora {
 namespace {
@@ -49,6 +50,42 @@ std::tuple<at::Tensor, at::Tensor> softmax_topk_cpu(const at::Tensor& logits, in
   return route_rows(logits, k, [&](const auto* row, auto* key, int32_t* scratch, auto* w, int32_t* id) {
     kernels::softmax_topk_row(row, E, k, renormalize, key, scratch, w, id);
   });
+}
+
+// routed_moe_lora's router: logits = x router_weight^T + router_bias, then softmax_topk. fp32 with
+// AVX-512 takes both in one pass over x's rows (the linear, cpu::avx512::router_logits_rows, then
+// each row's top-k while it is in cache; its NOTE has the measurement); elsewhere ATen's linear,
+// then softmax_topk_cpu. The caller has checked the shapes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_topk_linear_cpu(
+    const at::Tensor& x, const at::Tensor& router_weight,
+    const std::optional<at::Tensor>& router_bias, int64_t k, bool renormalize) {
+#ifdef MOLORA_HAVE_AVX512_KERNELS
+  if (x.scalar_type() == at::kFloat && cpu::avx512::available()) {
+    const at::Tensor xc = x.contiguous(), W = router_weight.contiguous();
+    const at::Tensor b = router_bias.has_value() ? router_bias->contiguous() : at::Tensor();
+    const int64_t T = xc.size(0), d = xc.size(1), E = W.size(0);
+    at::Tensor logits = at::empty({T, E}, xc.options());
+    at::Tensor weights = at::empty({T, k}, xc.options());
+    at::Tensor ids = at::empty({T, k}, xc.options().dtype(at::kInt));
+    const float *xp = xc.data_ptr<float>(), *wp = W.data_ptr<float>();
+    const float* bp = cpu::ptr_or_null<float>(b);
+    float *lp = logits.data_ptr<float>(), *wt = weights.data_ptr<float>();
+    int32_t* id = ids.data_ptr<int32_t>();
+    at::parallel_for(0, T, cpu::grain_for(d * E), [&](int64_t t0, int64_t t1) {
+      std::vector<float> key(2 * E);
+      std::vector<int32_t> scratch(E);
+      cpu::avx512::router_logits_rows(xp, wp, bp, d, E, t0, t1, lp);
+      for (int64_t t = t0; t < t1; ++t)
+        kernels::softmax_topk_row(lp + t * E, E, k, renormalize, key.data(), scratch.data(),
+                                  wt + t * k, id + t * k);
+    });
+    return {logits, weights, ids};
+  }
+#endif
+  const at::Tensor logits = router_bias.has_value() ? at::addmm(*router_bias, x, router_weight.t())
+                                                    : at::mm(x, router_weight.t());
+  auto [weights, ids] = softmax_topk_cpu(logits, k, renormalize);
+  return {logits, weights, ids};
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_softmax_cpu(const at::Tensor& logits, int64_t k,

@@ -731,10 +731,8 @@ routed_moe_lora_cpu(const at::Tensor& x, const at::Tensor& router_weight,
     check_size(op, "weight", *weight, 1, x.size(1));
   }
   if (bias.has_value()) check_vector(op, "bias", *bias, d_out, x);
-  const at::Tensor logits = router_bias.has_value()
-                                ? at::addmm(*router_bias, x, router_weight.t())
-                                : at::mm(x, router_weight.t());
-  auto [weights, ids] = softmax_topk_cpu(logits, top_k, renormalize);
+  auto [logits, weights, ids] =
+      softmax_topk_linear_cpu(x, router_weight, router_bias, top_k, renormalize);
   auto [order, pos, expert_offsets] = dispatch_cpu(ids, E, 1);
   at::Tensor h = sgmv_shrink_cpu(x, A, rank_offsets, order, pos, expert_offsets, std::nullopt,
                                  std::nullopt, max_rank);

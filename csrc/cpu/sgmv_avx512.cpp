@@ -1,8 +1,8 @@
-// The fp32 shrink, expand and weight gradient compiled for AVX-512 (this file only: -mavx512f
-// -mavx512vl -mavx2 -mfma -DMOLORA_ISA=isa_avx512, see CMakeLists.txt): the register-tiled
-// kernels of csrc/kernels/sgmv_avx2_cpu.h with 32-column zmm chunks (Zmm32). As in sgmv_avx2.cpp,
-// no torch header is included here, and the kernels' symbols live in
-// molora::kernels::avx2::isa_avx512.
+// The fp32 shrink, expand, weight gradient and routed_moe_lora's router linear compiled for
+// AVX-512 (this file only: -mavx512f -mavx512vl -mavx2 -mfma -DMOLORA_ISA=isa_avx512, see
+// CMakeLists.txt): the register-tiled kernels of csrc/kernels/sgmv_avx2_cpu.h with 32-column zmm
+// chunks (Zmm32). As in sgmv_avx2.cpp, no torch header is included here, and the kernels' symbols
+// live in molora::kernels::avx2::isa_avx512.
 #include "sgmv_isa.h"
 
 #include "../kernels/sgmv_avx2_cpu.h"
@@ -42,6 +42,11 @@ void expand_grads_cols(const float* gy, int64_t n, const int32_t* row_token, con
                        const float* zero_row, float* u, float* dB) {
   kernels::avx2::expand_grads_cols(gy, n, row_token, hs, max_rank, B, ldb, expert_offsets,
                                    rank_offsets, scales, E, c0, c1, zero_row, u, dB);
+}
+
+void router_logits_rows(const float* x, const float* W, const float* bias, int64_t d, int64_t E,
+                        int64_t t0, int64_t t1, float* logits) {
+  kernels::avx2::router_logits_rows(x, W, bias, d, E, t0, t1, logits);
 }
 
 }  // namespace molora::cpu::avx512

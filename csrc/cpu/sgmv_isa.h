@@ -91,6 +91,9 @@ void expand_grads_cols(const float* gy, int64_t n, const int32_t* row_token, con
                        const int32_t* expert_offsets, const int32_t* rank_offsets,
                        const float* scales, int64_t E, int64_t c0, int64_t c1,
                        const float* zero_row, float* u, float* dB);
+// The router's linear, rows [t0, t1) of logits [T, E] = x [T, d] W^T + bias (or none).
+void router_logits_rows(const float* x, const float* W, const float* bias, int64_t d, int64_t E,
+                        int64_t t0, int64_t t1, float* logits);
 
 }  // namespace molora::cpu::avx512
 

@@ -305,9 +305,10 @@ def routed_moe_lora_linear(x: torch.Tensor, router_weight: torch.Tensor, lora_A:
         max_rank = _max_rank(rank_offsets, R)
     cpu_fp = x.is_cpu and not torch.is_autocast_enabled("cpu")
     needs_grad = _needs_grad(x, router_weight, router_bias, lora_A, lora_B, base, weight, bias)
+    compiling = torch.compiler.is_compiling()
     if cpu_fp and algo == "auto":
         has_base = base is not None or weight is not None or bias is not None
-        if torch.compiler.is_compiling():
+        if compiling:
             algo = pick_algo(x2, lora_A, lora_B, E, top_k, max_rank, has_base=has_base,
                              backward=needs_grad)
         else:
@@ -323,7 +324,7 @@ def routed_moe_lora_linear(x: torch.Tensor, router_weight: torch.Tensor, lora_A:
                 weight, bias, top_k, renormalize, max_rank)
         # (autograd: the op's C++ kernel, csrc/autograd.cpp; no Python in its backward. Where no
         # gradient will be taken the call skips it, as ops' wrappers do.)
-        if needs_grad or torch.compiler.is_compiling():
+        if needs_grad or compiling:
             y, logits, w, ids, *_ = ops.routed_moe_lora(*args)
         else:
             with _below_autograd():

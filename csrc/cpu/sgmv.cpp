@@ -738,6 +738,16 @@ routed_moe_lora_cpu(const at::Tensor& x, const at::Tensor& router_weight,
                                  std::nullopt, max_rank);
   at::Tensor y = sgmv_expand_cpu(h, B, rank_offsets, order, pos, expert_offsets, weights, scales,
                                  base);
+  // NOTE: the frozen GEMM stays one BLAS call after the expand. The T=1024 llama up forward, timed
+  // as the bench suite does (2 threads, 2-core Xeon with AVX-512, 2026-12-05), in the ratio to the
+  // base linear against this order's in the same runs: the GEMM in row blocks of the expand's
+  // token tiles with each block's expand right before or after it, the weight packed once a call
+  // for MKL's sgemm_compute (blocks of 128-342 rows then cost the GEMM 0-2%, where ATen's mm per
+  // block cost 5-14%): 1.36-1.41x against 1.29-1.31x with the blocks on both threads, 1.41-1.46x
+  // against 1.28-1.38x with each thread its own blocks (MKL's output is mostly out of cache by
+  // the time the expand reads it, and the expand over whole rows ran 30-50% slower than over
+  // columns); the GEMM first, then the expand adding into y: 1.30-1.32x against 1.28-1.29x. The
+  // backward's d x the same way (frozen GEMM first, the adapter's expand added in place): on par.
   if (weight.has_value()) y.addmm_(x, weight->t());
   if (bias.has_value()) y.add_(*bias);
   return {y, logits, weights, ids, h, order, pos, expert_offsets};

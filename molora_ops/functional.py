@@ -285,8 +285,9 @@ def routed_moe_lora_linear(x: torch.Tensor, router_weight: torch.Tensor, lora_A:
     # 0.12 ms of the T=1024 llama up forward there, ~7 us hot (checks 0.03, pick_algo 0.04, the
     # outputs' reshapes 0.03); with torch.Size compared as it is, the CPU's auto choice looked up
     # once per shape (_CPU_AUTO), the op called directly and 2-D x's outputs as they are, the
-    # forward ran 1.305x / 1.309x the base linear against 1.334x / 1.329x (interleaved in one
-    # process, 60 rounds; 2 threads, 2-core Xeon, 2026-12-05).
+    # forward ran 1.305x and 1.309x the base linear against the old entry's 1.334x and 1.329x
+    # (two runs, both entries interleaved in one process, 60 rounds each; 2 threads, 2-core Xeon,
+    # 2026-12-05).
     E, R, d_in, d_out = _check_bank(x, lora_A, lora_B, rank_offsets, algo)
     if router_weight.shape != (E, d_in):
         _fail(ValueError, f"router_weight must have shape ({E}, {d_in}) (E experts, d_in), got "

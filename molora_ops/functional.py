@@ -33,8 +33,7 @@ import torch.nn.functional as F
 
 from . import _checks, ops, plan, reference
 from .ops import sgmv
-from .ops import _registry
-from .ops._registry import _below_autograd, native, once_differentiable
+from .ops._registry import native, once_differentiable
 
 __all__ = ["moe_lora_linear", "routed_moe_lora_linear", "RoutedOutput", "ALGOS", "pick_algo"]
 
@@ -280,71 +279,40 @@ def routed_moe_lora_linear(x: torch.Tensor, router_weight: torch.Tensor, lora_A:
     Raises:
         ValueError / TypeError on bad shapes, dtypes, top_k or algo, before any kernel runs.
     """
-    # NOTE: every line here runs on each layer call, cache-cold where other layers ran in between
-    # (as the bench suite times a call, right after other implementations'). Its Python took
-    # 0.12 ms of the T=1024 llama up forward there, ~7 us hot (checks 0.03, pick_algo 0.04, the
-    # outputs' reshapes 0.03); with torch.Size compared as it is, the CPU's auto choice looked up
-    # once per shape (_CPU_AUTO), the op called directly and 2-D x's outputs as they are, the
-    # forward ran 1.305x and 1.309x the base linear against the old entry's 1.334x and 1.329x
-    # (two runs, both entries interleaved in one process, 60 rounds each; 2 threads, 2-core Xeon,
-    # 2026-12-05).
     E, R, d_in, d_out = _check_bank(x, lora_A, lora_B, rank_offsets, algo)
-    if router_weight.shape != (E, d_in):
+    if router_weight.dim() != 2 or tuple(router_weight.shape) != (E, d_in):
         _fail(ValueError, f"router_weight must have shape ({E}, {d_in}) (E experts, d_in), got "
                           f"{tuple(router_weight.shape)}")
-    if router_bias is not None and router_bias.shape != (E,):
+    if router_bias is not None and tuple(router_bias.shape) != (E,):
         _fail(ValueError, f"router_bias must have shape ({E},), got {tuple(router_bias.shape)}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
         _fail(ValueError, f"top_k must be an int in [1, {E}], got {top_k!r}")
     lead = tuple(x.shape[:-1])
     _check_frozen(base, weight, bias, lead, d_in, d_out)
-    flat = len(lead) == 1
-    T = lead[0] if flat else math.prod(lead)
-    x2 = x if flat else _as_shape(x, (T, d_in))
-    base2 = None if base is None else base if flat else _as_shape(base, (T, d_out))
+    T = math.prod(lead)
+    x2 = _as_shape(x, (T, d_in))
     if max_rank is None:
         max_rank = _max_rank(rank_offsets, R)
     cpu_fp = x.is_cpu and not torch.is_autocast_enabled("cpu")
     needs_grad = _needs_grad(x, router_weight, router_bias, lora_A, lora_B, base, weight, bias)
-    compiling = torch.compiler.is_compiling()
     if cpu_fp and algo == "auto":
-        has_base = base is not None or weight is not None or bias is not None
-        if compiling:
-            algo = pick_algo(x2, lora_A, lora_B, E, top_k, max_rank, has_base=has_base,
-                             backward=needs_grad)
-        else:
-            key = (T, d_in, d_out, E, top_k, R, max_rank, x.dtype, has_base, needs_grad)
-            algo = _CPU_AUTO.get(key)
-            if algo is None:
-                if len(_CPU_AUTO) >= _CPU_AUTO_MAX:  # (T varies call to call when serving)
-                    _CPU_AUTO.clear()
-                algo = _CPU_AUTO[key] = pick_algo(x2, lora_A, lora_B, E, top_k, max_rank,
-                                                  has_base=has_base, backward=needs_grad)
+        algo = pick_algo(x2, lora_A, lora_B, E, top_k, max_rank,
+                         has_base=base is not None or weight is not None or bias is not None,
+                         backward=needs_grad)
     if cpu_fp and algo == "grouped":
-        args = (x2, router_weight, router_bias, lora_A, lora_B, rank_offsets, scales, base2,
-                weight, bias, top_k, renormalize, max_rank)
-        # (autograd: the op's C++ kernel, csrc/autograd.cpp; no Python in its backward. Where no
-        # gradient will be taken the call skips it, as ops' wrappers do.)
-        if needs_grad or compiling:
-            y, logits, w, ids, *_ = ops.routed_moe_lora(*args)
-        else:
-            with _below_autograd():
-                y, logits, w, ids, *_ = _registry.OPS["routed_moe_lora"].op(*args)
+        args = (x2, router_weight, router_bias, lora_A, lora_B, rank_offsets, scales,
+                None if base is None else _as_shape(base, (T, d_out)), weight, bias, top_k,
+                renormalize, max_rank)
+        # (autograd: the op's C++ kernel, csrc/autograd.cpp; no Python in its backward)
+        y, logits, w, ids, *_ = ops.routed_moe_lora(*args)
     else:
         logits = F.linear(x2, router_weight, router_bias)
         w, ids = ops.softmax_topk(logits, top_k, renormalize)
-        y = moe_lora_linear(x2, lora_A, lora_B, rank_offsets, w, ids, scales, base=base2,
+        y = moe_lora_linear(x2, lora_A, lora_B, rank_offsets, w, ids, scales,
+                            base=None if base is None else _as_shape(base, (T, d_out)),
                             weight=weight, bias=bias, algo=algo, max_rank=max_rank)
-    if flat:
-        return RoutedOutput(y, logits, w, ids)
     return RoutedOutput(_as_shape(y, (*lead, d_out)), _as_shape(logits, (*lead, E)),
                         _as_shape(w, (*lead, top_k)), _as_shape(ids, (*lead, top_k)))
-
-
-# The CPU's algo="auto" choice of routed_moe_lora_linear per (T, d_in, d_out, E, k, R, max_rank,
-# dtype, has_base, backward): pick_algo's answer for those, without its Python on every call.
-_CPU_AUTO: dict = {}
-_CPU_AUTO_MAX = 4096
 
 
 class _GroupedNode(torch.autograd.Function):

@@ -752,7 +752,7 @@ routed_moe_lora_cpu(const at::Tensor& x, const at::Tensor& router_weight,
   // packed per call into 32-column panels, each thread its own columns) with each token tile's
   // expand right after the tile's GEMM block: 1.43-1.48x against 1.28-1.31x (three runs, panel or
   // micro-tile outer), hot 6.0-6.6 ms against 5.1-5.9; K in blocks of 128 or 256: 6.5-7.2 against
-  // 5.6-5.9 (same machine, 2026-12-05). The packing cost 0.14-0.33 ms a call, the GEMM ran 5-10%
+  // 5.6-5.9 (same machine, 2026-12-05). The packing cost 0.13-0.37 ms a call, the GEMM ran 5-10%
   // behind MKL's, and the expand cost as much with its block in cache (0.6 ms) as in its own pass.
   if (weight.has_value()) y.addmm_(x, weight->t());
   if (bias.has_value()) y.add_(*bias);

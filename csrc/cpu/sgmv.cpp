@@ -731,10 +731,13 @@ routed_moe_lora_cpu(const at::Tensor& x, const at::Tensor& router_weight,
     check_size(op, "weight", *weight, 1, x.size(1));
   }
   if (bias.has_value()) check_vector(op, "bias", *bias, d_out, x);
+  // x made contiguous once for the router, the shrink and the frozen GEMM (each would copy a
+  // strided x again).
+  const at::Tensor xc = x.contiguous();
   auto [logits, weights, ids] =
-      softmax_topk_linear_cpu(x, router_weight, router_bias, top_k, renormalize);
+      softmax_topk_linear_cpu(xc, router_weight, router_bias, top_k, renormalize);
   auto [order, pos, expert_offsets] = dispatch_cpu(ids, E, 1);
-  at::Tensor h = sgmv_shrink_cpu(x, A, rank_offsets, order, pos, expert_offsets, std::nullopt,
+  at::Tensor h = sgmv_shrink_cpu(xc, A, rank_offsets, order, pos, expert_offsets, std::nullopt,
                                  std::nullopt, max_rank);
   at::Tensor y = sgmv_expand_cpu(h, B, rank_offsets, order, pos, expert_offsets, weights, scales,
                                  base);
@@ -754,7 +757,7 @@ routed_moe_lora_cpu(const at::Tensor& x, const at::Tensor& router_weight,
   // micro-tile outer), hot 6.0-6.6 ms against 5.1-5.9; K in blocks of 128 or 256: 6.5-7.2 against
   // 5.6-5.9 (same machine, 2026-12-05). The packing cost 0.13-0.37 ms a call, the GEMM ran 5-10%
   // behind MKL's, and the expand cost as much with its block in cache (0.6 ms) as in its own pass.
-  if (weight.has_value()) y.addmm_(x, weight->t());
+  if (weight.has_value()) y.addmm_(xc, weight->t());
   if (bias.has_value()) y.add_(*bias);
   return {y, logits, weights, ids, h, order, pos, expert_offsets};
 }

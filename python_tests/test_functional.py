@@ -555,6 +555,52 @@ def test_routed_op_errors(i, bad, exc, match):
         molora_ops.ops.routed_moe_lora(*args)
 
 
+def _cxx_autograd_calls():
+    """(name, op, float inputs, call) of the ops with C++ autograd kernels (csrc/autograd.cpp)."""
+    g = torch.Generator().manual_seed(11)
+    args = _routed_op_args(torch.float64, seed=3)
+    logits = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    h = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    scores = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    return [
+        ("routed_moe_lora", torch.ops.molora.routed_moe_lora.default, args, [0, 1, 2, 3, 4, 8, 9]),
+        ("softmax_topk", torch.ops.molora.softmax_topk.default, [logits, 3, True], [0]),
+        ("rank_topk", torch.ops.molora.rank_topk.default, [h, 4, scores, None, True], [0, 2]),
+    ]
+
+
+@pytest.mark.needs_ext
+@pytest.mark.parametrize("which", ["routed_moe_lora", "softmax_topk", "rank_topk"])
+# (forward_ad.make_dual loads torch's jvp decompositions through torch.jit.script, deprecated)
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
+def test_cxx_autograd_kernel_without_grad(which):
+    """Where no gradient can be taken (grad mode off, or no input requiring one), the C++
+    autograd kernel calls the op below autograd: the same outputs bit for bit, and no node. With
+    a gradient wanted the op's C++ node is recorded; a forward-mode tangent still reaches the
+    Function, which raises (the ops have no jvp) instead of dropping it."""
+    name, op, args, floats = next(c for c in _cxx_autograd_calls() if c[0] == which)
+    leaves = [a.clone().requires_grad_() if i in floats else a for i, a in enumerate(args)]
+    with_grad = op(*leaves)
+    assert with_grad[0].grad_fn is not None and \
+        with_grad[0].grad_fn.name().startswith("torch::autograd::CppNode"), with_grad[0].grad_fn
+    with torch.no_grad():
+        off = op(*leaves)
+    plain = op(*args)  # grad mode on, nothing requires a gradient
+    with torch.inference_mode():
+        inference = op(*args)
+    for outs in (off, plain, inference):
+        assert len(outs) == len(with_grad)
+        for a, b in zip(outs, with_grad):
+            assert a.grad_fn is None and not a.requires_grad
+            assert a.dtype == b.dtype and torch.equal(a, b.detach())
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        dual = list(args)
+        dual[floats[0]] = fwAD.make_dual(args[floats[0]], torch.randn_like(args[floats[0]]))
+        with pytest.raises(RuntimeError, match="jvp"):
+            op(*dual)
+
+
 def test_dispatched_is_shared():
     case = ("shared", 8, 8, 6, (2, 3, 4), 2, "drop")
     p = _problem(case)

@@ -783,8 +783,8 @@ inline void router_logits_block(const float* x0, const float* x1, int nr, int64_
                                 float* logits) {
   // The steps written out, no lambda over the accumulator arrays: with one, GCC kept them on
   // the stack and stored every accumulator back each step. NOTE: the routed op's router at
-  // T=1024 d=512 E=8 k=2 (its C++ stage timer, medians, 2 threads, 2-core Xeon, 2026-12-05):
-  // calls back to back 124-144 -> 116-120 us, right after a GEMM 183 -> 148 us.
+  // T=1024 d=512 E=8 k=2 (medians, 2 threads, 2-core Xeon, 2026-12-05): alone and hot 86 -> 71
+  // us; its C++ stage timer right after a GEMM of the layer's size 183 -> 148 us (one run each).
   const float* const w = W + e0 * d;
   __m512 acc0[EB], acc1[EB];
 #pragma GCC unroll 8

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from . import _checks, ops, plan, reference
 from .ops import sgmv
-from .ops._registry import native, once_differentiable
+from .ops._registry import _any_requires_grad, native, once_differentiable
 
 __all__ = ["moe_lora_linear", "routed_moe_lora_linear", "RoutedOutput", "ALGOS", "pick_algo"]
 
@@ -44,9 +44,6 @@ _OP = "moe_lora_linear"
 
 def _fail(exc, msg):
     _checks._fail(exc, _OP, msg)
-
-
-_any_requires_grad = torch._C._any_requires_grad
 
 
 def _needs_grad(*tensors) -> bool:

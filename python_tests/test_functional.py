@@ -556,7 +556,8 @@ def test_routed_op_errors(i, bad, exc, match):
 
 
 def _cxx_autograd_calls():
-    """(name, op, float inputs, call) of the ops with C++ autograd kernels (csrc/autograd.cpp)."""
+    """(name, op, args, positions of the float inputs) of each op with a C++ autograd kernel
+    (csrc/autograd.cpp)."""
     g = torch.Generator().manual_seed(11)
     args = _routed_op_args(torch.float64, seed=3)
     logits = torch.randn(7, 5, generator=g, dtype=torch.float64)

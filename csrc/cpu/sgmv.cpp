@@ -749,7 +749,8 @@ routed_moe_lora_cpu(const at::Tensor& x, const at::Tensor& router_weight,
   // block cost 5-14%): 1.36-1.41x against 1.29-1.31x with the blocks on both threads, 1.41-1.46x
   // against 1.28-1.38x with each thread its own blocks (MKL's output is mostly out of cache by
   // the time the expand reads it, and the expand over whole rows ran 30-50% slower than over
-  // columns); the GEMM first, then the expand adding into y: 1.30-1.32x against 1.28-1.29x. The
+  // columns); the GEMM first (beta = 0), then the expand adding into y: 1.30-1.32x against
+  // 1.28-1.29x, measured again later that day 1.31-1.36x against 1.28-1.29x. The
   // backward's d x the same way (frozen GEMM first, the adapter's expand added in place): on par.
   // Our own AVX-512 GEMM (12 x 32 micro-tile, x's rows through one pointer per three rows, W
   // packed per call into 32-column panels, each thread its own columns) with each token tile's
@@ -757,11 +758,9 @@ routed_moe_lora_cpu(const at::Tensor& x, const at::Tensor& router_weight,
   // micro-tile outer), hot 6.0-6.6 ms against 5.1-5.9; K in blocks of 128 or 256: 6.5-7.2 against
   // 5.6-5.9 (same machine, 2026-12-05). The packing cost 0.13-0.37 ms a call, the GEMM ran 5-10%
   // behind MKL's, and the expand cost as much with its block in cache (0.6 ms) as in its own pass.
-  // Later the same day: the frozen GEMM first (beta = 0) and the expand adding into its y in
-  // place, 1.31-1.36x against 1.28-1.29x; then, with the router's accumulators in registers, y
-  // allocated first and its lines prefetched for writing during the router (each thread its
-  // expand columns, a share after every 8 rows), 1.32-1.35x (their first panel) and 1.38-1.44x
-  // (all of them) against 1.27-1.30x.
+  // With the router's accumulators in registers: y allocated first and its lines prefetched for
+  // writing during the router (each thread its expand columns, a share after every 8 rows),
+  // 1.32-1.35x (their first panel) and 1.38-1.44x (all of them) against 1.27-1.30x.
   if (weight.has_value()) y.addmm_(xc, weight->t());
   if (bias.has_value()) y.add_(*bias);
   return {y, logits, weights, ids, h, order, pos, expert_offsets};

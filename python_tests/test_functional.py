@@ -975,11 +975,12 @@ def test_cpu_weight_grad_paths(T, d, dtype):
 def test_cpu_shrink_paths(T, d, dtype):
     """The C++ sgmv_shrink (fp32: the register-tiled kernel on AVX2 / AVX-512, which reads the
     bank packed; the portable kernel otherwise) against the reference: ragged ranks with a rank-0
-    expert, one of 70 (four full 16-rank chunks and a partial one) and 17 (a one-rank chunk),
-    ranks 3 and 2 (the column-pair panels; d = 151 leaves a last odd column), the bank given
-    rank-major and as the transposed view the backward's u passes (B^T), dropped slots and
-    repeated ids (partial 6- and 12-row tiles), with and without weights / scales."""
-    g, ro, meta, _, (w, s) = _ragged_grouped(T * 5 + d, T, 3, [3, 0, 70, 2, 17], dtype)
+    expert, one of 70 (four full 16-rank chunks and a partial one), 17 (a one-rank chunk) and 13
+    (a wide chunk short of 16: on AVX-512 in column pairs, its last ranks zero), ranks 3 and 2
+    (the narrow column-pair panels; d = 151 leaves a last odd column, paired with zeros), the bank
+    given rank-major and as the transposed view the backward's u passes (B^T), dropped slots and
+    repeated ids (partial 6-row tiles), with and without weights / scales."""
+    g, ro, meta, _, (w, s) = _ragged_grouped(T * 5 + d, T, 3, [3, 0, 70, 2, 17, 13], dtype)
     R = int(ro[-1])
     x = torch.randn(T, d, generator=g, dtype=torch.float64).to(dtype)
     A = torch.randn(R, d, generator=g, dtype=torch.float64).to(dtype)

@@ -298,25 +298,28 @@ at::Tensor sgmv_shrink_cpu(const at::Tensor& x_in, const at::Tensor& A_in,
     const int64_t E = g.num_experts;
     const int32_t* ro = g.rank_offsets.data_ptr<int32_t>();
     const auto meta = g.meta();
+    const bool zmm = cpu::avx512::available();
+    const auto packed_size = zmm ? cpu::avx512::shrink_packed_size : cpu::avx2::shrink_packed_size;
+    const auto pack_fn = zmm ? cpu::avx512::pack_shrink_bank : cpu::avx2::pack_shrink_bank;
     std::vector<int64_t> pack_offsets(E + 1, 0);
     for (int64_t e = 0; e < E; ++e) {
       const int64_t r_e = eo[e + 1] > eo[e] ? ro[e + 1] - ro[e] : 0;  // no rows: nothing packed
-      pack_offsets[e + 1] = pack_offsets[e] + cpu::avx2::shrink_packed_size(r_e, d);
+      pack_offsets[e + 1] = pack_offsets[e] + packed_size(r_e, d);
     }
     at::Tensor packed = at::empty({pack_offsets[E]}, x.options());
     const float* bank = A_in.data_ptr<float>();
     at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
       for (int64_t e = e0; e < e1; ++e)
         if (pack_offsets[e + 1] > pack_offsets[e])
-          cpu::avx2::pack_shrink_bank(bank, A_in.stride(0), A_in.stride(1), d, ro[e],
-                                      ro[e + 1] - ro[e], packed.data_ptr<float>() + pack_offsets[e]);
+          pack_fn(bank, A_in.stride(0), A_in.stride(1), d, ro[e], ro[e + 1] - ro[e],
+                  packed.data_ptr<float>() + pack_offsets[e]);
     });
-    // NOTE: the AVX-512 copy (12-row zmm tiles then; 8 since 2026-12-05) against the AVX2 one,
+    // NOTE: the AVX-512 copy (12-row zmm tiles then; since 2026-12-05 6-row tiles, wide chunks in
+    // column pairs: shrink_tile_zmm_pairs) against the AVX2 one,
     // T=1024 E=8 k=2 r=16:
     // h (d=512) 0.21-0.33 -> 0.17 ms, the backward's u (d=1376) 0.64-0.73 -> 0.50-0.55 ms; E=64
     // k=8 r=8 d=1024: 1.01 -> 0.87 ms. Min of alternating runs, 2 threads, 2-core Xeon, 2026-12-04.
-    const auto rows_fn = cpu::avx512::available() ? cpu::avx512::shrink_rows
-                                                  : cpu::avx2::shrink_rows;
+    const auto rows_fn = zmm ? cpu::avx512::shrink_rows : cpu::avx2::shrink_rows;
     at::parallel_for(0, P, grain, [&](int64_t i0, int64_t i1) {
       rows_fn(x.data_ptr<float>(), packed.data_ptr<float>(), pack_offsets.data(), meta,
               cpu::ptr_or_null<float>(g.weights), cpu::ptr_or_null<float>(g.scales), d, max_rank,
@@ -338,12 +341,15 @@ at::Tensor sgmv_shrink_cpu(const at::Tensor& x_in, const at::Tensor& A_in,
   return h;
 }
 
-at::Tensor sgmv_expand_cpu(const at::Tensor& h_in, const at::Tensor& B_in,
-                           const at::Tensor& rank_offsets, const at::Tensor& order,
-                           const at::Tensor& pos, const at::Tensor& expert_offsets,
-                           const std::optional<at::Tensor>& weights,
-                           const std::optional<at::Tensor>& scales,
-                           const std::optional<at::Tensor>& base) {
+namespace {
+// sgmv_expand into `out` where it is defined ([T, n], h's dtype, contiguous; routed_moe_lora's y,
+// allocated before its other buffers), else into a new tensor; returns what it wrote.
+at::Tensor expand_cpu(const at::Tensor& h_in, const at::Tensor& B_in,
+                      const at::Tensor& rank_offsets, const at::Tensor& order,
+                      const at::Tensor& pos, const at::Tensor& expert_offsets,
+                      const std::optional<at::Tensor>& weights,
+                      const std::optional<at::Tensor>& scales,
+                      const std::optional<at::Tensor>& base, at::Tensor out) {
   const char* op = "sgmv_expand";
   check_float(op, "h", h_in);
   check_dim(op, "h", h_in, 2);
@@ -371,9 +377,9 @@ at::Tensor sgmv_expand_cpu(const at::Tensor& h_in, const at::Tensor& B_in,
     });
     const at::Tensor Bt_acc = B_in.to(acc).t();
     at::Tensor y = base_c.defined() ? at::addmm(base_c.to(acc), hd, Bt_acc) : hd.mm(Bt_acc);
-    return y.to(h.scalar_type()).contiguous();
+    return out.defined() ? out.copy_(y) : y.to(h.scalar_type()).contiguous();
   }
-  at::Tensor y = at::empty({T, n}, h.options());
+  at::Tensor y = out.defined() ? out : at::empty({T, n}, h.options());
 #ifdef MOLORA_HAVE_AVX2_KERNELS
   if (h.scalar_type() == at::kFloat && cpu::avx2::available()) {
     expand_token_tiles(h, B_in, g, base_c, y);
@@ -429,6 +435,17 @@ at::Tensor sgmv_expand_cpu(const at::Tensor& h_in, const at::Tensor& B_in,
     });
   });
   return y;
+}
+}  // namespace
+
+at::Tensor sgmv_expand_cpu(const at::Tensor& h, const at::Tensor& B,
+                           const at::Tensor& rank_offsets, const at::Tensor& order,
+                           const at::Tensor& pos, const at::Tensor& expert_offsets,
+                           const std::optional<at::Tensor>& weights,
+                           const std::optional<at::Tensor>& scales,
+                           const std::optional<at::Tensor>& base) {
+  return expand_cpu(h, B, rank_offsets, order, pos, expert_offsets, weights, scales, base,
+                    at::Tensor());
 }
 
 at::Tensor sgmv_weight_grad_cpu(const at::Tensor& x_in, const at::Tensor& h_in,
@@ -731,6 +748,14 @@ routed_moe_lora_cpu(const at::Tensor& x, const at::Tensor& router_weight,
     check_size(op, "weight", *weight, 1, x.size(1));
   }
   if (bias.has_value()) check_vector(op, "bias", *bias, d_out, x);
+  // y [T, d_out] before any other buffer of the call: the output of the layer that ran before
+  // has just been freed, and malloc hands y that block, still in cache, where the op's smaller
+  // buffers would otherwise split it first and y take a block of any age (y's first touch, the
+  // expand, then stalls on its lines). NOTE: allocated just before the expand, y took one of 3-5
+  // blocks in turn in 7 of 8 processes, and the expand ran 0.84-1.16 ms right after a base
+  // linear; allocated first, one block in 6 of 6, 0.52-0.58 ms (T=1024 llama up shape, 2 threads,
+  // 2-core Xeon, 2026-12-05).
+  at::Tensor y = at::empty({x.size(0), d_out}, x.options());
   // x made contiguous once for the router, the shrink and the frozen GEMM (each would copy a
   // strided x again).
   const at::Tensor xc = x.contiguous();
@@ -739,8 +764,7 @@ routed_moe_lora_cpu(const at::Tensor& x, const at::Tensor& router_weight,
   auto [order, pos, expert_offsets] = dispatch_cpu(ids, E, 1);
   at::Tensor h = sgmv_shrink_cpu(xc, A, rank_offsets, order, pos, expert_offsets, std::nullopt,
                                  std::nullopt, max_rank);
-  at::Tensor y = sgmv_expand_cpu(h, B, rank_offsets, order, pos, expert_offsets, weights, scales,
-                                 base);
+  expand_cpu(h, B, rank_offsets, order, pos, expert_offsets, weights, scales, base, y);
   // NOTE: the frozen GEMM stays one BLAS call after the expand. The T=1024 llama up forward, timed
   // as the bench suite does (2 threads, 2-core Xeon with AVX-512, 2026-12-05), in the ratio to the
   // base linear against this order's in the same runs: the GEMM in row blocks of the expand's

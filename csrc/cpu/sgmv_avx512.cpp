@@ -19,11 +19,20 @@ void expand_tile_panel(const float* hs, const int32_t* slots, const int32_t* buc
                                                          t0, t1, next_y, next_rows, acc, y);
 }
 
+int64_t shrink_packed_size(int64_t r, int64_t d) {
+  return kernels::avx2::shrink_packed_size(r, d, true);
+}
+
+void pack_shrink_bank(const float* bank, int64_t sa, int64_t sc, int64_t d, int64_t r0, int64_t r,
+                      float* out) {
+  kernels::avx2::pack_shrink_bank(bank, sa, sc, d, r0, r, out, true);
+}
+
 void shrink_rows(const float* x, const float* packed, const int64_t* pack_offsets,
                  const kernels::GroupedMeta& m, const float* w, const float* scales, int64_t d,
                  int64_t max_rank, int64_t i0, int64_t i1, float* h) {
-  kernels::avx2::shrink_rows<8, true>(x, packed, pack_offsets, m, w, scales, d, max_rank, i0, i1,
-                                       h);
+  kernels::avx2::shrink_rows<kernels::avx2::kTileRows, true>(x, packed, pack_offsets, m, w,
+                                                            scales, d, max_rank, i0, i1, h);
 }
 
 void weight_grad_chunks(const float* X, const float* hs, const int32_t* row_token,

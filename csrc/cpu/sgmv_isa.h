@@ -76,7 +76,11 @@ void expand_tile_panel(const float* hs, const int32_t* slots, const int32_t* buc
                        int64_t n1, const float* base, int64_t t0, int64_t t1, const float* next_y,
                        int64_t next_rows, float* acc, float* y);
 constexpr int64_t kChunkCols = 32;
-// The shrink over the panels cpu::avx2::pack_shrink_bank packed (the same layout), 8 rows a tile.
+// The shrink: its bank packed as cpu::avx2's is, but wide chunks (9-16 ranks) in column pairs
+// (kernels::avx2::pack_shrink_bank with `pairs`), then the dispatched rows, 6 rows a tile.
+int64_t shrink_packed_size(int64_t r, int64_t d);
+void pack_shrink_bank(const float* bank, int64_t sa, int64_t sc, int64_t d, int64_t r0, int64_t r,
+                      float* out);
 void shrink_rows(const float* x, const float* packed, const int64_t* pack_offsets,
                  const kernels::GroupedMeta& m, const float* w, const float* scales, int64_t d,
                  int64_t max_rank, int64_t i0, int64_t i1, float* h);

@@ -328,10 +328,17 @@ inline void expand_tile_panel(const float* hs, const int32_t* slots, const int32
 // 2026-12-04.
 inline int64_t shrink_panel_steps(int64_t ranks, int64_t d) { return ranks > 8 ? d : (d + 1) / 2; }
 
-// Floats of an expert's packed panels: every chunk but a narrow last one is 16 * d.
-inline int64_t shrink_packed_size(int64_t r, int64_t d) {
+// Floats of a wide chunk's panel: 16 * d, or in the column-pair layout of the AVX-512 copy
+// (`pairs`, below) 32 per column pair.
+inline int64_t shrink_wide_floats(int64_t d, bool pairs) { return 16 * (pairs ? d + d % 2 : d); }
+
+// Floats of an expert's packed panels: every chunk but a narrow last one is wide.
+inline int64_t shrink_packed_size(int64_t r, int64_t d, bool pairs = false) {
   const int64_t full = r / 16, rest = r % 16;
-  return 16 * (full * d + (rest == 0 ? 0 : shrink_panel_steps(rest, d)));
+  const int64_t last = rest == 0  ? 0
+                       : rest > 8 ? shrink_wide_floats(d, pairs)
+                                  : 16 * shrink_panel_steps(rest, d);
+  return full * shrink_wide_floats(d, pairs) + last;
 }
 
 // Packs ranks [r0, r0 + r) of bank(a, c) = bank[a * sa + c * sc] (any strides: A [R, d], or the
@@ -341,10 +348,10 @@ inline int64_t shrink_packed_size(int64_t r, int64_t d) {
 // r = 16: T = 16, h (d = 512) 36 -> 29 us, the backward's u (d = 1376) 113 -> 55 us; T = 1024,
 // h 234 -> 160-175 us, u 540 -> 445-476 us (2 threads, 2-core Xeon, 2026-12-05).
 inline void pack_shrink_bank(const float* bank, int64_t sa, int64_t sc, int64_t d, int64_t r0,
-                             int64_t r, float* out) {
+                             int64_t r, float* out, bool pairs = false) {
   for (int64_t a0 = 0; a0 < r; a0 += 16) {
     const int64_t w = std::min<int64_t>(16, r - a0);
-    float* o = out + a0 * d;
+    float* o = out + (a0 / 16) * shrink_wide_floats(d, pairs);
     const float* src = bank + (r0 + a0) * sa;
     const int64_t steps = shrink_panel_steps(w, d);
     int64_t c = 0;
@@ -364,6 +371,21 @@ inline void pack_shrink_bank(const float* bank, int64_t sa, int64_t sc, int64_t 
       const int64_t lane = w > 8 ? 1 : 2;
       for (int64_t j = 0; j < w; ++j) step[j * lane] = src[j * sa + c * sc];
     }
+#if defined(__AVX512F__)
+    // The column-pair layout, turned round in place: pair (c, c + 1) as 32 floats, ranks 0-7
+    // then 8-15, rank a of column c in lane 2a and of c + 1 in lane 2a + 1 (an odd d's last
+    // column paired with zeros).
+    if (pairs && w > 8) {
+      const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+      const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
+      for (int64_t c0 = 0; c0 < d; c0 += 2) {
+        const __m512 s0 = _mm512_loadu_ps(o + c0 * 16);
+        const __m512 s1 = c0 + 1 < d ? _mm512_loadu_ps(o + c0 * 16 + 16) : _mm512_setzero_ps();
+        _mm512_storeu_ps(o + c0 * 16, _mm512_permutex2var_ps(s0, lo, s1));
+        _mm512_storeu_ps(o + c0 * 16 + 16, _mm512_permutex2var_ps(s0, hi, s1));
+      }
+    }
+#endif
   }
 }
 
@@ -437,21 +459,16 @@ inline void shrink_tile(const float* const* xr, int nr, const float* panel, int6
 }
 
 #if defined(__AVX512F__)
-// The same micro-tile on AVX-512, where one panel step (16 floats: 16 ranks of a column, or 8
-// ranks of a column pair) is one zmm: RB rows keep RB accumulators, one panel load and RB
-// broadcasts per RB FMAs. RB = 8 keeps the 8 FMA chains in flight that a 4-cycle latency on 2
-// ports needs, where the ymm tile's 6 rows x 2 halves did the same work in twice the FMAs.
-// NOTE: 8 rows against 12 (the op, medians, 2 threads, 2-core Xeon, 2026-12-05): T=16 E=8 k=2
-// r=16 h 27-28 -> 24-25 us, u 50-51 -> 44 us; E=64 k=8 r=8 h and u 3-5% faster; T=1024 E=8 h
-// 0.18 -> 0.17-0.18 ms, u on par; 16 rows slower than 12. Fewer rows also waste less of an
-// expert's last tile.
-template <bool kWide, int RB>
-inline void shrink_tile_zmm(const float* const* xr, int nr, const float* panel, int64_t d,
-                            int64_t na, const float* coef, float* const* hrow) {
+// The same micro-tile on AVX-512 for a narrow chunk (at most 8 ranks), where one panel step (8
+// ranks of a column pair) is one zmm: RB rows keep RB accumulators, one panel load and RB 64-bit
+// broadcasts per RB FMAs.
+template <int RB>
+inline void shrink_tile_zmm_narrow(const float* const* xr, int nr, const float* panel, int64_t d,
+                                   int64_t na, const float* coef, float* const* hrow) {
   __m512 v[RB];
   for (int b = 0; b < RB; ++b) v[b] = _mm512_setzero_ps();
-  shrink_walk<kWide, RB>(xr, d, [&](int64_t c, auto pair) {
-    const __m512 p = _mm512_loadu_ps(panel + c * (kWide ? 16 : 8));
+  shrink_walk<false, RB>(xr, d, [&](int64_t c, auto pair) {
+    const __m512 p = _mm512_loadu_ps(panel + c * 8);
     for (int b = 0; b < RB; ++b) {
       __m512 xv;
       if constexpr (decltype(pair)::value)
@@ -462,20 +479,55 @@ inline void shrink_tile_zmm(const float* const* xr, int nr, const float* panel, 
       v[b] = _mm512_fmadd_ps(xv, p, v[b]);
     }
   });
+  // Lanes 2a (column c) and 2a + 1 (column c + 1) of rank a summed into lane a.
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __mmask16 m = static_cast<__mmask16>((1u << na) - 1);
+  for (int b = 0; b < RB; ++b) {
+    if (b >= nr) continue;
+    const __m512 sums = _mm512_add_ps(_mm512_permutexvar_ps(even, v[b]),
+                                      _mm512_permutexvar_ps(odd, v[b]));
+    _mm512_mask_storeu_ps(hrow[b], m, _mm512_mul_ps(_mm512_set1_ps(coef[b]), sums));
+  }
+}
+
+// A wide chunk (9-16 ranks) on AVX-512, in the column-pair layout (pack_shrink_bank with
+// `pairs`): one 64-bit broadcast of x[t, c : c + 2] feeds two FMAs (ranks 0-7 and 8-15, two
+// accumulators a row), where the one-column layout (16 ranks of a column a step) took one
+// broadcast per FMA, and broadcasts from memory issue at one a cycle here. NOTE: against that
+// layout with 8-row tiles, the op at T=1024 E=8 k=2 r=16 (medians, 2 threads, 2-core Xeon with
+// AVX-512, 2026-12-05): h (d=512) 0.18 -> 0.15-0.16 ms, d=511 0.18 -> 0.15, the backward's u
+// (d=1376, B^T) 0.49 -> 0.43-0.44; E=64 k=8 r=8 d=1024 (narrow chunks only, now in 6-row tiles)
+// on par (h 0.89-0.94 ms, u 0.97-1.04). With 8-row tiles here GCC kept the panel registers on
+// the stack and reloaded them for every FMA (h 0.21 ms).
+template <int RB>
+inline void shrink_tile_zmm_pairs(const float* const* xr, int nr, const float* panel, int64_t d,
+                                  int64_t na, const float* coef, float* const* hrow) {
+  __m512 lo[RB], hi[RB];
+  for (int b = 0; b < RB; ++b) lo[b] = hi[b] = _mm512_setzero_ps();
+  shrink_walk<false, RB>(xr, d, [&](int64_t c, auto pair) {
+    // (an odd d's last column alone: paired with zeros in the panel)
+    const __m512 p0 = _mm512_loadu_ps(panel + c * 16), p1 = _mm512_loadu_ps(panel + c * 16 + 16);
+    for (int b = 0; b < RB; ++b) {
+      __m512 xv;
+      if constexpr (decltype(pair)::value)
+        xv = _mm512_castpd_ps(
+            _mm512_broadcastsd_pd(_mm_load_sd(reinterpret_cast<const double*>(xr[b] + c))));
+      else
+        xv = _mm512_set1_ps(xr[b][c]);
+      lo[b] = _mm512_fmadd_ps(xv, p0, lo[b]);
+      hi[b] = _mm512_fmadd_ps(xv, p1, hi[b]);
+    }
+  });
+  // Lanes 2a (column c) and 2a + 1 (column c + 1) of rank a summed into lane a.
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
   const __mmask16 m = static_cast<__mmask16>(na >= 16 ? 0xffff : (1u << na) - 1);
   for (int b = 0; b < RB; ++b) {
     if (b >= nr) continue;
-    const __m512 cv = _mm512_set1_ps(coef[b]);
-    if constexpr (kWide) {
-      _mm512_mask_storeu_ps(hrow[b], m, _mm512_mul_ps(cv, v[b]));
-    } else {
-      // Lanes 2a (column c) and 2a + 1 (column c + 1) of rank a summed into lane a.
-      const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
-      const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 0, 0, 0, 0, 0, 0, 0, 0);
-      const __m512 sums = _mm512_add_ps(_mm512_permutexvar_ps(even, v[b]),
-                                        _mm512_permutexvar_ps(odd, v[b]));
-      _mm512_mask_storeu_ps(hrow[b], m, _mm512_mul_ps(cv, sums));
-    }
+    const __m512 sums = _mm512_add_ps(_mm512_permutex2var_ps(lo[b], even, hi[b]),
+                                      _mm512_permutex2var_ps(lo[b], odd, hi[b]));
+    _mm512_mask_storeu_ps(hrow[b], m, _mm512_mul_ps(_mm512_set1_ps(coef[b]), sums));
   }
 }
 #endif
@@ -483,9 +535,9 @@ inline void shrink_tile_zmm(const float* const* xr, int nr, const float* panel, 
 // h[i, a] = c_i * sum_c x[t_i, c] * A[ro_e + a, c] for the dispatched rows [i0, i1); 0 beyond r_e
 // and on padding rows. `packed` holds every expert's panels (pack_shrink_bank) from
 // packed + pack_offsets[e]. RB rows of one expert at a time (their x rows read from L1 as the
-// reduction runs down them), through the expert's ranks 16 at a time: six in the ymm tile, twelve
-// in the zmm one (kZmm). Rows are owned by the caller's thread and reduced in a fixed order:
-// deterministic.
+// reduction runs down them), through the expert's ranks 16 at a time: six in the ymm tile and in
+// the zmm ones (kZmm; wide chunks in the column-pair layout). Rows are owned by the caller's
+// thread and reduced in a fixed order: deterministic.
 template <int RB = kTileRows, bool kZmm = false>
 inline void shrink_rows(const float* x, const float* packed, const int64_t* pack_offsets,
                         const GroupedMeta& m, const float* w, const float* scales, int64_t d,
@@ -512,13 +564,13 @@ inline void shrink_rows(const float* x, const float* packed, const int64_t* pack
       for (int64_t a0 = 0; a0 < r; a0 += 16) {
         for (int b = 0; b < RB; ++b) hrow[b] = h + rows[std::min(b, nr - 1)] * max_rank + a0;
         const int64_t na = std::min<int64_t>(16, r - a0);
-        const float* panel = packed + pack_offsets[e] + a0 * d;
+        const float* panel = packed + pack_offsets[e] + (a0 / 16) * shrink_wide_floats(d, kZmm);
 #if defined(__AVX512F__)
         if constexpr (kZmm) {
           if (na > 8)
-            shrink_tile_zmm<true, RB>(xr, nr, panel, d, na, coef, hrow);
+            shrink_tile_zmm_pairs<RB>(xr, nr, panel, d, na, coef, hrow);
           else
-            shrink_tile_zmm<false, RB>(xr, nr, panel, d, na, coef, hrow);
+            shrink_tile_zmm_narrow<RB>(xr, nr, panel, d, na, coef, hrow);
           continue;
         }
 #endif

@@ -60,6 +60,9 @@ class OpDef:
     autocast: Tuple[str, ...] = ()  # the matmul operands cast to the autocast dtype (see below)
     op: Optional[torch._ops.OpOverload] = field(default=None, repr=False)
     native_kernels: Tuple[str, ...] = ()  # dispatch keys served by C++ kernels of molora_ops._C
+    # Nothing for ``call`` to skip: no autograd kernel, or a C++ one (csrc/autograd.cpp), which
+    # calls the kernel below it at once where there is nothing to record.
+    plain_call: bool = False
 
     def reference_entry(self, *args):
         """The reference as a kernel: metadata checks, then the oracle (which checks values)."""
@@ -145,6 +148,7 @@ def define(schema: str, *, check: Callable, fake: Callable, reference: Callable,
     _REF_LIB.define(schema)
     _REF_LIB.impl(name, opdef.reference_entry, "CompositeExplicitAutograd")
     opdef.native_kernels = _native_kernels(name)
+    opdef.plain_call = backward is None or _has_cpp_autograd(name)
 
     def fake_kernel(*args):
         check(*args)
@@ -299,7 +303,7 @@ def call(name: str, *args):
     argument for, even to find that there is nothing to record, and it is most of a decode-size
     call's overhead (bench/results/cpu-overhead-2026-12-03). Traced code keeps the plain call."""
     opdef = OPS[name]
-    if (opdef.backward is None or torch.compiler.is_compiling()
+    if (opdef.plain_call or torch.compiler.is_compiling()
             or (torch.is_grad_enabled() and _any_requires_grad(*args))):
         return opdef.op(*args)
     with _below_autograd():

@@ -156,7 +156,12 @@ constexpr int64_t kExpandGradsRanges = 2;
 // micro-tiles are mostly full, in tiles of about equal size. NOTE: standalone kernel, 1 thread,
 // T=1024 n=1376 E=8 k=2 r=16: 128 tokens (32 slots per expert) 1.72-1.76 ms, 192 1.58-1.64, 256
 // 1.61-1.66; E=64 k=8 r=8 n=1024: 256 and 384 on par (3.3-3.4 ms). 2-core x86 CPU machine,
-// 2026-12-04.
+// 2026-12-04. NOTE: y out of cache (its block last written long ago: each line's first store a
+// read for ownership from memory) takes the op's expand at that shape (2 threads, 171-token
+// tiles) from 0.54 ms to 1.1-1.4 ms. Tiles of 28-48 tokens (the hardware's stream prefetch then
+// follows each row along its columns) ran it in 0.79-0.80 ms with y cold, but in 0.59-0.65 ms
+// hot, and the suite's forward row (whose calls meet y both ways) at 1.28-1.30x the base linear
+// against 1.25-1.29x; 64-token tiles: 1.42 ms cold (2-core Xeon, 2026-12-05).
 int64_t expand_tile_tokens(int64_t T, int64_t E, int64_t k) {
   const int64_t want = std::clamp<int64_t>(48 * E / std::max<int64_t>(k, 1), 16, 512);
   const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
@@ -754,7 +759,8 @@ routed_moe_lora_cpu(const at::Tensor& x, const at::Tensor& router_weight,
   // expand, then stalls on its lines). NOTE: allocated just before the expand, y took one of 3-5
   // blocks in turn in 7 of 8 processes, and the expand ran 0.84-1.16 ms right after a base
   // linear; allocated first, one block in 6 of 6, 0.52-0.58 ms (T=1024 llama up shape, 2 threads,
-  // 2-core Xeon, 2026-12-05).
+  // 2-core Xeon, 2026-12-05). In the full benchmark suite (a heap of many sizes) half its calls
+  // still meet a cold y: expand_tile_tokens' NOTE.
   at::Tensor y = at::empty({x.size(0), d_out}, x.options());
   // x made contiguous once for the router, the shrink and the frozen GEMM (each would copy a
   // strided x again).

@@ -459,6 +459,17 @@ inline void shrink_tile(const float* const* xr, int nr, const float* panel, int6
 }
 
 #if defined(__AVX512F__)
+// x[c : c + 2] in every lane pair (a column pair: kPair), or x[c] in every lane (an odd d's last
+// column), for the column-pair panels of the zmm tiles below.
+template <bool kPair>
+inline __m512 x_step_bcast(const float* x, int64_t c) {
+  if constexpr (kPair)
+    return _mm512_castpd_ps(
+        _mm512_broadcastsd_pd(_mm_load_sd(reinterpret_cast<const double*>(x + c))));
+  else
+    return _mm512_set1_ps(x[c]);
+}
+
 // The same micro-tile on AVX-512 for a narrow chunk (at most 8 ranks), where one panel step (8
 // ranks of a column pair) is one zmm: RB rows keep RB accumulators, one panel load and RB 64-bit
 // broadcasts per RB FMAs.
@@ -469,15 +480,8 @@ inline void shrink_tile_zmm_narrow(const float* const* xr, int nr, const float* 
   for (int b = 0; b < RB; ++b) v[b] = _mm512_setzero_ps();
   shrink_walk<false, RB>(xr, d, [&](int64_t c, auto pair) {
     const __m512 p = _mm512_loadu_ps(panel + c * 8);
-    for (int b = 0; b < RB; ++b) {
-      __m512 xv;
-      if constexpr (decltype(pair)::value)
-        xv = _mm512_castpd_ps(
-            _mm512_broadcastsd_pd(_mm_load_sd(reinterpret_cast<const double*>(xr[b] + c))));
-      else
-        xv = _mm512_set1_ps(xr[b][c]);
-      v[b] = _mm512_fmadd_ps(xv, p, v[b]);
-    }
+    for (int b = 0; b < RB; ++b)
+      v[b] = _mm512_fmadd_ps(x_step_bcast<decltype(pair)::value>(xr[b], c), p, v[b]);
   });
   // Lanes 2a (column c) and 2a + 1 (column c + 1) of rank a summed into lane a.
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
@@ -509,12 +513,7 @@ inline void shrink_tile_zmm_pairs(const float* const* xr, int nr, const float* p
     // (an odd d's last column alone: paired with zeros in the panel)
     const __m512 p0 = _mm512_loadu_ps(panel + c * 16), p1 = _mm512_loadu_ps(panel + c * 16 + 16);
     for (int b = 0; b < RB; ++b) {
-      __m512 xv;
-      if constexpr (decltype(pair)::value)
-        xv = _mm512_castpd_ps(
-            _mm512_broadcastsd_pd(_mm_load_sd(reinterpret_cast<const double*>(xr[b] + c))));
-      else
-        xv = _mm512_set1_ps(xr[b][c]);
+      const __m512 xv = x_step_bcast<decltype(pair)::value>(xr[b], c);
       lo[b] = _mm512_fmadd_ps(xv, p0, lo[b]);
       hi[b] = _mm512_fmadd_ps(xv, p1, hi[b]);
     }

@@ -152,18 +152,26 @@ constexpr int64_t kExpandGradsMinSteps = 16;
 constexpr int64_t kExpandGradsRanges = 2;
 
 #ifdef MOLORA_HAVE_AVX2_KERNELS
-// Tokens per tile of the fp32 register-tiled expand: about 48 slots per expert, so the 6-row
-// micro-tiles are mostly full, in tiles of about equal size. NOTE: standalone kernel, 1 thread,
-// T=1024 n=1376 E=8 k=2 r=16: 128 tokens (32 slots per expert) 1.72-1.76 ms, 192 1.58-1.64, 256
-// 1.61-1.66; E=64 k=8 r=8 n=1024: 256 and 384 on par (3.3-3.4 ms). 2-core x86 CPU machine,
-// 2026-12-04. NOTE: y out of cache (its block last written long ago: each line's first store a
-// read for ownership from memory) takes the op's expand at that shape (2 threads, 171-token
-// tiles) from 0.54 ms to 1.1-1.4 ms. Tiles of 28-48 tokens (the hardware's stream prefetch then
-// follows each row along its columns) ran it in 0.79-0.80 ms with y cold, but in 0.59-0.65 ms
-// hot, and the suite's forward row (whose calls meet y both ways) at 1.28-1.30x the base linear
-// against 1.25-1.29x; 64-token tiles: 1.42 ms cold (2-core Xeon, 2026-12-05).
+// Tokens per tile of the fp32 register-tiled expand, in tiles of about equal size: where about 10
+// slots per expert fit in kExpandStreamTokens tokens, that many tokens (a tile's rows then few
+// enough for the hardware's stream prefetch to follow each along its columns: an output out of
+// cache is written at memory speed), else about 48 slots per expert (the 6-row micro-tiles
+// mostly full). NOTE: standalone kernel, 1 thread, T=1024 n=1376 E=8 k=2 r=16: 128 tokens (32
+// slots per expert) 1.72-1.76 ms, 192 1.58-1.64, 256 1.61-1.66; E=64 k=8 r=8 n=1024: 256 and 384
+// on par (3.3-3.4 ms). 2-core x86 CPU machine, 2026-12-04. NOTE: y out of cache (its block last
+// written long ago: each line's first store a read for ownership from memory) took the op's
+// expand at that shape (2 threads) from 0.54 ms to 1.1-1.4 ms in 171-token tiles, 1.42 ms in
+// 64-token tiles, 0.79-0.80 ms in tiles of 28-48 tokens (0.59-0.65 ms hot). Paired runs of the
+// whole suite, 171-token tiles against 40: the T=1024 llama up layer forward 1.26x / 1.29x
+// against 1.26x / 1.27x the base linear, forward+backward 1.38x / 1.37x against 1.31x / 1.30x;
+// E=64 k=8 r=8 in 40-token tiles (5 slots per expert) 2-5% slower (2-core Xeon, 2026-12-05).
+constexpr int64_t kExpandStreamTokens = 40;
+
 int64_t expand_tile_tokens(int64_t T, int64_t E, int64_t k) {
-  const int64_t want = std::clamp<int64_t>(48 * E / std::max<int64_t>(k, 1), 16, 512);
+  const int64_t kk = std::max<int64_t>(k, 1);
+  const int64_t want = 10 * E <= kExpandStreamTokens * kk
+                           ? kExpandStreamTokens
+                           : std::clamp<int64_t>(48 * E / kk, 16, 512);
   const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
   const int64_t per_thread = std::max<int64_t>(
       1, (T + threads * want / 2) / (threads * want));  // round(T / (threads * want))
@@ -759,8 +767,8 @@ routed_moe_lora_cpu(const at::Tensor& x, const at::Tensor& router_weight,
   // expand, then stalls on its lines). NOTE: allocated just before the expand, y took one of 3-5
   // blocks in turn in 7 of 8 processes, and the expand ran 0.84-1.16 ms right after a base
   // linear; allocated first, one block in 6 of 6, 0.52-0.58 ms (T=1024 llama up shape, 2 threads,
-  // 2-core Xeon, 2026-12-05). In the full benchmark suite (a heap of many sizes) half its calls
-  // still meet a cold y: expand_tile_tokens' NOTE.
+  // 2-core Xeon, 2026-12-05). In the full benchmark suite (a heap of many sizes) about half its
+  // calls still meet a y out of cache: expand_tile_tokens sizes the tiles for that.
   at::Tensor y = at::empty({x.size(0), d_out}, x.options());
   // x made contiguous once for the router, the shrink and the frozen GEMM (each would copy a
   // strided x again).

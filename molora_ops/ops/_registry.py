@@ -301,7 +301,9 @@ def call(name: str, *args):
     When no gradient can flow (grad mode off, or no input requires grad), the call skips the
     op's autograd kernel: ``torch.library``'s is a Python function that the dispatcher boxes every
     argument for, even to find that there is nothing to record, and it is most of a decode-size
-    call's overhead (bench/results/cpu-overhead-2026-12-03). Traced code keeps the plain call."""
+    call's overhead (bench/results/cpu-overhead-2026-12-03). An op with a C++ autograd kernel
+    (``plain_call``) is called as it is: that kernel makes the same test itself. Traced code keeps
+    the plain call."""
     opdef = OPS[name]
     if (opdef.plain_call or torch.compiler.is_compiling()
             or (torch.is_grad_enabled() and _any_requires_grad(*args))):

@@ -389,8 +389,16 @@ at::Tensor expand_cpu(const at::Tensor& h_in, const at::Tensor& B_in,
                                  hd.data_ptr<acc_t>());
     });
     const at::Tensor Bt_acc = B_in.to(acc).t();
-    at::Tensor y = base_c.defined() ? at::addmm(base_c.to(acc), hd, Bt_acc) : hd.mm(Bt_acc);
-    return out.defined() ? out.copy_(y) : y.to(h.scalar_type()).contiguous();
+    // (an fp32 / fp64 `out` takes the GEMM's result itself: no second [T, n] buffer and copy)
+    at::Tensor y = out.defined() && out.scalar_type() == acc
+                       ? out
+                       : at::empty({T, n}, h.options().dtype(acc));
+    if (base_c.defined())
+      at::addmm_out(y, base_c.to(acc), hd, Bt_acc);
+    else
+      at::mm_out(y, hd, Bt_acc);
+    if (!out.defined()) return y.to(h.scalar_type());
+    return y.is_same(out) ? out : out.copy_(y);
   }
   at::Tensor y = out.defined() ? out : at::empty({T, n}, h.options());
 #ifdef MOLORA_HAVE_AVX2_KERNELS

@@ -813,14 +813,15 @@ def test_triton_expand_has_no_row_buffer(monkeypatch):
 
 
 @pytest.mark.parametrize("T", [1, 32, 33, 127, 128, 301])
-@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("n", [150, 600])
 def test_cpu_expand_paths(T, k, dtype, n):
     """Every batch size regime of the C++ sgmv_expand against the reference: ragged ranks with a
     rank-0 expert and one above 64, n = 150 (a narrow last 16-column chunk, two block groups) and
     600 (several column panels of the AVX2 token tiles, the last one partial), dropped slots and
-    repeated ids, with and without weights / scales / base."""
+    repeated ids, with and without weights / scales / base. k = 2 on AVX-512 fp32 from 128 tokens
+    on: the tokens grouped by their pair of experts (at most 15 pairs of the 4 live experts)."""
     g, ro, meta, h, (w, s) = _ragged_grouped(T * 10 + k, T, k, [3, 0, 70, 2, 9], dtype)
     R = int(ro[-1])
     B = torch.randn(n, R, generator=g, dtype=torch.float64).to(dtype)
@@ -834,12 +835,14 @@ def test_cpu_expand_paths(T, k, dtype, n):
 
 @pytest.mark.parametrize("layout", ["rows", "padded", "strided", "transposed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_expand_bank_layouts(layout, dtype):
+@pytest.mark.parametrize("k", [2, 3])
+def test_cpu_expand_bank_layouts(layout, dtype, k):
     """The token-tile expand reads the bank as B^T [R, n]: B given row-major, as a narrow slice of
     a wider bank (row stride > R), with strided columns, or as the transpose of a row-major
     [R, n] (used in place). R = 85 and n = 150: partial 32 x 32 transpose blocks and a partial
-    4 x 4 piece on both sides."""
-    T, k, n = 301, 3, 150
+    4 x 4 piece on both sides. k = 2: the pair-grouped expand (AVX-512 fp32), its bank
+    transposed chunk by chunk or read in place."""
+    T, n = 301, 150
     g, ro, meta, h, (w, s) = _ragged_grouped(7, T, k, [3, 0, 70, 2, 10], dtype)
     R = int(ro[-1])
     full = torch.randn(R + 3, 2 * n, generator=g, dtype=torch.float64).to(dtype)
@@ -853,13 +856,15 @@ def test_cpu_expand_bank_layouts(layout, dtype):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("layout", ["rows", "transposed"])
-def test_cpu_expand_column_panels(threads, layout):
+@pytest.mark.parametrize("k", [2, 3])
+def test_cpu_expand_column_panels(threads, layout, k):
     """fp32 token tiles over panels of columns: a row-major B is transposed panel by panel with
     the columns split between the threads (n = 2000 at T = 300 takes 864-column panels: one
     thread runs three, the last partial, two threads two each, the second partial, three threads
     one of 672 each); B^T given row-major is read in place, the token tiles split between the
-    threads. Rank-0 and empty experts, a base, dropped slots. Against the reference."""
-    T, k, n = 300, 3, 2000
+    threads. k = 2 (AVX-512): the pair groups, the columns split between the threads in either
+    layout. Rank-0 and empty experts, a base, dropped slots. Against the reference."""
+    T, n = 300, 2000
     g, ro, meta, h, (w, s) = _ragged_grouped(11, T, k, [3, 0, 17, 2, 9], torch.float32)
     R = int(ro[-1])
     B = torch.randn(n, R, generator=g)
@@ -877,6 +882,37 @@ def test_cpu_expand_column_panels(threads, layout):
     _assert_near(y, want, torch.float32)
     _assert_near(y0, ref.sgmv_expand(h.double(), B.double(), ro, *meta, None, None, None),
                  torch.float32)
+
+
+@pytest.mark.parametrize("case", ["uniform", "many pairs", "one pair", "one live"])
+@pytest.mark.parametrize("with_base", [False, True])
+def test_cpu_expand_pair_groups(case, with_base):
+    """fp32 top-2 expand on the CPU, T = 301, n = 515 (a narrow last chunk), against the
+    reference. With AVX-512 the tokens are grouped by their pair of experts where the groups hold
+    8 tokens on average: E = 8 uniform routing (at most 36 pairs); every token on one pair; one
+    live expert per token (the other dropped, or of rank 0); E = 40 (hundreds of pairs: the token
+    tiles instead). Ragged ranks (16, 8 and 0) and repeated ids."""
+    T, n = 301, 515
+    g = torch.Generator().manual_seed(["uniform", "many pairs", "one pair", "one live"].index(case))
+    E = 40 if case == "many pairs" else 8
+    ranks = [16, 16, 8, 16, 0, 16, 16, 12] if E == 8 else [16] * E
+    ro = torch.tensor([0] + ranks).cumsum(0).to(torch.int32)
+    ids = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(T)])
+    if case == "one pair":
+        ids = torch.tensor([[5, 2]]).repeat(T, 1)
+        ids[::2] = torch.tensor([2, 5])  # the pair in either order
+    elif case == "one live":
+        ids[:, 1] = torch.where(torch.arange(T) % 2 == 0, -1, 4)  # dropped, or rank 0
+    ids[::9, 1] = ids[::9, 0]  # repeated ids
+    order, pos, eo = molora_ops.dispatch(ids, E, 1)
+    h = torch.randn(order.numel(), 16, generator=g)
+    B = torch.randn(n, int(ro[-1]), generator=g)
+    w, s = torch.rand(T, 2, generator=g), torch.rand(E, generator=g) + 0.5
+    base = torch.randn(T, n, generator=g) if with_base else None
+    y = molora_ops.sgmv_expand(h, B, ro, order, pos, eo, w, s, base)
+    want = ref.sgmv_expand(h.double(), B.double(), ro, order, pos, eo, w.double(), s.double(),
+                           None if base is None else base.double())
+    _assert_near(y, want, torch.float32)
 
 
 @pytest.mark.parametrize("strided", [False, True], ids=["rows", "padded"])

@@ -166,6 +166,9 @@ constexpr int64_t kExpandGradsRanges = 2;
 // against 1.26x / 1.27x the base linear, forward+backward 1.38x / 1.37x against 1.31x / 1.30x;
 // E=64 k=8 r=8 in 40-token tiles (5 slots per expert) 2-5% slower (2-core Xeon, 2026-12-05).
 constexpr int64_t kExpandStreamTokens = 40;
+// The pair-grouped top-2 expand: at most this many experts (its counting sort's (E + 1) * E
+// keys), and at least this many tokens a group on average. NOTE: untuned.
+constexpr int64_t kPairMaxExperts = 64, kPairMinTokensPerGroup = 8;
 
 int64_t expand_tile_tokens(int64_t T, int64_t E, int64_t k) {
   const int64_t kk = std::max<int64_t>(k, 1);
@@ -179,6 +182,62 @@ int64_t expand_tile_tokens(int64_t T, int64_t E, int64_t k) {
   return std::max<int64_t>(1, (T + tiles - 1) / tiles);
 }
 
+// Top-2 tokens grouped by their pair of live experts (kernels::avx2::expand_pair_groups): a
+// counting sort on the pair, stable in token order. A slot is live where its expert is set and
+// has rank > 0; a token's live experts go in ascending id (a repeated expert: slot 0 first), the
+// order in which the token tiles add them, so both paths give the same bits.
+struct PairGroups {
+  std::vector<int32_t> tok, p1, p2, off, expert, dead;
+  int64_t live = 0;
+  int64_t groups() const { return static_cast<int64_t>(off.size()) - 1; }
+};
+
+PairGroups pair_groups(const int32_t* slot_expert, const int32_t* rank_offsets, int64_t T,
+                       int64_t E) {
+  const auto live_expert = [&](int64_t p) {
+    const int32_t e = slot_expert[p];
+    return e >= 0 && rank_offsets[e + 1] > rank_offsets[e] ? e : -1;
+  };
+  // key = (first + 1) * E + second: first in [-1, E) (-1: one live expert), second in [0, E)
+  const int64_t keys = (E + 1) * E;
+  std::vector<int32_t> count(keys + 1, 0), key(T);
+  PairGroups pg;
+  for (int64_t t = 0; t < T; ++t) {
+    const int32_t u0 = live_expert(2 * t), u1 = live_expert(2 * t + 1);
+    const int32_t lo = std::min(u0, u1), hi = std::max(u0, u1);
+    key[t] = hi < 0 ? -1 : static_cast<int32_t>((lo + 1) * E + hi);
+    if (key[t] < 0)
+      pg.dead.push_back(static_cast<int32_t>(t));
+    else
+      ++count[key[t] + 1];
+  }
+  pg.live = T - static_cast<int64_t>(pg.dead.size());
+  pg.off.push_back(0);
+  for (int64_t q = 0; q < keys; ++q) {
+    if (count[q + 1] > 0) {
+      pg.off.push_back(pg.off.back() + count[q + 1]);
+      const int64_t lo = q / E - 1, hi = q % E;
+      pg.expert.push_back(static_cast<int32_t>(lo >= 0 ? lo : hi));
+      pg.expert.push_back(static_cast<int32_t>(lo >= 0 ? hi : -1));
+    }
+    count[q + 1] += count[q];  // count[q]: the first place of key q
+  }
+  pg.tok.resize(pg.live);
+  pg.p1.resize(pg.live);
+  pg.p2.resize(pg.live);
+  for (int64_t t = 0; t < T; ++t) {
+    if (key[t] < 0) continue;
+    const int32_t s = count[key[t]]++;
+    const int32_t u0 = live_expert(2 * t), u1 = live_expert(2 * t + 1);
+    // slot 0 first unless slot 1's expert is the lower, or slot 0 is not live
+    const bool swap = u0 < 0 || (u1 >= 0 && u1 < u0);
+    pg.tok[s] = static_cast<int32_t>(t);
+    pg.p1[s] = static_cast<int32_t>(2 * t + (swap ? 1 : 0));
+    pg.p2[s] = static_cast<int32_t>(2 * t + (swap ? 0 : 1));
+  }
+  return pg;
+}
+
 // y = base + the expand, fp32 on AVX2: slots prepared in token order (expert, scaled h) and
 // bucketed per token tile, then token tiles over panels of columns (csrc/kernels/sgmv_avx2_cpu.h).
 // Where B^T [R, n] is row-major already (the backward's d x reads A^T) the tiles are split between
@@ -188,16 +247,13 @@ int64_t expand_tile_tokens(int64_t T, int64_t E, int64_t k) {
 // 2026-12-05: n=1376 0.65-0.69 -> 0.57-0.60 ms and E=64 k=8 r=8 n=1024 1.49-1.64 -> 1.31-1.37
 // against the whole bank transposed first into one shared B^T (a new tensor each call) and token
 // tiles split between the threads; in place, split by columns ran n=512 at 0.24-0.25 ms against
-// 0.19-0.20 by token tiles. NOTE: a tuple-grouped expand (tokens grouped by the sorted tuple of
-// their experts; a tile of 6 such tokens x 32 columns reduced over all k * r ranks in registers
-// and wrote y once) ran its kernel in 0.47-0.60 ms at T=1024 n=1376 E=8 k=2 r=16, but with its
-// preparation (the tokens' keys 33 us, their h packed per tile 30-42, each thread's chunks of
-// the bank 60-200) the op took 0.68 ms against this one's 0.67, and 0.71 against 0.74 right after
-// a GEMM: not kept (2 threads, 2-core Xeon with AVX-512, 2026-12-05). As routed_moe_lora's expand,
-// timed as the bench suite does (one call after another implementation's), it ran the T=1024
-// layer forward at 1.285-1.314x the base linear against this one's 1.279-1.286x, and with
-// streaming stores (y written once, its lines never read for ownership; the frozen GEMM then
-// reads y from memory) at 1.355-1.368x (same machine, 2026-12-05).
+// 0.19-0.20 by token tiles. NOTE: top-2 routing over few pairs of experts takes the pair groups
+// instead (expand_pair_groups below). A first tuple-grouped expand (h packed per tile, each
+// thread's bank chunks packed per tuple) lost its kernel's gain to that preparation: the op
+// 0.68 ms against 0.67; the pair groups read h and a chunk-major B^T in place. With streaming
+// stores (y written once, its lines never read for ownership; the frozen GEMM then reads y from
+// memory) the T=1024 layer forward ran at 1.355-1.368x the base linear against 1.279-1.286x, timed
+// as the bench suite does (2 threads, 2-core Xeon with AVX-512, 2026-12-05).
 void expand_token_tiles(const at::Tensor& h, const at::Tensor& B, const GroupedArgs& g,
                         const at::Tensor& base, at::Tensor& y) {
   const auto meta = g.meta();
@@ -207,16 +263,87 @@ void expand_token_tiles(const at::Tensor& h, const at::Tensor& B, const GroupedA
   at::Tensor hs = at::empty({T * k, max_rank}, h.options());
   const int64_t tile = expand_tile_tokens(T, E, k), n_tiles = (T + tile - 1) / tile;
   const int32_t* ro = g.rank_offsets.data_ptr<int32_t>();
+  const bool zmm = cpu::avx512::available();
+  const float* base_p = cpu::ptr_or_null<float>(base);
+  const float* B_p = B.data_ptr<float>();
+  // B^T [R, n] is row-major where B is column-major: read it where it lies.
+  const bool in_place = B.stride(0) == 1 && B.stride(1) >= n;
+  constexpr int64_t kCols = 32;
+  const int64_t chunks = (n + kCols - 1) / kCols;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), chunks));
+  // Top-2 routing with few pairs of experts: the tokens grouped by their pair, each y row
+  // written once (kernels::avx2::expand_pair_groups). The slots are prepared first; where the
+  // pairs are many (few tokens a group, short tiles) the token tiles below take over. NOTE: the
+  // op at T=1024 n=1376 E=8 k=2 r=16 (hot, 2 threads, three alternating pairs of builds):
+  // 495-503 us against 601-610 for the token tiles; routed_moe_lora's expand timed as the bench
+  // suite does, 642 us against 759 (medians of 172 calls); E=64 k=8 r=8 (token tiles) on par.
+  // 2-core Xeon with AVX-512, 2026-12-05.
+  const bool pairs = zmm && k == 2 && E <= kPairMaxExperts;
+  if (pairs) {
+    at::parallel_for(0, n_tiles, 1, [&](int64_t i0, int64_t i1) {
+      const int64_t p0 = i0 * tile * k, p1 = std::min(T, i1 * tile) * k;
+      kernels::expand_slots_prepare(h.data_ptr<float>(), meta, g.pos.data_ptr<int32_t>(),
+                                    cpu::ptr_or_null<float>(g.weights),
+                                    cpu::ptr_or_null<float>(g.scales), max_rank, p0, p1,
+                                    slot_expert.data_ptr<int32_t>(), hs.data_ptr<float>());
+    });
+    PairGroups pg = pair_groups(slot_expert.data_ptr<int32_t>(), ro, T, E);
+    if (pg.live >= kPairMinTokensPerGroup * pg.groups()) {
+      float* const y_p = y.data_ptr<float>();
+      const auto fill_dead = [&](int64_t d0, int64_t d1, int64_t col0, int64_t col1) {
+        for (int64_t i = d0; i < d1; ++i) {  // rows no expert writes: base, or zeros
+          float* row = y_p + int64_t{pg.dead[i]} * n;
+          if (base_p != nullptr)
+            std::copy(base_p + (row - y_p) + col0, base_p + (row - y_p) + col1, row + col0);
+          else
+            std::fill(row + col0, row + col1, 0.0f);
+        }
+      };
+      const auto run_pairs = [&](int64_t s0, int64_t s1, int64_t col0, int64_t col1,
+                                 const float* bank, int64_t ldb, int64_t chunk_stride) {
+        cpu::avx512::expand_pair_groups(hs.data_ptr<float>(), max_rank, pg.tok.data(),
+                                        pg.p1.data(), pg.p2.data(), pg.off.data(),
+                                        pg.expert.data(), pg.groups(), s0, s1, ro, bank, ldb,
+                                        chunk_stride, base_p, n, col0, col1, y_p);
+      };
+      const int64_t n_dead = static_cast<int64_t>(pg.dead.size());
+      if (in_place) {
+        // B^T read where it lies: the sorted tokens split between the threads, all columns
+        // each. NOTE: the backward's d x (n=512, A^T; T=1024 E=8 k=2 r=16, hot, 2 threads):
+        // 190-191 us so, 219-221 with the columns split, 187-198 for the token tiles; n=1376
+        // 455-459 against 493-537 (2-core Xeon with AVX-512, 2026-12-05).
+        at::parallel_for(0, threads, 1, [&](int64_t w0, int64_t w1) {
+          fill_dead(w0 * n_dead / threads, w1 * n_dead / threads, 0, n);
+          run_pairs(w0 * pg.live / threads, w1 * pg.live / threads, 0, n, B_p, B.stride(1),
+                    kCols);
+        });
+        return;
+      }
+      at::parallel_for(0, chunks, (chunks + threads - 1) / threads, [&](int64_t c0, int64_t c1) {
+        const int64_t col0 = c0 * kCols, col1 = std::min(n, c1 * kCols);
+        fill_dead(0, n_dead, col0, col1);
+        // this thread's columns of B^T, chunk-major: [chunk][R][32]
+        std::unique_ptr<float[]> bt(new float[R * (c1 - c0) * kCols]);
+        for (int64_t n0 = col0; n0 < col1; n0 += kCols)
+          cpu::avx2::transpose_rows(B_p + n0 * B.stride(0), B.stride(0), B.stride(1), kCols, R,
+                                    0, std::min(kCols, col1 - n0), bt.get() + (n0 - col0) * R);
+        run_pairs(0, pg.live, col0, col1, bt.get(), kCols, R * kCols);
+      });
+      return;
+    }
+  }
   std::vector<int32_t> slots(2 * tile * k * n_tiles), bucket((E + 1) * n_tiles);
   std::vector<uint8_t> touched(tile * n_tiles);
   // Each tile's slots prepared and bucketed in one pass (one parallel region less per call).
   at::parallel_for(0, n_tiles, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t t0 = i * tile, t1 = std::min(T, t0 + tile);
-      kernels::expand_slots_prepare(h.data_ptr<float>(), meta, g.pos.data_ptr<int32_t>(),
-                                    cpu::ptr_or_null<float>(g.weights),
-                                    cpu::ptr_or_null<float>(g.scales), max_rank, t0 * k, t1 * k,
-                                    slot_expert.data_ptr<int32_t>(), hs.data_ptr<float>());
+      if (!pairs)
+        kernels::expand_slots_prepare(h.data_ptr<float>(), meta, g.pos.data_ptr<int32_t>(),
+                                      cpu::ptr_or_null<float>(g.weights),
+                                      cpu::ptr_or_null<float>(g.scales), max_rank, t0 * k,
+                                      t1 * k, slot_expert.data_ptr<int32_t>(),
+                                      hs.data_ptr<float>());
       kernels::expand_tile_slots(slot_expert.data_ptr<int32_t>(), ro, E, k, base.defined(), t0,
                                  t1, &slots[2 * tile * k * i], &bucket[(E + 1) * i],
                                  &touched[tile * i]);
@@ -227,15 +354,8 @@ void expand_token_tiles(const at::Tensor& h, const at::Tensor& B, const GroupedA
   // 16). NOTE: 128, 256 and 512 KiB panels and whole rows within 5% of each other at T=1024
   // n=1376 E=8 k=2 r=16, n=512 and E=64 k=8 r=8 n=1024 (2 threads, 2-core Xeon with 2 MiB of L2
   // a core, 2026-12-05); with the accumulators in a separate buffer, 256 KiB had beaten 128.
-  constexpr int64_t kCols = 32, kPanelFloats = 65536;
+  constexpr int64_t kPanelFloats = 65536;
   const int64_t panel = std::max<int64_t>(kCols, (kPanelFloats / tile) / kCols * kCols);
-  const int64_t chunks = (n + kCols - 1) / kCols;
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), chunks));
-  // B^T [R, n] is row-major where B is column-major: read it where it lies.
-  const bool in_place = B.stride(0) == 1 && B.stride(1) >= n;
-  const float* base_p = cpu::ptr_or_null<float>(base);
-  const float* B_p = B.data_ptr<float>();
-  const bool zmm = cpu::avx512::available();
   const auto panel_fn = zmm ? cpu::avx512::expand_tile_panel : cpu::avx2::expand_tile_panel;
   // Token tiles [i0, i1) over columns [col0, col1), panel by panel.
   const auto run = [&](int64_t i0, int64_t i1, int64_t col0, int64_t col1) {

@@ -75,6 +75,14 @@ void expand_tile_panel(const float* hs, const int32_t* slots, const int32_t* buc
                        int64_t max_rank, const float* bt, int64_t ldb, int64_t n, int64_t n0,
                        int64_t n1, const float* base, int64_t t0, int64_t t1, const float* next_y,
                        int64_t next_rows, float* acc, float* y);
+// The top-2 expand over tokens grouped by their pair of experts
+// (kernels::avx2::expand_pair_groups), columns [col0, col1).
+void expand_pair_groups(const float* hs, int64_t max_rank, const int32_t* tok, const int32_t* p1,
+                        const int32_t* p2, const int32_t* group_off, const int32_t* group_expert,
+                        int64_t groups, int64_t s_begin, int64_t s_end,
+                        const int32_t* rank_offsets, const float* bank, int64_t ld,
+                        int64_t chunk_stride, const float* base, int64_t n, int64_t col0,
+                        int64_t col1, float* y);
 constexpr int64_t kChunkCols = 32;
 // The shrink: its bank packed as cpu::avx2's is, but wide chunks (9-16 ranks) in column pairs
 // (kernels::avx2::pack_shrink_bank with `pairs`), then the dispatched rows, 6 rows a tile.

@@ -73,6 +73,7 @@ struct Ymm16 {
   static reg zero() { return _mm256_setzero_ps(); }
   static reg bcast(const float* p) { return _mm256_broadcast_ss(p); }
   static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
   static reg loadu(const float* p) { return _mm256_loadu_ps(p); }
   static void storeu(float* p, reg v) { _mm256_storeu_ps(p, v); }
   template <bool kTail>
@@ -106,6 +107,7 @@ struct Zmm32 {
   static reg zero() { return _mm512_setzero_ps(); }
   static reg bcast(const float* p) { return _mm512_set1_ps(*p); }
   static reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
   static reg loadu(const float* p) { return _mm512_loadu_ps(p); }
   static void storeu(float* p, reg v) { _mm512_storeu_ps(p, v); }
   template <bool kTail>
@@ -141,12 +143,14 @@ struct Zmm32 {
 };
 #endif
 
-// dst[i] += sum_{a < r} coef[i, a] * bank[a * ld, :V::kCols] for the RB rows i of one tile (row
-// pointers in coef / dst), one chunk of columns (masked on the last).
+// (v0, v1)[i] = sum_{a < r} coef[i, a] * bank[a * ld, :V::kCols] for the RB rows i of one tile,
+// from zero, one chunk of columns (masked on the last).
 template <typename V, int RB, bool kTail>
-inline void tile_accumulate(const float* const* coef, float* const* dst, const int32_t* keep,
-                            const float* bank, int64_t ld, int64_t r, const typename V::Mask& m) {
-  typename V::reg v0[RB], v1[RB];
+[[gnu::always_inline]] inline void tile_products(const float* const* coef, const float* bank,
+                                                 int64_t ld, int64_t r,
+                                                 const typename V::Mask& m,
+                                                 typename V::reg (&v0)[RB],
+                                                 typename V::reg (&v1)[RB]) {
   for (int b = 0; b < RB; ++b) {
     v0[b] = V::zero();
     v1[b] = V::zero();
@@ -160,6 +164,15 @@ inline void tile_accumulate(const float* const* coef, float* const* dst, const i
       v1[b] = V::fmadd(c, b1, v1[b]);
     }
   }
+}
+
+// dst[i] += sum_{a < r} coef[i, a] * bank[a * ld, :V::kCols] for the RB rows i of one tile (row
+// pointers in coef / dst), one chunk of columns (masked on the last).
+template <typename V, int RB, bool kTail>
+inline void tile_accumulate(const float* const* coef, float* const* dst, const int32_t* keep,
+                            const float* bank, int64_t ld, int64_t r, const typename V::Mask& m) {
+  typename V::reg v0[RB], v1[RB];
+  tile_products<V, RB, kTail>(coef, bank, ld, r, m, v0, v1);
   // Row by row: two rows of one token (a repeated expert id) both land. keep[b] = 0 on a row's
   // first touch: whatever dst held there is dropped, so it needs no zero fill.
   for (int b = 0; b < RB; ++b) V::template keep_add_store<kTail>(dst[b], m, keep[b], v0[b], v1[b]);
@@ -309,6 +322,119 @@ inline void expand_tile_panel(const float* hs, const int32_t* slots, const int32
           V::template store<false>(dst + c * V::kCols, last, v0, v1);
         else
           V::template store<true>(dst + c * V::kCols, last, v0, v1);
+      }
+    }
+  }
+}
+
+// The top-2 expand over tokens grouped by their pair of experts (expand_pair_groups): one tile of
+// RB tokens of one group, NE live experts (1 or 2, in ascending id), one chunk of columns
+// [col, col + V::kCols) (masked on the last):
+//   y[t] = ((base[t] +) T_1[t]) + T_2[t],   T_i[t] = sum_{a < r_i} coef_i[t, a] * bank_i[a * ld, :]
+// Each y row is written once, its lines never read (no base) or read once (base). The sums and
+// their order are those of the per-expert tiles above (experts in ascending id, each product
+// from zero, then added), so both paths give the same bits. coef[i * RB + b], dst[b] and src[b]
+// (base rows, or null) are row pointers at column 0.
+template <typename V, int RB, int NE, bool kTail>
+inline void pair_tile_accumulate(const float* const* coef, float* const* dst,
+                                 const float* const* src, int64_t col, const float* const* bank,
+                                 const int64_t* r, int64_t ld, const typename V::Mask& m) {
+  typename V::reg v0[RB], v1[RB];
+#pragma GCC unroll 2
+  for (int i = 0; i < NE; ++i) {
+    typename V::reg a0[RB], a1[RB];
+    tile_products<V, RB, kTail>(coef + i * RB, bank[i], ld, r[i], m, a0, a1);
+    for (int b = 0; b < RB; ++b) {
+      if (i > 0) {
+        a0[b] = V::add(v0[b], a0[b]);
+        a1[b] = V::add(v1[b], a1[b]);
+      } else if (src[0] != nullptr) {
+        typename V::reg o0, o1;
+        V::template load<kTail>(src[b] + col, m, o0, o1);
+        a0[b] = V::add(o0, a0[b]);
+        a1[b] = V::add(o1, a1[b]);
+      }
+      v0[b] = a0[b];
+      v1[b] = a1[b];
+    }
+  }
+  for (int b = 0; b < RB; ++b) V::template store<kTail>(dst[b] + col, m, v0[b], v1[b]);
+}
+
+// pair_tile_accumulate over every chunk of the columns [n0, n1) (n1 - n0 a multiple of V::kCols
+// unless n1 = n) for one tile of rb <= kTileRows rows.
+template <typename V, int NE>
+inline void pair_tile_cols(const float* const* coef, float* const* dst, const float* const* src,
+                           int rb, const float* const* bank, const int64_t* r, int64_t ld,
+                           int64_t chunk_stride, int64_t n, int64_t n0, int64_t n1) {
+  const typename V::Mask full(V::kCols), last(n - (n - 1) / V::kCols * V::kCols);
+  const float* bk[NE];
+  for (int64_t c0 = n0; c0 < n1; c0 += V::kCols) {
+    const int64_t c = (c0 - n0) / V::kCols;
+    for (int i = 0; i < NE; ++i) bk[i] = bank[i] + c * chunk_stride;
+    const bool tail = c0 + V::kCols > n;
+#define MOLORA_PAIR_TILE(RB)                                                                     \
+  case RB:                                                                                        \
+    if (tail)                                                                                     \
+      pair_tile_accumulate<V, RB, NE, true>(coef, dst, src, c0, bk, r, ld, last);                 \
+    else                                                                                          \
+      pair_tile_accumulate<V, RB, NE, false>(coef, dst, src, c0, bk, r, ld, full);                \
+    break;
+    switch (rb) {
+      MOLORA_PAIR_TILE(1) MOLORA_PAIR_TILE(2) MOLORA_PAIR_TILE(3)
+      MOLORA_PAIR_TILE(4) MOLORA_PAIR_TILE(5) MOLORA_PAIR_TILE(6)
+      default: break;
+    }
+#undef MOLORA_PAIR_TILE
+  }
+}
+
+// The top-2 expand of the tokens grouped by their pair of experts: the sorted tokens
+// [s_begin, s_end), columns [col0, col1) (col0 a multiple of V::kCols), in panels of
+// kPairPanelCols so a group's bank slices stay in L1 across its tiles. Group g holds the sorted
+// tokens [group_off[g], group_off[g + 1]): token tok[s], its first live expert's hs row p1[s] and
+// its second's p2[s] (unused with one live expert); group_expert[2 g], group_expert[2 g + 1]
+// (-1: none) their experts, ascending. Expert e's bank slice of chunk c (relative to col0) is
+// bank + rank_offsets[e] * ld + c * chunk_stride. base [T, n] or null. NOTE: panels of 64, 128,
+// 256 and 704 columns (a thread's whole share): the op at T=1024 n=1376 E=8 k=2 r=16 in 511-513,
+// 502-534, 541-545 and 535-543 us (hot, 2 threads, 2-core Xeon with AVX-512, 2026-12-05).
+constexpr int64_t kPairPanelCols = 128;
+template <typename V>
+inline void expand_pair_groups(const float* hs, int64_t max_rank, const int32_t* tok,
+                               const int32_t* p1, const int32_t* p2, const int32_t* group_off,
+                               const int32_t* group_expert, int64_t groups, int64_t s_begin,
+                               int64_t s_end, const int32_t* rank_offsets, const float* bank,
+                               int64_t ld, int64_t chunk_stride, const float* base, int64_t n,
+                               int64_t col0, int64_t col1, float* y) {
+  const float* coef[2 * kTileRows];
+  float* dst[kTileRows];
+  const float* src[kTileRows];
+  for (int64_t n0 = col0; n0 < col1; n0 += kPairPanelCols) {
+    const int64_t n1 = std::min(col1, n0 + kPairPanelCols);
+    const int64_t c_off = (n0 - col0) / V::kCols;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t g0 = std::max<int64_t>(s_begin, group_off[g]);
+      const int64_t g1 = std::min<int64_t>(s_end, group_off[g + 1]);
+      if (g0 >= g1) continue;
+      const int32_t e1 = group_expert[2 * g], e2 = group_expert[2 * g + 1];
+      const int ne = e2 >= 0 ? 2 : 1;
+      const float* bk[2] = {bank + rank_offsets[e1] * ld + c_off * chunk_stride,
+                            bank + rank_offsets[e2 >= 0 ? e2 : e1] * ld + c_off * chunk_stride};
+      const int64_t r[2] = {rank_offsets[e1 + 1] - rank_offsets[e1],
+                            e2 >= 0 ? rank_offsets[e2 + 1] - rank_offsets[e2] : 0};
+      for (int64_t s = g0; s < g1; s += kTileRows) {
+        const int rb = static_cast<int>(std::min<int64_t>(kTileRows, g1 - s));
+        for (int b = 0; b < rb; ++b) {
+          const int64_t t = tok[s + b];
+          coef[b] = hs + int64_t{p1[s + b]} * max_rank;
+          coef[rb + b] = ne > 1 ? hs + int64_t{p2[s + b]} * max_rank : nullptr;
+          dst[b] = y + t * n;
+          src[b] = base != nullptr ? base + t * n : nullptr;
+        }
+        if (ne > 1)
+          pair_tile_cols<V, 2>(coef, dst, src, rb, bk, r, ld, chunk_stride, n, n0, n1);
+        else
+          pair_tile_cols<V, 1>(coef, dst, src, rb, bk, r, ld, chunk_stride, n, n0, n1);
       }
     }
   }

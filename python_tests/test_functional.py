@@ -841,7 +841,7 @@ def test_cpu_expand_bank_layouts(layout, dtype, k):
     a wider bank (row stride > R), with strided columns, or as the transpose of a row-major
     [R, n] (used in place). R = 85 and n = 150: partial 32 x 32 transpose blocks and a partial
     4 x 4 piece on both sides. k = 2: the pair-grouped expand (AVX-512 fp32), its bank
-    transposed chunk by chunk or read in place."""
+    transposed chunk by chunk (B^T given row-major keeps the token tiles)."""
     T, n = 301, 150
     g, ro, meta, h, (w, s) = _ragged_grouped(7, T, k, [3, 0, 70, 2, 10], dtype)
     R = int(ro[-1])
@@ -862,8 +862,8 @@ def test_cpu_expand_column_panels(threads, layout, k):
     the columns split between the threads (n = 2000 at T = 300 takes 864-column panels: one
     thread runs three, the last partial, two threads two each, the second partial, three threads
     one of 672 each); B^T given row-major is read in place, the token tiles split between the
-    threads. k = 2 (AVX-512): the pair groups, the columns split between the threads in either
-    layout. Rank-0 and empty experts, a base, dropped slots. Against the reference."""
+    threads. k = 2 (AVX-512) with a row-major B: the pair groups, the columns split between the
+    threads. Rank-0 and empty experts, a base, dropped slots. Against the reference."""
     T, n = 300, 2000
     g, ro, meta, h, (w, s) = _ragged_grouped(11, T, k, [3, 0, 17, 2, 9], torch.float32)
     R = int(ro[-1])

@@ -278,7 +278,11 @@ void expand_token_tiles(const at::Tensor& h, const at::Tensor& B, const GroupedA
   // 495-503 us against 601-610 for the token tiles; routed_moe_lora's expand timed as the bench
   // suite does, 642 us against 759 (medians of 172 calls); E=64 k=8 r=8 (token tiles) on par.
   // 2-core Xeon with AVX-512, 2026-12-05.
-  const bool pairs = zmm && k == 2 && E <= kPairMaxExperts;
+  // (B^T read in place, the backward's d x, keeps the token tiles: there the pair groups, the
+  // sorted tokens split between the threads, ran on par, 190-191 us against 187-198 at n=512,
+  // and 219-221 with the columns split. T=1024 E=8 k=2 r=16, hot, 2 threads, 2-core Xeon with
+  // AVX-512, 2026-12-05.)
+  const bool pairs = zmm && k == 2 && E <= kPairMaxExperts && !in_place;
   if (pairs) {
     at::parallel_for(0, n_tiles, 1, [&](int64_t i0, int64_t i1) {
       const int64_t p0 = i0 * tile * k, p1 = std::min(T, i1 * tile) * k;
@@ -289,45 +293,26 @@ void expand_token_tiles(const at::Tensor& h, const at::Tensor& B, const GroupedA
     });
     PairGroups pg = pair_groups(slot_expert.data_ptr<int32_t>(), ro, T, E);
     if (pg.live >= kPairMinTokensPerGroup * pg.groups()) {
-      float* const y_p = y.data_ptr<float>();
-      const auto fill_dead = [&](int64_t d0, int64_t d1, int64_t col0, int64_t col1) {
-        for (int64_t i = d0; i < d1; ++i) {  // rows no expert writes: base, or zeros
-          float* row = y_p + int64_t{pg.dead[i]} * n;
-          if (base_p != nullptr)
-            std::copy(base_p + (row - y_p) + col0, base_p + (row - y_p) + col1, row + col0);
-          else
-            std::fill(row + col0, row + col1, 0.0f);
-        }
-      };
-      const auto run_pairs = [&](int64_t s0, int64_t s1, int64_t col0, int64_t col1,
-                                 const float* bank, int64_t ldb, int64_t chunk_stride) {
-        cpu::avx512::expand_pair_groups(hs.data_ptr<float>(), max_rank, pg.tok.data(),
-                                        pg.p1.data(), pg.p2.data(), pg.off.data(),
-                                        pg.expert.data(), pg.groups(), s0, s1, ro, bank, ldb,
-                                        chunk_stride, base_p, n, col0, col1, y_p);
-      };
       const int64_t n_dead = static_cast<int64_t>(pg.dead.size());
-      if (in_place) {
-        // B^T read where it lies: the sorted tokens split between the threads, all columns
-        // each. NOTE: the backward's d x (n=512, A^T; T=1024 E=8 k=2 r=16, hot, 2 threads):
-        // 190-191 us so, 219-221 with the columns split, 187-198 for the token tiles; n=1376
-        // 455-459 against 493-537 (2-core Xeon with AVX-512, 2026-12-05).
-        at::parallel_for(0, threads, 1, [&](int64_t w0, int64_t w1) {
-          fill_dead(w0 * n_dead / threads, w1 * n_dead / threads, 0, n);
-          run_pairs(w0 * pg.live / threads, w1 * pg.live / threads, 0, n, B_p, B.stride(1),
-                    kCols);
-        });
-        return;
-      }
       at::parallel_for(0, chunks, (chunks + threads - 1) / threads, [&](int64_t c0, int64_t c1) {
         const int64_t col0 = c0 * kCols, col1 = std::min(n, c1 * kCols);
-        fill_dead(0, n_dead, col0, col1);
+        float* const y_p = y.data_ptr<float>();
+        for (int64_t i = 0; i < n_dead; ++i) {  // rows no expert writes: base, or zeros
+          const int64_t t = pg.dead[i];
+          if (base_p != nullptr)
+            std::copy(base_p + t * n + col0, base_p + t * n + col1, y_p + t * n + col0);
+          else
+            std::fill(y_p + t * n + col0, y_p + t * n + col1, 0.0f);
+        }
         // this thread's columns of B^T, chunk-major: [chunk][R][32]
         std::unique_ptr<float[]> bt(new float[R * (c1 - c0) * kCols]);
         for (int64_t n0 = col0; n0 < col1; n0 += kCols)
           cpu::avx2::transpose_rows(B_p + n0 * B.stride(0), B.stride(0), B.stride(1), kCols, R,
                                     0, std::min(kCols, col1 - n0), bt.get() + (n0 - col0) * R);
-        run_pairs(0, pg.live, col0, col1, bt.get(), kCols, R * kCols);
+        cpu::avx512::expand_pair_groups(hs.data_ptr<float>(), max_rank, pg.tok.data(),
+                                        pg.p1.data(), pg.p2.data(), pg.off.data(),
+                                        pg.expert.data(), pg.groups(), ro, bt.get(), kCols,
+                                        R * kCols, base_p, n, col0, col1, y_p);
       });
       return;
     }

@@ -79,8 +79,7 @@ void expand_tile_panel(const float* hs, const int32_t* slots, const int32_t* buc
 // (kernels::avx2::expand_pair_groups), columns [col0, col1).
 void expand_pair_groups(const float* hs, int64_t max_rank, const int32_t* tok, const int32_t* p1,
                         const int32_t* p2, const int32_t* group_off, const int32_t* group_expert,
-                        int64_t groups, int64_t s_begin, int64_t s_end,
-                        const int32_t* rank_offsets, const float* bank, int64_t ld,
+                        int64_t groups, const int32_t* rank_offsets, const float* bank, int64_t ld,
                         int64_t chunk_stride, const float* base, int64_t n, int64_t col0,
                         int64_t col1, float* y);
 constexpr int64_t kChunkCols = 32;

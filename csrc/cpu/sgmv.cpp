@@ -201,10 +201,13 @@ PairGroups pair_groups(const int32_t* slot_expert, const int32_t* rank_offsets, 
   // key = (first + 1) * E + second: first in [-1, E) (-1: one live expert), second in [0, E)
   const int64_t keys = (E + 1) * E;
   std::vector<int32_t> count(keys + 1, 0), key(T);
+  // slot 0's expert first unless slot 1's is the lower, or slot 0 is not live
+  std::vector<uint8_t> swap(T);
   PairGroups pg;
   for (int64_t t = 0; t < T; ++t) {
     const int32_t u0 = live_expert(2 * t), u1 = live_expert(2 * t + 1);
     const int32_t lo = std::min(u0, u1), hi = std::max(u0, u1);
+    swap[t] = u0 < 0 || (u1 >= 0 && u1 < u0);
     key[t] = hi < 0 ? -1 : static_cast<int32_t>((lo + 1) * E + hi);
     if (key[t] < 0)
       pg.dead.push_back(static_cast<int32_t>(t));
@@ -228,12 +231,9 @@ PairGroups pair_groups(const int32_t* slot_expert, const int32_t* rank_offsets, 
   for (int64_t t = 0; t < T; ++t) {
     if (key[t] < 0) continue;
     const int32_t s = count[key[t]]++;
-    const int32_t u0 = live_expert(2 * t), u1 = live_expert(2 * t + 1);
-    // slot 0 first unless slot 1's expert is the lower, or slot 0 is not live
-    const bool swap = u0 < 0 || (u1 >= 0 && u1 < u0);
     pg.tok[s] = static_cast<int32_t>(t);
-    pg.p1[s] = static_cast<int32_t>(2 * t + (swap ? 1 : 0));
-    pg.p2[s] = static_cast<int32_t>(2 * t + (swap ? 0 : 1));
+    pg.p1[s] = static_cast<int32_t>(2 * t + swap[t]);
+    pg.p2[s] = static_cast<int32_t>(2 * t + 1 - swap[t]);
   }
   return pg;
 }

@@ -73,7 +73,6 @@ struct Ymm16 {
   static reg zero() { return _mm256_setzero_ps(); }
   static reg bcast(const float* p) { return _mm256_broadcast_ss(p); }
   static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
-  static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
   static reg loadu(const float* p) { return _mm256_loadu_ps(p); }
   static void storeu(float* p, reg v) { _mm256_storeu_ps(p, v); }
   template <bool kTail>
@@ -390,11 +389,10 @@ inline void pair_tile_cols(const float* const* coef, float* const* dst, const fl
 }
 
 // The top-2 expand of the tokens grouped by their pair of experts, columns [col0, col1) (col0 a
-// multiple of V::kCols), in panels of
-// kPairPanelCols so a group's bank slices stay in L1 across its tiles. Group g holds the sorted
-// tokens [group_off[g], group_off[g + 1]): token tok[s], its first live expert's hs row p1[s] and
-// its second's p2[s] (unused with one live expert); group_expert[2 g], group_expert[2 g + 1]
-// (-1: none) their experts, ascending. Expert e's bank slice of chunk c (relative to col0) is
+// multiple of V::kCols), in panels of kPairPanelCols so a group's bank slices stay in L1 across
+// its tiles. Group g holds the sorted tokens [group_off[g], group_off[g + 1]): token tok[s], its
+// first live expert's hs row p1[s] and its second's p2[s] (unused with one live expert);
+// group_expert[2 g], group_expert[2 g + 1] (-1: none) their experts, ascending. Expert e's bank slice of chunk c (relative to col0) is
 // bank + rank_offsets[e] * ld + c * chunk_stride. base [T, n] or null. NOTE: panels of 64, 128,
 // 256 and 704 columns (a thread's whole share): the op at T=1024 n=1376 E=8 k=2 r=16 in 511-513,
 // 502-534, 541-545 and 535-543 us (hot, 2 threads, 2-core Xeon with AVX-512, 2026-12-05).

@@ -312,7 +312,10 @@ def routed_moe_lora_linear(x: torch.Tensor, router_weight: torch.Tensor, lora_A:
     # function's Python ran ~100 us of a T=1024 llama up forward right after other
     # implementations' GEMMs (cold code: ~1-3 us a line, 7 us hot), so its CPU path makes as few
     # calls as it can: 20 us less before the op and 20 after (medians of the layer forward timed
-    # as the bench suite does, 2-core Xeon, 2026-12-05).
+    # as the bench suite does, 2-core Xeon, 2026-12-05). Left, timed the same way (2026-12-06):
+    # its checks 19 us, the choice of algo 16, RoutedOutput 10; the torch.ops call itself (Python
+    # to the C++ kernel and back, 13 arguments) 57 + 44 us even called directly, and about as
+    # much with 1 or 4 outputs instead of 8: together about 0.04x of the base linear's time.
     flat = len(lead) == 1
     T = lead[0] if flat else math.prod(lead)
     x2 = x if flat else _as_shape(x, (T, d_in))

@@ -437,6 +437,11 @@ at::Tensor sgmv_shrink_cpu(const at::Tensor& x_in, const at::Tensor& A_in,
     // T=1024 E=8 k=2 r=16:
     // h (d=512) 0.21-0.33 -> 0.17 ms, the backward's u (d=1376) 0.64-0.73 -> 0.50-0.55 ms; E=64
     // k=8 r=8 d=1024: 1.01 -> 0.87 ms. Min of alternating runs, 2 threads, 2-core Xeon, 2026-12-04.
+    // NOTE: the rows split between the threads by ranges of x's rows (each thread its tokens'
+    // rows of every expert, so x is read where the router's thread left it) instead of ranges of
+    // dispatched rows: the T=1024 llama up layer forward on par, 1.2435x / 1.2453x against
+    // 1.2436x / 1.2422x the base linear (paired runs as in routed_moe_lora_cpu's NOTE, 2-core
+    // Xeon, 2026-12-06).
     const auto rows_fn = zmm ? cpu::avx512::shrink_rows : cpu::avx2::shrink_rows;
     at::parallel_for(0, P, grain, [&](int64_t i0, int64_t i1) {
       rows_fn(x.data_ptr<float>(), packed.data_ptr<float>(), pack_offsets.data(), meta,
@@ -901,7 +906,11 @@ routed_moe_lora_cpu(const at::Tensor& x, const at::Tensor& router_weight,
   // against 1.28-1.38x with each thread its own blocks (MKL's output is mostly out of cache by
   // the time the expand reads it, and the expand over whole rows ran 30-50% slower than over
   // columns); the GEMM first (beta = 0), then the expand adding into y: 1.30-1.32x against
-  // 1.28-1.29x, measured again later that day 1.31-1.36x against 1.28-1.29x. The
+  // 1.28-1.29x, measured again later that day 1.31-1.36x against 1.28-1.29x, and with the
+  // pair-grouped expand (2026-12-06) in a paired run (the base linear, this order, the GEMM
+  // first and the per-expert loop in turn, one call each, 600 rounds) 1.244-1.252x against
+  // 1.234-1.238x: a beta = 1 GEMM reads y (about 0.1 ms more than beta = 0 here), but the
+  // expand's read of a y the GEMM has left in L3 costs more. The
   // backward's d x the same way (frozen GEMM first, the adapter's expand added in place): on par.
   // Our own AVX-512 GEMM (12 x 32 micro-tile, x's rows through one pointer per three rows, W
   // packed per call into 32-column panels, each thread its own columns) with each token tile's

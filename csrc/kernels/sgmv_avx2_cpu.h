@@ -396,13 +396,23 @@ inline void pair_tile_cols(const float* const* coef, float* const* dst, const fl
 // bank + rank_offsets[e] * ld + c * chunk_stride. base [T, n] or null. NOTE: panels of 64, 128,
 // 256 and 704 columns (a thread's whole share): the op at T=1024 n=1376 E=8 k=2 r=16 in 511-513,
 // 502-534, 541-545 and 535-543 us (hot, 2 threads, 2-core Xeon with AVX-512, 2026-12-05).
+// NOTE: in the op the kernel is bound by y's traffic, not by its FMAs (2026-12-06, T=1024 n=1376
+// E=8 k=2 r=16, 2 threads, a standalone harness): hot 458 us without the rows' prefetch (497 with),
+// 397 with its stores sent to 510 rows that stay in L2. So the tile shape did not matter: 3 rows x
+// 2 chunks (one broadcast per 4 FMAs, not 2) ran the kernel alone 6-25% faster or 7% slower with
+// the build's code layout, and the layer forward on par in paired runs (1.235-1.246x against
+// 1.238-1.244x). Each panel's B^T turned round by the kernel into a 64 KiB buffer just before use
+// (the thread's B^T, 47-62 us a call from a cold bank into a cold buffer, gone): the op on par, and
+// 8 lines of the next panel's bank prefetched per tile made it 80 us slower.
 constexpr int64_t kPairPanelCols = 128;
 // NOTE: the rows 1, 2 or 3 tiles ahead prefetched, against none, as routed_moe_lora's expand
 // timed as the bench suite does (T=1024 n=1376 E=8 k=2 r=16; forward / training step against
 // the base linear, uniform and Zipf routing): none 1.25-1.27x / 1.32-1.36x (its expand 1.18 ms
 // in a training step, where y is a cold block: 0.64 ms in the forward alone), 1 tile 1.25x /
 // 1.29-1.30x, 2 tiles 1.25-1.28x / 1.26-1.29x, 3 tiles 1.23-1.27x / 1.26-1.31x; the token tiles
-// 1.29-1.32x / 1.30-1.32x (2 threads, 2-core Xeon with AVX-512, 2026-12-05).
+// 1.29-1.32x / 1.30-1.32x (2 threads, 2-core Xeon with AVX-512, 2026-12-05). Only the first
+// two lines of each row's panel: 1.220-1.245x / 1.302-1.317x against 1.234-1.245x /
+// 1.295-1.305x (paired runs as in routed_moe_lora_cpu's NOTE, 2026-12-06).
 constexpr int64_t kPairAheadTiles = 2;
 template <typename V>
 inline void expand_pair_groups(const float* hs, int64_t max_rank, const int32_t* tok,

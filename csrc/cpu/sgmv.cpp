@@ -268,7 +268,8 @@ void expand_token_tiles(const at::Tensor& h, const at::Tensor& B, const GroupedA
   const float* B_p = B.data_ptr<float>();
   // B^T [R, n] is row-major where B is column-major: read it where it lies.
   const bool in_place = B.stride(0) == 1 && B.stride(1) >= n;
-  constexpr int64_t kCols = 32;
+  // (the AVX-512 kernels' chunk: the pair groups' B^T is laid out in it)
+  constexpr int64_t kCols = cpu::avx512::kChunkCols;
   const int64_t chunks = (n + kCols - 1) / kCols;
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), chunks));
   // Top-2 routing with few pairs of experts: the tokens grouped by their pair, each y row

@@ -389,13 +389,14 @@ inline void pair_tile_cols(const float* const* coef, float* const* dst, const fl
 }
 
 // The top-2 expand of the tokens grouped by their pair of experts, columns [col0, col1) (col0 a
-// multiple of V::kCols), in panels of kPairPanelCols so a group's bank slices stay in L1 across
-// its tiles. Group g holds the sorted tokens [group_off[g], group_off[g + 1]): token tok[s], its
-// first live expert's hs row p1[s] and its second's p2[s] (unused with one live expert);
-// group_expert[2 g], group_expert[2 g + 1] (-1: none) their experts, ascending. Expert e's bank slice of chunk c (relative to col0) is
-// bank + rank_offsets[e] * ld + c * chunk_stride. base [T, n] or null. NOTE: panels of 64, 128,
-// 256 and 704 columns (a thread's whole share): the op at T=1024 n=1376 E=8 k=2 r=16 in 511-513,
-// 502-534, 541-545 and 535-543 us (hot, 2 threads, 2-core Xeon with AVX-512, 2026-12-05).
+// multiple of V::kCols), in panels of kPairPanelCols so a group's bank slices stay in L1 across its
+// tiles. Group g holds the sorted tokens [group_off[g], group_off[g + 1]): token tok[s], its first
+// live expert's hs row p1[s] and its second's p2[s] (unused with one live expert);
+// group_expert[2 g], group_expert[2 g + 1] (-1: none) their experts, ascending. Expert e's bank
+// slice of chunk c (relative to col0) is bank + rank_offsets[e] * ld + c * chunk_stride. base
+// [T, n] or null. NOTE: panels of 64, 128, 256 and 704 columns (a thread's whole share): the op at
+// T=1024 n=1376 E=8 k=2 r=16 in 511-513, 502-534, 541-545 and 535-543 us (hot, 2 threads, 2-core
+// Xeon with AVX-512, 2026-12-05).
 // NOTE: in the op the kernel is bound by y's traffic, not by its FMAs (2026-12-06, T=1024 n=1376
 // E=8 k=2 r=16, 2 threads, a standalone harness): hot 458 us without the rows' prefetch (497 with),
 // 397 with its stores sent to 510 rows that stay in L2. So the tile shape did not matter: 3 rows x

@@ -315,7 +315,12 @@ def routed_moe_lora_linear(x: torch.Tensor, router_weight: torch.Tensor, lora_A:
     # as the bench suite does, 2-core Xeon, 2026-12-05). Left, timed the same way (2026-12-06):
     # its checks 19 us, the choice of algo 16, RoutedOutput 10; the torch.ops call itself (Python
     # to the C++ kernel and back, 13 arguments) 57 + 44 us even called directly, and about as
-    # much with 1 or 4 outputs instead of 8: together about 0.04x of the base linear's time.
+    # much with 1 or 4 outputs instead of 8: together about 0.04x of the base linear's time. A
+    # CPU path ahead of the checks (none in Python: the op checks every argument; a failing
+    # call run again through them for their message; algo="auto" memoised by the shapes) was on
+    # par, 1.252-1.258x the base linear against 1.250-1.256x; even no checks, no choice and no
+    # wrappers at all gave only 1.238-1.250x (5 implementations in shuffled rounds, one call
+    # each, 20 s a run, 2026-12-06): cold, a line costs by the code and data it touches.
     flat = len(lead) == 1
     T = lead[0] if flat else math.prod(lead)
     x2 = x if flat else _as_shape(x, (T, d_in))

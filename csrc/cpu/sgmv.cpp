@@ -926,7 +926,10 @@ routed_moe_lora_cpu(const at::Tensor& x, const at::Tensor& router_weight,
   // expand, then MKL's cblas_sgemm_compute with x's block and W's panel packed by
   // cblas_sgemm_pack, beta = 1, while the block is in L2): the GEMM part alone 4.92-5.07 ms
   // against one addmm's 4.46, with the expand 5.48-5.67 against 5.15 (MKL's packed buffer is
-  // 7.9 MB for each 128 x 344 x 512 operand; 2 threads, 2-core Xeon, 2026-12-05).
+  // 7.9 MB for each 128 x 344 x 512 operand; 2 threads, 2-core Xeon, 2026-12-05). As two
+  // column halves, the expand's, one a thread (ATen addmm into y's half; MKL then runs single-
+  // threaded in the region): 1.299-1.308x against 1.254-1.260x (5 implementations in shuffled
+  // rounds, one call each, 20 s a run, 2026-12-06).
   if (weight.has_value()) y.addmm_(xc, weight->t());
   if (bias.has_value()) y.add_(*bias);
   return {y, logits, weights, ids, h, order, pos, expert_offsets};

@@ -404,7 +404,10 @@ inline void pair_tile_cols(const float* const* coef, float* const* dst, const fl
 // the build's code layout, and the layer forward on par in paired runs (1.235-1.246x against
 // 1.238-1.244x). Each panel's B^T turned round by the kernel into a 64 KiB buffer just before use
 // (the thread's B^T, 47-62 us a call from a cold bank into a cold buffer, gone): the op on par, and
-// 8 lines of the next panel's bank prefetched per tile made it 80 us slower.
+// 8 lines of the next panel's bank prefetched per tile made it 80 us slower. In the op the kernel
+// took 543 us a call (median) both with the layer run back to back and after other
+// implementations, where 2 threads fill y's 5.6 MB in 111-154 us from L3 and 367 us from memory
+// (2026-12-06): its time is not y's bandwidth from memory.
 constexpr int64_t kPairPanelCols = 128;
 // NOTE: the rows 1, 2 or 3 tiles ahead prefetched, against none, as routed_moe_lora's expand
 // timed as the bench suite does (T=1024 n=1376 E=8 k=2 r=16; forward / training step against
@@ -1026,6 +1029,9 @@ inline void router_logits_block(const float* x0, const float* x1, int nr, int64_
 // T=1024 d=512 E=8 k=2 timed as the bench suite does (one call after other implementations'),
 // the router took 163-171 us with 8-32 rows ahead, 195 with none, against 260-280 for the
 // BLAS linear (ATen addmm) then softmax_topk (2 threads, 2-core Xeon with AVX-512, 2026-12-05).
+// Each thread's shares of B and A also prefetched into L2 here (a slice every 8 rows, for the
+// expand's B^T transposes and the shrink's pack): the layer forward 1.265x the base linear
+// against 1.250-1.252x, and the transposes no faster (49-53 us a call; 2026-12-06).
 constexpr int64_t kRouterAhead = 16;
 inline void router_logits_rows(const float* x, const float* W, const float* bias, int64_t d,
                                int64_t E, int64_t t0, int64_t t1, float* logits) {

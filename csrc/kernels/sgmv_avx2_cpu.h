@@ -407,7 +407,8 @@ inline void pair_tile_cols(const float* const* coef, float* const* dst, const fl
 // 8 lines of the next panel's bank prefetched per tile made it 80 us slower. In the op the kernel
 // took 543 us a call (median) both with the layer run back to back and after other
 // implementations, where 2 threads fill y's 5.6 MB in 111-154 us from L3 and 367 us from memory
-// (2026-12-06): its time is not y's bandwidth from memory.
+// (2026-12-06): y's traffic costs it by its pattern (each tile's 6 scattered rows, 512 bytes a
+// row), not by the bytes.
 constexpr int64_t kPairPanelCols = 128;
 // NOTE: the rows 1, 2 or 3 tiles ahead prefetched, against none, as routed_moe_lora's expand
 // timed as the bench suite does (T=1024 n=1376 E=8 k=2 r=16; forward / training step against

@@ -159,12 +159,13 @@ def _graphed(fns, cfg: Config):
         return fns, f"eager (graph capture failed: {type(exc).__name__})"
 
 
-def _rates(row: dict, cfg: Config) -> None:
+def rates(row: dict, ceilings: Ceilings) -> None:
+    """The row's GB/s and GFLOP/s, and their percentages of the measured ceilings."""
     t = row["time"]["median"]
     row["gb_per_s"] = row["bytes"] / t / 1e9
     row["gflop_per_s"] = row["flops"] / t / 1e9 if row["flops"] else None
-    row["pct_copy_bw"] = 100 * row["gb_per_s"] / cfg.ceilings.copy_gb_per_s
-    row["pct_matmul"] = (100 * row["gflop_per_s"] / cfg.ceilings.matmul_gflop_per_s
+    row["pct_copy_bw"] = 100 * row["gb_per_s"] / ceilings.copy_gb_per_s
+    row["pct_matmul"] = (100 * row["gflop_per_s"] / ceilings.matmul_gflop_per_s
                          if row["flops"] else None)
 
 
@@ -267,7 +268,7 @@ def run_case(spec: OpSpec, case: Case, cfg: Config) -> Tuple[List[dict], List[di
                 except torch.cuda.OutOfMemoryError as exc:
                     skipped.append({**base, "mode": mode, "reason": _reason(exc)})
                     continue
-                _rates(row, cfg)
+                rates(row, cfg.ceilings)
                 rows.append(row)
     # On the CPU every implementation of one mode is timed in the same rounds, so a slow spell of
     # the shared machine does not skew the ratios between them (x base, vs loop, vs reference).
@@ -275,7 +276,7 @@ def run_case(spec: OpSpec, case: Case, cfg: Config) -> Tuple[List[dict], List[di
         stats = time_cpu_interleaved([fn for _, fn in entries], cfg.budget)
         for (row, _), st in zip(entries, stats):
             row["time"] = st.asdict()
-            _rates(row, cfg)
+            rates(row, cfg.ceilings)
     del cpu_rows
     _relative(rows)
     return rows, skipped

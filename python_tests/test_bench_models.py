@@ -23,7 +23,8 @@ from bench.models import Cost, Dims, cost  # noqa: E402
 from bench.runner import compare  # noqa: E402
 from bench.shapes import (Case, expert_probs, preset_cases, router_bias,  # noqa: E402
                           routing_ids)
-from bench.timing import Budget, Stats, interleaved, quantile, time_cpu_interleaved  # noqa: E402
+from bench.timing import (Budget, Ceilings, Stats, fastest_ceilings, interleaved,  # noqa: E402
+                          quantile, time_cpu_interleaved)
 
 # The shape every hand count below uses: T=4 tokens, d_in=8, d_out=6, E=3 experts, k=2, r=2,
 # fp32 (4-byte) data, 2 of the 3 experts active. So P = T*k = 8 pairs, R = E*r = 6.
@@ -124,6 +125,21 @@ def test_quantile_and_stats():
     assert Stats.of([7.0]) == Stats(7.0, 7.0, 7.0, 1, 7.0, 7.0)
     with pytest.raises(ValueError):
         quantile([], 0.5)
+
+
+def test_fastest_ceilings_takes_each_rate_from_the_faster_measurement():
+    """The run's start and end each measure both ceilings; a slow spell in either keeps neither of
+    its rates: copy from one, matmul from the other, each with its own samples."""
+    def ceil(copy_s, mm_s, n):
+        return Ceilings(copy_bytes=2_000, copy_gb_per_s=2_000 / copy_s / 1e9, matmul_n=n,
+                        matmul_dtype="float32", matmul_gflop_per_s=2 * n ** 3 / mm_s / 1e9,
+                        copy_time=Stats.of([copy_s, 2 * copy_s]), matmul_time=Stats.of([mm_s]))
+
+    start, end = ceil(1e-6, 3e-3, 96), ceil(2e-6, 1e-4, 64)  # start: faster copy; end: matmul
+    for got in (fastest_ceilings(start, end), fastest_ceilings(end, start)):
+        assert got.copy_gb_per_s == start.copy_gb_per_s and got.copy_time == start.copy_time
+        assert got.matmul_gflop_per_s == end.matmul_gflop_per_s
+        assert (got.matmul_n, got.matmul_time) == (64, end.matmul_time)
 
 
 def test_interleaved_rounds_shuffle_and_keep_order():

@@ -252,9 +252,10 @@ def device_name(device: torch.device) -> str:
 
 @dataclass(frozen=True)
 class Ceilings:
-    """Measured at the start and the end of a run (fastest_ceilings): a large device copy (bytes read + written per second) and a
-    big square matmul (2*n^3 FLOPs) in the run's dtype. Rates use the fastest sample: a ceiling is
-    what the device reached, and noise (other processes, clocks) only ever slows a sample down."""
+    """Measured at the start and the end of a run (fastest_ceilings): a large device copy (bytes
+    read + written per second) and a big square matmul (2*n^3 FLOPs) in the run's dtype. Rates use
+    the fastest sample: a ceiling is what the device reached, and noise (other processes, clocks)
+    only ever slows a sample down."""
 
     copy_bytes: int
     copy_gb_per_s: float
